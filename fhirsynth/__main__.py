@@ -1,0 +1,5 @@
+import sys
+
+from fhirsynth.cli import main
+
+sys.exit(main())

@@ -1,0 +1,76 @@
+"""Event / PatientInfo / Timeline: the contract between ingest, model, assembler and evaluator.
+
+Times are timezone-aware UTC datetimes. `time_precision` keeps partial FHIR dates honest
+("year" for "2019", "month" for "2019-05", "day" for a date, "second" for a dateTime).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import date, datetime
+from typing import Literal
+
+EventKind = Literal["condition", "observation", "encounter"]
+EVENT_KINDS: tuple[str, ...] = ("condition", "observation", "encounter")
+
+
+@dataclass(slots=True)
+class Event:
+    """One clinical event of one patient.
+
+    condition:   system/code = Condition.code; time = onset; end_time = abatement; status = clinicalStatus;
+                 category = Condition.category code (problem-list-item, encounter-diagnosis, ...).
+    observation: system/code = Observation.code (or the component's code for panel members, with the
+                 panel's code in panel_*); value+unit = valueQuantity (UCUM code); value_* = valueCodeableConcept;
+                 category = observation-category code (vital-signs, laboratory, ...); status = Observation.status.
+    encounter:   system/code = Encounter.class; value_* = first Encounter.type coding; time/end_time = period;
+                 encounter_id = the encounter's own id; status = Encounter.status.
+    """
+
+    time: datetime
+    kind: str
+    system: str
+    code: str
+    display: str | None = None
+    value: float | None = None
+    unit: str | None = None
+    value_system: str | None = None
+    value_code: str | None = None
+    value_display: str | None = None
+    category: str | None = None
+    encounter_id: str | None = None
+    end_time: datetime | None = None
+    status: str | None = None
+    panel_system: str | None = None
+    panel_code: str | None = None
+    panel_display: str | None = None
+    time_precision: str = "second"
+    source_id: str | None = None
+
+
+@dataclass(slots=True)
+class PatientInfo:
+    patient_id: str
+    sex: str | None = None  # FHIR administrative gender: male | female | other | unknown
+    birth_date: date | None = None
+    death_date: datetime | None = None
+    deceased: bool = False
+    race_code: str | None = None  # US Core OMB category (urn:oid:2.16.840.1.113883.6.238)
+    race_display: str | None = None
+    ethnicity_code: str | None = None
+    ethnicity_display: str | None = None
+    country: str | None = None  # address country (ISO 3166 where given)
+    nationality: str | None = None  # EU-style nationality extension code
+    language: str | None = None  # communication language (BCP-47)
+
+
+@dataclass(slots=True)
+class Timeline:
+    patient: PatientInfo
+    events: list[Event] = field(default_factory=list)
+
+    def sorted(self) -> Timeline:
+        """Events in time order; ties keep encounters first so visits open before their contents."""
+        order = {"encounter": 0, "condition": 1, "observation": 2}
+        self.events.sort(key=lambda e: (e.time, order.get(e.kind, 3)))
+        return self
