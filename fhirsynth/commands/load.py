@@ -1,0 +1,42 @@
+"""`fhirsynth load EXPORT_DIR --url BASE`: POST transaction Bundles into another FHIR server."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from pathlib import Path
+
+from fhirsynth.errors import LoadError
+
+log = logging.getLogger(__name__)
+
+
+def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser("load", help="POST an export's transaction Bundles to a FHIR server")
+    p.add_argument("export_dir", type=Path, metavar="EXPORT_DIR", help="made by `generate --format transaction`")
+    p.add_argument("--url", required=True, metavar="FHIR_BASE_URL", help="the server's FHIR base URL")
+    p.add_argument("--concurrency", type=int, default=4, help="Bundles in flight at once (default 4)")
+    p.add_argument("--retries", type=int, default=5, help="retries per Bundle on 429/5xx/network errors (default 5)")
+    p.add_argument("--token", default=None,
+                   help="bearer token (default: $FHIRSYNTH_TOKEN); sent as Authorization: Bearer ...")
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds per request (default 120)")
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    from fhirsynth.export.loader import load_export
+
+    token = args.token or os.environ.get("FHIRSYNTH_TOKEN") or None
+    report = load_export(args.export_dir, args.url, concurrency=args.concurrency, retries=args.retries,
+                         token=token, timeout=args.timeout)
+    log.info("loaded %d bundle(s), failed %d, %d retries, %.1fs", report.loaded, report.failed, report.retries,
+             report.seconds)
+    if report.failed:
+        first = report.failures[0]
+        raise LoadError(
+            f"{report.failed} of {report.failed + report.loaded} bundle(s) failed; first: {first['message']}",
+            where=str(args.export_dir / first["file"]),
+        )
+    return 0

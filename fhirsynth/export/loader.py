@@ -1,0 +1,209 @@
+"""POST an export's transaction Bundles to a FHIR server: bounded concurrency, retries, honest report.
+
+Files come from the export's manifest.json (or, without one, every *.json / *.json.gz in the directory).
+429 and 5xx answers and connection errors are retried with exponential backoff (Retry-After honoured);
+other 4xx answers fail the Bundle at once with the server's OperationOutcome text. Bundles are read lazily by
+the workers, so memory does not grow with the export.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+from email.utils import parsedate_to_datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+
+from fhirsynth.errors import LoadError, UsageError
+from fhirsynth.export.writer import MANIFEST
+from fhirsynth.logs import progress
+
+log = logging.getLogger(__name__)
+
+RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
+MAX_BACKOFF_S = 60.0
+FHIR_JSON = "application/fhir+json"
+
+
+@dataclass
+class LoadReport:
+    loaded: int = 0
+    failed: int = 0
+    retries: int = 0
+    failures: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"loaded": self.loaded, "failed": self.failed, "retries": self.retries,
+                "failures": self.failures, "seconds": round(self.seconds, 3)}
+
+
+def bundle_files(export_dir: Path) -> list[Path]:
+    """The transaction Bundles of an export, in manifest order."""
+    export_dir = Path(export_dir)
+    if not export_dir.is_dir():
+        raise UsageError("export directory does not exist", where=str(export_dir))
+    manifest = export_dir / MANIFEST
+    if manifest.is_file():
+        try:
+            doc = orjson.loads(manifest.read_bytes())
+        except orjson.JSONDecodeError as exc:
+            raise LoadError(f"invalid manifest.json: {exc.msg}", where=str(manifest)) from exc
+        fmt = ((doc.get("extension") or {}).get("fhirsynth") or {}).get("format")
+        if fmt is not None and fmt != "transaction":
+            raise LoadError(
+                f"export format is {fmt!r}; `fhirsynth load` posts transaction Bundles "
+                "(generate with --format transaction)",
+                where=str(manifest),
+            )
+        files = [export_dir / o["url"] for o in doc.get("output", []) if o.get("type") == "Bundle"]
+    else:
+        files = sorted(
+            p for p in export_dir.iterdir()
+            if not p.name.startswith(".") and p.name.endswith((".json", ".json.gz"))
+        )
+    if not files:
+        raise LoadError("no transaction Bundles found", where=str(export_dir))
+    return files
+
+
+def _read_bundle(path: Path) -> bytes:
+    data = path.read_bytes()
+    if path.name.endswith(".gz"):
+        data = gzip.decompress(data)
+    try:
+        doc = orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise ValueError(f"invalid JSON: {exc.msg} (line {exc.lineno})") from None
+    if not isinstance(doc, dict) or doc.get("resourceType") != "Bundle" or doc.get("type") != "transaction":
+        raise ValueError("not a transaction Bundle")
+    return data
+
+
+def outcome_text(response: httpx.Response) -> str:
+    """The OperationOutcome's issue texts, else the start of the body."""
+    try:
+        doc = response.json()
+    except ValueError:
+        doc = None
+    if isinstance(doc, dict) and doc.get("resourceType") == "OperationOutcome":
+        texts = []
+        for issue in doc.get("issue") or []:
+            text = issue.get("diagnostics") or (issue.get("details") or {}).get("text") or issue.get("code")
+            if text:
+                loc = ", ".join(issue.get("expression") or issue.get("location") or [])
+                texts.append(f"{text} ({loc})" if loc else str(text))
+        if texts:
+            return "; ".join(texts)
+    body = response.text.strip().replace("\n", " ")
+    return body[:300] or response.reason_phrase
+
+
+def _retry_after(response: httpx.Response | None, attempt: int, base: float) -> float:
+    header = response.headers.get("Retry-After") if response is not None else None
+    if header:
+        try:
+            return min(max(float(header), 0.0), MAX_BACKOFF_S)
+        except ValueError:
+            try:
+                return min(max(parsedate_to_datetime(header).timestamp() - time.time(), 0.0), MAX_BACKOFF_S)
+            except (TypeError, ValueError):
+                pass
+    return min(base * (2**attempt) * (0.5 + random.random()), MAX_BACKOFF_S)
+
+
+async def _post_one(
+    client: httpx.AsyncClient, url: str, path: Path, retries: int, backoff: float, report: LoadReport
+) -> None:
+    try:
+        body = await asyncio.to_thread(_read_bundle, path)
+    except (OSError, ValueError) as exc:
+        report.failed += 1
+        report.failures.append({"file": path.name, "status": None, "message": str(exc)})
+        log.error("%s: %s", path.name, exc)
+        return
+    attempt = 0
+    while True:
+        response: httpx.Response | None = None
+        try:
+            response = await client.post(url, content=body)
+            if response.status_code < 300:
+                report.loaded += 1
+                return
+            retryable = response.status_code in RETRY_STATUS
+            message = f"HTTP {response.status_code}: {outcome_text(response)}"
+        except httpx.TransportError as exc:
+            retryable = True
+            message = f"{type(exc).__name__}: {exc}"
+        if not retryable or attempt >= retries:
+            report.failed += 1
+            report.failures.append(
+                {"file": path.name, "status": response.status_code if response is not None else None,
+                 "message": message, "attempts": attempt + 1}
+            )
+            log.error("%s: failed after %d attempt(s): %s", path.name, attempt + 1, message)
+            return
+        delay = _retry_after(response, attempt, backoff)
+        log.debug("%s: %s; retry %d in %.2fs", path.name, message, attempt + 1, delay)
+        report.retries += 1
+        attempt += 1
+        await asyncio.sleep(delay)
+
+
+async def _load(files: list[Path], url: str, *, concurrency: int, retries: int, token: str | None,
+                timeout: float, backoff: float) -> LoadReport:
+    report = LoadReport()
+    headers = {"Content-Type": FHIR_JSON, "Accept": FHIR_JSON}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    queue: asyncio.Queue[Path] = asyncio.Queue()
+    for f in files:
+        queue.put_nowait(f)
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    with progress(total=len(files), unit="bundle", desc="load") as bar:
+        async with httpx.AsyncClient(headers=headers, timeout=timeout, limits=limits) as client:
+
+            async def worker() -> None:
+                while True:
+                    try:
+                        path = queue.get_nowait()
+                    except asyncio.QueueEmpty:
+                        return
+                    await _post_one(client, url, path, retries, backoff, report)
+                    bar.update(1)
+
+            await asyncio.gather(*(worker() for _ in range(min(concurrency, len(files)))))
+    return report
+
+
+def load_export(
+    export_dir: Path,
+    url: str,
+    *,
+    concurrency: int = 4,
+    retries: int = 5,
+    token: str | None = None,
+    timeout: float = 120.0,
+    backoff: float = 0.5,
+) -> LoadReport:
+    """POST every transaction Bundle of export_dir to the FHIR base `url`; returns the report (never raises for
+    per-Bundle failures: the caller decides)."""
+    if concurrency < 1:
+        raise UsageError(f"must be at least 1, got {concurrency}", where="--concurrency")
+    if retries < 0:
+        raise UsageError(f"must be 0 or more, got {retries}", where="--retries")
+    if not url.startswith(("http://", "https://")):
+        raise UsageError(f"expected an http(s) FHIR base URL, got {url!r}", where="--url")
+    files = bundle_files(export_dir)
+    started = time.perf_counter()
+    report = asyncio.run(_load(files, url.rstrip("/"), concurrency=concurrency, retries=retries, token=token,
+                               timeout=timeout, backoff=backoff))
+    report.seconds = time.perf_counter() - started
+    return report

@@ -1,0 +1,183 @@
+"""`fhirsynth load` against a real HTTP server on 127.0.0.1 that enforces transaction semantics."""
+
+from __future__ import annotations
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from fhirsynth.cli import main
+from fhirsynth.errors import LoadError
+from fhirsynth.export.bundles import iter_references
+from fhirsynth.export.loader import load_export
+from fhirsynth.export.writer import read_manifest, write_export
+from fhirsynth.timeline.assembler import GeneratorInfo
+from fhirsynth.timeline.samples import random_timelines
+
+GEN = GeneratorInfo(model_hash="cd" * 32, epsilon=8.0, delta=1e-5, recorded="2026-03-04T05:06:07+00:00")
+
+
+def _outcome(text: str) -> dict:
+    return {"resourceType": "OperationOutcome", "issue": [{"severity": "error", "code": "processing", "diagnostics": text}]}
+
+
+class FhirServer:
+    """A tiny FHIR transaction endpoint: checks what HAPI would reject, stores resources by Type/id (PUT)."""
+
+    def __init__(self, *, throttle_first: int = 1, token: str | None = None) -> None:
+        self.store: dict[str, dict] = {}
+        self.requests = 0
+        self.throttled = 0
+        self.throttle_first = throttle_first
+        self.token = token
+        self.max_in_flight = 0
+        self._in_flight = 0
+        self.lock = threading.Lock()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):  # keep test output clean
+                pass
+
+            def _send(self, status: int, body: dict, headers: dict | None = None) -> None:
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/fhir+json")
+                self.send_header("Content-Length", str(len(data)))
+                for k, v in (headers or {}).items():
+                    self.send_header(k, v)
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_POST(self):  # noqa: N802 - http.server naming
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                with server.lock:
+                    server.requests += 1
+                    server._in_flight += 1
+                    server.max_in_flight = max(server.max_in_flight, server._in_flight)
+                    throttle = server.throttled < server.throttle_first
+                    if throttle:
+                        server.throttled += 1
+                try:
+                    if self.path != "/fhir":
+                        return self._send(404, _outcome(f"no endpoint {self.path}"))
+                    if server.token and self.headers.get("Authorization") != f"Bearer {server.token}":
+                        return self._send(401, _outcome("missing or wrong bearer token"))
+                    if throttle:
+                        return self._send(429, _outcome("slow down"), {"Retry-After": "0"})
+                    status, result = server.transact(json.loads(body))
+                    self._send(status, result)
+                finally:
+                    with server.lock:
+                        server._in_flight -= 1
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/fhir"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def transact(self, bundle: dict) -> tuple[int, dict]:
+        if bundle.get("resourceType") != "Bundle" or bundle.get("type") != "transaction":
+            return 400, _outcome("not a transaction Bundle")
+        entries = bundle.get("entry") or []
+        full_urls = {e.get("fullUrl") for e in entries}
+        if entries and entries[0]["resource"]["resourceType"] != "Patient":
+            return 400, _outcome("Patient must come first")
+        for i, e in enumerate(entries):
+            r, req = e["resource"], e.get("request") or {}
+            if req.get("method") != "PUT" or req.get("url") != f"{r['resourceType']}/{r['id']}":
+                return 400, _outcome(f"entry[{i}]: expected PUT {r['resourceType']}/{r['id']}")
+            for ref in iter_references(r):
+                if "?" in ref:
+                    return 400, _outcome(f"entry[{i}]: conditional reference {ref} not supported")
+                if ref not in full_urls:
+                    return 400, _outcome(f"entry[{i}]: unresolvable reference {ref}")
+        with self.lock:  # all or nothing
+            for e in entries:
+                r = e["resource"]
+                self.store[f"{r['resourceType']}/{r['id']}"] = r
+        return 200, {"resourceType": "Bundle", "type": "transaction-response",
+                     "entry": [{"response": {"status": "200 OK"}} for _ in entries]}
+
+    def __enter__(self) -> FhirServer:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture()
+def export(tmp_path) -> Path:
+    out = tmp_path / "tx"
+    write_export(random_timelines(6, seed=4, edge_cases=True), out, fmt="transaction", generator=GEN)
+    return out
+
+
+def test_load_retries_429_and_is_idempotent(export):
+    with FhirServer(throttle_first=1) as server:
+        report = load_export(export, server.url, concurrency=3, retries=3, backoff=0.01)
+        assert (report.loaded, report.failed, report.retries) == (6, 0, 1)
+        stored = len(server.store)
+        expected = sum(read_manifest(export)["extension"]["fhirsynth"]["resources"].values())
+        assert stored == expected
+        again = load_export(export, server.url, concurrency=2, retries=0)
+        assert again.loaded == 6 and len(server.store) == stored  # PUT with ids: no duplicates
+        assert 1 <= server.max_in_flight <= 3
+
+
+def test_broken_bundle_reported_with_operation_outcome(export, capsys):
+    manifest = read_manifest(export)
+    victim = export / manifest["output"][2]["url"]
+    bundle = json.loads(victim.read_bytes())
+    bundle["entry"][1]["resource"]["subject"] = {"reference": "urn:uuid:00000000-0000-0000-0000-000000000000"}
+    victim.write_text(json.dumps(bundle))
+    with FhirServer(throttle_first=0) as server:
+        report = load_export(export, server.url, retries=2, backoff=0.01)
+        assert report.loaded == 5 and report.failed == 1
+        failure = report.failures[0]
+        assert failure["file"] == victim.name and failure["status"] == 400
+        assert "unresolvable reference urn:uuid:00000000" in failure["message"]
+        assert failure["attempts"] == 1  # 400 is not retried
+        code = main(["load", str(export), "--url", server.url, "--retries", "0"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "1 of 6 bundle(s) failed" in err and "unresolvable reference" in err and victim.name in err
+
+
+def test_token_sent_and_retries_exhausted(export):
+    with FhirServer(throttle_first=100, token="s3cret") as server:
+        report = load_export(export, server.url, retries=1, token="s3cret", backoff=0.01, concurrency=1)
+        assert report.failed == 6 and report.retries == 6
+        assert all(f["status"] == 429 and "slow down" in f["message"] for f in report.failures)
+    with FhirServer(throttle_first=0, token="s3cret") as server:
+        report = load_export(export, server.url, retries=0, token="wrong")
+        assert report.failed == 6 and "bearer token" in report.failures[0]["message"]
+        assert main(["load", str(export), "--url", server.url, "--token", "s3cret"]) == 0
+
+
+def test_unreachable_server_is_retried_then_failed(export):
+    report = load_export(export, "http://127.0.0.1:9/fhir", retries=1, backoff=0.01, timeout=2)
+    assert report.failed == 6 and report.loaded == 0 and report.retries == 6
+
+
+def test_refuses_non_transaction_export(tmp_path):
+    out = tmp_path / "nd"
+    write_export(random_timelines(1), out, generator=GEN)
+    with pytest.raises(LoadError, match="--format transaction"):
+        load_export(out, "http://127.0.0.1:9/fhir")
+    assert main(["load", str(out), "--url", "http://127.0.0.1:9/fhir"]) == 2
+    assert main(["load", str(out), "--url", "ftp://x"]) == 2
+
+
+def test_gzip_transaction_export_loads(tmp_path):
+    out = tmp_path / "txgz"
+    write_export(random_timelines(3, seed=9), out, fmt="transaction", generator=GEN, gzip=True)
+    assert all(o["url"].endswith(".json.gz") for o in read_manifest(out)["output"])
+    with FhirServer(throttle_first=0) as server:
+        report = load_export(out, server.url)
+        assert (report.loaded, report.failed) == (3, 0)
+        assert sum(1 for k in server.store if k.startswith("Patient/")) == 3
