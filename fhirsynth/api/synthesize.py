@@ -1,0 +1,146 @@
+"""POST /Patient/$synthesize: sample new patients from the loaded model, store them, return them as a Bundle.
+
+The model and assembler live in other packages (and pull in torch); they are imported only when called, so the
+API itself never imports torch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import orjson
+from fastapi import APIRouter, Request, Response
+from starlette.concurrency import run_in_threadpool
+
+from fhirsynth import __version__
+from fhirsynth.api.bundle import bundle_bytes
+from fhirsynth.api.context import ServerContext, base_url, fhir_response, read_body, require
+from fhirsynth.api.errors import ApiError
+from fhirsynth.store.sqlite import Store
+
+log = logging.getLogger(__name__)
+
+SEXES = ("male", "female", "other", "unknown")
+
+
+@dataclass
+class SynthesizeRequest:
+    count: int = 1
+    seed: int | None = None
+    sex: str | None = None
+    age: tuple[int, int] | None = None
+    condition: tuple[str, str] | None = None
+
+
+def _bad(name: str, message: str) -> ApiError:
+    return ApiError(400, f"{name}: {message}", code="invalid", expression=name)
+
+
+def parse_synthesize(items: list[tuple[str, str]], max_count: int) -> SynthesizeRequest:
+    req = SynthesizeRequest()
+    for name, value in items:
+        value = str(value).strip()
+        if name in ("count", "seed"):
+            if not re.fullmatch(r"-?\d+", value):
+                raise _bad(name, f"must be an integer, got {value!r}")
+            n = int(value)
+            if name == "count":
+                if not 1 <= n <= max_count:
+                    raise _bad(name, f"must be between 1 and {max_count}")
+                req.count = n
+            else:
+                req.seed = n
+        elif name == "sex":
+            if value not in SEXES:
+                raise _bad(name, f"must be one of {', '.join(SEXES)}")
+            req.sex = value
+        elif name == "age":
+            m = re.fullmatch(r"(\d{1,3})(?:-(\d{1,3}))?", value)
+            if not m or (m.group(2) and int(m.group(2)) < int(m.group(1))):
+                raise _bad(name, f"must be N or MIN-MAX in years, got {value!r}")
+            req.age = (int(m.group(1)), int(m.group(2) or m.group(1)))
+        elif name == "condition":
+            system, sep, code = value.partition("|")
+            if not sep or not system or not code:
+                raise _bad(name, f"must be SYSTEM|CODE, got {value!r}")
+            req.condition = (system, code)
+        elif name not in ("_format",):
+            raise _bad(name, "unknown parameter (supported: count, seed, sex, age, condition)")
+    return req
+
+
+def parameters_items(body: bytes) -> list[tuple[str, str]]:
+    """(name, value) pairs from a FHIR Parameters resource."""
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise ApiError(400, f"body is not JSON: {exc}", code="invalid") from None
+    if not isinstance(doc, dict) or doc.get("resourceType") != "Parameters":
+        raise ApiError(400, "body must be a FHIR Parameters resource", code="invalid")
+    items = []
+    for p in doc.get("parameter") or []:
+        values = [v for k, v in p.items() if k.startswith("value")]
+        if not p.get("name") or len(values) != 1:
+            raise ApiError(400, f"parameter {p.get('name')!r} needs exactly one value[x]", code="invalid")
+        items.append((p["name"], values[0]))
+    return items
+
+
+def synthesize_into(store: Store, model_dir: Path, req: SynthesizeRequest, *, profile: str = "us-core") -> list[bytes]:
+    """Sample req.count patients, assemble them to FHIR, store them (one transaction) and return the bodies.
+
+    Indexes come from a counter persisted in the store, so patient ids (derived from seed and index) never
+    collide with patients generated earlier.
+    """
+    try:
+        from fhirsynth.model.checkpoint import model_hash, read_privacy_report
+        from fhirsynth.model.sampler import sample_timelines
+        from fhirsynth.timeline.assembler import GeneratorInfo, assemble_patient
+    except ImportError as exc:
+        raise ApiError(501, f"patient generation is not available in this installation ({exc})",
+                       code="not-supported") from None
+    with store.transaction() as conn:
+        start = store.next_counter(conn, "synthesize_index", req.count)
+    seed = req.seed if req.seed is not None else 1 + start
+    privacy = read_privacy_report(model_dir)
+    epsilon = privacy.get("epsilon_total", privacy.get("epsilon"))
+    delta = privacy.get("delta")
+    generator = GeneratorInfo(model_hash=model_hash(model_dir), epsilon=None if epsilon is None else float(epsilon),
+                              delta=None if delta is None else float(delta), fhirsynth_version=__version__)
+    resources: list[dict] = []
+    timelines = sample_timelines(model_dir, req.count, seed=seed, sex=req.sex, age=req.age,
+                                 condition=req.condition)
+    for k, timeline in enumerate(timelines):
+        resources.extend(assemble_patient(timeline, profile=profile, seed=seed, index=start + k,
+                                          generator=generator))
+    return store.add(resources)
+
+
+def add_routes(router: APIRouter, ctx: ServerContext) -> None:
+    settings = ctx.settings
+    gen_lock = asyncio.Lock()  # one generation at a time (sampling is CPU/GPU bound); waits without blocking
+
+    @router.post("/Patient/$synthesize", summary="generate new synthetic patients from the loaded model")
+    async def synthesize(request: Request) -> Response:
+        require(request, "Patient", "write")
+        items = list(request.query_params.multi_items())
+        body = await read_body(request, settings.max_body_bytes)
+        if body.strip():
+            items += parameters_items(body)
+        req = parse_synthesize(items, settings.max_synthesize)
+        if settings.model_dir is None:
+            raise ApiError(501, "no model is loaded (start the server with --model MODEL_DIR)", code="not-supported")
+        async with gen_lock:
+            bodies = await run_in_threadpool(synthesize_into, ctx.store, settings.model_dir, req,
+                                             profile=settings.profile)
+        base = base_url(request, "/Patient/$synthesize")
+        entries = []
+        for b in bodies:
+            head = orjson.loads(b)
+            entries.append((f"{base}/{head['resourceType']}/{head['id']}", b, None))
+        return fhir_response(bundle_bytes(btype="collection", total=None, links=[], entries=entries), 201)
+
