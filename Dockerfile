@@ -21,7 +21,7 @@ RUN pip install .
 
 # ---- runtime stage: slim, non-root ---------------------------------------------------------------------------
 FROM ${BASE_IMAGE} AS runtime
-ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1 FHIRSYNTH_PROGRESS=0 FHIRSYNTH_MAPPINGS=/app/mappings
+ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1 FHIRSYNTH_PROGRESS=0 FHIRSYNTH_MAPPINGS_DIR=/app/mappings
 RUN groupadd --system fhirsynth && useradd --system --gid fhirsynth --home-dir /app --create-home fhirsynth
 COPY --from=build /opt/venv /opt/venv
 WORKDIR /app
