@@ -1,0 +1,84 @@
+"""DP training step time / non-DP step time for the default model and batch, measured in the same run.
+
+Goal (issue 4): ratio <= 1.5. Both paths run the same model, the same logical batch (split into the same
+physical batches) and AdamW; the DP path adds Opacus per-sample gradients, clipping and noise.
+
+    OMP_NUM_THREADS=1 python benchmarks/bench_train.py [--steps 3] [--seq-len 512] [--batch 64] [--physical 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+import warnings
+
+import torch
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--physical", type=int, default=32)
+    ap.add_argument("--vocab", type=int, default=1000)
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--device", default="cpu")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore")
+    from opacus import PrivacyEngine
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from fhirsynth.model.config import ModelConfig
+    from fhirsynth.model.transformer import Transformer, sequence_loss
+
+    dev = torch.device(args.device)
+    cfg = ModelConfig(vocab_size=args.vocab, max_len=args.seq_len)
+    torch.manual_seed(0)
+    data = torch.randint(1, args.vocab, (args.batch, args.seq_len))
+
+    def run(model, opt, dp: bool) -> list[float]:
+        times = []
+        for i in range(args.steps + 1):  # first step is warm-up
+            t = time.perf_counter()
+            chunks = data.split(args.physical)
+            for j, chunk in enumerate(chunks):
+                chunk = chunk.to(dev)
+                loss = sequence_loss(model(chunk[:, :-1]), chunk[:, 1:]).mean()
+                if not dp:
+                    loss = loss * (chunk.shape[0] / args.batch)
+                loss.backward()
+                if dp:
+                    opt.signal_skip_step(do_skip=j < len(chunks) - 1)
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+            if not dp:
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            if i:
+                times.append(time.perf_counter() - t)
+        return times
+
+    plain = Transformer(cfg).to(dev)
+    t_plain = run(plain, torch.optim.AdamW(plain.parameters(), lr=1e-3), dp=False)
+    private = Transformer(cfg).to(dev)
+    engine = PrivacyEngine()
+    loader = DataLoader(TensorDataset(data), batch_size=args.batch)
+    model, opt, _ = engine.make_private(module=private, optimizer=torch.optim.AdamW(private.parameters(), lr=1e-3),
+                                        data_loader=loader, noise_multiplier=1.0, max_grad_norm=1.0,
+                                        poisson_sampling=False)
+    t_dp = run(model, opt, dp=True)
+    p, d = statistics.median(t_plain), statistics.median(t_dp)
+    n_params = sum(x.numel() for x in plain.parameters())
+    print(f"model: d={cfg.d_model} layers={cfg.n_layers} heads={cfg.n_heads}/{cfg.n_kv_heads}kv "
+          f"ctx={args.seq_len} params={n_params:,}; batch {args.batch} (physical {args.physical}); "
+          f"device {args.device}, threads {args.threads}")
+    print(f"non-DP step: {p:.3f} s   DP step: {d:.3f} s   ratio DP/non-DP: {d / p:.2f}  (goal <= 1.5)")
+
+
+if __name__ == "__main__":
+    main()

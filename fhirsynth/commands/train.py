@@ -1,0 +1,82 @@
+"""`fhirsynth train TIMELINES_DIR --out MODEL_DIR`: patient-level DP training of the transformer."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _delta(text: str) -> float | None:
+    if text == "auto":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number or 'auto' (got {text!r})") from None
+
+
+def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser("train", help="train the DP transformer on a timelines directory")
+    p.add_argument("timelines", type=Path, metavar="TIMELINES_DIR")
+    p.add_argument("--out", type=Path, required=True, metavar="MODEL_DIR", help="model directory to write")
+    p.add_argument("--epsilon", type=float, default=8.0, help="total privacy budget (default 8)")
+    p.add_argument("--delta", type=_delta, default=None, help="delta or 'auto' = min(1e-5, n^-1.1) (default auto)")
+    p.add_argument("--no-dp", action="store_true", help="train without privacy (epsilon = infinity), for comparison")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto)")
+    p.add_argument("--max-grad-norm", type=float, default=1.0, help="per-patient gradient clipping norm")
+    p.add_argument("--batch-size", type=int, default=64, help="expected (logical) batch size of Poisson sampling")
+    p.add_argument("--max-physical-batch", type=int, default=32, help="memory limit per forward/backward")
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--secure-rng", action="store_true", help="cryptographically secure noise and sampling")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--vocab-epsilon-fraction", type=float, default=0.25,
+                   help="share of epsilon spent on the DP code vocabulary (default 0.25)")
+    p.add_argument("--max-items-per-patient", type=int, default=64,
+                   help="k: distinct codes one patient contributes to the vocabulary counts (default 64)")
+    p.add_argument("--max-len", type=int, default=512, help="context length in tokens (default 512)")
+    p.add_argument("--d-model", type=int, default=128)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--reference-date", default=None,
+                   help="YYYY-MM-DD: 'today' of the synthetic world, nothing sampled after it (default: today)")
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    from datetime import date
+
+    from fhirsynth.errors import UsageError
+    from fhirsynth.model.config import ModelConfig, TokenizerConfig
+    from fhirsynth.model.train import train_model
+
+    if args.max_len < 16 or args.d_model < 8 or args.layers < 1 or args.heads < 1 or args.d_model % args.heads:
+        raise UsageError("--max-len >= 16, --d-model >= 8 and a multiple of --heads, --layers >= 1 required")
+    if args.max_items_per_patient < 1:
+        raise UsageError("must be >= 1", where="--max-items-per-patient")
+    tk = TokenizerConfig(max_len=args.max_len, max_items_per_patient=args.max_items_per_patient)
+    if args.reference_date:
+        try:
+            date.fromisoformat(args.reference_date)
+        except ValueError:
+            raise UsageError(f"not a date: {args.reference_date!r}", where="--reference-date") from None
+        tk.reference_date = args.reference_date
+    mc = ModelConfig(d_model=args.d_model, n_layers=args.layers, n_heads=args.heads, d_ff=4 * args.d_model)
+    report = train_model(
+        args.timelines, args.out, epsilon=None if args.no_dp else args.epsilon, delta=args.delta,
+        dp=not args.no_dp, epochs=args.epochs, device=args.device, seed=args.seed, batch_size=args.batch_size,
+        max_physical_batch=args.max_physical_batch, max_grad_norm=args.max_grad_norm, lr=args.lr,
+        secure_rng=args.secure_rng, vocab_epsilon_fraction=args.vocab_epsilon_fraction,
+        model_config=mc, tokenizer_config=tk,
+    )
+    eps = report.get("epsilon_total")
+    summary = {
+        "model_dir": str(args.out), "n": report["n"], "dp": report["dp"],
+        "epsilon_total": eps, "delta": report.get("delta"),  # null when --no-dp (epsilon = infinity)
+        "steps": report["steps"], "noise_multiplier": report["noise_multiplier"],
+    }
+    sys.stdout.write(json.dumps(summary, default=str) + "\n")
+    return 0

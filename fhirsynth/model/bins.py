@@ -1,0 +1,121 @@
+"""Public bucket edges: time gaps, durations, ages, and per-code value bins from mappings/.
+
+Every edge here is a public constant or comes from mappings/reference-ranges.toml + mappings/constraints.toml
+(textbook ranges), so binning spends no privacy budget. Times are float days.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+import os
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+from fhirsynth.errors import MappingError
+
+# Visit-to-visit gaps in days, roughly log2-spaced in half steps ([e_i, e_i+1) is bucket i).
+GAP_EDGES: tuple[float, ...] = (
+    0, 1, 2, 3, 4, 6, 8, 11, 16, 23, 32, 45, 64, 91, 128, 181, 256, 362, 512, 724, 1024, 1448, 2048,
+    2896, 4096, 5793, 8192, 11585, 16384, 23170, 32768, 47500,
+)
+# Durations (encounter period, onset -> abatement) in days: minutes for visits up to decades for conditions.
+DUR_EDGES: tuple[float, ...] = (
+    0, 1 / 96, 1 / 48, 1 / 24, 2 / 24, 4 / 24, 12 / 24, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048,
+    4096, 8192, 16384, 47500,
+)
+DAYS_PER_YEAR = 365.25
+
+
+def bucket_of(x: float, edges: tuple[float, ...] | list[float]) -> int:
+    """Index i with edges[i] <= x < edges[i+1], clamped to the first / last bucket."""
+    i = bisect.bisect_right(edges, x) - 1
+    return min(max(i, 0), len(edges) - 2)
+
+
+def mappings_dir() -> Path:
+    env = os.environ.get("FHIRSYNTH_MAPPINGS_DIR")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parents[2] / "mappings"
+
+
+def load_toml(name: str) -> dict:
+    path = mappings_dir() / name
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        raise MappingError([f"{name} not found"], where=str(path)) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise MappingError([f"invalid TOML: {exc}"], where=str(path)) from None
+    if data.get("version") != 1:
+        raise MappingError([f"unsupported version {data.get('version')!r} (expected 1)"], where=str(path))
+    return data
+
+
+@dataclass(frozen=True)
+class ValueBins:
+    """Bins of one numeric code: [edges[i], edges[i+1]); the outer edges are the physiologic range."""
+
+    system: str
+    code: str
+    display: str
+    category: str
+    unit: str
+    unit_aliases: tuple[str, ...]
+    decimals: int
+    edges: tuple[float, ...]
+
+    @property
+    def n_bins(self) -> int:
+        return len(self.edges) - 1
+
+    def bin_of(self, value: float) -> int:
+        return bucket_of(value, self.edges)
+
+    def accepts_unit(self, unit: str | None) -> bool:
+        return unit == self.unit or (unit is not None and unit in self.unit_aliases)
+
+    def to_json(self) -> dict:
+        return {
+            "system": self.system, "code": self.code, "display": self.display, "category": self.category,
+            "unit": self.unit, "unit_aliases": list(self.unit_aliases), "decimals": self.decimals,
+            "edges": list(self.edges),
+        }
+
+    @classmethod
+    def from_json(cls, d: dict) -> ValueBins:
+        return cls(d["system"], d["code"], d["display"], d["category"], d["unit"], tuple(d["unit_aliases"]),
+                   int(d["decimals"]), tuple(float(e) for e in d["edges"]))
+
+
+def load_value_bins() -> tuple[dict[tuple[str, str], ValueBins], list[dict]]:
+    """(system, code) -> ValueBins, plus the public panel list. Every problem is reported at once."""
+    ref = load_toml("reference-ranges.toml")
+    cons = load_toml("constraints.toml")
+    ranges = {(r["system"], r["code"]): r for r in cons.get("value_range", [])}
+    problems: list[str] = []
+    out: dict[tuple[str, str], ValueBins] = {}
+    for i, obs in enumerate(ref.get("observation", [])):
+        key = (obs.get("system"), obs.get("code"))
+        where = f"observation[{i}] {key[1]}"
+        rng = ranges.get(key)
+        if rng is None:
+            problems.append(f"{where}: no [[value_range]] in constraints.toml")
+            continue
+        if rng.get("unit") != obs.get("unit"):
+            problems.append(f"{where}: unit {obs.get('unit')!r} differs from constraints.toml {rng.get('unit')!r}")
+            continue
+        lo, hi = float(rng["min"]), float(rng["max"])
+        inner = [float(e) for e in obs.get("edges", [])]
+        if inner != sorted(inner) or not all(math.isfinite(e) for e in inner):
+            problems.append(f"{where}: edges must be ascending numbers")
+            continue
+        edges = (lo, *[e for e in inner if lo < e < hi], hi)
+        out[key] = ValueBins(key[0], key[1], obs.get("display", key[1]), obs.get("category", "laboratory"),
+                             obs["unit"], tuple(obs.get("unit_aliases", [])), int(obs.get("decimals", 1)), edges)
+    if problems:
+        raise MappingError(problems, where=str(mappings_dir() / "reference-ranges.toml"))
+    return out, list(ref.get("panel", []))

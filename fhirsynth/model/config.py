@@ -1,0 +1,94 @@
+"""Typed configs of the model stage. All of them are public settings (never derived from data) and are
+copied into every model dir as config.json, so a model dir says exactly how it was made."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from datetime import date, datetime, timezone
+from typing import Any
+
+from fhirsynth import __version__
+
+# Bumped whenever the model-dir layout or token grammar changes; loading another version is refused.
+FORMAT_VERSION = 1
+
+
+def _today() -> str:
+    return datetime.now(timezone.utc).date().isoformat()
+
+
+@dataclass
+class ModelConfig:
+    """Decoder-only transformer shape (nanoGPT-like)."""
+
+    vocab_size: int = 0
+    d_model: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int = 1  # multi-query attention: 1 key/value head (4x smaller KV cache, faster sampling)
+    d_ff: int = 512
+    max_len: int = 512
+    dropout: float = 0.0
+
+
+@dataclass
+class TokenizerConfig:
+    """How timelines become token sequences. Public settings: none of them comes from the data.
+
+    max_len: the context (tokens per patient, BOS..END); longer histories are compressed (see tokenizer.py).
+    max_items_per_patient: k, the contribution bound of one patient to the DP vocabulary counts.
+    reference_date: "today" of the synthetic world; nothing is sampled after it (default: the training day).
+    """
+
+    max_len: int = 512
+    max_items_per_patient: int = 64
+    max_vocab_items: int = 4000
+    min_count_no_dp: int = 2
+    reference_date: str = field(default_factory=_today)
+    birth_year_start: int = 1900
+    birth_year_end: int = 2030
+    birth_year_width: int = 5
+    max_age_years: int = 110
+    # A living patient's record runs up to the reference date (an extract ends "today" or at death): END is
+    # allowed only within this many days of it (0 disables). Without it a small model, which tracks absolute
+    # time poorly, ends records years early (measured: median last event 2007 vs 2026 on the US cohort).
+    end_horizon_days: float = 1095.0
+
+    @property
+    def ref_date(self) -> date:
+        return date.fromisoformat(self.reference_date)
+
+
+@dataclass
+class TrainConfig:
+    """Training hyper-parameters and privacy targets (public)."""
+
+    epsilon: float | None = 8.0
+    delta: float | None = None  # None = auto: min(1e-5, n^-1.1)
+    dp: bool = True
+    epochs: int = 10
+    batch_size: int = 64
+    max_physical_batch: int = 32
+    max_grad_norm: float = 1.0
+    lr: float = 3e-3
+    weight_decay: float = 0.0
+    vocab_epsilon_fraction: float = 0.25
+    vocab_delta_fraction: float = 0.1
+    secure_rng: bool = False
+    seed: int = 1
+    checkpoint_every: int = 50
+
+
+def to_json(obj: Any) -> dict[str, Any]:
+    return dataclasses.asdict(obj)
+
+
+def from_json(cls: type, data: dict[str, Any]):
+    """Build a config dataclass from JSON, ignoring unknown keys (forward compatible within a format)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in data.items() if k in names})
+
+
+def versions() -> dict[str, Any]:
+    return {"format_version": FORMAT_VERSION, "fhirsynth_version": __version__}

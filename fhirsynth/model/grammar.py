@@ -1,0 +1,336 @@
+"""The token grammar as a batched state machine: which tokens may come next, and the in-bucket draws.
+
+Every sampled sequence is a valid timeline because each step only allows tokens that keep it valid:
+  * grammar (tokenizer.py): prefix order, visits, entries, value tokens only after their code, END at the end;
+  * length: a token is allowed only if the sequence can still be finished within max_len;
+  * time: nothing after the reference date; death after every start and end time sampled so far; a living
+    patient's record ends within end_horizon_days of the reference date (unless the context is full);
+    durations >= 0 (abatement never precedes onset); nothing after death (only END follows the death time);
+  * clinical (constraints.py): sex-specific codes, age limits; value bins never leave physiologic ranges;
+  * conditioning: forced sex, birth dates giving the requested age, a required condition code.
+Continuous quantities (birth day, visit age, end times, values) are drawn inside the chosen bucket right when
+the token is chosen, so the constraints are checked on exact values. State tensors are float64 (minutes of
+rounding in float32 could otherwise put an event after a death).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import date
+
+import numpy as np
+import torch
+
+from fhirsynth.model.bins import DAYS_PER_YEAR, DUR_EDGES, GAP_EDGES
+from fhirsynth.model.constraints import Constraints
+from fhirsynth.model.tokenizer import day_number
+from fhirsynth.model.vocab import SEXES, Vocab
+
+(ST_START, ST_SEX, ST_BY, ST_RACE, ST_ETH, ST_BODY0, ST_VTIME0, ST_VTIME, ST_VFIRST, ST_AENC, ST_AENCCAT,
+ ST_ACOND, ST_AOBS, ST_ADONE, ST_DEATH0, ST_DEATHV, ST_DEAD, ST_FIN) = range(18)
+N_STATES = 18
+# Fewest tokens needed to finish a sequence from each state (the length mask).
+_NEED = {ST_START: 6, ST_SEX: 5, ST_BY: 4, ST_RACE: 3, ST_ETH: 2, ST_BODY0: 1, ST_VTIME0: 3, ST_VTIME: 3,
+         ST_VFIRST: 2, ST_AENC: 1, ST_AENCCAT: 1, ST_ACOND: 1, ST_AOBS: 1, ST_ADONE: 1, ST_DEATH0: 2,
+         ST_DEATHV: 2, ST_DEAD: 1, ST_FIN: 0}
+
+
+@dataclass
+class Conditioning:
+    sex: str | None = None
+    age: tuple[int, int] | None = None  # years at the end of the record (death, else the reference date)
+    condition_tokens: tuple[int, ...] = ()
+
+
+@dataclass
+class BatchState:
+    st: torch.Tensor  # [B] long, grammar state
+    sex: torch.Tensor  # [B] long, index into SEXES, len(SEXES) = not yet known
+    birth: torch.Tensor  # [B] float64, birth day number
+    cur: torch.Tensor  # [B] float64, days since birth of the current visit
+    max_end: torch.Tensor  # [B] float64, latest end time so far (days since birth)
+    min_death: torch.Tensor  # [B] float64, earliest allowed death (days since birth)
+    last_item: torch.Tensor  # [B] long, token of the last code (for value bins)
+    has_cond: torch.Tensor  # [B] bool, required condition emitted
+
+    def select(self, idx: torch.Tensor) -> BatchState:
+        return BatchState(*(getattr(self, f)[idx] for f in self.__dataclass_fields__))
+
+
+class Grammar:
+    def __init__(self, vocab: Vocab, constraints: Constraints | None, max_len: int, device: torch.device,
+                 cond: Conditioning | None = None) -> None:
+        self.v = v = vocab
+        self.max_len = max_len
+        self.end_horizon = float(vocab.cfg.end_horizon_days)
+        self.device = device
+        self.cond = cond or Conditioning()
+        V = v.size
+        allowed = np.zeros((N_STATES, V), dtype=bool)
+        nxt = np.full((N_STATES, V), ST_FIN, dtype=np.int64)
+
+        def allow(s: int, toks, ns: int) -> None:
+            toks = list(toks)
+            allowed[s, toks] = True
+            nxt[s, toks] = ns
+
+        base = v.start("item")
+        kinds = [it.kind for it in v.items]
+        enc = [base + i for i, k in enumerate(kinds) if k == "encounter"]
+        cond_t = [base + i for i, k in enumerate(kinds) if k == "condition"]
+        obs = [base + i for i, k in enumerate(kinds) if k == "observation"]
+        vals = [base + i for i, k in enumerate(kinds) if k == "value"]
+
+        def body(s: int) -> None:
+            allow(s, cond_t, ST_ACOND)
+            allow(s, obs, ST_AOBS)
+            allow(s, [v.VISIT], ST_VTIME)
+            allow(s, [v.DEATH], ST_DEATHV)
+            allow(s, [v.END], ST_FIN)
+
+        allow(ST_START, [v.BOS], ST_SEX)
+        allow(ST_SEX, v.rng("sex"), ST_BY)
+        allow(ST_BY, v.rng("by"), ST_RACE)
+        allow(ST_RACE, v.rng("race"), ST_ETH)
+        allow(ST_ETH, v.rng("eth"), ST_BODY0)
+        allow(ST_BODY0, [v.VISIT], ST_VTIME0)
+        allow(ST_BODY0, [v.DEATH], ST_DEATH0)
+        allow(ST_BODY0, [v.END], ST_FIN)
+        allow(ST_VTIME0, v.rng("age"), ST_VFIRST)
+        allow(ST_VTIME, v.rng("gap"), ST_VFIRST)
+        allow(ST_VFIRST, enc, ST_AENC)
+        allow(ST_VFIRST, cond_t, ST_ACOND)
+        allow(ST_VFIRST, obs, ST_AOBS)
+        for s in (ST_AENC, ST_AENCCAT, ST_ACOND, ST_AOBS, ST_ADONE):
+            body(s)
+        allow(ST_AENC, vals, ST_AENCCAT)
+        allow(ST_AENC, v.rng("dur"), ST_ADONE)
+        allow(ST_AENCCAT, v.rng("dur"), ST_ADONE)
+        allow(ST_ACOND, v.rng("dur"), ST_ADONE)
+        allow(ST_AOBS, v.rng("val"), ST_ADONE)
+        allow(ST_AOBS, vals, ST_ADONE)
+        allow(ST_DEATH0, v.rng("age"), ST_DEAD)
+        allow(ST_DEATHV, v.rng("gap"), ST_DEAD)
+        allow(ST_DEAD, [v.END], ST_FIN)
+        allow(ST_FIN, [v.PAD], ST_FIN)
+        need_state = np.array([_NEED[s] for s in range(N_STATES)], dtype=np.int64)
+        need = np.where(allowed, need_state[nxt], 0)
+
+        t = lambda a, dt=None: torch.as_tensor(a, dtype=dt, device=device)  # noqa: E731
+        self.allowed = t(allowed)
+        self.nxt = t(nxt)
+        self.need = t(need)
+        self.need_max = int(need.max())
+        f64 = torch.float64
+        self.gap_lo, self.gap_hi = t(GAP_EDGES[:-1], f64), t(GAP_EDGES[1:], f64)
+        self.dur_lo, self.dur_hi = t(DUR_EDGES[:-1], f64), t(DUR_EDGES[1:], f64)
+        ages = np.arange(v.n_ages, dtype=np.float64)
+        self.age_lo, self.age_hi = t(ages * DAYS_PER_YEAR, f64), t((ages + 1) * DAYS_PER_YEAR, f64)
+        # value bins per item token: edges padded with the last edge
+        nb = np.zeros(V, dtype=np.int64)
+        edges = np.zeros((V, v.n_val + 1), dtype=np.float64)
+        dec = np.zeros(V, dtype=np.int64)
+        is_value_item = np.zeros(V, dtype=bool)
+        for i, it in enumerate(v.items):
+            vb = v.item_bins(it)
+            is_value_item[base + i] = it.kind == "value"
+            if vb is not None:
+                nb[base + i] = vb.n_bins
+                e = list(vb.edges) + [vb.edges[-1]] * (v.n_val + 1 - len(vb.edges))
+                edges[base + i] = e
+                dec[base + i] = vb.decimals
+        self.item_nbins, self.val_edges, self.item_dec = t(nb), t(edges, f64), t(dec)
+        self.is_value_item = t(is_value_item)
+        self.val_arange = torch.arange(v.n_val, device=device)
+        # birth bands in day numbers, intersected with the age condition
+        ref = v.cfg.ref_date
+        self.ref_end = float(day_number(ref) + 1)  # end of the reference day
+        bands = [v.band_years(b) for b in range(v.n_bands)]
+        lo = np.array([day_number(_jan1(a)) for a, _ in bands], dtype=np.float64)
+        hi = np.array([day_number(_jan1(b + 1)) - 1 for _, b in bands], dtype=np.float64)
+        hi = np.minimum(hi, self.ref_end - 1)
+        self.min_death0 = 0.0
+        if self.cond.age is not None:
+            a_lo, a_hi = self.cond.age
+            # age = floor(days lived / 365.25) at the end of the record (death, else the reference date) in
+            # [a_lo, a_hi]: birth so that the reference date gives an age <= a_hi, death no earlier than a_lo
+            lo = np.maximum(lo, np.ceil(self.ref_end - (a_hi + 1) * DAYS_PER_YEAR) + 1)
+            hi = np.minimum(hi, np.floor(self.ref_end - a_lo * DAYS_PER_YEAR) - 1)
+            self.min_death0 = a_lo * DAYS_PER_YEAR
+        self.band_lo, self.band_hi = t(lo, f64), t(hi, f64)
+        self.by_ok = t(lo <= hi)
+        self.sex_ok = torch.ones(len(SEXES), dtype=torch.bool, device=device)
+        if self.cond.sex is not None:
+            self.sex_ok[:] = False
+            self.sex_ok[SEXES.index(self.cond.sex)] = True
+        # clinical constraints
+        forbid = np.zeros((len(SEXES) + 1, V), dtype=bool)  # last row: sex not known yet
+        self.lim_cols = t(np.zeros(0, dtype=np.int64))
+        self.lim_lo = self.lim_hi = t(np.zeros(0), f64)
+        if constraints is not None:
+            for s, toks in constraints.forbidden_tokens(v).items():
+                forbid[SEXES.index(s), toks] = True
+            lims = constraints.age_limited_tokens(v)
+            if lims:
+                self.lim_cols = t(np.array([c for c, _, _ in lims], dtype=np.int64))
+                self.lim_lo = t(np.array([a * DAYS_PER_YEAR for _, a, _ in lims]), f64)
+                self.lim_hi = t(np.array([b * DAYS_PER_YEAR for _, _, b in lims]), f64)
+        self.forbid = t(forbid)
+        self.cond_tokens = t(np.array(self.cond.condition_tokens, dtype=np.int64))
+
+    # ---- state --------------------------------------------------------------------------------------------
+
+    def init_state(self, batch: int) -> BatchState:
+        d, f64 = self.device, torch.float64
+        z = torch.zeros(batch, dtype=f64, device=d)
+        return BatchState(
+            st=torch.full((batch,), ST_START, dtype=torch.long, device=d),
+            sex=torch.full((batch,), len(SEXES), dtype=torch.long, device=d),
+            birth=z.clone(), cur=z.clone(), max_end=z.clone(),
+            min_death=torch.full((batch,), self.min_death0, dtype=f64, device=d),
+            last_item=torch.zeros(batch, dtype=torch.long, device=d),
+            has_cond=torch.zeros(batch, dtype=torch.bool, device=d),
+        )
+
+    def mask(self, s: BatchState, pos: int) -> torch.Tensor:
+        """[B, V] bool: tokens allowed at position `pos` (0-based) of each sequence."""
+        v = self.v
+        m = self.allowed[s.st]
+        rem = self.ref_end - s.birth - s.cur  # days left before the reference date ends
+        a0, a1 = v.offsets["age"]
+        g0, g1 = v.offsets["gap"]
+        d0, d1 = v.offsets["dur"]
+        l0, l1 = v.offsets["val"]
+        death0 = (s.st == ST_DEATH0)[:, None]
+        deathv = (s.st == ST_DEATHV)[:, None]
+        m[:, a0:a1] &= (self.age_lo[None] <= rem[:, None]) & (~death0 | (self.age_hi[None] > s.min_death[:, None]))
+        m[:, g0:g1] &= (self.gap_lo[None] <= rem[:, None]) & (
+            ~deathv | (self.gap_hi[None] > (s.min_death - s.cur)[:, None]))
+        m[:, d0:d1] &= self.dur_lo[None] <= rem[:, None]
+        m[:, l0:l1] &= self.val_arange[None] < self.item_nbins[s.last_item][:, None]
+        b0, b1 = v.offsets["by"]
+        m[:, b0:b1] &= self.by_ok[None]
+        x0, x1 = v.offsets["sex"]
+        m[:, x0:x1] &= self.sex_ok[None]
+        i0 = v.start("item")
+        m[:, i0:] &= ~self.forbid[s.sex][:, i0:]
+        if self.lim_cols.numel():
+            cur = s.cur[:, None]
+            m[:, self.lim_cols] &= (self.lim_lo[None] <= cur) & (cur < self.lim_hi[None])
+        if self.end_horizon > 0:  # a living patient's record runs to (near) the reference date
+            m[:, v.END] &= (rem <= self.end_horizon) | (s.st == ST_DEAD) | (s.st == ST_FIN)
+        if self.cond_tokens.numel():
+            missing = ~s.has_cond
+            m[:, v.END] &= ~missing
+            m[:, v.DEATH] &= ~missing
+            # close to the end of the context: put the required code in as soon as it is allowed
+            if pos >= self.max_len - 8:
+                can = m[:, self.cond_tokens].any(dim=1) & missing
+                if bool(can.any()):
+                    forced = torch.zeros_like(m[0])
+                    forced[self.cond_tokens] = True
+                    m[can] &= forced
+        if pos + 1 + self.need_max > self.max_len:
+            m &= self.need[s.st] <= (self.max_len - pos - 1)
+        dead_end = ~m.any(dim=1)
+        if bool(dead_end.any()):  # only reachable when a required code never became allowed: end it
+            m[dead_end, v.END] = True
+        return m
+
+    def advance(self, s: BatchState, tok: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """Apply the chosen tokens [B]; u [B] uniform(0,1). Returns the in-bucket draws [B] float64."""
+        v = self.v
+        f64 = torch.float64
+        draw = torch.zeros_like(s.cur)
+        st = s.st
+
+        def grp(name: str) -> tuple[torch.Tensor, torch.Tensor]:
+            a, b = v.offsets[name]
+            return (tok >= a) & (tok < b), (tok - a).clamp(0, b - a - 1)
+
+        is_sex, sx = grp("sex")
+        s.sex = torch.where(is_sex, sx, s.sex)
+        # birth day inside the band (and inside the age condition)
+        is_by, band = grp("by")
+        blo, bhi = self.band_lo[band], self.band_hi[band]
+        birth = torch.minimum(torch.floor(blo + u * (bhi - blo + 1)), bhi)
+        s.birth = torch.where(is_by, birth, s.birth)
+        draw = torch.where(is_by, birth, draw)
+        rem = self.ref_end - s.birth - s.cur
+        # AGE: first visit (cur is 0 there) or death without visits
+        is_age, ai = grp("age")
+        in_d0 = st == ST_DEATH0
+        lo = self.age_lo[ai]
+        lo = torch.where(in_d0, torch.maximum(lo, s.min_death), lo)
+        hi = torch.maximum(torch.minimum(self.age_hi[ai], rem), lo)
+        x = lo + u * (hi - lo)
+        s.cur = torch.where(is_age & (st == ST_VTIME0), x, s.cur)
+        draw = torch.where(is_age, x, draw)
+        # GAP: later visit or death after visits
+        is_gap, gi = grp("gap")
+        in_dv = st == ST_DEATHV
+        lo = self.gap_lo[gi]
+        lo = torch.where(in_dv, torch.maximum(lo, s.min_death - s.cur), lo)
+        hi = torch.maximum(torch.minimum(self.gap_hi[gi], rem), lo)
+        x = s.cur + lo + u * (hi - lo)
+        draw = torch.where(is_gap, x, draw)
+        s.cur = torch.where(is_gap & (st == ST_VTIME), x, s.cur)
+        # DUR: end = start + duration (never before the start, never after the reference date)
+        is_dur, di = grp("dur")
+        lo = self.dur_lo[di]
+        hi = torch.maximum(torch.minimum(self.dur_hi[di], rem), lo)
+        end = s.cur + lo + u * (hi - lo)
+        draw = torch.where(is_dur, end, draw)
+        s.max_end = torch.where(is_dur, torch.maximum(s.max_end, end), s.max_end)
+        # VAL: value inside the bin of the last code, rounded, kept inside the physiologic range
+        is_val, bi = grp("val")
+        e = self.val_edges[s.last_item]
+        lo = e.gather(1, bi[:, None]).squeeze(1)
+        hi = e.gather(1, (bi + 1)[:, None]).squeeze(1)
+        x = lo + u * (hi - lo)
+        scale = torch.pow(torch.tensor(10.0, dtype=f64, device=x.device), self.item_dec[s.last_item].to(f64))
+        x = torch.round(x * scale) / scale
+        x = torch.minimum(torch.maximum(x, e[:, 0]), e.gather(1, self.item_nbins[s.last_item][:, None]).squeeze(1))
+        draw = torch.where(is_val, x, draw)
+        # items
+        is_item = tok >= v.start("item")
+        s.last_item = torch.where(is_item & ~self.is_value_item[tok], tok, s.last_item)
+        if self.cond_tokens.numel():
+            s.has_cond |= torch.isin(tok, self.cond_tokens)
+        s.min_death = torch.maximum(torch.maximum(s.min_death, s.max_end), s.cur)
+        s.st = self.nxt[st, tok]
+        return draw
+
+    def check(self, tokens: list[int]) -> str | None:
+        """Grammar-only validation of one sequence (no time/clinical masks): None if valid, else why."""
+        st, last_item = ST_START, 0
+        allowed = self.allowed.cpu().numpy()
+        nxt = self.nxt.cpu().numpy()
+        nb = self.item_nbins.cpu().numpy()
+        l0 = self.v.start("val")
+        for i, tok in enumerate(tokens):
+            if not allowed[st, tok]:
+                return f"position {i}: token {self.v.describe(tok)} not allowed in state {st}"
+            if l0 <= tok < l0 + self.v.n_val and tok - l0 >= nb[last_item]:
+                return f"position {i}: value bin {tok - l0} beyond the code's {nb[last_item]} bins"
+            if tok >= self.v.start("item") and self.v.item_of(tok).kind != "value":
+                last_item = tok
+            st = nxt[st, tok]
+        return None if st == ST_FIN else f"sequence ends in state {st}"
+
+
+def _jan1(year: int) -> date:
+    return date(max(year, 1), 1, 1)
+
+
+
+def replay(grammar: Grammar, tokens: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Teacher-forced draws for given sequences [B, L] (PAD after END): turns training sequences into
+    timelines with the same in-bucket jitter the sampler uses. Constraint masks are not applied."""
+    B, L = tokens.shape
+    s = grammar.init_state(B)
+    draws = torch.zeros((B, L), dtype=torch.float64, device=tokens.device)
+    for pos in range(L):
+        u = torch.rand(B, generator=generator, dtype=torch.float64, device=tokens.device)
+        draws[:, pos] = grammar.advance(s, tokens[:, pos], u)
+    return draws

@@ -1,0 +1,316 @@
+"""Timelines <-> token sequences.
+
+Sequence grammar (one patient = one sequence = one training example):
+
+    BOS SEX BIRTH_BAND RACE ETHNICITY  visit*  [DEATH time]  END
+    visit := VISIT time  entry+        first visit's time = AGE_y (age in years), later ones GAP_g (days since
+                                       the previous visit, log-spaced buckets, bins.GAP_EDGES)
+    entry := ENC_item [VALUE_item] [DUR_d]     (only first in a visit)
+           | COND_item [DUR_d]                 DUR = onset -> abatement (so abatement never precedes onset)
+           | OBS_item [VAL_b | VALUE_item]     VAL_b = bin b of the code's public reference-range bins
+
+A visit is one encounter (events sharing encounter_id) or, for events without one, one calendar day.
+Entries within a visit are in canonical order (encounter, conditions, observations; by token id) and exact
+repeats (same item and same value token) are dropped.
+
+Long histories (Synthea: hundreds to thousands of events, vitals at every visit) must fit max_len tokens.
+Compression is a fixed public rule applied per patient, so one patient is still exactly one example:
+  1. drop exact repeats within a visit (above);
+  2. while too long, drop the observations of the OLDEST visit, sparing the 3 most recent visits (visits left
+     empty disappear); then the encounter type / duration tokens of old visits;
+  3. if still too long, drop old visits that have no condition (oldest first), then the oldest whole visits
+     (a window of the most recent visits), always sparing the 3 most recent;
+  4. only if the 3 most recent visits alone are too long, drop their observations too, then window further.
+So the recent visits are complete, encounters and conditions survive longest, and the first kept visit
+carries the age.
+
+Decoding is exact up to bucket resolution: times and values are drawn uniformly inside their bucket by the
+grammar's state machine (grammar.py) with a seeded RNG; decode() turns tokens + those draws into a Timeline.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from datetime import date, datetime, timedelta, timezone
+
+from fhirsynth.model.bins import DUR_EDGES, GAP_EDGES, bucket_of
+from fhirsynth.model.vocab import ETHNICITIES, RACES, SEXES, ItemMatcher, Vocab
+from fhirsynth.timeline.types import Event, PatientInfo, Timeline
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_KIND_ORDER = {"encounter": 0, "condition": 1, "observation": 2}
+
+
+def day_number(d: date) -> int:
+    """Days since 1970-01-01."""
+    return (d - date(1970, 1, 1)).days
+
+
+def _midnight(d: date) -> datetime:
+    return datetime(d.year, d.month, d.day, tzinfo=timezone.utc)
+
+
+def _as_utc(t: datetime) -> datetime:
+    return t if t.tzinfo is not None else t.replace(tzinfo=timezone.utc)
+
+
+class Tokenizer:
+    def __init__(self, vocab: Vocab) -> None:
+        self.vocab = vocab
+        self.matcher = ItemMatcher(vocab.value_bins, [])
+        # public panels are recoverable from the public items themselves
+        self.matcher.public_panels = {
+            (it.panel_system, it.panel_code): {"system": it.panel_system, "code": it.panel_code,
+                                                "display": it.panel_display}
+            for it in vocab.items if it.public and it.panel_code
+        }
+        self.race_index = {code: i for i, (code, _) in enumerate(RACES)}
+        self.eth_index = {code: i for i, (code, _) in enumerate(ETHNICITIES)}
+
+    # ---- encode -------------------------------------------------------------------------------------------
+
+    def _entry(self, ev: Event, stats: Counter) -> tuple[int, tuple[int, ...]] | None:
+        v = self.vocab
+        key = self.matcher.event_key(ev)
+        tok = v.item_token(key) if key is not None else None
+        if tok is None:
+            stats["events_out_of_vocabulary"] += 1
+            return None
+        extra: list[int] = []
+        item = v.item_of(tok)
+        if ev.kind == "observation":
+            vb = v.item_bins(item)
+            if vb is not None and ev.value is not None:
+                if vb.accepts_unit(ev.unit):
+                    extra.append(v.start("val") + vb.bin_of(ev.value))
+                else:
+                    stats["values_unit_mismatch"] += 1
+            elif ev.value_code is not None:
+                vt = v.item_token(ItemMatcher.value_key(ev))
+                if vt is not None:
+                    extra.append(vt)
+                else:
+                    stats["values_out_of_vocabulary"] += 1
+        elif ev.kind == "encounter":
+            if ev.value_code is not None:
+                vt = v.item_token(ItemMatcher.value_key(ev))
+                if vt is not None:
+                    extra.append(vt)
+        if ev.kind in ("encounter", "condition") and ev.end_time is not None:
+            dur = (_as_utc(ev.end_time) - _as_utc(ev.time)).total_seconds() / 86400.0
+            if dur >= 0:
+                extra.append(v.start("dur") + bucket_of(dur, DUR_EDGES))
+            else:
+                stats["end_before_start_dropped"] += 1
+        return tok, tuple(extra)
+
+    def encode(self, tl: Timeline, stats: Counter | None = None) -> list[int] | None:
+        """Token ids of one patient, or None when the patient has no birth date (counted in stats)."""
+        stats = stats if stats is not None else Counter()
+        v, p = self.vocab, tl.patient
+        if p.birth_date is None:
+            stats["patients_without_birth_date"] += 1
+            return None
+        birth = _midnight(p.birth_date)
+        sex = p.sex if p.sex in SEXES else "unknown"
+        prefix = [
+            v.BOS,
+            v.start("sex") + SEXES.index(sex),
+            v.start("by") + v.band_of_year(p.birth_date.year),
+            v.start("race") + self.race_index.get(p.race_code, len(RACES) - 1),
+            v.start("eth") + self.eth_index.get(p.ethnicity_code, len(ETHNICITIES) - 1),
+        ]
+        # group into visits
+        groups: dict[tuple, list[Event]] = {}
+        for ev in tl.events:
+            t = _as_utc(ev.time)
+            gkey = ("e", ev.encounter_id) if ev.encounter_id else ("d", t.date())
+            groups.setdefault(gkey, []).append(ev)
+        visits: list[tuple[float, list[tuple[int, int, tuple[int, ...]]]]] = []
+        for evs in groups.values():
+            encs = [e for e in evs if e.kind == "encounter"]
+            start = min(_as_utc(e.time) for e in (encs or evs))
+            seen: set = set()
+            entries = []
+            enc_done = False
+            for ev in evs:
+                if ev.kind == "encounter":
+                    if enc_done:
+                        stats["extra_encounters_in_visit_dropped"] += 1
+                        continue
+                got = self._entry(ev, stats)
+                if got is None:
+                    continue
+                if ev.kind == "encounter":
+                    enc_done = True
+                tok, extra = got
+                if (tok, extra) in seen:
+                    stats["repeats_in_visit_dropped"] += 1
+                    continue
+                seen.add((tok, extra))
+                entries.append((_KIND_ORDER[ev.kind], tok, extra))
+            if entries:
+                entries.sort()
+                days = max((start - birth).total_seconds() / 86400.0, 0.0)
+                visits.append((days, entries))
+        visits.sort(key=lambda vis: vis[0])
+        death_days = None
+        if p.death_date is not None:
+            death_days = max((_as_utc(p.death_date) - birth).total_seconds() / 86400.0, 0.0)
+        elif p.deceased:
+            stats["deceased_without_date"] += 1
+        visits = self._fit(visits, budget=v.cfg.max_len - len(prefix) - 1 - (2 if death_days is not None else 0),
+                           stats=stats)
+        toks = list(prefix)
+        prev = None
+        for days, entries in visits:
+            toks.append(v.VISIT)
+            if prev is None:
+                toks.append(v.start("age") + v.age_bucket(days))
+            else:
+                toks.append(v.start("gap") + bucket_of(days - prev, GAP_EDGES))
+            prev = days
+            for _, tok, extra in entries:
+                toks.append(tok)
+                toks.extend(extra)
+        if death_days is not None:
+            toks.append(v.DEATH)
+            if prev is None:
+                toks.append(v.start("age") + v.age_bucket(death_days))
+            else:
+                toks.append(v.start("gap") + bucket_of(max(death_days - prev, 0.0), GAP_EDGES))
+        toks.append(v.END)
+        return toks
+
+    @staticmethod
+    def _fit(visits: list, budget: int, stats: Counter, recent: int = 3) -> list:
+        """Public compression rule (see module doc); `recent` last visits keep observations longest."""
+        def cost(vis) -> int:
+            return 2 + sum(1 + len(extra) for _, _, extra in vis[1]) if vis[1] else 0
+
+        total = sum(cost(vis) for vis in visits)
+        if total <= budget:
+            return visits
+        stats["patients_compressed"] += 1
+        visits = [(d, list(e)) for d, e in visits]
+
+        def drop_obs(upto: int) -> int:
+            nonlocal total, visits
+            i = 0
+            while total > budget and i < upto:
+                days, entries = visits[i]
+                kept = [e for e in entries if e[0] != 2]
+                stats["observations_dropped_for_length"] += len(entries) - len(kept)
+                total += cost((days, kept)) - cost(visits[i])
+                visits[i] = (days, kept)
+                i += 1
+            visits = [vis for vis in visits if vis[1]]
+            return total
+
+        def drop_visits(keep: int) -> None:
+            nonlocal total
+            while total > budget and len(visits) > keep:
+                total -= cost(visits[0])
+                stats["visits_dropped_for_length"] += 1
+                visits.pop(0)
+
+        drop_obs(max(len(visits) - recent, 0))  # 2. observations of old visits
+        i = 0
+        while total > budget and i < len(visits) - recent:  # 2b. encounter type / duration of old visits
+            days, entries = visits[i]
+            slim = [(k, t, () if k == 0 else x) for k, t, x in entries]
+            total += cost((days, slim)) - cost(visits[i])
+            visits[i] = (days, slim)
+            i += 1
+        i = 0
+        while total > budget and i < len(visits) - recent:  # 3a. old visits without a condition
+            if all(k != 1 for k, _, _ in visits[i][1]):
+                total -= cost(visits[i])
+                stats["visits_dropped_for_length"] += 1
+                visits.pop(i)
+            else:
+                i += 1
+        drop_visits(recent)  # 3b. old visits (window), keeping the recent ones whole
+        drop_obs(len(visits))  # 4. still too long: observations of the recent ones too
+        drop_visits(0)
+        return visits
+
+    # ---- decode -------------------------------------------------------------------------------------------
+
+    def decode(self, tokens: list[int], draws: list[float], patient_id: str) -> Timeline:
+        """Tokens + the state machine's in-bucket draws -> a Timeline (raises ValueError if ungrammatical)."""
+        v = self.vocab
+        info = PatientInfo(patient_id=patient_id)
+        events: list[Event] = []
+        birth: datetime | None = None
+        t_visit: datetime | None = None
+        enc_id: str | None = None
+        last: Event | None = None
+        last_item = None
+        in_death = False
+        n_visit = 0
+        for tok, draw in zip(tokens, draws):
+            g = v.group_of(tok)
+            if g == "pad" or g == "bos":
+                continue
+            if g == "end":
+                break
+            if g == "sex":
+                info.sex = SEXES[tok - v.start("sex")]
+            elif g == "by":
+                bd = date(1970, 1, 1) + timedelta(days=int(draw))
+                info.birth_date = bd
+                birth = _midnight(bd)
+            elif g == "race":
+                info.race_code, info.race_display = RACES[tok - v.start("race")]
+            elif g == "eth":
+                info.ethnicity_code, info.ethnicity_display = ETHNICITIES[tok - v.start("eth")]
+            elif g == "visit":
+                n_visit += 1
+                enc_id, last, t_visit = None, None, None
+            elif g == "death":
+                in_death = True
+            elif g in ("age", "gap"):
+                if birth is None:
+                    raise ValueError("time token before the birth band")
+                when = birth + timedelta(days=float(draw))
+                if in_death:
+                    info.deceased = True
+                    info.death_date = when
+                else:
+                    t_visit = when
+            elif g == "item":
+                it = v.item_of(tok)
+                if it.kind == "value":
+                    if last is None:
+                        raise ValueError("value token without an event")
+                    last.value_system, last.value_code, last.value_display = it.system, it.code, it.display
+                    continue
+                if t_visit is None:
+                    raise ValueError("event outside a visit")
+                ev = Event(time=t_visit, kind=it.kind, system=it.system or "", code=it.code or "",
+                           display=it.display, category=it.category, panel_system=it.panel_system,
+                           panel_code=it.panel_code, panel_display=it.panel_display)
+                if it.kind == "encounter":
+                    enc_id = f"{patient_id}-enc-{n_visit}"
+                    ev.encounter_id, ev.status = enc_id, "finished"
+                elif it.kind == "condition":
+                    ev.encounter_id, ev.status = enc_id, "active"
+                else:
+                    ev.encounter_id, ev.status = enc_id, "final"
+                events.append(ev)
+                last, last_item = ev, it
+            elif g == "dur":
+                if last is None or birth is None:
+                    raise ValueError("duration without an event")
+                last.end_time = birth + timedelta(days=float(draw))
+                if last.kind == "condition":
+                    last.status = "resolved"
+            elif g == "val":
+                if last is None:
+                    raise ValueError("value bin without an observation")
+                vb = v.item_bins(last_item)
+                last.value = float(draw)
+                last.unit = vb.unit if vb else None
+        return Timeline(patient=info, events=events).sorted()
+

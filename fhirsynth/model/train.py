@@ -1,0 +1,463 @@
+"""Patient-level DP training (the only module that imports opacus).
+
+Privacy accounting, end to end (privacy unit = one patient, add/remove neighbours):
+  * budget split: epsilon_preprocessing = vocab_epsilon_fraction * epsilon for the DP vocabulary (vocab.py),
+    the rest for DP-SGD; delta likewise (vocab_delta_fraction). Bin edges, length limits, the token grammar
+    and the reference date are public settings and cost nothing.
+  * DP-SGD: Opacus, one patient = one sequence = one example, Poisson sampling with rate 1/steps_per_epoch,
+    per-example clipping to max_grad_norm, Gaussian noise. The noise multiplier is the larger of
+    get_noise_multiplier() for the PRV and the RDP accountants, so BOTH reported epsilons stay under target.
+  * composition: basic (sequential) composition,
+        epsilon_total = epsilon_preprocessing + max(epsilon_prv, epsilon_rdp)
+        delta         = delta_preprocessing + delta_training
+  * the training loss is computed on private data and is NOT a DP release: with DP it is shown on the console
+    only and the training curve in the model dir holds step / epoch / epsilon spent.
+--no-dp: same model and loop without clipping/noise, vocabulary from exact counts; epsilon = infinity
+(JSON null, "dp": false).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import secrets
+import shutil
+import warnings
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from fhirsynth.errors import InputError, PrivacyBudgetError, UsageError
+from fhirsynth.logs import progress
+from fhirsynth.model import checkpoint as ck
+from fhirsynth.model.config import ModelConfig, TokenizerConfig, TrainConfig, to_json, versions
+from fhirsynth.model.tokenizer import Tokenizer
+from fhirsynth.model.transformer import Transformer, sequence_loss
+from fhirsynth.model.vocab import Vocab, build_vocab
+from fhirsynth.timeline.io import read_timelines
+
+log = logging.getLogger(__name__)
+
+
+class SeqDataset(Dataset):
+    def __init__(self, seqs: list[list[int]]) -> None:
+        self.seqs = [torch.tensor(s, dtype=torch.long) for s in seqs]
+
+    def __len__(self) -> int:
+        return len(self.seqs)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.seqs[i]
+
+
+def pad_collate(batch: list[torch.Tensor]) -> torch.Tensor:
+    """Right-pad to the longest sequence of the batch (PAD = 0); shape [0, 2] for an empty Poisson batch."""
+    if not batch:
+        return torch.zeros((0, 2), dtype=torch.long)
+    L = max(len(s) for s in batch)
+    out = torch.zeros((len(batch), L), dtype=torch.long)
+    for i, s in enumerate(batch):
+        out[i, : len(s)] = s
+    return out
+
+
+def _quiet_opacus() -> None:
+    """Opacus warnings that are expected here (we log the secure-RNG choice and check accounting ourselves)."""
+    for msg in ("Optimal order is the", "Secure RNG turned off", "Full backward hook is firing",
+                "Using a non-full backward hook"):
+        warnings.filterwarnings("ignore", message=msg)
+
+
+def default_delta(n: int) -> float:
+    return min(1e-5, n ** -1.1)
+
+
+def _validate(tc: TrainConfig) -> None:
+    problems = []
+    if tc.dp:
+        if tc.epsilon is None or not math.isfinite(tc.epsilon) or tc.epsilon <= 0:
+            raise PrivacyBudgetError(f"must be a positive finite number (got {tc.epsilon})",
+                                     where="--epsilon")
+        if tc.delta is not None and not 0 < tc.delta < 1:
+            raise PrivacyBudgetError(f"must be in (0, 1) or auto (got {tc.delta})", where="--delta")
+        if not 0 < tc.vocab_epsilon_fraction < 1 or not 0 < tc.vocab_delta_fraction < 1:
+            raise PrivacyBudgetError("vocabulary budget fractions must be in (0, 1)")
+        if not tc.max_grad_norm > 0:
+            raise PrivacyBudgetError(f"must be > 0 (got {tc.max_grad_norm})", where="--max-grad-norm")
+    if tc.epochs < 1:
+        problems.append(f"--epochs must be >= 1 (got {tc.epochs})")
+    if tc.batch_size < 1:
+        problems.append(f"--batch-size must be >= 1 (got {tc.batch_size})")
+    if tc.max_physical_batch < 1:
+        problems.append(f"--max-physical-batch must be >= 1 (got {tc.max_physical_batch})")
+    if not tc.lr > 0:
+        problems.append(f"learning rate must be > 0 (got {tc.lr})")
+    if problems:
+        raise UsageError("; ".join(problems))
+
+
+def _signature(tc: TrainConfig, mc: ModelConfig, tk: TokenizerConfig, n: int) -> dict[str, Any]:
+    """What a checkpoint must match to be resumed (otherwise the accounting would not add up)."""
+    t = to_json(tc)
+    t.pop("checkpoint_every", None)
+    return {"train": t, "model": to_json(mc), "tokenizer": to_json(tk), "n": n}
+
+
+def _noise_multiplier(eps: float, delta: float, q: float, steps: int) -> float:
+    from opacus.accountants.utils import get_noise_multiplier
+
+    try:
+        sigma = get_noise_multiplier(target_epsilon=eps, target_delta=delta, sample_rate=q, steps=steps,
+                                     accountant="rdp", epsilon_tolerance=0.005)
+        # RDP is usually the looser bound; calibrate PRV too (slow bisection) only when it is not
+        if epsilons([(sigma, q, steps)], delta)[0] > eps:
+            sigma = max(sigma, get_noise_multiplier(target_epsilon=eps, target_delta=delta, sample_rate=q,
+                                                    steps=steps, accountant="prv", epsilon_tolerance=0.005))
+        return sigma
+    except ValueError as exc:
+        raise PrivacyBudgetError(f"cannot reach epsilon={eps:g} with these settings ({exc})") from None
+
+
+def epsilons(history: list, delta: float) -> tuple[float, float]:
+    """(epsilon_prv, epsilon_rdp) of an Opacus accountant history at delta."""
+    from opacus.accountants import PRVAccountant, RDPAccountant
+
+    if not history:
+        return 0.0, 0.0
+    prv, rdp = PRVAccountant(), RDPAccountant()
+    prv.history = list(history)
+    rdp.history = list(history)
+    return float(prv.get_epsilon(delta)), float(rdp.get_epsilon(delta))
+
+
+def _rng_state() -> dict[str, Any]:
+    st: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def _set_rng_state(st: dict[str, Any]) -> None:
+    torch.set_rng_state(st["torch"])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+def train_model(
+    timelines_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    epsilon: float | None = 8.0,
+    delta: float | None = None,
+    dp: bool = True,
+    epochs: int = 10,
+    device: str = "auto",
+    seed: int = 1,
+    batch_size: int = 64,
+    max_physical_batch: int = 32,
+    max_grad_norm: float = 1.0,
+    lr: float = 3e-3,
+    secure_rng: bool = False,
+    vocab_epsilon_fraction: float = 0.25,
+    checkpoint_every: int = 50,
+    model_config: ModelConfig | None = None,
+    tokenizer_config: TokenizerConfig | None = None,
+    on_step: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
+    """Train a model dir from a timelines dir; returns the privacy report (privacy.json).
+
+    Rerunning with the same arguments after an interruption resumes from MODEL_DIR/.checkpoint/.
+    on_step(step) is called after every optimizer step (tests use it to simulate a kill).
+    """
+    tc = TrainConfig(epsilon=epsilon if dp else None, delta=delta, dp=dp, epochs=epochs, batch_size=batch_size,
+                     max_physical_batch=max_physical_batch, max_grad_norm=max_grad_norm, lr=lr, seed=seed,
+                     secure_rng=secure_rng, vocab_epsilon_fraction=vocab_epsilon_fraction,
+                     checkpoint_every=checkpoint_every)
+    _validate(tc)
+    _quiet_opacus()
+    if secure_rng and dp:
+        try:
+            import torchcsprng  # noqa: F401  (Opacus' secure mode needs it)
+        except ImportError:
+            raise UsageError("needs the torchcsprng package, which is not installed", where="--secure-rng") from None
+    tdir, out = Path(timelines_dir), Path(out_dir)
+    if not tdir.is_dir():
+        raise UsageError("timelines directory not found", where=str(tdir))
+    dev = ck.resolve_device(device)
+    tk = tokenizer_config or TokenizerConfig()
+    mc = model_config or ModelConfig()
+    mc.max_len = tk.max_len
+
+    timelines = list(read_timelines(tdir))
+    n_all = len(timelines)
+    if n_all == 0:
+        raise InputError("no patients in the timelines directory (empty events/patients parquet)", where=str(tdir))
+    tc.delta = delta if delta is not None else default_delta(n_all)
+    eps_vocab = eps_train = None
+    d_vocab = d_train = None
+    if dp:
+        assert tc.epsilon is not None
+        eps_vocab = tc.epsilon * tc.vocab_epsilon_fraction
+        eps_train = tc.epsilon - eps_vocab
+        d_vocab = tc.delta * tc.vocab_delta_fraction
+        d_train = tc.delta - d_vocab
+
+    ckdir = out / ck.CHECKPOINT_DIR
+    state_path = ckdir / ck.CHECKPOINT_STATE
+    resume: dict[str, Any] | None = None
+    sig_probe = _signature(tc, mc, tk, n_all)
+    if state_path.is_file():
+        try:
+            resume = torch.load(state_path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001
+            raise UsageError(f"checkpoint is unreadable ({exc}); delete it to start over", where=str(ckdir)) from None
+        if resume.get("signature") != sig_probe:
+            raise UsageError("a checkpoint of a run with different settings or data exists; rerun with the same "
+                             "arguments to resume, or delete it to start over", where=str(ckdir))
+        vocab = Vocab.from_json(tk, ck._read_json(ckdir / ck.VOCAB))
+        vocab_report = resume["vocab_report"]
+        log.info("resuming from step %d of %d", resume["step"], resume["total_steps"])
+    else:
+        # Vocabulary: the one DP release before training. Its noise never repeats on resume (stored above).
+        vrng = np.random.default_rng(secrets.randbits(128) if secure_rng else seed)
+        vocab, vocab_report = build_vocab(timelines, tk, dp=dp, epsilon=eps_vocab, delta=d_vocab, rng=vrng)
+        ckdir.mkdir(parents=True, exist_ok=True)
+        ck.atomic_write_json(ckdir / ck.VOCAB, vocab.to_json())
+
+    tokenizer = Tokenizer(vocab)
+    stats: Counter = Counter()
+    seqs = [s for s in (tokenizer.encode(t, stats) for t in timelines) if s is not None]
+    del timelines
+    for k, v in sorted(stats.items()):
+        log.info("tokenizer: %s = %d", k, v)
+    n = len(seqs)
+    if n == 0:
+        raise InputError("no patient could be tokenized (all lack a birth date)", where=str(tdir))
+    mc.vocab_size = vocab.size
+
+    torch.manual_seed(seed)
+    model = Transformer(mc).to(dev)
+    opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    ds = SeqDataset(seqs)
+    steps_per_epoch = math.ceil(n / tc.batch_size)
+    total_steps = tc.epochs * steps_per_epoch
+    q = 1.0 / steps_per_epoch
+    step = 0
+    curve: list[dict[str, Any]] = []
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        opt.load_state_dict(resume["optimizer"])
+        step = int(resume["step"])
+        curve = list(resume["curve"])
+
+    sigma = 0.0
+    engine = None
+    if dp:
+        from opacus import PrivacyEngine
+
+        sigma = _noise_multiplier(eps_train, d_train, q, total_steps) if resume is None else float(resume["sigma"])
+        engine = PrivacyEngine(accountant="prv", secure_mode=secure_rng)
+        loader = DataLoader(ds, batch_size=tc.batch_size, collate_fn=pad_collate)
+        model, opt, loader = engine.make_private(
+            module=model, optimizer=opt, data_loader=loader, noise_multiplier=sigma,
+            max_grad_norm=tc.max_grad_norm, poisson_sampling=True,
+        )
+        if abs(loader.sample_rate - q) > 1e-12:  # our accounting assumes Opacus' rate
+            q = loader.sample_rate
+        if resume is not None:
+            engine.accountant.load_state_dict(resume["accountant"])
+    pending_rng = None
+    if resume is not None and not secure_rng:
+        pending_rng = resume["rng"]  # restored where the uninterrupted run would be (see the loop)
+    elif resume is None:
+        torch.manual_seed(seed + 1)
+
+    base_model = model._module if dp else model
+    # CUDA: bf16 autocast for --no-dp; DP keeps fp32 parameters/activations for Opacus' per-sample gradient
+    # hooks (untested in bf16 here) and gets TF32 matmuls instead, which are transparent to Opacus.
+    use_amp = dev.type == "cuda" and not dp
+    if dev.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    def history() -> list:
+        return list(engine.accountant.history) if engine is not None else []
+
+    def save_checkpoint() -> None:
+        state = {
+            "signature": sig_probe, "step": step, "total_steps": total_steps, "sigma": sigma,
+            "model": base_model.state_dict(), "optimizer": opt.state_dict(),
+            "accountant": engine.accountant.state_dict() if engine is not None else {},
+            "rng": _rng_state(), "curve": curve, "vocab_report": vocab_report,
+        }
+        ck.atomic_torch_save(state_path, state)
+
+    bar = progress(total=total_steps, initial=step, desc="train", unit="step")
+    model.train()
+    try:
+        while step < total_steps:
+            epoch = step // steps_per_epoch
+            remaining = steps_per_epoch - step % steps_per_epoch
+            if dp:
+                from opacus.utils.batch_memory_manager import BatchMemoryManager
+
+                loader.batch_sampler.steps = remaining
+                ctx = BatchMemoryManager(data_loader=loader, max_physical_batch_size=tc.max_physical_batch,
+                                         optimizer=opt)
+            else:
+                ctx = _PlainBatches(ds, tc.batch_size, tc.max_physical_batch, seed, epoch,
+                                    skip=steps_per_epoch - remaining)
+            with ctx as batches:
+                acc_loss, acc_n = 0.0, 0
+                # Creating a DataLoader iterator draws a seed from the global RNG. An uninterrupted run does
+                # that at epoch starts only, so a resumed run restores its RNG before the iterator at an epoch
+                # boundary and after it mid-epoch: the Poisson batches and noise then continue identically.
+                if pending_rng is not None and remaining == steps_per_epoch:
+                    _set_rng_state(pending_rng)
+                    pending_rng = None
+                it = iter(batches)
+                if pending_rng is not None:
+                    _set_rng_state(pending_rng)
+                    pending_rng = None
+                for batch in it:
+                    batch = batch.to(dev)
+                    inp, tgt = batch[:, :-1], batch[:, 1:]
+                    with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=use_amp):
+                        logits = model(inp)
+                    per_seq = sequence_loss(logits, tgt)
+                    if batch.shape[0] > 0:
+                        loss = per_seq.mean()
+                        acc_loss += float(per_seq.detach().sum())
+                        acc_n += batch.shape[0]
+                    else:  # empty Poisson batch: still a DP step (noise only), zero-size grad samples
+                        loss = per_seq.sum()
+                    if not dp and batch.shape[0] > 0:
+                        loss = loss * (batch.shape[0] / max(batches.logical_size, 1))
+                    loss.backward()
+                    stepped = _step(opt, dp, batches)
+                    if not stepped:
+                        continue
+                    step += 1
+                    eps_now = None
+                    if dp and (step % 10 == 0 or step % steps_per_epoch == 0 or step == total_steps):
+                        from opacus.accountants import RDPAccountant
+
+                        r = RDPAccountant()
+                        r.history = history()
+                        eps_now = float(r.get_epsilon(d_train))
+                    mean_loss = acc_loss / acc_n if acc_n else None
+                    curve.append({"step": step, "epoch": step / steps_per_epoch,
+                                  "epsilon": eps_now if dp else None, "loss": mean_loss})
+                    acc_loss, acc_n = 0.0, 0
+                    bar.update(1)
+                    post = {"loss": f"{mean_loss:.3f}" if mean_loss is not None else "-"}
+                    if eps_now is not None:
+                        post["eps"] = f"{eps_now:.2f}"
+                    bar.set_postfix(post)
+                    if step % tc.checkpoint_every == 0 or step % steps_per_epoch == 0:
+                        save_checkpoint()
+                    if step % steps_per_epoch == 0:
+                        log.info("epoch %d/%d: step %d, loss %s%s", step // steps_per_epoch, tc.epochs, step,
+                                 post["loss"], f", epsilon (RDP) {eps_now:.3f}" if eps_now is not None else "")
+                    if on_step is not None:
+                        on_step(step)
+                    if step >= total_steps:
+                        break
+    finally:
+        bar.close()
+
+    eps_prv = eps_rdp = None
+    if dp:
+        eps_prv, eps_rdp = epsilons(history(), d_train)
+        if max(eps_prv, eps_rdp) > eps_train * (1 + 1e-6):
+            raise PrivacyBudgetError(f"spent epsilon {max(eps_prv, eps_rdp):.4f} exceeds the training share "
+                                     f"{eps_train:.4f} (accounting bug)")
+    privacy = _privacy_report(tc, n, sigma, q, total_steps, eps_prv, eps_rdp, eps_vocab, d_vocab, d_train,
+                              vocab_report)
+    config = {**versions(), "model": to_json(mc), "tokenizer": to_json(tk), "training": to_json(tc)}
+    if dp:  # the loss is private (not covered by DP-SGD): keep it out of the released curve
+        curve_out = [{"step": r["step"], "epoch": round(r["epoch"], 4), "epsilon": r["epsilon"]} for r in curve]
+    else:
+        curve_out = [{"step": r["step"], "epoch": round(r["epoch"], 4), "loss": r["loss"]} for r in curve]
+    ck.write_model_dir(out, state_dict=base_model.state_dict(), config=config, vocab=vocab.to_json(),
+                       privacy=privacy, curve=curve_out)
+    shutil.rmtree(ckdir, ignore_errors=True)
+    log.info("model written to %s (epsilon_total=%s)", out, privacy["epsilon_total"])
+    return privacy
+
+
+def _step(opt, dp: bool, batches) -> bool:
+    """Optimizer step; True when a logical (noised) step happened, False for a skipped physical batch."""
+    if dp:
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return not opt._is_last_step_skipped
+    if batches.last_of_logical:
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return True
+    return False
+
+
+class _PlainBatches:
+    """Non-DP batches: a seeded shuffle per epoch, split into physical batches like BatchMemoryManager."""
+
+    def __init__(self, ds: SeqDataset, batch_size: int, physical: int, seed: int, epoch: int, skip: int) -> None:
+        g = torch.Generator().manual_seed(seed * 100003 + epoch)
+        perm = torch.randperm(len(ds), generator=g).tolist()
+        self.logical = [perm[i: i + batch_size] for i in range(0, len(perm), batch_size)][skip:]
+        self.ds, self.physical = ds, physical
+        self.logical_size = 0
+        self.last_of_logical = False
+
+    def __enter__(self) -> _PlainBatches:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+    def __iter__(self):
+        for idx in self.logical:
+            self.logical_size = len(idx)
+            chunks = [idx[i: i + self.physical] for i in range(0, len(idx), self.physical)]
+            for j, chunk in enumerate(chunks):
+                self.last_of_logical = j == len(chunks) - 1
+                yield pad_collate([self.ds[i] for i in chunk])
+
+
+def _privacy_report(tc: TrainConfig, n: int, sigma: float, q: float, steps: int, eps_prv, eps_rdp, eps_vocab,
+                    d_vocab, d_train, vocab_report: dict) -> dict[str, Any]:
+    if not tc.dp:
+        return {
+            "unit": "patient", "dp": False, "n": n, "epsilon_target": None, "epsilon_prv": None,
+            "epsilon_rdp": None, "epsilon_training": None, "epsilon_preprocessing": None, "epsilon_total": None,
+            "epsilon_note": "no differential privacy: epsilon = infinity (JSON null)",
+            "delta": None, "noise_multiplier": 0.0, "sample_rate": q, "steps": steps, "epochs": tc.epochs,
+            "batch_size": tc.batch_size, "max_grad_norm": None,
+            "vocabulary": {**vocab_report, "note": "vocabulary from exact counts (not private)"},
+        }
+    eps_training = max(eps_prv, eps_rdp)
+    return {
+        "unit": "patient", "dp": True, "n": n,
+        "epsilon_target": tc.epsilon,
+        "epsilon_prv": eps_prv, "epsilon_rdp": eps_rdp, "epsilon_training": eps_training,
+        "epsilon_preprocessing": eps_vocab,
+        "epsilon_total": eps_vocab + eps_training,
+        "delta": tc.delta, "delta_training": d_train, "delta_preprocessing": d_vocab,
+        "composition": "basic: epsilon_total = epsilon_preprocessing + max(epsilon_prv, epsilon_rdp); "
+                       "delta = delta_preprocessing + delta_training",
+        "noise_multiplier": sigma, "sample_rate": q, "steps": steps, "epochs": tc.epochs,
+        "batch_size": tc.batch_size, "max_grad_norm": tc.max_grad_norm, "poisson_sampling": True,
+        "secure_rng": tc.secure_rng,
+        "accountants": "noise multiplier = max over opacus get_noise_multiplier(prv, rdp) for the training share",
+        "vocabulary": vocab_report,
+        "public_settings": "bin edges (mappings/reference-ranges.toml), time buckets, max_len, grammar, "
+                           "reference date: public, no budget",
+        "not_released": "training loss (private, console only)",
+    }

@@ -1,0 +1,341 @@
+"""The token vocabulary: fixed public tokens plus code "items", the data-dependent part chosen under DP.
+
+Items are what the model can say about a patient: an encounter class, a condition code, an observation code
+(with its category and panel), or a categorical value (valueCodeableConcept / encounter type). Every string of
+an item is released in vocab.json, so an item enters the vocabulary only if
+  * it is public (an observation of mappings/reference-ranges.toml, written with the public display), or
+  * it survives Gaussian thresholding of per-patient counts (DP set union, Wilson et al. 2020 / Gopi et al.
+    2020): each patient contributes at most k distinct items (their k most frequent), each item counts
+    distinct patients, N(0, sigma^2) noise is added and only items above threshold T are kept.
+    L2 sensitivity is sqrt(k); sigma is the analytic Gaussian mechanism (Balle & Wang 2018) for
+    (eps_vocab, delta_vocab / 2); T = 1 + sigma * Phi^-1(1 - delta_vocab / (2k)) bounds the chance that an
+    item only the added patient has gets released (union bound over its k items).
+With dp=False the counts are exact and items seen in >= min_count patients are kept (no privacy).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from fhirsynth.errors import ModelDirError, PrivacyBudgetError
+from fhirsynth.model.bins import DAYS_PER_YEAR, DUR_EDGES, GAP_EDGES, ValueBins
+from fhirsynth.model.config import TokenizerConfig
+from fhirsynth.timeline.types import Event, Timeline
+
+ITEM_KINDS = ("encounter", "condition", "observation", "value")
+SEXES = ("male", "female", "other", "unknown")
+# US Core OMB race / ethnicity categories (urn:oid:2.16.840.1.113883.6.238), a public code list.
+RACES = (
+    ("1002-5", "American Indian or Alaska Native"),
+    ("2028-9", "Asian"),
+    ("2054-5", "Black or African American"),
+    ("2076-8", "Native Hawaiian or Other Pacific Islander"),
+    ("2106-3", "White"),
+    ("2131-1", "Other Race"),
+    (None, None),
+)
+ETHNICITIES = (("2135-2", "Hispanic or Latino"), ("2186-5", "Not Hispanic or Latino"), (None, None))
+
+ItemKey = tuple  # (kind, system, code, display, category, panel_system, panel_code, panel_display)
+
+
+@dataclass(frozen=True)
+class Item:
+    kind: str
+    system: str | None
+    code: str | None
+    display: str | None = None
+    category: str | None = None
+    panel_system: str | None = None
+    panel_code: str | None = None
+    panel_display: str | None = None
+    public: bool = False
+
+    @property
+    def key(self) -> ItemKey:
+        return (self.kind, self.system, self.code, self.display, self.category,
+                self.panel_system, self.panel_code, self.panel_display)
+
+
+def public_items(value_bins: dict[tuple[str, str], ValueBins], panels: list[dict]) -> list[Item]:
+    """Observation items from the public reference-range list (alone, and inside their public panel)."""
+    items = []
+    for (system, code), vb in sorted(value_bins.items()):
+        items.append(Item("observation", system, code, vb.display, vb.category, public=True))
+        for p in panels:
+            if code in p.get("members", []):
+                items.append(Item("observation", system, code, vb.display, vb.category,
+                                  p["system"], p["code"], p.get("display"), public=True))
+    return items
+
+
+class ItemMatcher:
+    """Maps events to item keys; public observation codes use the public strings (not the data's)."""
+
+    def __init__(self, value_bins: dict[tuple[str, str], ValueBins], panels: list[dict]) -> None:
+        self.value_bins = value_bins
+        self.public_panels = {(p["system"], p["code"]): p for p in panels}
+
+    def event_key(self, ev: Event) -> ItemKey | None:
+        if ev.system is None or ev.code is None or ev.kind not in ("encounter", "condition", "observation"):
+            return None
+        if ev.kind == "observation":
+            vb = self.value_bins.get((ev.system, ev.code))
+            panel = self.public_panels.get((ev.panel_system, ev.panel_code)) if ev.panel_code else None
+            if vb is not None and (ev.panel_code is None or panel is not None):
+                if panel is None:
+                    return ("observation", ev.system, ev.code, vb.display, vb.category, None, None, None)
+                return ("observation", ev.system, ev.code, vb.display, vb.category,
+                        panel["system"], panel["code"], panel.get("display"))
+            return ("observation", ev.system, ev.code, ev.display, ev.category,
+                    ev.panel_system, ev.panel_code, ev.panel_display)
+        if ev.kind == "condition":
+            return ("condition", ev.system, ev.code, ev.display, ev.category, None, None, None)
+        return ("encounter", ev.system, ev.code, ev.display, None, None, None, None)
+
+    @staticmethod
+    def value_key(ev: Event) -> ItemKey | None:
+        if ev.kind in ("observation", "encounter") and ev.value_system and ev.value_code:
+            return ("value", ev.value_system, ev.value_code, ev.value_display, None, None, None, None)
+        return None
+
+
+def patient_item_counts(tl: Timeline, matcher: ItemMatcher, public_keys: set[ItemKey]) -> Counter:
+    """Occurrences of each non-public item in one patient's timeline."""
+    counts: Counter = Counter()
+    for ev in tl.events:
+        key = matcher.event_key(ev)
+        if key is not None and key not in public_keys:
+            counts[key] += 1
+        vkey = matcher.value_key(ev)
+        if vkey is not None:
+            counts[vkey] += 1
+    return counts
+
+
+def bounded_counts(timelines: Iterable[Timeline], matcher: ItemMatcher, public_keys: set[ItemKey],
+                   k: int | None) -> Counter:
+    """Distinct patients per non-public item, each patient contributing at most k items (their k most
+    frequent; ties by key) - so adding or removing one patient moves the count vector by at most sqrt(k)."""
+    counts: Counter = Counter()
+    for tl in timelines:
+        per = patient_item_counts(tl, matcher, public_keys)
+        chosen = [key for key, _ in sorted(per.items(), key=lambda kv: (-kv[1], repr(kv[0])))]
+        counts.update(chosen if k is None else chosen[:k])
+    return counts
+
+
+# ---- the DP mechanism ---------------------------------------------------------------------------------
+
+def _phi(x: float) -> float:
+    return 0.5 * math.erfc(-x / math.sqrt(2.0))
+
+
+def analytic_gaussian_sigma(epsilon: float, delta: float, sensitivity: float) -> float:
+    """Smallest sigma giving (epsilon, delta)-DP for an L2-sensitivity query (Balle & Wang 2018, Thm 8)."""
+    if epsilon <= 0 or not 0 < delta < 1:
+        raise PrivacyBudgetError(f"vocabulary needs epsilon > 0 and 0 < delta < 1 (got {epsilon}, {delta})")
+
+    def delta_of(sigma: float) -> float:
+        a = sensitivity / (2 * sigma)
+        b = epsilon * sigma / sensitivity
+        # exp(eps) * Phi(-a-b) computed in log space to stay finite for large epsilon
+        tail = _phi(-a - b)
+        second = math.exp(epsilon + math.log(tail)) if tail > 0 else 0.0
+        return _phi(a - b) - second
+
+    lo, hi = 1e-6, sensitivity
+    while delta_of(hi) > delta:
+        hi *= 2
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        if delta_of(mid) > delta:
+            lo = mid
+        else:
+            hi = mid
+    return hi
+
+
+def _norm_ppf(p: float) -> float:
+    from scipy.stats import norm
+
+    return float(norm.ppf(p))
+
+
+@dataclass
+class VocabSelection:
+    items: list[Item]
+    report: dict[str, Any]
+
+
+def select_items(
+    timelines: Iterable[Timeline],
+    *,
+    matcher: ItemMatcher,
+    public: list[Item],
+    k: int,
+    max_items: int,
+    dp: bool,
+    epsilon: float | None,
+    delta: float | None,
+    min_count: int,
+    rng: np.random.Generator,
+) -> VocabSelection:
+    """Choose the item vocabulary. With dp, (epsilon, delta)-DP w.r.t. adding/removing one patient."""
+    counts = bounded_counts(timelines, matcher, {it.key for it in public}, k if dp else None)
+    keys = sorted(counts, key=repr)  # fixed order so the noise draw does not depend on dict order
+    if dp:
+        assert epsilon is not None and delta is not None
+        sigma = analytic_gaussian_sigma(epsilon, delta / 2, math.sqrt(k))
+        threshold = 1.0 + sigma * _norm_ppf(1.0 - delta / (2 * k))
+        noisy = np.array([counts[key] for key in keys], dtype=np.float64) + rng.normal(0.0, sigma, len(keys))
+        kept = [(float(c), key) for c, key in zip(noisy, keys) if c >= threshold]
+        mech = {
+            "mechanism": "gaussian thresholding of per-patient distinct item counts (DP set union)",
+            "max_items_per_patient": k, "sigma": sigma, "threshold": threshold,
+            "epsilon": epsilon, "delta": delta,
+        }
+    else:
+        kept = [(float(counts[key]), key) for key in keys if counts[key] >= min_count]
+        mech = {"mechanism": "exact counts (no DP)", "min_count": min_count, "epsilon": None, "delta": None}
+    kept.sort(key=lambda ck: (-ck[0], repr(ck[1])))
+    kept = kept[:max_items]
+    items = list(public) + [Item(*key) for _, key in sorted(kept, key=lambda ck: repr(ck[1]))]
+    mech.update({"public_items": len(public), "selected_items": len(kept), "max_vocab_items": max_items})
+    return VocabSelection(items=items, report=mech)
+
+
+# ---- the token space ------------------------------------------------------------------------------------
+
+class Vocab:
+    """Token ids. Layout: specials | sex | birth-year band | race | ethnicity | age-years | gap | duration |
+    value-bin index | items. Value-bin tokens are shared: their meaning depends on the preceding code."""
+
+    PAD, BOS, END, VISIT, DEATH = 0, 1, 2, 3, 4
+    N_SPECIAL = 5
+
+    def __init__(self, cfg: TokenizerConfig, items: list[Item], value_bins: dict[tuple[str, str], ValueBins]) -> None:
+        self.cfg = cfg
+        self.items = list(items)
+        self.value_bins = value_bins
+        n_bands = math.ceil((cfg.birth_year_end - cfg.birth_year_start) / cfg.birth_year_width)
+        self.n_bands = n_bands
+        self.n_ages = cfg.max_age_years + 1
+        self.n_gap = len(GAP_EDGES) - 1
+        self.n_dur = len(DUR_EDGES) - 1
+        self.n_val = max((vb.n_bins for vb in value_bins.values()), default=1)
+        sizes = [
+            ("sex", len(SEXES)), ("by", n_bands), ("race", len(RACES)), ("eth", len(ETHNICITIES)),
+            ("age", self.n_ages), ("gap", self.n_gap), ("dur", self.n_dur), ("val", self.n_val),
+            ("item", len(self.items)),
+        ]
+        off = self.N_SPECIAL
+        self.offsets: dict[str, tuple[int, int]] = {}
+        for name, size in sizes:
+            self.offsets[name] = (off, off + size)
+            off += size
+        self.size = off
+        self.item_index = {it.key: i for i, it in enumerate(self.items)}
+
+    # ids
+    def start(self, group: str) -> int:
+        return self.offsets[group][0]
+
+    def rng(self, group: str) -> range:
+        return range(*self.offsets[group])
+
+    def group_of(self, tok: int) -> str:
+        if tok < self.N_SPECIAL:
+            return ("pad", "bos", "end", "visit", "death")[tok]
+        for name, (a, b) in self.offsets.items():
+            if a <= tok < b:
+                return name
+        raise ValueError(f"token {tok} out of range")
+
+    def item_token(self, key: ItemKey) -> int | None:
+        i = self.item_index.get(key)
+        return None if i is None else self.start("item") + i
+
+    def item_of(self, tok: int) -> Item:
+        return self.items[tok - self.start("item")]
+
+    def item_bins(self, item: Item) -> ValueBins | None:
+        if item.kind != "observation" or not item.public:
+            return None
+        return self.value_bins.get((item.system, item.code))
+
+    def band_of_year(self, year: int) -> int:
+        b = (year - self.cfg.birth_year_start) // self.cfg.birth_year_width
+        return min(max(b, 0), self.n_bands - 1)
+
+    def band_years(self, band: int) -> tuple[int, int]:
+        """[first, last] birth year of a band."""
+        first = self.cfg.birth_year_start + band * self.cfg.birth_year_width
+        return first, first + self.cfg.birth_year_width - 1
+
+    def age_bucket(self, days: float) -> int:
+        return min(max(int(days // DAYS_PER_YEAR), 0), self.n_ages - 1)
+
+    def describe(self, tok: int) -> str:
+        group = self.group_of(tok)
+        if group == "item":
+            it = self.item_of(tok)
+            return f"{it.kind}:{it.code}"
+        if group in ("pad", "bos", "end", "visit", "death"):
+            return group.upper()
+        return f"{group}:{tok - self.start(group)}"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "size": self.size,
+            "offsets": {k: list(v) for k, v in self.offsets.items()},
+            "items": [{f: getattr(it, f) for f in Item.__dataclass_fields__} for it in self.items],
+            "value_bins": [vb.to_json() for vb in sorted(self.value_bins.values(), key=lambda v: (v.system, v.code))],
+            "gap_edges": list(GAP_EDGES),
+            "dur_edges": list(DUR_EDGES),
+            "sexes": list(SEXES),
+            "races": [list(r) for r in RACES],
+            "ethnicities": [list(e) for e in ETHNICITIES],
+        }
+
+    @classmethod
+    def from_json(cls, cfg: TokenizerConfig, data: dict[str, Any]) -> Vocab:
+        try:
+            items = [Item(**d) for d in data["items"]]
+            bins = {(d["system"], d["code"]): ValueBins.from_json(d) for d in data["value_bins"]}
+            if tuple(data["gap_edges"]) != GAP_EDGES or tuple(data["dur_edges"]) != DUR_EDGES:
+                raise ModelDirError("vocab.json time buckets differ from this fhirsynth version")
+            vocab = cls(cfg, items, bins)
+        except (KeyError, TypeError) as exc:
+            raise ModelDirError(f"vocab.json is malformed ({type(exc).__name__}: {exc})") from None
+        if vocab.size != data.get("size"):
+            raise ModelDirError(f"vocab.json size {data.get('size')} does not match its layout ({vocab.size})")
+        return vocab
+
+
+def build_vocab(
+    timelines: Iterable[Timeline],
+    cfg: TokenizerConfig,
+    *,
+    dp: bool,
+    epsilon: float | None,
+    delta: float | None,
+    rng: np.random.Generator,
+) -> tuple[Vocab, dict[str, Any]]:
+    """Public bins + items chosen by select_items -> the Vocab and the mechanism's report."""
+    from fhirsynth.model.bins import load_value_bins
+
+    value_bins, panels = load_value_bins()
+    public = public_items(value_bins, panels)
+    sel = select_items(
+        timelines, matcher=ItemMatcher(value_bins, panels), public=public, k=cfg.max_items_per_patient,
+        max_items=cfg.max_vocab_items, dp=dp, epsilon=epsilon, delta=delta, min_count=cfg.min_count_no_dp,
+        rng=rng,
+    )
+    return Vocab(cfg, sel.items, value_bins), sel.report

@@ -1,0 +1,151 @@
+"""DP training: accounting never exceeds the target, DP step == plain step without noise/clipping, resume gives
+the same epsilon (and weights), privacy.json contents, no training record in the model dir, bad inputs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from test_model_helpers import write_dir
+
+from fhirsynth.errors import InputError, PrivacyBudgetError, UsageError
+from fhirsynth.model.config import ModelConfig, TokenizerConfig
+from fhirsynth.model.train import _noise_multiplier, _quiet_opacus, epsilons, train_model
+from fhirsynth.model.transformer import Transformer, sequence_loss
+
+torch.set_num_threads(1)
+TINY = dict(d_model=16, n_layers=1, n_heads=2, d_ff=32)
+
+
+def _train(tl_dir, out, **kw):
+    args = dict(epsilon=8.0, epochs=2, batch_size=16, max_physical_batch=8, device="cpu", seed=3,
+                model_config=ModelConfig(**TINY),
+                tokenizer_config=TokenizerConfig(max_len=64, reference_date="2026-01-01", max_items_per_patient=8))
+    args.update(kw)
+    return train_model(tl_dir, out, **args)
+
+
+@pytest.fixture(scope="module")
+def tl_dir(tmp_path_factory):
+    return write_dir(tmp_path_factory.mktemp("tl") / "timelines", 48, seed=7)
+
+
+@pytest.mark.parametrize("eps,q,steps", [(0.5, 0.25, 8), (2.0, 0.1, 40), (8.0, 0.05, 120), (8.0, 0.5, 6)])
+def test_spent_epsilon_never_exceeds_target(eps, q, steps):
+    _quiet_opacus()
+    sigma = _noise_multiplier(eps, 1e-5, q, steps)
+    prv, rdp = epsilons([(sigma, q, steps)], 1e-5)
+    assert prv <= eps and rdp <= eps
+    assert max(prv, rdp) > 0.9 * eps  # calibrated, not wildly conservative
+    # spending is monotone: any prefix of the run spent less
+    assert epsilons([(sigma, q, steps // 2)], 1e-5)[1] <= rdp
+
+
+def test_dp_step_without_noise_or_clipping_equals_plain_step():
+    from opacus import PrivacyEngine
+    from torch.utils.data import DataLoader, TensorDataset
+
+    _quiet_opacus()
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=30, max_len=12, **TINY)
+    plain = Transformer(cfg)
+    private = Transformer(cfg)
+    private.load_state_dict(plain.state_dict())
+    x = torch.randint(1, 30, (6, 12))
+    x[2, 8:] = 0  # padding is ignored by the loss
+    opt_plain = torch.optim.SGD(plain.parameters(), lr=0.5)
+    loss = sequence_loss(plain(x[:, :-1]), x[:, 1:]).mean()
+    loss.backward()
+    opt_plain.step()
+
+    loader = DataLoader(TensorDataset(x), batch_size=6)
+    engine = PrivacyEngine()
+    opt = torch.optim.SGD(private.parameters(), lr=0.5)
+    model, opt, loader = engine.make_private(module=private, optimizer=opt, data_loader=loader,
+                                             noise_multiplier=0.0, max_grad_norm=1e6, poisson_sampling=False)
+    (batch,) = next(iter(loader))
+    sequence_loss(model(batch[:, :-1]), batch[:, 1:]).mean().backward()
+    opt.step()
+    for (name, a), b in zip(plain.named_parameters(), model._module.parameters()):
+        assert torch.allclose(a, b, atol=1e-6), name
+
+
+def test_train_writes_model_dir_and_report(tl_dir, tmp_path):
+    rep = _train(tl_dir, tmp_path / "m")
+    files = sorted(p.name for p in (tmp_path / "m").iterdir())
+    assert files == ["config.json", "model.pt", "privacy.json", "training-curve.csv", "training-curve.json",
+                     "vocab.json"]
+    for key in ("unit", "n", "epsilon_prv", "epsilon_rdp", "delta", "noise_multiplier", "sample_rate", "steps",
+                "max_grad_norm", "epsilon_preprocessing", "epsilon_total"):
+        assert key in rep, key
+    assert rep["unit"] == "patient" and rep["n"] == 48 and rep["dp"] is True
+    assert rep["epsilon_total"] <= 8.0 + 1e-9
+    assert rep["epsilon_total"] == pytest.approx(rep["epsilon_preprocessing"] + max(rep["epsilon_prv"],
+                                                                                     rep["epsilon_rdp"]))
+    assert rep["delta"] == pytest.approx(min(1e-5, 48 ** -1.1))
+    assert json.loads((tmp_path / "m" / "privacy.json").read_text()) == rep
+    # no training record: no patient id, and no private loss in the released curve
+    for f in files:
+        if f != "model.pt":
+            assert "real-7-" not in (tmp_path / "m" / f).read_text()
+    curve = json.loads((tmp_path / "m" / "training-curve.json").read_text())
+    assert curve and all("loss" not in row for row in curve)
+    sd = torch.load(tmp_path / "m" / "model.pt", weights_only=True)
+    assert all(isinstance(v, torch.Tensor) for v in sd.values())
+
+
+def test_no_dp_reports_infinite_epsilon(tl_dir, tmp_path):
+    rep = _train(tl_dir, tmp_path / "m", dp=False, epochs=1)
+    assert rep["dp"] is False and rep["epsilon_total"] is None and rep["noise_multiplier"] == 0.0
+    assert "exact counts" in rep["vocabulary"]["mechanism"]
+    curve = json.loads((tmp_path / "m" / "training-curve.json").read_text())
+    assert curve[0]["loss"] > curve[-1]["loss"]
+
+
+@pytest.fixture(scope="module")
+def full_run(tl_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("full") / "m"
+    return _train(tl_dir, out, epochs=3, checkpoint_every=2), out
+
+
+@pytest.mark.parametrize("kill_at", [5, 7])  # last checkpoint mid-epoch (4) / at an epoch boundary (6)
+def test_resume_after_interruption_gives_same_epsilon_and_weights(tl_dir, tmp_path, kill_at, full_run):
+    full, full_dir = full_run
+
+    def kill(step):
+        if step == kill_at:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        _train(tl_dir, tmp_path / "cut", epochs=3, checkpoint_every=2, on_step=kill)
+    assert (tmp_path / "cut" / ".checkpoint" / "state.pt").is_file()
+    assert not (tmp_path / "cut" / "privacy.json").exists()
+    resumed = _train(tl_dir, tmp_path / "cut", epochs=3, checkpoint_every=2)
+    assert not (tmp_path / "cut" / ".checkpoint").exists()
+    for key in ("epsilon_prv", "epsilon_rdp", "epsilon_total", "steps", "noise_multiplier"):
+        assert resumed[key] == pytest.approx(full[key], rel=1e-9), key
+    a = torch.load(full_dir / "model.pt", weights_only=True)
+    b = torch.load(tmp_path / "cut" / "model.pt", weights_only=True)
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    # a checkpoint from different settings is refused rather than silently mixed
+    with pytest.raises(KeyboardInterrupt):
+        _train(tl_dir, tmp_path / "cut2", epochs=3, checkpoint_every=2, on_step=kill)
+    with pytest.raises(UsageError, match="different settings"):
+        _train(tl_dir, tmp_path / "cut2", epochs=3, epsilon=4.0)
+
+
+def test_bad_inputs(tl_dir, tmp_path):
+    with pytest.raises(PrivacyBudgetError, match="positive"):
+        _train(tl_dir, tmp_path / "m", epsilon=0.0)
+    with pytest.raises(PrivacyBudgetError):
+        _train(tl_dir, tmp_path / "m", epsilon=-1.0)
+    with pytest.raises(PrivacyBudgetError, match="delta"):
+        _train(tl_dir, tmp_path / "m", delta=2.0)
+    with pytest.raises(UsageError, match="not found"):
+        _train(tmp_path / "missing", tmp_path / "m")
+    empty = write_dir(tmp_path / "empty", 0)
+    with pytest.raises(InputError, match="no patients"):
+        _train(empty, tmp_path / "m")
+    with pytest.raises(UsageError, match="epochs"):
+        _train(tl_dir, tmp_path / "m", epochs=0)

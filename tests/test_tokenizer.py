@@ -1,0 +1,180 @@
+"""Tokenizer, vocabulary and grammar: round trips, compression, the DP vocabulary mechanism."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+from test_model_helpers import make_timelines
+
+from fhirsynth.model.bins import DUR_EDGES, GAP_EDGES, bucket_of, load_value_bins
+from fhirsynth.model.config import TokenizerConfig
+from fhirsynth.model.constraints import load_constraints
+from fhirsynth.model.grammar import Grammar, replay
+from fhirsynth.model.tokenizer import Tokenizer
+from fhirsynth.model.vocab import (ItemMatcher, analytic_gaussian_sigma, build_vocab, public_items,
+                                   select_items)
+
+torch.set_num_threads(1)
+CFG = TokenizerConfig(max_len=256, reference_date="2026-01-01")
+
+
+@pytest.fixture(scope="module")
+def setup():
+    tls = make_timelines(60, seed=5)
+    vocab, _ = build_vocab(tls, CFG, dp=False, epsilon=None, delta=None, rng=np.random.default_rng(0))
+    return tls, vocab, Tokenizer(vocab)
+
+
+def _visits(tl):
+    """(days since birth, sorted codes) per encounter, as the tokenizer groups them."""
+    from datetime import datetime, timezone
+
+    b = tl.patient.birth_date
+    birth = datetime(b.year, b.month, b.day, tzinfo=timezone.utc)
+    groups = {}
+    for e in tl.events:
+        groups.setdefault(e.encounter_id, []).append(e)
+    out = []
+    for evs in groups.values():
+        start = min(e.time for e in evs if e.kind == "encounter")
+        out.append(((start - birth).total_seconds() / 86400, sorted({(e.kind, e.code) for e in evs})))
+    return sorted(out)
+
+
+def test_round_trip_exact_up_to_bins(setup):
+    tls, vocab, tok = setup
+    vb, _ = load_value_bins()
+    g = Grammar(vocab, None, CFG.max_len, torch.device("cpu"))
+    seqs = [tok.encode(t) for t in tls]
+    big = CFG.max_len
+    batch = torch.zeros((len(seqs), big), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        batch[i, : len(s)] = torch.tensor(s)
+    draws = replay(g, batch, torch.Generator().manual_seed(1))
+    checked = 0
+    for i, (orig, seq) in enumerate(zip(tls, seqs)):
+        if len(seq) >= CFG.max_len - 5:
+            continue  # compressed patients are checked in test_compression
+        dec = tok.decode(seq, draws[i].tolist(), f"x{i}")
+        p, q = orig.patient, dec.patient
+        assert (q.sex, q.race_code, q.ethnicity_code, q.deceased) == (p.sex, p.race_code, p.ethnicity_code, p.deceased)
+        assert vocab.band_of_year(q.birth_date.year) == vocab.band_of_year(p.birth_date.year)
+        vo, vd = _visits(orig), _visits(dec)
+        assert [codes for _, codes in vo] == [codes for _, codes in vd]
+        # first visit: same age in years; later: each gap in the same log bucket
+        if not vo:
+            continue
+        assert int(vo[0][0] // 365.25) == int(vd[0][0] // 365.25)
+        for j in range(1, len(vo)):
+            assert bucket_of(vo[j][0] - vo[j - 1][0], GAP_EDGES) == bucket_of(vd[j][0] - vd[j - 1][0], GAP_EDGES)
+        # numeric values land in the same public bin, with the public unit
+        ov = sorted((e.code, vb[(e.system, e.code)].bin_of(e.value)) for e in orig.events if e.value is not None)
+        dv = sorted((e.code, vb[(e.system, e.code)].bin_of(e.value)) for e in dec.events if e.value is not None)
+        assert len(ov) == len(dv)
+        for (c1, b1), (c2, b2) in zip(ov, dv):
+            assert c1 == c2 and abs(b1 - b2) <= 1  # rounding to the code's decimals may cross an edge
+        for e in dec.events:
+            if e.value is not None:
+                lo, *_, hi = vb[(e.system, e.code)].edges
+                assert lo <= e.value <= hi and e.unit == vb[(e.system, e.code)].unit
+        # durations: same bucket; categorical values kept
+        od = sorted(bucket_of((e.end_time - e.time).total_seconds() / 86400, DUR_EDGES)
+                    for e in orig.events if e.end_time is not None)
+        dd = sorted(bucket_of((e.end_time - e.time).total_seconds() / 86400, DUR_EDGES)
+                    for e in dec.events if e.end_time is not None)
+        assert od == dd
+        assert Counter(e.value_code for e in orig.events if e.value_code) == \
+            Counter(e.value_code for e in dec.events if e.value_code)
+        checked += 1
+    assert checked >= 30
+
+
+def test_every_encoded_sequence_is_grammatical(setup):
+    tls, vocab, tok = setup
+    g = Grammar(vocab, load_constraints(), CFG.max_len, torch.device("cpu"))
+    for t in tls:
+        seq = tok.encode(t)
+        assert g.check(seq) is None, g.check(seq)
+
+
+def test_compression_keeps_one_sequence_per_patient_within_context():
+    tls = make_timelines(30, seed=9, n_visits=(30, 60))
+    cfg = TokenizerConfig(max_len=96, reference_date="2026-01-01")
+    vocab, _ = build_vocab(tls, cfg, dp=False, epsilon=None, delta=None, rng=np.random.default_rng(0))
+    tok = Tokenizer(vocab)
+    g = Grammar(vocab, None, cfg.max_len, torch.device("cpu"))
+    stats = Counter()
+    seqs = [tok.encode(t, stats) for t in tls]
+    assert len(seqs) == len(tls) and all(s is not None for s in seqs)
+    assert max(len(s) for s in seqs) <= cfg.max_len
+    assert stats["patients_compressed"] > 0 and stats["observations_dropped_for_length"] > 0
+    for t, s in zip(tls, seqs):
+        assert g.check(s) is None
+        encs = [e for e in t.events if e.kind == "encounter"]
+        if not encs:
+            continue
+        # the most recent visit survives compression complete with its observations
+        last = max(encs, key=lambda e: e.time)
+        tail = s[len(s) - 1 - s[::-1].index(vocab.VISIT):]
+        assert tok.vocab.item_token(tok.matcher.event_key(last)) in tail
+        assert any(vocab.group_of(x) == "val" for x in tail)
+
+
+def test_public_items_are_free_and_dp_selection_thresholds():
+    vb, panels = load_value_bins()
+    pub = public_items(vb, panels)
+    assert {("http://loinc.org", "8480-6", "85354-9")} <= {(i.system, i.code, i.panel_code) for i in pub}
+    tls = make_timelines(40, seed=2)
+    matcher = ItemMatcher(vb, panels)
+    # tiny epsilon: the threshold is far above 40 patients, nothing private is released
+    sel = select_items(tls, matcher=matcher, public=pub, k=4, max_items=100, dp=True, epsilon=0.1, delta=1e-6,
+                       min_count=2, rng=np.random.default_rng(0))
+    assert sel.items == pub
+    assert sel.report["threshold"] > 40
+    # huge epsilon: the common items pass
+    sel = select_items(tls, matcher=matcher, public=pub, k=8, max_items=100, dp=True, epsilon=50.0, delta=1e-3,
+                       min_count=2, rng=np.random.default_rng(0))
+    codes = {i.code for i in sel.items if not i.public}
+    assert "72166-2" in codes and "AMB" in codes
+    # no-DP: exact counts with min_count
+    sel = select_items(tls, matcher=matcher, public=pub, k=8, max_items=100, dp=False, epsilon=None, delta=None,
+                       min_count=1, rng=np.random.default_rng(0))
+    assert {"44054006", "59621000"} <= {i.code for i in sel.items}
+
+
+def test_contribution_bound_k():
+    """Adding/removing one patient changes the count vector by at most sqrt(k) in L2 (the noise's sensitivity)."""
+    from fhirsynth.model.vocab import bounded_counts
+
+    vb, panels = load_value_bins()
+    matcher = ItemMatcher(vb, panels)
+    pub = {i.key for i in public_items(vb, panels)}
+    tls = make_timelines(25, seed=4)
+    for k in (1, 3, 8):
+        full = bounded_counts(tls, matcher, pub, k)
+        assert not set(full) & pub
+        for drop in range(0, 25, 6):
+            part = bounded_counts(tls[:drop] + tls[drop + 1:], matcher, pub, k)
+            diff = [full[key] - part.get(key, 0) for key in full]
+            assert all(d in (0, 1) for d in diff)
+            assert math.sqrt(sum(d * d for d in diff)) <= math.sqrt(k)
+
+
+@pytest.mark.parametrize("eps,delta,sens", [(0.5, 1e-6, 1.0), (2.0, 1e-5, 8.0), (8.0, 1e-7, 3.0)])
+def test_analytic_gaussian_meets_delta(eps, delta, sens):
+    sigma = analytic_gaussian_sigma(eps, delta, sens)
+    phi = lambda x: 0.5 * math.erfc(-x / math.sqrt(2))  # noqa: E731
+
+    def d(s):
+        a, b = sens / (2 * s), eps * s / sens
+        return phi(a - b) - math.exp(eps) * phi(-a - b)
+
+    assert d(sigma) <= delta * 1.0001
+    assert d(sigma * 0.97) > delta  # and it is (nearly) the smallest such sigma
+    # tighter than the classical sqrt(2 ln(1.25/delta)) * sens / eps bound where that one applies
+    if eps < 1:
+        assert sigma <= math.sqrt(2 * math.log(1.25 / delta)) * sens / eps
