@@ -171,10 +171,10 @@ def test_living_records_run_to_the_reference_date(model_dir):
     lm = load_model(model_dir, "cpu")
     g = Grammar(lm.vocab, load_constraints(), lm.model_config.max_len, torch.device("cpu"))
     v = lm.vocab
-    toks, draws = generate(lm.model, g, 400, torch.Generator().manual_seed(4))
+    toks, draws = generate(lm.model, g, 800, torch.Generator().manual_seed(4))
     tok = __import__("fhirsynth.model.tokenizer", fromlist=["Tokenizer"]).Tokenizer(v)
     checked = 0
-    for i in range(400):
+    for i in range(800):
         seq = toks[i].tolist()
         n = seq.index(v.END) + 1
         if v.DEATH in seq[:n] or n >= lm.model_config.max_len - 2:

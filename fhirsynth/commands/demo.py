@@ -32,7 +32,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("demo-out"), help="working directory for every stage's output")
     p.add_argument("--epsilon", type=float, default=8.0, help="privacy budget for training (default 8)")
     p.add_argument("--epochs", type=int, default=None, help="training epochs (default: the trainer's demo setting)")
-    p.add_argument("-n", type=int, default=200, help="synthetic patients to generate (default 200)")
+    p.add_argument("-n", type=int, default=100, help="synthetic patients to generate (default 100)")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8080)

@@ -57,8 +57,14 @@ def _as_utc(t: datetime) -> datetime:
 class Tokenizer:
     def __init__(self, vocab: Vocab) -> None:
         self.vocab = vocab
-        self.matcher = ItemMatcher(vocab.value_bins, [])
-        # public panels are recoverable from the public items themselves
+        # public code lists are recoverable from the public items themselves (the model dir is self-contained)
+        public_lists = {"encounter": "encounter_class", "condition": "condition", "value": "encounter_type"}
+        public_codes: dict[str, dict[tuple[str, str], str]] = {name: {} for name in public_lists.values()}
+        for it in vocab.items:
+            if it.public and it.kind in public_lists and it.system and it.code:
+                public_codes[public_lists[it.kind]][(it.system, it.code)] = it.display
+        self.matcher = ItemMatcher(vocab.value_bins, [], public_codes)
+        # public panels likewise
         self.matcher.public_panels = {
             (it.panel_system, it.panel_code): {"system": it.panel_system, "code": it.panel_code,
                                                 "display": it.panel_display}
@@ -86,14 +92,14 @@ class Tokenizer:
                 else:
                     stats["values_unit_mismatch"] += 1
             elif ev.value_code is not None:
-                vt = v.item_token(ItemMatcher.value_key(ev))
+                vt = v.item_token(self.matcher.value_key(ev))
                 if vt is not None:
                     extra.append(vt)
                 else:
                     stats["values_out_of_vocabulary"] += 1
         elif ev.kind == "encounter":
             if ev.value_code is not None:
-                vt = v.item_token(ItemMatcher.value_key(ev))
+                vt = v.item_token(self.matcher.value_key(ev))
                 if vt is not None:
                     extra.append(vt)
         if ev.kind in ("encounter", "condition") and ev.end_time is not None:

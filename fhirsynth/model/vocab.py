@@ -3,7 +3,8 @@
 Items are what the model can say about a patient: an encounter class, a condition code, an observation code
 (with its category and panel), or a categorical value (valueCodeableConcept / encounter type). Every string of
 an item is released in vocab.json, so an item enters the vocabulary only if
-  * it is public (an observation of mappings/reference-ranges.toml, written with the public display), or
+  * it is public (an observation of mappings/reference-ranges.toml, or an encounter class, encounter type or
+    condition of mappings/public-codes.toml; written with the public display, never the data's), or
   * it survives Gaussian thresholding of per-patient counts (DP set union, Wilson et al. 2020 / Gopi et al.
     2020): each patient contributes at most k distinct items (their k most frequent), each item counts
     distinct patients, N(0, sigma^2) noise is added and only items above threshold T are kept.
@@ -63,8 +64,26 @@ class Item:
                 self.panel_system, self.panel_code, self.panel_display)
 
 
-def public_items(value_bins: dict[tuple[str, str], ValueBins], panels: list[dict]) -> list[Item]:
-    """Observation items from the public reference-range list (alone, and inside their public panel)."""
+PublicCodes = dict[str, dict[tuple[str, str], str]]  # list name -> (system, code) -> public display
+_PUBLIC_KINDS = {"encounter_class": "encounter", "condition": "condition", "encounter_type": "value"}
+
+
+def load_public_codes() -> PublicCodes:
+    """mappings/public-codes.toml: code lists chosen without looking at any data (no privacy budget)."""
+    from fhirsynth.model.bins import load_toml
+
+    data = load_toml("public-codes.toml")
+    out: PublicCodes = {}
+    for name in _PUBLIC_KINDS:
+        table = data.get(name, {})
+        out[name] = {(table["system"], str(code)): str(display) for code, display in table.get("codes", [])}
+    return out
+
+
+def public_items(value_bins: dict[tuple[str, str], ValueBins], panels: list[dict],
+                 public_codes: PublicCodes | None = None) -> list[Item]:
+    """Observation items from the public reference-range list (alone, and inside their public panel), plus the
+    encounter classes, encounter types and conditions of the public code lists."""
     items = []
     for (system, code), vb in sorted(value_bins.items()):
         items.append(Item("observation", system, code, vb.display, vb.category, public=True))
@@ -72,15 +91,23 @@ def public_items(value_bins: dict[tuple[str, str], ValueBins], panels: list[dict
             if code in p.get("members", []):
                 items.append(Item("observation", system, code, vb.display, vb.category,
                                   p["system"], p["code"], p.get("display"), public=True))
+    for name, kind in _PUBLIC_KINDS.items():
+        for (system, code), display in sorted((public_codes or {}).get(name, {}).items()):
+            items.append(Item(kind, system, code, display, public=True))
     return items
 
 
 class ItemMatcher:
     """Maps events to item keys; public observation codes use the public strings (not the data's)."""
 
-    def __init__(self, value_bins: dict[tuple[str, str], ValueBins], panels: list[dict]) -> None:
+    def __init__(self, value_bins: dict[tuple[str, str], ValueBins], panels: list[dict],
+                 public_codes: PublicCodes | None = None) -> None:
         self.value_bins = value_bins
         self.public_panels = {(p["system"], p["code"]): p for p in panels}
+        codes = public_codes or {}
+        self.public_conditions = codes.get("condition", {})
+        self.public_classes = codes.get("encounter_class", {})
+        self.public_types = codes.get("encounter_type", {})
 
     def event_key(self, ev: Event) -> ItemKey | None:
         if ev.system is None or ev.code is None or ev.kind not in ("encounter", "condition", "observation"):
@@ -96,13 +123,19 @@ class ItemMatcher:
             return ("observation", ev.system, ev.code, ev.display, ev.category,
                     ev.panel_system, ev.panel_code, ev.panel_display)
         if ev.kind == "condition":
+            public = self.public_conditions.get((ev.system, ev.code))
+            if public is not None:  # public strings; the category is re-derived by the assembler
+                return ("condition", ev.system, ev.code, public, None, None, None, None)
             return ("condition", ev.system, ev.code, ev.display, ev.category, None, None, None)
-        return ("encounter", ev.system, ev.code, ev.display, None, None, None, None)
+        public = self.public_classes.get((ev.system, ev.code))
+        return ("encounter", ev.system, ev.code, public if public is not None else ev.display,
+                None, None, None, None)
 
-    @staticmethod
-    def value_key(ev: Event) -> ItemKey | None:
+    def value_key(self, ev: Event) -> ItemKey | None:
         if ev.kind in ("observation", "encounter") and ev.value_system and ev.value_code:
-            return ("value", ev.value_system, ev.value_code, ev.value_display, None, None, None, None)
+            public = self.public_types.get((ev.value_system, ev.value_code)) if ev.kind == "encounter" else None
+            return ("value", ev.value_system, ev.value_code, public if public is not None else ev.value_display,
+                    None, None, None, None)
         return None
 
 
@@ -114,7 +147,7 @@ def patient_item_counts(tl: Timeline, matcher: ItemMatcher, public_keys: set[Ite
         if key is not None and key not in public_keys:
             counts[key] += 1
         vkey = matcher.value_key(ev)
-        if vkey is not None:
+        if vkey is not None and vkey not in public_keys:
             counts[vkey] += 1
     return counts
 
@@ -332,9 +365,10 @@ def build_vocab(
     from fhirsynth.model.bins import load_value_bins
 
     value_bins, panels = load_value_bins()
-    public = public_items(value_bins, panels)
+    public_codes = load_public_codes()
+    public = public_items(value_bins, panels, public_codes)
     sel = select_items(
-        timelines, matcher=ItemMatcher(value_bins, panels), public=public, k=cfg.max_items_per_patient,
+        timelines, matcher=ItemMatcher(value_bins, panels, public_codes), public=public, k=cfg.max_items_per_patient,
         max_items=cfg.max_vocab_items, dp=dp, epsilon=epsilon, delta=delta, min_count=cfg.min_count_no_dp,
         rng=rng,
     )
