@@ -84,7 +84,11 @@ def capability_statement(settings: ServerSettings, base: str, synthesize: bool) 
                                                                 ("_total", "token"), ("_lastUpdated", "date"))],
             "operation": [{"name": "export", "definition": "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/export",
                            "documentation": "Prefer: respond-async; _type, _since, _outputFormat="
-                           "application/fhir+ndjson; poll the Content-Location; DELETE cancels"}],
+                           "application/fhir+ndjson; poll the Content-Location; DELETE cancels"},
+                          {"name": "privacy-report", "definition": f"{base}/$privacy-report",
+                           "documentation": "GET: Parameters with the differential-privacy guarantee (epsilon, "
+                           "delta, unit, accountants) of the model behind this data and its evaluation metrics, "
+                           "privacy.json and report.json attached"}],
         }],
     }
 

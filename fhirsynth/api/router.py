@@ -15,7 +15,7 @@ from typing import Any
 from fastapi import APIRouter, Request, Response
 from starlette.convertors import CONVERTOR_TYPES, StringConvertor, register_url_convertor
 
-from fhirsynth.api import everything, export, metadata, readonly, resources, synthesize
+from fhirsynth.api import everything, export, metadata, privacy, readonly, resources, synthesize
 from fhirsynth.api.context import Auth, ServerContext, check_format
 from fhirsynth.api.errors import ApiError, FhirRoute, error_response
 from fhirsynth.api.settings import ServerSettings
@@ -71,6 +71,7 @@ def build_router(settings: ServerSettings, *, store: Store | None = None) -> API
     export.add_routes(router, ctx)
     everything.add_routes(router, ctx)
     synthesize.add_routes(router, ctx)
+    privacy.add_routes(router, ctx)
     readonly.add_routes(router)
     router.context = ctx  # type: ignore[attr-defined]
     return router

@@ -9,7 +9,8 @@ from pathlib import Path
 @dataclass
 class ServerSettings:
     db_path: Path  # an existing store database (build it with fhirsynth.store.loader.build_store)
-    model_dir: Path | None = None  # enables POST /Patient/$synthesize
+    model_dir: Path | None = None  # enables POST /Patient/$synthesize; its privacy.json feeds /$privacy-report
+    report_dir: Path | None = None  # a `fhirsynth evaluate` output dir (report.json) for /$privacy-report
     token: str | None = None  # bearer token with full access (scopes system/*.*)
     # Further bearer tokens with SMART Backend Services style scopes, e.g. {"t1": "system/Patient.read"}.
     scoped_tokens: dict[str, str] = field(default_factory=dict)

@@ -23,6 +23,7 @@ EXAMPLE_QUERIES = (
     "Condition?code=http://snomed.info/sct|44054006&_include=Condition:patient",
     "Observation?code=http://loinc.org|8480-6&value-quantity=gt140&_sort=-date",
     "Patient/{pid}/$everything",
+    "$privacy-report",
 )
 
 
@@ -92,10 +93,28 @@ def run(args: argparse.Namespace) -> int:
 
     base = f"http://{args.host}:{args.port}"
     log.info("5/5 serving %s at %s (Ctrl-C to stop). Try:", export_dir, base)
+    pid = _first_patient_id(export_dir)
     for q in EXAMPLE_QUERIES:
-        log.info("    curl '%s/%s'", base, q)
-    serve_export(export_dir, db=out / "fhirsynth.sqlite", host=args.host, port=args.port, model_dir=model_dir)
+        log.info("    curl '%s/%s'", base, q.replace("{pid}", pid))
+    report_dir = None if args.no_evaluate else out / "report"
+    serve_export(export_dir, db=out / "fhirsynth.sqlite", host=args.host, port=args.port, model_dir=model_dir,
+                 report_dir=report_dir)
     return 0
+
+
+def _first_patient_id(export_dir: Path) -> str:
+    """A real id for the $everything example (the export's first Patient)."""
+    import gzip
+
+    import orjson
+
+    for path in sorted(export_dir.glob("Patient*.ndjson*")):
+        opener = gzip.open if path.suffix == ".gz" else open
+        with opener(path, "rb") as fh:
+            line = fh.readline()
+        if line.strip():
+            return str(orjson.loads(line).get("id", "ID"))
+    return "ID"
 
 
 def _ingest_summary(report: dict) -> str:

@@ -30,6 +30,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="require 'Authorization: Bearer TOKEN' (default: env FHIRSYNTH_SERVER_TOKEN; none = open)")
     p.add_argument("--cors", action="append", default=[], metavar="ORIGIN",
                    help="allow browser requests from ORIGIN (repeatable; '*' for any)")
+    p.add_argument("--report", type=Path, default=None, metavar="REPORT_DIR",
+                   help="a `fhirsynth evaluate` output dir, published at GET /$privacy-report")
     p.add_argument("--max-count", type=int, default=1000, help="largest _count; larger values are clamped")
     p.set_defaults(func=run)
     return p
@@ -76,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
                 raise UsageError("no such store database (give --data or --model to build one)", where=str(db))
             store = Store(db)
         settings = ServerSettings(db_path=db, model_dir=args.model, token=args.token, cors_origins=args.cors,
-                                  max_count=args.max_count)
+                                  max_count=args.max_count, report_dir=args.report)
         _run_server(settings, store, args.host, args.port)
     finally:
         if tmpdir is not None:
@@ -112,11 +114,12 @@ def _run_server(settings, store, host: str, port: int) -> None:
 
 
 def serve_export(export_dir: Path, *, db: Path, host: str = "127.0.0.1", port: int = 8080,
-                 model_dir: Path | None = None, token: str | None = None) -> None:
+                 model_dir: Path | None = None, token: str | None = None, report_dir: Path | None = None) -> None:
     """Build a store from an export dir (atomically, at db) and serve it until interrupted (used by `demo`)."""
     from fhirsynth.api.settings import ServerSettings
     from fhirsynth.store.loader import build_store
 
     store, summary = build_store(export_dir, db)
     log.info("loaded %s from %s", summary["loaded"], export_dir)
-    _run_server(ServerSettings(db_path=Path(db), model_dir=model_dir, token=token), store, host, port)
+    _run_server(ServerSettings(db_path=Path(db), model_dir=model_dir, token=token, report_dir=report_dir), store,
+                host, port)
