@@ -61,7 +61,8 @@ def test_falls_back_to_the_evaluation_report_and_lists_metrics(tmp_path: Path) -
         assert "epsilon = infinity" in p["warning"]["valueString"]
         metrics = [m for m in body["parameter"] if m["name"] == "metric"]
         assert metrics and metrics[0]["part"][2]["valueDecimal"] == pytest.approx(0.8)
-        assert "evaluationReport" in p
+        assert "metricsNote" in p
+        assert not any("valueAttachment" in x for x in body["parameter"])  # real-data distributions stay private
 
 
 def test_without_model_or_report_it_is_a_404_outcome(tmp_path: Path) -> None:

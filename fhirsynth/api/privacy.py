@@ -1,8 +1,10 @@
 """GET /$privacy-report: the guarantee and the measured quality of the data this endpoint serves.
 
 A consumer of a synthetic endpoint should not have to trust documentation: the operation returns a Parameters
-resource with the formal guarantee (epsilon, delta, unit, accountants) read from the model's privacy.json, the
-headline evaluation metrics from `fhirsynth evaluate`'s report.json, and both files whole as attachments.
+resource with the formal guarantee (epsilon, delta, unit, accountants) read from the model's privacy.json (attached
+whole), and, only when the operator opts in with `serve --report`, the headline scalar metrics of
+`fhirsynth evaluate`. The full report.json / report.html are never served: they hold distributions of the real data
+that no DP mechanism protects. Even the scalar metrics are computed on real data without DP, which the response says.
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ def _attachment(name: str, raw: bytes, title: str) -> dict[str, Any]:
 def privacy_parameters(model_dir: Path | None, report_dir: Path | None) -> dict[str, Any] | None:
     """The Parameters resource, or None when neither a model nor an evaluation report is configured."""
     privacy, privacy_raw = _read_json(model_dir / "privacy.json" if model_dir else None)
-    report, report_raw = _read_json(report_dir / "report.json" if report_dir else None)
+    report, _ = _read_json(report_dir / "report.json" if report_dir else None)
     if privacy is None and report is not None:
         formal = report.get("privacy", {}).get("formal")
         if isinstance(formal, dict) and formal.get("available", True):
@@ -72,6 +74,8 @@ def privacy_parameters(model_dir: Path | None, report_dir: Path | None) -> dict[
             params.append({"name": "warning", "valueString": "trained without differential privacy "
                            "(epsilon = infinity): no formal guarantee"})
     if report is not None:
+        params.append({"name": "metricsNote", "valueString": "evaluation metrics compare the synthetic data with the "
+                       "real data; they are computed without differential privacy and published by the operator"})
         for row in report.get("summary", []) or []:
             if isinstance(row, dict) and isinstance(row.get("synthetic"), (int, float)):
                 params.append({"name": "metric", "part": [
@@ -83,8 +87,6 @@ def privacy_parameters(model_dir: Path | None, report_dir: Path | None) -> dict[
                 ]})
     if privacy_raw is not None:
         params.append(_attachment("privacyReport", privacy_raw, "privacy.json (model dir)"))
-    if report_raw is not None:
-        params.append(_attachment("evaluationReport", report_raw, "report.json (fhirsynth evaluate)"))
     return {"resourceType": "Parameters", "meta": {"security": [HTEST], "tag": [HTEST]}, "parameter": params}
 
 

@@ -1,0 +1,173 @@
+"""Plausibility: how often a cohort breaks rules any real record should obey (temporal order, physiologic
+ranges, sex-specific codes, FHIR validity), reported as rates so synthetic and real can be compared."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+import tomllib
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from fhirsynth.evaluate.cohort import Cohort
+
+log = logging.getLogger(__name__)
+
+# LOINC code -> (low, high) outside which a value is physiologically impossible in the usual UCUM unit.
+# Deliberately wide: this flags generator nonsense, not abnormal results.
+BUILTIN_RANGES: dict[str, tuple[float, float]] = {
+    "8867-4": (20, 300),      # heart rate /min
+    "9279-1": (2, 80),        # respiratory rate /min
+    "8310-5": (25, 45),       # body temperature Cel
+    "8480-6": (40, 300),      # systolic BP mm[Hg]
+    "8462-4": (15, 200),      # diastolic BP mm[Hg]
+    "39156-5": (7, 120),      # BMI kg/m2
+    "29463-7": (0.2, 400),    # body weight kg
+    "8302-2": (20, 260),      # body height cm
+    "2708-6": (40, 100),      # oxygen saturation %
+    "59408-5": (40, 100),     # oxygen saturation by pulse oximetry %
+    "2339-0": (10, 2000),     # glucose mg/dL
+    "4548-4": (2, 25),        # HbA1c %
+    "2093-3": (30, 1000),     # total cholesterol mg/dL
+    "2085-9": (5, 250),       # HDL mg/dL
+    "18262-6": (5, 800),      # LDL mg/dL
+    "2571-8": (10, 5000),     # triglycerides mg/dL
+    "2160-0": (0.1, 25),      # creatinine mg/dL
+    "6299-2": (1, 200),       # urea nitrogen mg/dL
+    "2951-2": (90, 200),      # sodium mmol/L
+    "2823-3": (1, 10),        # potassium mmol/L
+    "718-7": (2, 25),         # hemoglobin g/dL
+    "72514-3": (0, 10),       # pain severity 0-10
+}
+# Unit a range is stated in (from constraints.toml); values recorded in another unit are not range-checked.
+RANGE_UNITS: dict[str, str] = {}
+# Codes that only make sense for one administrative sex (SNOMED CT conditions, LOINC observations).
+FEMALE_ONLY = {"72892002", "19169002", "156073000", "79586000", "398254007", "47200007", "198992004",
+               "15938005", "363354003", "254838004", "271903000", "2106-3", "19080-1", "82810-3"}
+MALE_ONLY = {"126906006", "254900004", "92691004", "266569009", "2857-1", "10886-0"}
+
+
+Ranges = dict[str, tuple[float, float]]
+
+
+def load_constraints(mappings_dir: Path | None = None) -> tuple[Ranges, set[str], set[str], str]:
+    """Physiologic ranges and sex-specific codes from mappings/constraints.toml ([[value_range]] min/max,
+    [[sex_specific]] codes) merged over the built-in tables. Returns (ranges, female_only, male_only, source).
+    reference-ranges.toml holds *normal* ranges, which real patients leave all the time, so it is not used."""
+    path = (mappings_dir or Path(__file__).resolve().parents[2] / "mappings") / "constraints.toml"
+    ranges, female, male = dict(BUILTIN_RANGES), set(FEMALE_ONLY), set(MALE_ONLY)
+    if not path.is_file():
+        return ranges, female, male, "built-in"
+    try:
+        data = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        log.warning("cannot read %s (%s); using built-in constraints", path, exc)
+        return ranges, female, male, "built-in"
+    for entry in data.get("value_range", []):
+        code, lo, hi = entry.get("code"), entry.get("min"), entry.get("max")
+        if isinstance(code, str) and isinstance(lo, int | float) and isinstance(hi, int | float):
+            ranges[code] = (float(lo), float(hi))
+            if isinstance(entry.get("unit"), str):
+                RANGE_UNITS[code] = entry["unit"]
+    for entry in data.get("sex_specific", []):
+        target = female if entry.get("sex") == "female" else male if entry.get("sex") == "male" else None
+        if target is not None:
+            target.update(str(c) for c in entry.get("codes", []))
+    return ranges, female, male, f"{path.name} + built-in"
+
+
+def _code(tokens: pd.Series) -> pd.Series:
+    return tokens.astype(str).str.rsplit("|", n=1).str[-1]
+
+
+def temporal_and_range(cohort: Cohort, ranges: dict[str, tuple[float, float]], female_only: set[str],
+                       male_only: set[str]) -> dict:
+    ev = cohort.events
+    pats = cohort.patients
+    n_ev = max(len(ev), 1)
+    pidx = ev["pidx"].to_numpy()
+    birth = pats["birth_day"].to_numpy()[pidx]
+    death = pats["death_day"].to_numpy()[pidx]
+    day = ev["day"].to_numpy()
+    before_birth = day < np.floor(birth)  # birth is a date: anything on the birth day is fine
+    after_death = day > death + 1.0  # one day's slack for records closed on the day after death
+    cond = (ev["kind"] == "condition").to_numpy()
+    end = ev["end_day"].to_numpy()
+    abate_before = cond & (end < day)
+    codes = _code(ev["token"])
+    lo = codes.map({k: v[0] for k, v in ranges.items()}).to_numpy(float)
+    hi = codes.map({k: v[1] for k, v in ranges.items()}).to_numpy(float)
+    val = ev["value"].to_numpy(float)
+    want_unit = codes.map(RANGE_UNITS)
+    unit_ok = (want_unit.isna() | ev["unit"].isna() | (ev["unit"] == want_unit)).to_numpy()
+    checked = np.isfinite(lo) & np.isfinite(val) & unit_ok
+    out_range = checked & ((val < lo) | (val > hi))
+    female = (pats["sex"] == "female").to_numpy()[pidx]
+    male = (pats["sex"] == "male").to_numpy()[pidx]
+    sex_bad = (codes.isin(female_only).to_numpy() & male) | (codes.isin(male_only).to_numpy() & female)
+
+    def rate(mask: np.ndarray, denom: int) -> dict:
+        pats_hit = len(np.unique(pidx[mask]))
+        return {"events": int(mask.sum()), "event_rate": float(mask.sum() / max(denom, 1)),
+                "patient_rate": float(pats_hit / max(cohort.n, 1))}
+
+    return {
+        "events_before_birth": rate(before_birth, n_ev),
+        "events_after_death": rate(after_death, n_ev),
+        "abatement_before_onset": rate(abate_before, int(cond.sum())),
+        "physiologic_range": {**rate(out_range, int(checked.sum())), "values_checked": int(checked.sum())},
+        "sex_specific_code": rate(sex_bad, n_ev),
+    }
+
+
+def _ndjson_files(export_dir: Path) -> list[Path]:
+    return sorted(p for p in export_dir.iterdir() if p.name.endswith((".ndjson", ".ndjson.gz")))
+
+
+def fhir_validity(export_dir: Path, per_type: int = 500) -> dict:
+    """Validate up to per_type resources of each type in an export dir with fhirsynth.fhir.validate."""
+    try:
+        from fhirsynth.fhir.validate import validate_resource  # lazy: helper ASSEMBLE's module
+    except ImportError as exc:
+        return {"computable": False, "reason": f"fhirsynth.fhir.validate unavailable ({exc})"}
+    per: dict[str, dict] = {}
+    examples: list[str] = []
+    for path in _ndjson_files(export_dir):
+        opener = gzip.open if path.name.endswith(".gz") else open
+        with opener(path, "rt", encoding="utf-8") as fh:
+            for lineno, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                res = json.loads(line)
+                rtype = res.get("resourceType", "?")
+                st = per.setdefault(rtype, {"checked": 0, "invalid": 0})
+                if st["checked"] >= per_type:
+                    break
+                problems = validate_resource(res)
+                st["checked"] += 1
+                if problems:
+                    st["invalid"] += 1
+                    if len(examples) < 10:
+                        examples.append(f"{path.name}:{lineno} {rtype}/{res.get('id')}: {problems[0]}")
+    checked = sum(s["checked"] for s in per.values())
+    invalid = sum(s["invalid"] for s in per.values())
+    return {"computable": checked > 0, "checked": checked,
+            "valid_rate": float(1 - invalid / checked) if checked else None, "by_type": per,
+            "examples": examples, **({} if checked else {"reason": "no resources found"})}
+
+
+def plausibility_report(cohorts: dict[str, Cohort], export_dir: Path | None) -> dict:
+    ranges, female, male, source = load_constraints()
+    out: dict = {"constraints_source": source}
+    for name, c in cohorts.items():
+        out[name] = temporal_and_range(c, ranges, female, male)
+    if export_dir is not None:
+        out["fhir_validity_synthetic"] = fhir_validity(export_dir)
+    else:
+        out["fhir_validity_synthetic"] = {"computable": False, "reason": "synthetic input is a timelines dir"}
+    out["fhir_validity_real"] = {"computable": False,
+                                 "reason": "real input is a timelines dir (its FHIR was validated at ingest)"}
+    return out
