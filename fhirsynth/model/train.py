@@ -74,6 +74,9 @@ def _quiet_opacus() -> None:
         warnings.filterwarnings("ignore", message=msg)
 
 
+MAX_EPSILON = 100.0
+
+
 def default_delta(n: int) -> float:
     return min(1e-5, n ** -1.1)
 
@@ -84,6 +87,10 @@ def _validate(tc: TrainConfig) -> None:
         if tc.epsilon is None or not math.isfinite(tc.epsilon) or tc.epsilon <= 0:
             raise PrivacyBudgetError(f"must be a positive finite number (got {tc.epsilon})",
                                      where="--epsilon")
+        if tc.epsilon > MAX_EPSILON:
+            # Beyond this the guarantee is vacuous and the accountants' noise search degenerates (sigma -> 0).
+            raise PrivacyBudgetError(f"epsilon {tc.epsilon:g} is above {MAX_EPSILON:g} and gives no meaningful "
+                                     "guarantee; use --no-dp for a non-private comparison model", where="--epsilon")
         if tc.delta is not None and not 0 < tc.delta < 1:
             raise PrivacyBudgetError(f"must be in (0, 1) or auto (got {tc.delta})", where="--delta")
         if not 0 < tc.vocab_epsilon_fraction < 1 or not 0 < tc.vocab_delta_fraction < 1:

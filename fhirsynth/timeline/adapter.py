@@ -133,6 +133,11 @@ def ingest(
                 if gc_was_enabled:
                     gc.enable()
         pass_one_s = _time.monotonic() - started
+        if not sum(report.read.values()):
+            # Only input with no resource at all is an error; an empty file beside real input is just empty.
+            where = str(files[0].path) if len(files) == 1 else ", ".join(str(p) for p in inputs)
+            raise InputError("no FHIR resource found (empty file, Bundle without entries, or nothing readable)",
+                             where=where)
         summary = _pass_two(spill, patients, aliases, report, reader, tmp)
         components_dropped = sum(ex.components_dropped for ex in extractors.values())
         result = report.to_dict(
