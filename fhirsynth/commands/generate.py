@@ -32,6 +32,10 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--gzip", action="store_true", help="gzip every output file")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto)")
     p.add_argument("--batch-size", type=int, default=256, help="patients sampled per batch (default 256)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="CPU sampling processes; the output is identical for any value (default 1)")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (default 1.0)")
     p.add_argument("--validate", action="store_true",
                    help="validate every resource with fhir.resources and the FHIR JSON schema (slow)")
     p.add_argument("--force", action="store_true", help="write into a non-empty export directory")
@@ -77,6 +81,12 @@ def check_args(args: argparse.Namespace) -> dict:
         raise UsageError(f"unknown device {args.device!r} (auto, cpu or cuda)", where="--device")
     if args.batch_size < 1:
         raise UsageError(f"must be at least 1, got {args.batch_size}", where="--batch-size")
+    if args.workers < 1:
+        raise UsageError(f"must be at least 1, got {args.workers}", where="--workers")
+    if not args.temperature > 0:
+        raise UsageError(f"must be > 0, got {args.temperature}", where="--temperature")
+    if not 0 < args.top_p <= 1:
+        raise UsageError(f"must be in (0, 1], got {args.top_p}", where="--top-p")
     if not args.model_dir.is_dir():
         raise UsageError("model directory does not exist", where=str(args.model_dir))
     return {"sex": args.sex, "age": parse_age(args.age), "condition": parse_condition(args.condition)}
@@ -99,7 +109,8 @@ def run(args: argparse.Namespace) -> int:
         fhirsynth_version=__version__,
     )
     timelines = sample_timelines(
-        args.model_dir, args.n, seed=args.seed, batch_size=args.batch_size, device=args.device, **constraints
+        args.model_dir, args.n, seed=args.seed, batch_size=args.batch_size, device=args.device,
+        temperature=args.temperature, top_p=args.top_p, workers=args.workers, **constraints
     )
     summary = write_export(
         timelines,
