@@ -95,6 +95,9 @@ def test_content_negotiation(client):
     outcome(client.get("/Patient/p01", headers={"Accept": "application/fhir+xml"}), 406)
     assert client.get("/Patient/p01", headers={"Accept": "text/html,*/*;q=0.8"}).status_code == 200
     assert client.get("/Patient/p01", headers={"Accept": "application/fhir+json"}).status_code == 200
+    # the DSTU2-era media type older clients still send
+    assert client.get("/Patient/p01", headers={"Accept": "application/json+fhir"}).status_code == 200
+    assert client.get("/Patient/p01", params={"_format": "application/json+fhir"}).status_code == 200
 
 
 def test_request_limits(db):

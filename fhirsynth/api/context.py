@@ -13,7 +13,7 @@ from fhirsynth.api.errors import FHIR_JSON, ApiError
 from fhirsynth.api.settings import ServerSettings
 from fhirsynth.store.sqlite import Store
 
-_JSON_FORMATS = {"json", "application/json", "application/fhir+json"}
+_JSON_FORMATS = {"json", "application/json", "application/fhir+json", "application/json+fhir"}
 
 
 @dataclass
@@ -52,8 +52,10 @@ def check_format(request: Request) -> None:
     accept = request.headers.get("accept")
     if fmt is None and accept:
         types = [a.split(";")[0].strip().lower() for a in accept.split(",")]
+        # application/json+fhir is the DSTU2-era name that older clients (e.g. HAPI 1.x-3.x) still send
         if not any(t in ("*/*", "application/*", "application/fhir+json", "application/json",
-                         "application/fhir+ndjson", "application/ndjson") or t.endswith("+json") for t in types):
+                         "application/json+fhir", "application/fhir+ndjson", "application/ndjson")
+                   or t.endswith("+json") for t in types):
             raise ApiError(406, f"cannot produce any of Accept: {accept}; this server speaks application/fhir+json",
                            code="not-supported")
 
