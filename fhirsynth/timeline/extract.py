@@ -188,6 +188,15 @@ class EventExtractor:
             s = self.g_vs(obj)
             if type(s) is str:
                 return None, None, None, None, s
+        if self.g_vq is not None:
+            # Other R4 value[x] choices some EHR exports use where Synthea writes a Quantity: valueInteger is a
+            # unitless number, valueBoolean a coded-like answer kept as text.
+            vi = obj.get("valueInteger")
+            if type(vi) is int:
+                return float(vi), None, None, None, None
+            vb = obj.get("valueBoolean")
+            if type(vb) is bool:
+                return None, None, None, None, "true" if vb else "false"
         return _NO_VALUE
 
     def _category(self, res: dict) -> str | None:
