@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -18,7 +19,11 @@ def _delta(text: str) -> float | None:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    p = sub.add_parser("train", help="train the DP transformer on a timelines directory")
+    p = sub.add_parser(
+        "train", help="train the DP transformer on a timelines directory",
+        epilog="multi-process DP training (one process per GPU, or CPU processes with gloo): "
+               "torchrun --nproc_per_node 2 -m fhirsynth train TIMELINES --out MODEL --epochs 1 "
+               "(distributed mode is automatic when WORLD_SIZE > 1; epsilon is accounted for the global batch)")
     p.add_argument("timelines", type=Path, metavar="TIMELINES_DIR")
     p.add_argument("--out", type=Path, required=True, metavar="MODEL_DIR", help="model directory to write")
     p.add_argument("--epsilon", type=float, default=8.0, help="total privacy budget (default 8)")
@@ -42,6 +47,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--reference-date", default=None,
                    help="YYYY-MM-DD: 'today' of the synthetic world, nothing sampled after it (default: today)")
+    p.add_argument("--distributed", action="store_true",
+                   help="one process of a torchrun job (Opacus DPDDP; gloo on CPU, nccl on CUDA); automatic when "
+                        "WORLD_SIZE > 1. Only rank 0 writes MODEL_DIR; --batch-size is the GLOBAL expected batch")
     p.set_defaults(func=run)
     return p
 
@@ -70,8 +78,10 @@ def run(args: argparse.Namespace) -> int:
         dp=not args.no_dp, epochs=args.epochs, device=args.device, seed=args.seed, batch_size=args.batch_size,
         max_physical_batch=args.max_physical_batch, max_grad_norm=args.max_grad_norm, lr=args.lr,
         secure_rng=args.secure_rng, vocab_epsilon_fraction=args.vocab_epsilon_fraction,
-        model_config=mc, tokenizer_config=tk,
+        model_config=mc, tokenizer_config=tk, distributed=True if args.distributed else None,
     )
+    if int(os.environ.get("RANK", "0")) != 0:  # one summary per job, from the rank that wrote the model dir
+        return 0
     eps = report.get("epsilon_total")
     summary = {
         "model_dir": str(args.out), "n": report["n"], "dp": report["dp"],

@@ -176,11 +176,13 @@ def train_model(
     model_config: ModelConfig | None = None,
     tokenizer_config: TokenizerConfig | None = None,
     on_step: Callable[[int], None] | None = None,
+    distributed: bool | None = None,
 ) -> dict[str, Any]:
     """Train a model dir from a timelines dir; returns the privacy report (privacy.json).
 
     Rerunning with the same arguments after an interruption resumes from MODEL_DIR/.checkpoint/.
     on_step(step) is called after every optimizer step (tests use it to simulate a kill).
+    distributed: one process of a torchrun job (None = when env WORLD_SIZE > 1); see model/distributed.py.
     """
     tc = TrainConfig(epsilon=epsilon if dp else None, delta=delta, dp=dp, epochs=epochs, batch_size=batch_size,
                      max_physical_batch=max_physical_batch, max_grad_norm=max_grad_norm, lr=lr, seed=seed,
@@ -200,6 +202,31 @@ def train_model(
     tk = tokenizer_config or TokenizerConfig()
     mc = model_config or ModelConfig()
     mc.max_len = tk.max_len
+    from fhirsynth.model import distributed as dd
+
+    if distributed is None:
+        distributed = dd.requested_by_env()
+    if distributed and not dp:
+        raise UsageError("distributed training is implemented for DP training only", where="--no-dp")
+    if distributed and secure_rng:
+        raise UsageError("not supported with distributed training (per-rank sampling streams are seeded)",
+                         where="--secure-rng")
+    dctx = dd.setup(dev) if distributed else None
+    if dctx is not None:
+        dev = dctx.device
+    main = dctx is None or dctx.is_main  # only this process writes files
+    ok = False
+    try:
+        privacy = _train(tc, tdir, out, dev, tk, mc, delta, dp, seed, secure_rng, on_step, dctx, main)
+        ok = True
+        return privacy
+    finally:
+        if dctx is not None:
+            dd.teardown(dctx, wait=ok)  # no barrier after a failure: the other ranks may be stuck mid-collective
+
+
+def _train(tc, tdir, out, dev, tk, mc, delta, dp, seed, secure_rng, on_step, dctx, main) -> dict[str, Any]:
+    from fhirsynth.model import distributed as dd
 
     timelines = list(read_timelines(tdir))
     n_all = len(timelines)
@@ -232,10 +259,14 @@ def train_model(
         log.info("resuming from step %d of %d", resume["step"], resume["total_steps"])
     else:
         # Vocabulary: the one DP release before training. Its noise never repeats on resume (stored above).
-        vrng = np.random.default_rng(secrets.randbits(128) if secure_rng else seed)
-        vocab, vocab_report = build_vocab(timelines, tk, dp=dp, epsilon=eps_vocab, delta=d_vocab, rng=vrng)
-        ckdir.mkdir(parents=True, exist_ok=True)
-        ck.atomic_write_json(ckdir / ck.VOCAB, vocab.to_json())
+        if main:
+            vrng = np.random.default_rng(secrets.randbits(128) if secure_rng else seed)
+            vocab, vocab_report = build_vocab(timelines, tk, dp=dp, epsilon=eps_vocab, delta=d_vocab, rng=vrng)
+            ckdir.mkdir(parents=True, exist_ok=True)
+            ck.atomic_write_json(ckdir / ck.VOCAB, vocab.to_json())
+        if dctx is not None:  # one DP release on rank 0, the same vocabulary everywhere
+            vj, vocab_report = dd.broadcast((vocab.to_json(), vocab_report) if main else None, dctx)
+            vocab = Vocab.from_json(tk, vj)
 
     tokenizer = Tokenizer(vocab)
     stats: Counter = Counter()
@@ -270,10 +301,14 @@ def train_model(
 
         sigma = _noise_multiplier(eps_train, d_train, q, total_steps) if resume is None else float(resume["sigma"])
         engine = PrivacyEngine(accountant="prv", secure_mode=secure_rng)
-        loader = DataLoader(ds, batch_size=tc.batch_size, collate_fn=pad_collate)
+        if dctx is None:
+            loader = DataLoader(ds, batch_size=tc.batch_size, collate_fn=pad_collate)
+        else:
+            model = dd.wrap_model(model)
+            loader = dd.make_loader(ds, steps_per_epoch, seed, dctx, pad_collate)
         model, opt, loader = engine.make_private(
             module=model, optimizer=opt, data_loader=loader, noise_multiplier=sigma,
-            max_grad_norm=tc.max_grad_norm, poisson_sampling=True,
+            max_grad_norm=tc.max_grad_norm, poisson_sampling=dctx is None,
         )
         if abs(loader.sample_rate - q) > 1e-12:  # our accounting assumes Opacus' rate
             q = loader.sample_rate
@@ -285,7 +320,7 @@ def train_model(
     elif resume is None:
         torch.manual_seed(seed + 1)
 
-    base_model = model._module if dp else model
+    base_model = dd.unwrap(model._module) if dp else model
     # CUDA: bf16 autocast for --no-dp; DP keeps fp32 parameters/activations for Opacus' per-sample gradient
     # hooks (untested in bf16 here) and gets TF32 matmuls instead, which are transparent to Opacus.
     use_amp = dev.type == "cuda" and not dp
@@ -303,9 +338,10 @@ def train_model(
             "accountant": engine.accountant.state_dict() if engine is not None else {},
             "rng": _rng_state(), "curve": curve, "vocab_report": vocab_report,
         }
-        ck.atomic_torch_save(state_path, state)
+        if main:
+            ck.atomic_torch_save(state_path, state)
 
-    bar = progress(total=total_steps, initial=step, desc="train", unit="step")
+    bar = progress(total=total_steps, initial=step, desc="train", unit="step", **({} if main else {"disable": True}))
     model.train()
     try:
         while step < total_steps:
@@ -315,6 +351,8 @@ def train_model(
                 from opacus.utils.batch_memory_manager import BatchMemoryManager
 
                 loader.batch_sampler.steps = remaining
+                if dctx is not None:
+                    loader.batch_sampler.begin(step)
                 ctx = BatchMemoryManager(data_loader=loader, max_physical_batch_size=tc.max_physical_batch,
                                          optimizer=opt)
             else:
@@ -387,6 +425,9 @@ def train_model(
                                      f"{eps_train:.4f} (accounting bug)")
     privacy = _privacy_report(tc, n, sigma, q, total_steps, eps_prv, eps_rdp, eps_vocab, d_vocab, d_train,
                               vocab_report)
+    privacy["world_size"] = dctx.world_size if dctx is not None else 1
+    if not main:
+        return privacy
     config = {**versions(), "model": to_json(mc), "tokenizer": to_json(tk), "training": to_json(tc)}
     if dp:  # the loss is private (not covered by DP-SGD): keep it out of the released curve
         curve_out = [{"step": r["step"], "epoch": round(r["epoch"], 4), "epsilon": r["epsilon"]} for r in curve]
