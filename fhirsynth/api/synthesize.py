@@ -20,11 +20,13 @@ from fhirsynth import __version__
 from fhirsynth.api.bundle import bundle_bytes
 from fhirsynth.api.context import ServerContext, base_url, fhir_response, read_body, require
 from fhirsynth.api.errors import ApiError
+from fhirsynth.errors import UsageError
 from fhirsynth.store.sqlite import Store
 
 log = logging.getLogger(__name__)
 
 SEXES = ("male", "female", "other", "unknown")
+_PARAM_NAMES = ("count", "seed", "sex", "age", "condition")
 
 
 @dataclass
@@ -81,8 +83,13 @@ def parameters_items(body: bytes) -> list[tuple[str, str]]:
         raise ApiError(400, f"body is not JSON: {exc}", code="invalid") from None
     if not isinstance(doc, dict) or doc.get("resourceType") != "Parameters":
         raise ApiError(400, "body must be a FHIR Parameters resource", code="invalid")
+    params = doc.get("parameter") or []
+    if not isinstance(params, list):
+        raise ApiError(400, "Parameters.parameter must be a list", code="invalid")
     items = []
-    for p in doc.get("parameter") or []:
+    for p in params:
+        if not isinstance(p, dict) or not isinstance(p.get("name"), str):
+            raise ApiError(400, "each Parameters.parameter must be an object with a string name", code="invalid")
         values = [v for k, v in p.items() if k.startswith("value")]
         if not p.get("name") or len(values) != 1:
             raise ApiError(400, f"parameter {p.get('name')!r} needs exactly one value[x]", code="invalid")
@@ -135,8 +142,16 @@ def add_routes(router: APIRouter, ctx: ServerContext) -> None:
         if settings.model_dir is None:
             raise ApiError(501, "no model is loaded (start the server with --model MODEL_DIR)", code="not-supported")
         async with gen_lock:
-            bodies = await run_in_threadpool(synthesize_into, ctx.store, settings.model_dir, req,
-                                             profile=settings.profile)
+            try:
+                bodies = await run_in_threadpool(synthesize_into, ctx.store, settings.model_dir, req,
+                                                 profile=settings.profile)
+            except UsageError as exc:
+                # a constraint this model cannot meet (unknown condition, age outside its bands): the request's
+                # fault, so a 400 naming the parameter, not a 500
+                name = (exc.where or "").lstrip("-")
+                name = name if name in _PARAM_NAMES else None
+                message = exc.message.replace(f"--{name}", name) if name else exc.message
+                raise ApiError(400, message, code="invalid", expression=name) from None
         base = base_url(request, "/Patient/$synthesize")
         entries = []
         for b in bodies:

@@ -10,6 +10,8 @@ Memory stays constant in the number of patients: nothing but counters is kept be
 from __future__ import annotations
 
 import logging
+import os
+import re
 import uuid
 from collections import Counter
 from collections.abc import Iterable
@@ -69,7 +71,37 @@ def _check_out_dir(out_dir: Path, overwrite: bool) -> list[str]:
     if manifest.is_file():
         # Drop the old manifest first: an interrupted overwrite must not look like a finished export.
         manifest.unlink()
+    _remove_dead_parts(out_dir)
     return old or []
+
+
+_PART = re.compile(r"^\..+\.(\d+)\.part$")
+
+
+def _remove_dead_parts(out_dir: Path) -> None:
+    """Delete temp parts (`.NAME.PID.part`) left by a writer that was killed (its PID is gone).
+
+    Without this, every kill -9 during an export leaves up to a full export's worth of hidden bytes behind.
+    A live PID is left alone (it may be another export writing here right now).
+    """
+    for p in out_dir.iterdir():
+        m = _PART.match(p.name)
+        if m is None or not p.is_file() or _pid_alive(int(m.group(1))):
+            continue
+        p.unlink(missing_ok=True)
+        log.debug("removed stale temp file %s", p)
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True  # someone else's process (or an absurd number): leave the file alone
+    return True
 
 
 def _remove_stale(out_dir: Path, old: list[str], new: set[str]) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import logging
 import os
+import re
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -90,11 +91,29 @@ def load_export_dir(store: Store, export_dir: str | Path) -> dict:
     return {"loaded": dict(loaded), "skipped": dict(skipped)}
 
 
+def _remove_dead_temps(db_path: Path) -> None:
+    """Delete `.NAME.PID.tmp` databases (and -wal/-shm) left by a build that was killed: each is a full store."""
+    pattern = re.compile(rf"^\.{re.escape(db_path.name)}\.(\d+)\.tmp(-wal|-shm)?$")
+    for p in db_path.parent.iterdir():
+        m = pattern.match(p.name)
+        if m is None or int(m.group(1)) == os.getpid():
+            continue
+        try:
+            os.kill(int(m.group(1)), 0)
+            continue  # that build is still running
+        except ProcessLookupError:
+            pass
+        except (PermissionError, OverflowError):
+            continue
+        p.unlink(missing_ok=True)
+
+
 def build_store(export_dir: str | Path, db_path: str | Path) -> tuple[Store, dict]:
     """Build a fresh database at db_path from an export dir atomically (temp file + os.replace)."""
     db_path = Path(db_path)
     db_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = db_path.with_name(f".{db_path.name}.{os.getpid()}.tmp")
+    _remove_dead_temps(db_path)
     for suffix in ("", "-wal", "-shm"):
         Path(f"{tmp}{suffix}").unlink(missing_ok=True)
     store = Store(tmp)
