@@ -115,7 +115,8 @@ def ingest(
     out = Path(out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".ingest-", dir=out))  # spill files live beside the output
+        _remove_stale_spills(out)
+        tmp = Path(tempfile.mkdtemp(prefix=f".ingest-{os.getpid()}-", dir=out))  # spill files live beside the output
     except OSError as exc:
         raise InputError(f"cannot write the output directory: {exc.strerror}", where=str(out)) from None
     report = IngestReport(max_examples)
@@ -170,6 +171,26 @@ def ingest(
             where=str(files[0].path) if len(files) == 1 else None,
         )
     return result
+
+
+def _remove_stale_spills(out: Path) -> None:
+    """Spill dirs of a killed ingest (named .ingest-PID-*) would otherwise stay forever; live ones are kept."""
+    for stale in out.glob(".ingest-*"):
+        pid = stale.name.split("-")[1] if stale.name.count("-") >= 2 else ""
+        if pid.isdigit() and _pid_alive(int(pid)):
+            continue
+        shutil.rmtree(stale, ignore_errors=True)
+        log.info("removed the spill directory of an interrupted ingest: %s", stale)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _pass_one(
