@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -25,16 +23,11 @@ from hypothesis import strategies as st
 
 from fhirsynth.store.params import PARAMS
 from fhirsynth.store.query import MODIFIERS
+from serverproc import running_server
 
 FUZZ = settings(max_examples=25, deadline=None, derandomize=True, database=None,
                 suppress_health_check=list(HealthCheck))
 START_TIMEOUT_S = 30
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _cli(*args: str, timeout: float = 120) -> None:
@@ -54,37 +47,13 @@ def server(fixtures_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     _cli("ingest", str(fixtures_dir / "server" / "export"), "--out", str(work / "tl"))
     _cli("train", str(work / "tl"), "--out", str(work / "model"), "--no-dp", "--epochs", "1", "--d-model", "8",
          "--layers", "1", "--heads", "1", "--max-len", "64", "--batch-size", "8", "--device", "cpu")
-    port = _free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("FHIRSYNTH_SERVER_TOKEN", None)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "fhirsynth", "-q", "serve", "--model", str(work / "model"), "-n", "5",
-         "--db", str(work / "store.sqlite"), "--port", str(port)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env,
-    )
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while True:
-        try:
-            if httpx.get(f"{base}/metadata", timeout=2).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"server did not start: {proc.stderr.read().decode(errors='replace')[-2000:]}")
-        time.sleep(0.2)
-    try:
-        yield base
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        stderr = proc.stderr.read().decode(errors="replace")
-        # an unhandled exception in a route shows up here even when the client saw a clean 500
-        assert "Traceback" not in stderr, stderr[-3000:]
+    with running_server(["--model", work / "model", "-n", "5", "--db", work / "store.sqlite"], env,
+                        start_timeout_s=START_TIMEOUT_S) as srv:
+        yield srv.base
+    # an unhandled exception in a route shows up here even when the client saw a clean 500
+    assert "Traceback" not in srv.stderr, srv.stderr[-3000:]
 
 
 def _check(resp, what: str) -> None:

@@ -11,14 +11,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
+from serverproc import free_port, running_server
 
 BAD = Path(__file__).resolve().parent.parent / "fixtures" / "bad"
 BAD_INGEST = BAD / "ingest"
@@ -29,12 +28,6 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 def cli(*args: str | Path, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "fhirsynth", "-q", *map(str, args)], capture_output=True,
                           text=True, timeout=timeout, env=ENV)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def cli_pair(a: list[str | Path], b: list[str | Path],
@@ -315,13 +308,13 @@ def test_generate_missing_model_dir(tmp_path: Path) -> None:
     (["-n", "3"], ["-n"]),
 ], ids=["port-out-of-range", "missing-export-dir", "no-source", "n-without-model"])
 def test_serve_bad_flags(flags: list[str], needles: list[str]) -> None:
-    assert_one_line_error(cli("serve", "--port", str(_free_port()), *flags, timeout=30), *needles)
+    assert_one_line_error(cli("serve", "--port", str(free_port()), *flags, timeout=30), *needles)
 
 
 def test_serve_refuses_untagged_data(fixtures_dir: Path) -> None:
     """Real-looking data without the HTEST marker is never served (privacy guard), named by file:line."""
     untagged = fixtures_dir / "server" / "untagged"
-    proc = cli("serve", "--data", untagged, "--port", str(_free_port()), timeout=30)
+    proc = cli("serve", "--data", untagged, "--port", str(free_port()), timeout=30)
     assert_one_line_error(proc, str(untagged / "Patient.ndjson"), "HTEST")
 
 
@@ -332,14 +325,14 @@ def test_serve_export_with_invalid_json_line(tmp_path: Path, fixtures_dir: Path)
     bad_line = len(lines) // 2 + 1
     lines[bad_line - 1] = lines[bad_line - 1][:40]
     (export / "Patient.ndjson").write_bytes(b"\n".join(lines) + b"\n")
-    proc = cli("serve", "--data", export, "--port", str(_free_port()), timeout=30)
+    proc = cli("serve", "--data", export, "--port", str(free_port()), timeout=30)
     assert_one_line_error(proc, f"Patient.ndjson:{bad_line}", "invalid JSON")
 
 
 def test_serve_db_that_is_not_sqlite(tmp_path: Path) -> None:
     db = tmp_path / "store.sqlite"
     db.write_bytes(b"this is not a database\n" * 100)
-    proc = cli("serve", "--db", db, "--port", str(_free_port()), timeout=30)
+    proc = cli("serve", "--db", db, "--port", str(free_port()), timeout=30)
     assert_one_line_error(proc, str(db), "not a database")
 
 
@@ -440,7 +433,7 @@ def test_serve_from_model_of_other_version(tmp_path: Path, tiny: dict[str, Path]
     model = tmp_path / "model"
     shutil.copytree(tiny["model"], model)
     _break_version(model)
-    proc = cli("serve", "--model", model, "-n", "2", "--port", str(_free_port()), timeout=60)
+    proc = cli("serve", "--model", model, "-n", "2", "--port", str(free_port()), timeout=60)
     assert_one_line_error(proc, "config.json", "version")
 
 
@@ -459,33 +452,11 @@ def test_tiny_model_still_generates(tmp_path: Path, tiny: dict[str, Path]) -> No
 
 @pytest.fixture(scope="module")
 def api(fixtures_dir: Path, tmp_path_factory: pytest.TempPathFactory):
-    port = _free_port()
     db = tmp_path_factory.mktemp("api") / "store.sqlite"
     env = {k: v for k, v in ENV.items() if k != "FHIRSYNTH_SERVER_TOKEN"}
-    proc = subprocess.Popen([sys.executable, "-m", "fhirsynth", "-q", "serve", "--data",
-                             str(fixtures_dir / "server" / "export"), "--db", str(db), "--port", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            if httpx.get(f"{base}/metadata", timeout=2).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"server did not start: {proc.stderr.read().decode(errors='replace')[-2000:]}")
-        time.sleep(0.2)
-    try:
-        yield base
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        assert "Traceback" not in proc.stderr.read().decode(errors="replace")
+    with running_server(["--data", fixtures_dir / "server" / "export", "--db", db], env) as server:
+        yield server.base
+    assert "Traceback" not in server.stderr
 
 
 # (method, path, query, headers, status, text the diagnostics must contain, expression (param) or None)

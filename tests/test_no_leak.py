@@ -15,7 +15,6 @@ import gzip
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -27,6 +26,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from fhirsynth.timeline import fakes
+from serverproc import running_server
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 N_SYNTHETIC = 120
@@ -152,12 +152,6 @@ def trajectories(timelines_dir: Path) -> dict[str, tuple[tuple[str, str], ...]]:
     return {pid: tuple(sorted(seq)) for pid, seq in out.items() if seq}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory: pytest.TempPathFactory, fixtures_dir: Path) -> dict[str, Path]:
     work = tmp_path_factory.mktemp("noleak")
@@ -172,31 +166,9 @@ def pipeline(tmp_path_factory: pytest.TempPathFactory, fixtures_dir: Path) -> di
 
 @pytest.fixture(scope="module")
 def server(pipeline: dict[str, Path]):
-    port = _free_port()
     env = {k: v for k, v in ENV.items() if k != "FHIRSYNTH_SERVER_TOKEN"}
-    proc = subprocess.Popen([sys.executable, "-m", "fhirsynth", "-q", "serve", "--data", str(pipeline["export"]),
-                             "--db", str(pipeline["work"] / "store.sqlite"), "--port", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            if httpx.get(f"{base}/metadata", timeout=2).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"server did not start: {proc.stderr.read().decode(errors='replace')[-2000:]}")
-        time.sleep(0.2)
-    try:
-        yield base
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+    with running_server(["--data", pipeline["export"], "--db", pipeline["work"] / "store.sqlite"], env) as srv:
+        yield srv.base
 
 
 @pytest.fixture(scope="module")
