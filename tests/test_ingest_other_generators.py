@@ -52,3 +52,20 @@ def test_code_preference_and_skips(result) -> None:
     assert skipped == {"no_code": 1, "no_usable_time": 2, "status_excluded": 1, "subject_not_found": 1}
     where = [ex["where"] for v in report["skipped"].values() for ex in v["examples"]]
     assert all(w.rsplit("/", 1)[-1].startswith("ehr-quirks.ndjson:") for w in where), where
+
+
+def test_a_non_numeric_quantity_value_is_counted_not_silently_dropped(tmp_path: Path) -> None:
+    src = tmp_path / "nan.ndjson"
+    src.write_text(
+        '{"resourceType":"Patient","id":"p","gender":"male","birthDate":"1970-01-01"}\n'
+        '{"resourceType":"Observation","id":"o1","status":"final","code":{"coding":[{"system":"http://loinc.org",'
+        '"code":"8867-4"}]},"subject":{"reference":"Patient/p"},"effectiveDateTime":"2020-01-01",'
+        '"valueQuantity":{"value":"NaN","unit":"/min"}}\n'
+        '{"resourceType":"Observation","id":"o2","status":"final","code":{"coding":[{"system":"http://loinc.org",'
+        '"code":"8867-4"}]},"subject":{"reference":"Patient/p"},"effectiveDateTime":"2020-01-02",'
+        '"valueQuantity":{"value":61,"unit":"/min"}}\n'
+    )
+    report = ingest([src], tmp_path / "out", mapping="us-core")
+    assert report["values_dropped"] == 1
+    values = {e["source_id"]: e["value"] for e in pq.read_table(tmp_path / "out" / "events.parquet").to_pylist()}
+    assert values == {"Observation/o1": None, "Observation/o2": 61.0}

@@ -149,6 +149,7 @@ def ingest(
             bundles=reader.bundles,
             bundle_entries_without_resource=reader.entries_without_resource,
             components_dropped=components_dropped,
+            values_dropped=sum(ex.values_dropped for ex in extractors.values()),
             events=summary["events"],
             patients=summary["patients"],
             strict=strict,

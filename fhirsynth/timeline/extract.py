@@ -119,6 +119,7 @@ class EventExtractor:
         self.categories = frozenset(rm.categories) or None
         self.time_names = ", ".join(".".join(p) for p in rm.time)
         self.components_dropped = 0
+        self.values_dropped = 0  # valueQuantity.value present but not a JSON number
         self.g_patient = tuple((".".join(p), getter(p)) for p in rm.patient)
         self.g_time = tuple((".".join(p), getter(p)) for p in rm.time)
         self.g_end = tuple((p[0], getter(p)) for p in rm.end_time)
@@ -174,6 +175,9 @@ class EventExtractor:
                 num = _number(q.get("value"))
                 if num is not None:
                     return num, q.get("code") or q.get("unit"), None, None, None
+                if q.get("value") is not None:
+                    # e.g. "NaN" or "12" as a string: the event is kept without its value, and the report says so
+                    self.values_dropped += 1
         if self.g_vc is not None:
             concept = self.g_vc(obj)
             if concept is not None:
