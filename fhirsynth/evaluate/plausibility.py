@@ -57,7 +57,11 @@ def load_constraints(mappings_dir: Path | None = None) -> tuple[Ranges, set[str]
     """Physiologic ranges and sex-specific codes from mappings/constraints.toml ([[value_range]] min/max,
     [[sex_specific]] codes) merged over the built-in tables. Returns (ranges, female_only, male_only, source).
     reference-ranges.toml holds *normal* ranges, which real patients leave all the time, so it is not used."""
-    path = (mappings_dir or Path(__file__).resolve().parents[2] / "mappings") / "constraints.toml"
+    if mappings_dir is None:
+        from fhirsynth.mapping.loader import builtin_dir
+
+        mappings_dir = builtin_dir()
+    path = mappings_dir / "constraints.toml"
     ranges, female, male = dict(BUILTIN_RANGES), set(FEMALE_ONLY), set(MALE_ONLY)
     if not path.is_file():
         return ranges, female, male, "built-in"

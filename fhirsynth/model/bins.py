@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import bisect
 import math
-import os
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,10 +34,10 @@ def bucket_of(x: float, edges: tuple[float, ...] | list[float]) -> int:
 
 
 def mappings_dir() -> Path:
-    env = os.environ.get("FHIRSYNTH_MAPPINGS_DIR")
-    if env:
-        return Path(env)
-    return Path(__file__).resolve().parents[2] / "mappings"
+    """The shipped mappings folder, found by the one rule the mapping loader uses."""
+    from fhirsynth.mapping.loader import builtin_dir
+
+    return builtin_dir()
 
 
 def load_toml(name: str) -> dict:
