@@ -19,11 +19,10 @@ from fastapi import APIRouter, Request, Response
 
 from fhirsynth.api.context import ServerContext, fhir_response
 from fhirsynth.api.errors import outcome_response
+from fhirsynth.timeline.assembler import HTEST
 
 log = logging.getLogger(__name__)
 
-HTEST = {"system": "http://terminology.hl7.org/CodeSystem/v3-ActReason", "code": "HTEST",
-         "display": "test health data"}
 
 
 def _read_json(path: Path | None) -> tuple[dict[str, Any] | None, bytes | None]:
