@@ -19,7 +19,6 @@ import asyncio
 import json
 import os
 import random
-import socket
 import statistics
 import subprocess
 import sys
@@ -28,14 +27,11 @@ import time
 from pathlib import Path
 from urllib.parse import quote
 
+from bench_server import _request as http_get  # same folder: benchmarks/ is sys.path[0]
+from bench_server import free_port
+
 REPO = Path(__file__).resolve().parents[1]
 REQUEST_TIMEOUT_S = 30.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_ready(port: int, proc: subprocess.Popen, path: str, timeout: float = 60) -> None:
@@ -71,27 +67,9 @@ uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), log_level="warning", a
 
 
 async def request(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, path: str) -> tuple[int, int]:
-    writer.write(f"GET {path} HTTP/1.1\r\nHost: bench\r\nAccept: application/fhir+json\r\n\r\n".encode())
-    head = await reader.readuntil(b"\r\n\r\n")
-    status = int(head[9:12])
-    length, chunked = 0, False
-    for line in head.split(b"\r\n")[1:]:
-        k, _, v = line.partition(b":")
-        k = k.strip().lower()
-        if k == b"content-length":
-            length = int(v)
-        elif k == b"transfer-encoding" and b"chunked" in v.lower():
-            chunked = True
-    if not chunked:
-        await reader.readexactly(length)
-        return status, length
-    total = 0
-    while True:
-        size = int((await reader.readuntil(b"\r\n")).split(b";")[0].strip(), 16)
-        await reader.readexactly(size + 2)
-        total += size
-        if size == 0:
-            return status, total
+    """(status, body bytes) of one keep-alive GET, with bench_server's minimal HTTP/1.1 client."""
+    status, body = await http_get(reader, writer, path)
+    return status, len(body)
 
 
 async def load(port: int, paths: list[str], clients: int, seconds: float, seed: int = 0) -> dict:

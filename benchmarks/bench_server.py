@@ -108,7 +108,7 @@ async def _request(reader, writer, path: str) -> tuple[int, bytes]:
     if chunked:
         parts = []
         while True:
-            size = int((await reader.readuntil(b"\r\n")).strip(), 16)
+            size = int((await reader.readuntil(b"\r\n")).split(b";")[0].strip(), 16)  # drop chunk extensions
             data = await reader.readexactly(size + 2)
             if size == 0:
                 break
