@@ -23,6 +23,10 @@ class ServerContext:
     jobs: dict = field(default_factory=dict)  # export job id -> ExportJob
     jobs_lock: threading.Lock = field(default_factory=threading.Lock)
     auth_enabled: bool = False  # manifests say requiresAccessToken accordingly
+    export_slots: threading.Semaphore = field(init=False)  # export jobs counting at once
+
+    def __post_init__(self) -> None:
+        self.export_slots = threading.Semaphore(max(1, self.settings.export_workers))
 
     def close(self) -> None:
         for job in list(self.jobs.values()):

@@ -32,7 +32,9 @@ def capability_statement(settings: ServerSettings, base: str, synthesize: bool) 
             "interaction": [{"code": "read"}, {"code": "search-type"}],
             "versioning": "no-version", "readHistory": False, "updateCreate": False,
             "searchParam": search,
-            "documentation": f"_sort: one of {', '.join(sorts)} (prefix '-' for descending)",
+            "documentation": f"_sort: {', '.join(sorts)}, each with an optional '-' for descending; several "
+                             "keys separated by commas sort by the first, then the next (e.g. "
+                             f"{sorts[-1]},-_id)",
         }
         inc = [f"{s}:{p}" for s, p in INCLUDES if s == rtype]
         if inc:
@@ -83,8 +85,11 @@ def capability_statement(settings: ServerSettings, base: str, synthesize: bool) 
                                                                 ("_summary", "token"), ("_elements", "string"),
                                                                 ("_total", "token"), ("_lastUpdated", "date"))],
             "operation": [{"name": "export", "definition": "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/export",
-                           "documentation": "Prefer: respond-async; _type, _since, _outputFormat="
-                           "application/fhir+ndjson; poll the Content-Location; DELETE cancels"},
+                           "documentation": "Prefer: respond-async; GET with query parameters or POST with a "
+                           "Parameters body; _type, _since, _outputFormat=application/fhir+ndjson, _typeFilter "
+                           "(TYPE?search-query, any search parameter of TYPE; several for one type are OR-ed), "
+                           "patient (POST, Patient/$export and Group/[id]/$export); poll the Content-Location "
+                           "(Retry-After); DELETE cancels. Too many jobs at once: 429 with Retry-After"},
                           {"name": "privacy-report", "definition": f"{base}/$privacy-report",
                            "documentation": "GET: Parameters with the differential-privacy guarantee (epsilon, "
                            "delta, unit, accountants) of the model behind this data and its evaluation metrics, "

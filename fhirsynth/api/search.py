@@ -33,6 +33,7 @@ class SearchRequest:
     clauses: list[Clause] = field(default_factory=list)
     sort_key: str = "r.rid"  # SQL expression
     sort_desc: bool = False
+    sort_keys: list[tuple[str, bool]] | None = None  # several _sort keys: [(SQL expression, descending)]
     count: int = 50
     summary_count: bool = False
     elements: list[str] | None = None
@@ -76,23 +77,24 @@ def _int(value: str, name: str) -> int:
 
 
 def _sort(req: SearchRequest, value: str) -> None:
-    keys = [k.strip() for k in value.split(",") if k.strip()]
-    if len(keys) != 1:
-        raise SearchError("exactly one sort key is supported", param="_sort")
-    key = keys[0]
-    desc = key.startswith("-")
-    name = key.lstrip("-")
-    if name == "_id":
-        req.sort_key = "r.id"
-    elif name == "_lastUpdated":
-        req.sort_key = "r.last_updated"
-    elif name == SORT_DATE_PARAM.get(req.rtype):
-        req.sort_key = "r.sort_date"
-    else:
-        allowed = ", ".join(["_id", "_lastUpdated"] + ([SORT_DATE_PARAM[req.rtype]] if req.rtype in SORT_DATE_PARAM else []))
-        raise SearchError(f"cannot sort {req.rtype} by {name!r} (supported: {allowed}, each optionally with '-')",
-                          param="_sort")
-    req.sort_desc = desc
+    """`_sort=birthdate,-_id`: keys in priority order, '-' for descending (FHIR R4 3.1.1.5.3)."""
+    keys = [k.strip() for k in value.split(",")]
+    if not value.strip() or any(not k for k in keys):
+        raise SearchError(f"_sort={value!r} has an empty sort key", param="_sort")
+    columns = {"_id": "r.id", "_lastUpdated": "r.last_updated"}
+    if req.rtype in SORT_DATE_PARAM:
+        columns[SORT_DATE_PARAM[req.rtype]] = "r.sort_date"
+    sort: list[tuple[str, bool]] = []
+    for key in keys:
+        name = key[1:] if key.startswith("-") else key
+        if name not in columns:
+            raise SearchError(f"cannot sort {req.rtype} by {name!r} (supported: {', '.join(columns)}, each "
+                              "optionally with '-', several separated by commas)", param="_sort")
+        if any(col == columns[name] for col, _ in sort):
+            raise SearchError(f"_sort names {name!r} twice", param="_sort")
+        sort.append((columns[name], key.startswith("-")))
+    req.sort_key, req.sort_desc = sort[0]
+    req.sort_keys = sort if len(sort) > 1 else None
 
 
 def parse_search(rtype: str, items: list[tuple[str, str]], *, settings: ServerSettings,
@@ -237,10 +239,11 @@ def run_search(store: Store, req: SearchRequest, base: str, settings: ServerSett
         return _bundle(total, links, [], warnings)
     after = before = None
     if req.cursor:
+        _check_cursor_key(req.cursor.key, len(req.sort_keys) if req.sort_keys else None)
         anchor = (req.cursor.key, req.cursor.rid)
         after, before = (anchor, None) if req.cursor.direction == "next" else (None, anchor)
-    page = store.page(where, args, key=req.sort_key, desc=req.sort_desc, limit=req.count, after=after,
-                      before=before, join=join)
+    page = store.page(where, args, key=req.sort_keys or req.sort_key, desc=req.sort_desc, limit=req.count,
+                      after=after, before=before, join=join)
     rows = page.rows
     links.insert(0, ("first", _link(base, req.rtype, query)))
     if rows and page.has_prev:
@@ -257,6 +260,15 @@ def run_search(store: Store, req: SearchRequest, base: str, settings: ServerSett
         if capped:
             warnings.append(f"more than {settings.max_includes} included resources; the rest were left out")
     return _bundle(total, links, entries, warnings)
+
+
+def _check_cursor_key(key: object, n_keys: int | None) -> None:
+    """A cursor from another _sort (or a forged one) must not reach SQLite as a wrong-shaped parameter (-> 500)."""
+    scalar = (str, int, float, type(None))
+    ok = (isinstance(key, list) and len(key) == n_keys and all(isinstance(k, scalar) for k in key)) \
+        if n_keys else isinstance(key, scalar)
+    if not ok:
+        raise SearchError("invalid or expired paging cursor (it belongs to another _sort)", param="_cursor")
 
 
 def _bundle(total: int | None, links: list, entries: list, warnings: list[str]) -> bytes:

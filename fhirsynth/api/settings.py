@@ -21,7 +21,12 @@ class ServerSettings:
     max_params: int = 64  # search parameters per request
     max_body_bytes: int = 1_000_000  # POST _search / $synthesize bodies
     max_synthesize: int = 1000  # patients per $synthesize call
-    export_jobs: int = 16  # export jobs kept at once (finished ones count until deleted or expired)
+    # Export jobs kept at once: queued, running and finished ones until DELETEd or expired. When full, a finished
+    # job whose manifest and files were all downloaded is reclaimed; if none is, kick-off answers 429.
+    export_jobs: int = 64
+    export_pending: int = 8  # jobs queued or running at once; more kick-offs get 429 + Retry-After
+    export_workers: int = 2  # jobs preparing (counting) at the same time; the rest wait as "queued"
+    synthesize_queue: int = 4  # $synthesize calls waiting behind the running one; more get 429 + Retry-After
     export_expiry_s: float = 3600.0
     default_handling: str = "strict"  # Prefer: handling=strict|lenient when the client sends none
     profile: str = "us-core"  # profile for $synthesize output

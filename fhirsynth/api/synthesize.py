@@ -20,7 +20,8 @@ from fhirsynth import __version__
 from fhirsynth.api.bundle import bundle_bytes
 from fhirsynth.api.context import ServerContext, base_url, fhir_response, read_body, require
 from fhirsynth.api.errors import ApiError
-from fhirsynth.errors import UsageError
+from fhirsynth.api.parameters import parameters_items
+from fhirsynth.errors import FhirsynthError, UsageError
 from fhirsynth.store.sqlite import Store
 
 log = logging.getLogger(__name__)
@@ -75,28 +76,6 @@ def parse_synthesize(items: list[tuple[str, str]], max_count: int) -> Synthesize
     return req
 
 
-def parameters_items(body: bytes) -> list[tuple[str, str]]:
-    """(name, value) pairs from a FHIR Parameters resource."""
-    try:
-        doc = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise ApiError(400, f"body is not JSON: {exc}", code="invalid") from None
-    if not isinstance(doc, dict) or doc.get("resourceType") != "Parameters":
-        raise ApiError(400, "body must be a FHIR Parameters resource", code="invalid")
-    params = doc.get("parameter") or []
-    if not isinstance(params, list):
-        raise ApiError(400, "Parameters.parameter must be a list", code="invalid")
-    items = []
-    for p in params:
-        if not isinstance(p, dict) or not isinstance(p.get("name"), str):
-            raise ApiError(400, "each Parameters.parameter must be an object with a string name", code="invalid")
-        values = [v for k, v in p.items() if k.startswith("value")]
-        if not p.get("name") or len(values) != 1:
-            raise ApiError(400, f"parameter {p.get('name')!r} needs exactly one value[x]", code="invalid")
-        items.append((p["name"], values[0]))
-    return items
-
-
 def synthesize_into(store: Store, model_dir: Path, req: SynthesizeRequest, *, profile: str = "us-core") -> list[bytes]:
     """Sample req.count patients, assemble them to FHIR, store them (one transaction) and return the bodies.
 
@@ -130,9 +109,11 @@ def synthesize_into(store: Store, model_dir: Path, req: SynthesizeRequest, *, pr
 def add_routes(router: APIRouter, ctx: ServerContext) -> None:
     settings = ctx.settings
     gen_lock = asyncio.Lock()  # one generation at a time (sampling is CPU/GPU bound); waits without blocking
+    waiting = 0  # calls queued behind gen_lock; bounded so a burst cannot pile up requests that time out anyway
 
     @router.post("/Patient/$synthesize", summary="generate new synthetic patients from the loaded model")
     async def synthesize(request: Request) -> Response:
+        nonlocal waiting
         require(request, "Patient", "write")
         items = list(request.query_params.multi_items())
         body = await read_body(request, settings.max_body_bytes)
@@ -141,7 +122,15 @@ def add_routes(router: APIRouter, ctx: ServerContext) -> None:
         req = parse_synthesize(items, settings.max_synthesize)
         if settings.model_dir is None:
             raise ApiError(501, "no model is loaded (start the server with --model MODEL_DIR)", code="not-supported")
-        async with gen_lock:
+        if gen_lock.locked() and waiting >= settings.synthesize_queue:
+            raise ApiError(429, f"{waiting} $synthesize calls are already waiting for the generator; retry later",
+                           code="throttled", headers={"Retry-After": "2"})
+        waiting += 1
+        try:
+            await gen_lock.acquire()
+        finally:
+            waiting -= 1
+        try:
             try:
                 bodies = await run_in_threadpool(synthesize_into, ctx.store, settings.model_dir, req,
                                                  profile=settings.profile)
@@ -152,6 +141,13 @@ def add_routes(router: APIRouter, ctx: ServerContext) -> None:
                 name = name if name in _PARAM_NAMES else None
                 message = exc.message.replace(f"--{name}", name) if name else exc.message
                 raise ApiError(400, message, code="invalid", expression=name) from None
+            except FhirsynthError as exc:
+                # the loaded model is unusable (corrupt, another format version): the server's fault, but an
+                # OperationOutcome saying why rather than a bare 500 and a traceback
+                log.error("$synthesize failed: %s", exc)
+                raise ApiError(500, f"the server's model cannot be used: {exc}", code="exception") from None
+        finally:
+            gen_lock.release()
         base = base_url(request, "/Patient/$synthesize")
         entries = []
         for b in bodies:

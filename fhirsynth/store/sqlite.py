@@ -327,13 +327,16 @@ class Store:
                 self._count_cache.popitem(last=False)
         return n
 
-    def page(self, where: str, args: list, *, key: str, desc: bool, limit: int,
+    def page(self, where: str, args: list, *, key: str | list[tuple[str, bool]], desc: bool, limit: int,
              after: tuple | None = None, before: tuple | None = None,
              join: tuple[str, list] | None = None) -> Page:
         """Keyset paging over `resources r`: rows ordered by (key, rid), strictly after or before a (key, rid).
 
         join = (condition on idx_reference x, args): drive the query from that index (see query.compile_join).
+        key = [(expr, desc), ...]: several sort keys (desc is then ignored), see _page_multi.
         """
+        if isinstance(key, list):
+            return self._page_multi(where, args, keys=key, limit=limit, after=after, before=before, join=join)
         backwards = before is not None
         cond, cargs = where, list(args)
         source = "resources r"
@@ -355,6 +358,42 @@ class Store:
             f"ORDER BY {key} {order}"
         sql = f"SELECT r.rid, {key}, r.type, r.id, r.body FROM {source} WHERE {cond} {order_sql} LIMIT ?"
         rows = [Row(*t) for t in self._conn().execute(sql, cargs + [limit + 1])]
+        more = len(rows) > limit
+        rows = rows[:limit]
+        if backwards:
+            rows.reverse()
+            return Page(rows, has_next=True, has_prev=more)
+        return Page(rows, has_next=more, has_prev=after is not None)
+
+    def _page_multi(self, where: str, args: list, *, keys: list[tuple[str, bool]], limit: int,
+                    after: tuple | None, before: tuple | None, join: tuple[str, list] | None) -> Page:
+        """page() for several sort keys, each with its own direction: Row.key is the list of key values.
+
+        Ties on every key are broken by rid in the direction of the last key. The keyset condition for "after
+        (a1, a2, .., rid)" is the usual expansion: k1 > a1 OR (k1 = a1 AND k2 > a2) OR ... with > or < per key.
+        """
+        backwards = before is not None
+        cond, cargs = where, list(args)
+        source = "resources r"
+        if join is not None:
+            source = "idx_reference x JOIN resources r ON r.rid = x.rid"
+            cond, cargs = f"{join[0]} AND {cond}", [*join[1], *cargs]
+        order = [*keys, ("r.rid", keys[-1][1])]
+        anchor = before if backwards else after
+        if anchor is not None:
+            values = [*anchor[0], anchor[1]]
+            alternatives = []
+            for i, (expr, desc) in enumerate(order):
+                op = "<" if desc != backwards else ">"
+                eqs = [f"{e} = ?" for e, _ in order[:i]]
+                alternatives.append("(" + " AND ".join([*eqs, f"{expr} {op} ?"]) + ")")
+                cargs += [*values[:i], values[i]]
+            cond += " AND (" + " OR ".join(alternatives) + ")"
+        order_sql = ", ".join(f"{e} {'DESC' if desc != backwards else 'ASC'}" for e, desc in order)
+        cols = ", ".join(e for e, _ in keys)
+        sql = f"SELECT r.rid, {cols}, r.type, r.id, r.body FROM {source} WHERE {cond} ORDER BY {order_sql} LIMIT ?"
+        n = len(keys)
+        rows = [Row(t[0], list(t[1:1 + n]), *t[1 + n:]) for t in self._conn().execute(sql, cargs + [limit + 1])]
         more = len(rows) > limit
         rows = rows[:limit]
         if backwards:

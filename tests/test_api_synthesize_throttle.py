@@ -1,0 +1,76 @@
+"""$synthesize under a burst, over real HTTP (uvicorn in a thread): one generation runs at a time, at most
+`synthesize_queue` calls wait for it, the rest get 429 + Retry-After + OperationOutcome instead of piling up."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import uvicorn
+
+from fhirsynth.api.app import create_app
+from fhirsynth.api.settings import ServerSettings
+from fhirsynth.store.loader import build_store
+from serverproc import free_port
+
+pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.filterwarnings("ignore::RuntimeWarning")]
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    pytest.importorskip("fhirsynth.model.sampler")
+    from fhirsynth.model.config import ModelConfig
+    from fhirsynth.model.train import train_model
+    from fhirsynth.timeline.io import write_timelines
+    from fhirsynth.timeline.samples import random_timelines
+
+    root = tmp_path_factory.mktemp("synth-burst")
+    write_timelines(random_timelines(40, seed=3, visits=4), root / "timelines")
+    train_model(root / "timelines", root / "model", dp=True, epsilon=8.0, epochs=1, device="cpu",
+                model_config=ModelConfig(d_model=32, n_layers=1, n_heads=2, d_ff=64, max_len=256))
+    return root / "model"
+
+
+def test_burst_beyond_queue_is_throttled(tiny_model: Path, tmp_path: Path, fixtures_dir: Path):
+    store, _ = build_store(fixtures_dir / "server" / "export", tmp_path / "s.db")
+    app = create_app(ServerSettings(db_path=tmp_path / "s.db", model_dir=tiny_model, synthesize_queue=1),
+                     store=store)
+    port = free_port()
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    while not srv.started:
+        time.sleep(0.02)
+    base = f"http://127.0.0.1:{port}"
+
+    async def burst() -> list[httpx.Response]:
+        async with httpx.AsyncClient(timeout=120) as http:
+            first = asyncio.create_task(http.post(f"{base}/Patient/$synthesize", params={"count": 100, "seed": 1}))
+            await asyncio.sleep(0.3)  # the first call holds the generator now (100 patients take seconds)
+            rest = [asyncio.create_task(http.post(f"{base}/Patient/$synthesize", params={"count": 1, "seed": s}))
+                    for s in range(2, 6)]
+            for _ in range(600):  # the turned-away calls answer at once, while the first is still generating
+                if sum(t.done() for t in rest) >= 3:
+                    break
+                await asyncio.sleep(0.05)
+            assert not first.done(), "the first generation ended before the burst was answered"
+            return [await first, *[await t for t in rest]]
+
+    try:
+        responses = asyncio.run(burst())
+        codes = sorted(r.status_code for r in responses)
+        # one running, one waiting (synthesize_queue=1), three turned away; nothing else (no 5xx, no timeout)
+        assert codes == [201, 201, 429, 429, 429], [(r.status_code, r.text[:200]) for r in responses]
+        for r in responses:
+            if r.status_code == 429:
+                assert int(r.headers["retry-after"]) >= 1
+                assert r.json()["issue"][0]["code"] == "throttled"
+        # once the burst is over, generation is available again
+        assert httpx.post(f"{base}/Patient/$synthesize", params={"count": 1}, timeout=60).status_code == 201
+    finally:
+        srv.should_exit = True
+        thread.join(10)
