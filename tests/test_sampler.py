@@ -187,3 +187,58 @@ def test_living_records_run_to_the_reference_date(model_dir):
         assert ref_days - last_days <= v.cfg.end_horizon_days + 1e-6
         checked += 1
     assert checked > 20
+
+
+def test_sampled_age_tokens_agree_with_the_sampled_visit_times(model_dir):
+    """The age token after a gap is forced by the grammar: it must equal the decoded visit's age in years, and
+    appear exactly when that age changed since the previous visit."""
+    from fhirsynth.model.grammar import Grammar
+    from fhirsynth.model.sampler import generate
+    from fhirsynth.model.tokenizer import Tokenizer
+
+    lm = load_model(model_dir, "cpu")
+    v = lm.vocab
+    g = Grammar(v, load_constraints(), lm.model_config.max_len, torch.device("cpu"))
+    toks, draws = generate(lm.model, g, 300, torch.Generator().manual_seed(9))
+    a0, a1 = v.offsets["age"]
+    checked = 0
+    for i in range(300):
+        seq, dr = toks[i].tolist(), draws[i].tolist()
+        prev_year = None
+        for j, x in enumerate(seq):
+            if x == v.END or x == v.DEATH:
+                break
+            if x != v.VISIT:
+                continue
+            t_tok, t_draw = seq[j + 1], dr[j + 1]
+            if prev_year is None:  # first visit: AGE carries the time
+                prev_year = t_tok - a0
+                continue
+            year = min(int(t_draw // 365.25), v.n_ages - 1)  # the last age token means "that old or older"
+            nxt = seq[j + 2]
+            if year != prev_year:
+                assert a0 <= nxt < a1 and nxt - a0 == year
+                assert min(int(dr[j + 2] // 365.25), v.n_ages - 1) == year
+                checked += 1
+            else:
+                assert not a0 <= nxt < a1
+            prev_year = year
+        Tokenizer(v).decode(seq, dr, "x")  # and it still decodes
+    assert checked > 20
+
+
+def test_sex_is_drawn_from_the_released_shares(model_dir, tmp_path):
+    import json
+    import shutil
+
+    d = tmp_path / "m"
+    shutil.copytree(model_dir, d)
+    vj = json.loads((d / "vocab.json").read_text())
+    assert vj["sex_shares"] is not None  # written by training
+    vj["sex_shares"] = [0.0, 1.0, 0.0, 0.0]
+    (d / "vocab.json").write_text(json.dumps(vj))
+    tls = list(sample_timelines(d, 200, seed=3, batch_size=100, device="cpu"))
+    assert {t.patient.sex for t in tls} == {"female"}
+    # forcing sex still wins over the shares
+    tls = list(sample_timelines(d, 50, seed=3, sex="male", device="cpu"))
+    assert {t.patient.sex for t in tls} == {"male"}

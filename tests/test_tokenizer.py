@@ -124,6 +124,82 @@ def test_compression_keeps_one_sequence_per_patient_within_context():
         assert any(vocab.group_of(x) == "val" for x in tail)
 
 
+def _split_visits(vocab, seq):
+    """[(time tokens after VISIT, entry tokens)] of an encoded sequence."""
+    out, cur = [], None
+    for x in seq:
+        g = vocab.group_of(x)
+        if x == vocab.VISIT:
+            cur = ([], [])
+            out.append(cur)
+        elif x in (vocab.DEATH, vocab.END):
+            cur = None
+        elif cur is not None:
+            (cur[0] if g in ("age", "gap") and not cur[1] else cur[1]).append(x)
+    return out
+
+
+def test_age_token_follows_a_gap_exactly_when_the_age_in_years_changes(setup):
+    tls, vocab, tok = setup
+    a0 = vocab.start("age")
+    changed = same = 0
+    for t in tls:
+        seq = tok.encode(t)
+        visits = _split_visits(vocab, seq)
+        days = [d for d, _ in _visits(t)]
+        if len(seq) >= CFG.max_len - 5 or len(visits) != len(days):
+            continue  # compressed: visits were dropped, the mapping to the timeline's visits is lost
+        for j, (times, _) in enumerate(visits):
+            groups = [vocab.group_of(x) for x in times]
+            year = int(days[j] // 365.25)
+            if j == 0:
+                assert groups == ["age"] and times[0] - a0 == year
+                continue
+            if year != int(days[j - 1] // 365.25):
+                assert groups == ["gap", "age"] and times[1] - a0 == year
+                changed += 1
+            else:
+                assert groups == ["gap"]
+                same += 1
+    assert changed > 20 and same > 5
+
+
+def test_compression_keeps_one_occurrence_of_every_observation_code():
+    """An observation taken once, long ago, survives compression; the vitals repeated at every visit are
+    what gets dropped from old visits."""
+    from dataclasses import replace
+
+    tls = [t for t in make_timelines(40, seed=4, n_visits=(40, 60))
+           if sum(e.kind == "encounter" for e in t.events) >= 20]
+    assert len(tls) >= 10
+    rare = []
+    for t in tls:
+        first_enc = min((e for e in t.events if e.kind == "encounter"), key=lambda e: e.time)
+        rare.append(replace(next(e for e in t.events if e.code == "8867-4"), code="2093-3", display="Cholesterol",
+                            time=first_enc.time, encounter_id=first_enc.encounter_id, value=None, unit=None))
+        t.events.append(rare[-1])
+        t.events.sort(key=lambda e: e.time)
+    # long enough for every visit's encounter and conditions, too short for every visit's observations
+    cfg = TokenizerConfig(max_len=512, reference_date="2026-01-01")
+    vocab, _ = build_vocab(tls, cfg, dp=False, epsilon=None, delta=None, rng=np.random.default_rng(0))
+    tok = Tokenizer(vocab)
+    checked = 0
+    for t, r in zip(tls, rare):
+        stats = Counter()
+        seq = tok.encode(t, stats)
+        assert len(seq) <= cfg.max_len
+        if stats["visits_dropped_for_length"] or not stats["observations_dropped_for_length"]:
+            continue  # step 3 (whole visits) or no compression at all: not what this test is about
+        obs_codes = {e.code for e in t.events if e.kind == "observation"}
+        in_seq = {vocab.item_of(x).code for x in seq if vocab.group_of(x) == "item"}
+        assert obs_codes <= in_seq, obs_codes - in_seq
+        assert vocab.item_token(tok.matcher.event_key(r)) in seq
+        n_hr = sum(1 for x in seq if vocab.group_of(x) == "item" and vocab.item_of(x).code == "8867-4")
+        assert n_hr < sum(e.code == "8867-4" for e in t.events)  # the repeated vital was thinned
+        checked += 1
+    assert checked >= 5
+
+
 def test_public_items_are_free_and_dp_selection_thresholds():
     vb, panels = load_value_bins()
     pub = public_items(vb, panels)
@@ -178,3 +254,29 @@ def test_analytic_gaussian_meets_delta(eps, delta, sens):
     # tighter than the classical sqrt(2 ln(1.25/delta)) * sens / eps bound where that one applies
     if eps < 1:
         assert sigma <= math.sqrt(2 * math.log(1.25 / delta)) * sens / eps
+
+
+def test_sex_shares_laplace_mechanism_scale_and_threshold():
+    """The released sex counts have Laplace(1/eps) noise (std sqrt(2)/eps) and empty cells stay empty unless the
+    noise passes 3/eps (probability e^-3 / 2 per cell); no DP gives the exact shares."""
+    from fhirsynth.model.vocab import SEXES, release_sex_shares
+    from fhirsynth.timeline.types import PatientInfo, Timeline
+
+    tls = [Timeline(patient=PatientInfo(patient_id=str(i), sex="male" if i % 4 else "female"), events=[])
+           for i in range(400)]
+    exact, rep = release_sex_shares(tls, dp=False, epsilon=None, rng=np.random.default_rng(0))
+    assert exact == [0.75, 0.25, 0.0, 0.0] and rep["epsilon"] is None
+    eps = 0.1
+    rng = np.random.default_rng(1)
+    male, other_released = [], 0
+    for _ in range(3000):
+        shares, rep = release_sex_shares(tls, dp=True, epsilon=eps, rng=rng)
+        assert math.isclose(sum(shares), 1.0) and min(shares) >= 0
+        male.append(shares[0])
+        other_released += shares[SEXES.index("other")] > 0
+    assert rep["scale"] == 1 / eps and rep["delta"] == 0.0
+    assert abs(np.mean(male) - 0.75) < 0.01
+    rate = other_released / 3000
+    assert abs(rate - 0.5 * math.exp(-3)) < 0.012  # 0.0249 expected
+    with pytest.raises(Exception, match="epsilon"):
+        release_sex_shares(tls, dp=True, epsilon=0.0, rng=rng)

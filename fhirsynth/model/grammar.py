@@ -27,12 +27,13 @@ from fhirsynth.model.tokenizer import day_number
 from fhirsynth.model.vocab import SEXES, Vocab
 
 (ST_START, ST_SEX, ST_BY, ST_RACE, ST_ETH, ST_BODY0, ST_VTIME0, ST_VTIME, ST_VFIRST, ST_AENC, ST_AENCCAT,
- ST_ACOND, ST_AOBS, ST_ADONE, ST_DEATH0, ST_DEATHV, ST_DEAD, ST_FIN) = range(18)
-N_STATES = 18
-# Fewest tokens needed to finish a sequence from each state (the length mask).
-_NEED = {ST_START: 6, ST_SEX: 5, ST_BY: 4, ST_RACE: 3, ST_ETH: 2, ST_BODY0: 1, ST_VTIME0: 3, ST_VTIME: 3,
+ ST_ACOND, ST_AOBS, ST_ADONE, ST_DEATH0, ST_DEATHV, ST_DEAD, ST_FIN, ST_VAGE) = range(19)
+N_STATES = 19
+# Fewest tokens needed to finish a sequence from each state (the length mask). ST_VAGE (after a later visit's
+# gap) counts the age token it may be forced to emit.
+_NEED = {ST_START: 6, ST_SEX: 5, ST_BY: 4, ST_RACE: 3, ST_ETH: 2, ST_BODY0: 1, ST_VTIME0: 3, ST_VTIME: 4,
          ST_VFIRST: 2, ST_AENC: 1, ST_AENCCAT: 1, ST_ACOND: 1, ST_AOBS: 1, ST_ADONE: 1, ST_DEATH0: 2,
-         ST_DEATHV: 2, ST_DEAD: 1, ST_FIN: 0}
+         ST_DEATHV: 2, ST_DEAD: 1, ST_FIN: 0, ST_VAGE: 3}
 
 
 @dataclass
@@ -51,6 +52,9 @@ class BatchState:
     max_end: torch.Tensor  # [B] float64, latest end time so far (days since birth)
     min_death: torch.Tensor  # [B] float64, earliest allowed death (days since birth)
     last_item: torch.Tensor  # [B] long, token of the last code (for value bins)
+    age_seen: torch.Tensor  # [B] long, age in years given by the last age token
+    gap_lo: torch.Tensor  # [B] float64, the last gap's bucket as days since birth (lower end)
+    gap_hi: torch.Tensor  # [B] float64, (upper end)
     has_cond: torch.Tensor  # [B] bool, required condition emitted
 
     def select(self, idx: torch.Tensor) -> BatchState:
@@ -65,6 +69,11 @@ class Grammar:
         self.end_horizon = float(vocab.cfg.end_horizon_days)
         self.device = device
         self.cond = cond or Conditioning()
+        self.end_redirect: torch.Tensor | None = None  # set by mask(): rows whose END mass goes to VISIT
+        # released (DP) sex shares replace the model's first prediction (vocab.py); not when sex is forced
+        self.sex_prior: torch.Tensor | None = None
+        if vocab.sex_shares is not None and self.cond.sex is None:
+            self.sex_prior = torch.as_tensor(vocab.sex_shares, dtype=torch.float32, device=device)
         V = v.size
         allowed = np.zeros((N_STATES, V), dtype=bool)
         nxt = np.full((N_STATES, V), ST_FIN, dtype=np.int64)
@@ -97,10 +106,12 @@ class Grammar:
         allow(ST_BODY0, [v.DEATH], ST_DEATH0)
         allow(ST_BODY0, [v.END], ST_FIN)
         allow(ST_VTIME0, v.rng("age"), ST_VFIRST)
-        allow(ST_VTIME, v.rng("gap"), ST_VFIRST)
-        allow(ST_VFIRST, enc, ST_AENC)
-        allow(ST_VFIRST, cond_t, ST_ACOND)
-        allow(ST_VFIRST, obs, ST_AOBS)
+        allow(ST_VTIME, v.rng("gap"), ST_VAGE)
+        allow(ST_VAGE, v.rng("age"), ST_VFIRST)  # mask(): required exactly when the age in years changed
+        for s0 in (ST_VFIRST, ST_VAGE):
+            allow(s0, enc, ST_AENC)
+            allow(s0, cond_t, ST_ACOND)
+            allow(s0, obs, ST_AOBS)
         for s in (ST_AENC, ST_AENCCAT, ST_ACOND, ST_AOBS, ST_ADONE):
             body(s)
         allow(ST_AENC, vals, ST_AENCCAT)
@@ -189,6 +200,8 @@ class Grammar:
             birth=z.clone(), cur=z.clone(), max_end=z.clone(),
             min_death=torch.full((batch,), self.min_death0, dtype=f64, device=d),
             last_item=torch.zeros(batch, dtype=torch.long, device=d),
+            age_seen=torch.zeros(batch, dtype=torch.long, device=d),
+            gap_lo=z.clone(), gap_hi=z.clone(),
             has_cond=torch.zeros(batch, dtype=torch.bool, device=d),
         )
 
@@ -217,8 +230,25 @@ class Grammar:
         if self.lim_cols.numel():
             cur = s.cur[:, None]
             m[:, self.lim_cols] &= (self.lim_lo[None] <= cur) & (cur < self.lim_hi[None])
+        # after a later visit's gap: the age token is implied by the drawn time, so it is forced when the age in
+        # years changed and not allowed otherwise
+        in_vage = s.st == ST_VAGE
+        if bool(in_vage.any()):
+            want = torch.clamp(torch.floor(s.cur / DAYS_PER_YEAR).long(), 0, v.n_ages - 1)
+            changed = in_vage & (want != s.age_seen)
+            m[in_vage, a0:a1] = False
+            if bool(changed.any()):
+                rows = changed.nonzero().squeeze(1)
+                m[rows] = False
+                m[rows, a0 + want[rows]] = True
+        blocked = None
         if self.end_horizon > 0:  # a living patient's record runs to (near) the reference date
-            m[:, v.END] &= (rem <= self.end_horizon) | (s.st == ST_DEAD) | (s.st == ST_FIN)
+            ok = (rem <= self.end_horizon) | (s.st == ST_DEAD) | (s.st == ST_FIN)
+            # rows where the model may want to stop too early: the sampler moves END's probability to VISIT
+            # (the record goes on) instead of renormalising it over everything else, which would turn an
+            # early stop into a death far more often than the data says
+            blocked = m[:, v.END] & ~ok
+            m[:, v.END] &= ok
         if self.cond_tokens.numel():
             missing = ~s.has_cond
             m[:, v.END] &= ~missing
@@ -235,6 +265,7 @@ class Grammar:
         dead_end = ~m.any(dim=1)
         if bool(dead_end.any()):  # only reachable when a required code never became allowed: end it
             m[dead_end, v.END] = True
+        self.end_redirect = None if blocked is None else blocked & m[:, v.VISIT] & ~m[:, v.END]
         return m
 
     def advance(self, s: BatchState, tok: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -266,6 +297,18 @@ class Grammar:
         x = lo + u * (hi - lo)
         s.cur = torch.where(is_age & (st == ST_VTIME0), x, s.cur)
         draw = torch.where(is_age, x, draw)
+        # AGE after a gap restates the age in years of the drawn time; replayed training sequences (no masks) may
+        # have drawn the gap into a neighbouring year, so the time is drawn again inside both the gap's bucket and
+        # the stated year (a no-op for the sampler, whose mask forced the age of the drawn time)
+        in_vage = is_age & (st == ST_VAGE)
+        lo = torch.maximum(s.gap_lo, self.age_lo[ai])
+        hi = torch.minimum(s.gap_hi, self.age_hi[ai] - 1e-6)
+        inside = (s.cur >= lo) & (s.cur <= hi)
+        # (when earlier jitter leaves no overlap, the gap wins: replay is exact up to bins in gaps, not ages)
+        pulled = torch.where(inside | (hi < lo), s.cur, lo + u * (hi - lo))
+        s.cur = torch.where(in_vage, pulled, s.cur)
+        draw = torch.where(in_vage, pulled, draw)
+        s.age_seen = torch.where(is_age & ((st == ST_VTIME0) | (st == ST_VAGE)), ai, s.age_seen)
         # GAP: later visit or death after visits
         is_gap, gi = grp("gap")
         in_dv = st == ST_DEATHV
@@ -274,6 +317,8 @@ class Grammar:
         hi = torch.maximum(torch.minimum(self.gap_hi[gi], rem), lo)
         x = s.cur + lo + u * (hi - lo)
         draw = torch.where(is_gap, x, draw)
+        s.gap_lo = torch.where(is_gap, s.cur + lo, s.gap_lo)
+        s.gap_hi = torch.where(is_gap, s.cur + hi, s.gap_hi)
         s.cur = torch.where(is_gap & (st == ST_VTIME), x, s.cur)
         # DUR: end = start + duration (never before the start, never after the reference date)
         is_dur, di = grp("dur")

@@ -60,9 +60,22 @@ def generate(
     for pos in range(1, L):
         logits = model.step(tok, pos - 1, cache).float()  # [b, V]
         mask = grammar.mask(state, pos)
-        logits = (logits / temperature).masked_fill(~mask, float("-inf"))
-        probs = torch.softmax(logits, dim=1)
-        if top_p < 1.0:
+        redirect = grammar.end_redirect
+        if redirect is not None and bool(redirect.any()):
+            open_mask = mask.clone()
+            open_mask[:, v.END] |= redirect
+            probs = torch.softmax((logits / temperature).masked_fill(~open_mask, float("-inf")), dim=1)
+            probs[:, v.VISIT] += torch.where(redirect, probs[:, v.END], 0.0)
+            probs[:, v.END] = torch.where(redirect, 0.0, probs[:, v.END])
+        else:
+            probs = torch.softmax((logits / temperature).masked_fill(~mask, float("-inf")), dim=1)
+        if pos == 1 and grammar.sex_prior is not None:  # the SEX token: drawn from the released shares
+            s0, s1 = v.offsets["sex"]
+            prior = torch.zeros_like(probs)
+            prior[:, s0:s1] = grammar.sex_prior.to(probs.dtype)
+            prior = prior.masked_fill(~mask, 0.0)
+            probs = torch.where(prior.sum(dim=1, keepdim=True) > 0, prior, probs)
+        elif top_p < 1.0:
             probs = _top_p(probs, top_p)
         # inverse-CDF draw (cheaper than torch.multinomial on CPU); masked tokens have zero mass
         r = torch.rand((probs.shape[0], 2), generator=generator, dtype=torch.float64, device=dev)

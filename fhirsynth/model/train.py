@@ -190,11 +190,6 @@ def train_model(
                      checkpoint_every=checkpoint_every)
     _validate(tc)
     _quiet_opacus()
-    if secure_rng and dp:
-        try:
-            import torchcsprng  # noqa: F401  (Opacus' secure mode needs it)
-        except ImportError:
-            raise UsageError("needs the torchcsprng package, which is not installed", where="--secure-rng") from None
     tdir, out = Path(timelines_dir), Path(out_dir)
     if not tdir.is_dir():
         raise UsageError("timelines directory not found", where=str(tdir))
@@ -300,7 +295,8 @@ def _train(tc, tdir, out, dev, tk, mc, delta, dp, seed, secure_rng, on_step, dct
         from opacus import PrivacyEngine
 
         sigma = _noise_multiplier(eps_train, d_train, q, total_steps) if resume is None else float(resume["sigma"])
-        engine = PrivacyEngine(accountant="prv", secure_mode=secure_rng)
+        # secure_mode stays off in Opacus (it needs torchcsprng); securerng.install() below does its job
+        engine = PrivacyEngine(accountant="prv", secure_mode=False)
         if dctx is None:
             loader = DataLoader(ds, batch_size=tc.batch_size, collate_fn=pad_collate)
         else:
@@ -312,6 +308,10 @@ def _train(tc, tdir, out, dev, tk, mc, delta, dp, seed, secure_rng, on_step, dct
         )
         if abs(loader.sample_rate - q) > 1e-12:  # our accounting assumes Opacus' rate
             q = loader.sample_rate
+        if secure_rng:
+            from fhirsynth.model.securerng import install
+
+            install(opt, loader)
         if resume is not None:
             engine.accountant.load_state_dict(resume["accountant"])
     pending_rng = None

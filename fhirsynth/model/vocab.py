@@ -12,6 +12,12 @@ an item is released in vocab.json, so an item enters the vocabulary only if
     (eps_vocab, delta_vocab / 2); T = 1 + sigma * Phi^-1(1 - delta_vocab / (2k)) bounds the chance that an
     item only the added patient has gets released (union bound over its k items).
 With dp=False the counts are exact and items seen in >= min_count patients are kept (no privacy).
+
+The sex marginal is released beside the items (release_sex_shares): a Laplace histogram over SEXES (one
+patient changes one count by 1, so scale 1/eps_sex gives eps_sex-DP with delta 0), cells below 3 x scale set to
+zero (post-processing). The sampler draws each synthetic patient's sex from these shares instead of the model's
+first prediction: at small epsilon the noisy model put a fifth to a half of all patients in "other"/"unknown".
+Budget split: SEX_EPSILON_FRACTION of the preprocessing epsilon for the sex shares, the rest for the items.
 """
 
 from __future__ import annotations
@@ -253,8 +259,10 @@ class Vocab:
     PAD, BOS, END, VISIT, DEATH = 0, 1, 2, 3, 4
     N_SPECIAL = 5
 
-    def __init__(self, cfg: TokenizerConfig, items: list[Item], value_bins: dict[tuple[str, str], ValueBins]) -> None:
+    def __init__(self, cfg: TokenizerConfig, items: list[Item], value_bins: dict[tuple[str, str], ValueBins],
+                 sex_shares: list[float] | None = None) -> None:
         self.cfg = cfg
+        self.sex_shares = sex_shares  # released (DP) share of each of SEXES; None: sample sex from the model
         self.items = list(items)
         self.value_bins = value_bins
         n_bands = math.ceil((cfg.birth_year_end - cfg.birth_year_start) / cfg.birth_year_width)
@@ -333,6 +341,7 @@ class Vocab:
             "gap_edges": list(GAP_EDGES),
             "dur_edges": list(DUR_EDGES),
             "sexes": list(SEXES),
+            "sex_shares": self.sex_shares,
             "races": [list(r) for r in RACES],
             "ethnicities": [list(e) for e in ETHNICITIES],
         }
@@ -344,7 +353,11 @@ class Vocab:
             bins = {(d["system"], d["code"]): ValueBins.from_json(d) for d in data["value_bins"]}
             if tuple(data["gap_edges"]) != GAP_EDGES or tuple(data["dur_edges"]) != DUR_EDGES:
                 raise ModelDirError("vocab.json time buckets differ from this fhirsynth version")
-            vocab = cls(cfg, items, bins)
+            shares = data.get("sex_shares")
+            if shares is not None and (len(shares) != len(SEXES) or not math.isclose(sum(shares), 1.0)
+                                       or min(shares) < 0):
+                raise ModelDirError(f"vocab.json sex_shares {shares!r} is not a distribution over {list(SEXES)}")
+            vocab = cls(cfg, items, bins, shares)
         except (KeyError, TypeError) as exc:
             raise ModelDirError(f"vocab.json is malformed ({type(exc).__name__}: {exc})") from None
         if vocab.size != data.get("size"):
@@ -367,9 +380,43 @@ def build_vocab(
     value_bins, panels = load_value_bins()
     public_codes = load_public_codes()
     public = public_items(value_bins, panels, public_codes)
+    timelines = timelines if isinstance(timelines, list) else list(timelines)
+    eps_sex = epsilon * SEX_EPSILON_FRACTION if dp and epsilon is not None else None
+    eps_items = epsilon - eps_sex if eps_sex is not None else epsilon
     sel = select_items(
         timelines, matcher=ItemMatcher(value_bins, panels, public_codes), public=public, k=cfg.max_items_per_patient,
-        max_items=cfg.max_vocab_items, dp=dp, epsilon=epsilon, delta=delta, min_count=cfg.min_count_no_dp,
+        max_items=cfg.max_vocab_items, dp=dp, epsilon=eps_items, delta=delta, min_count=cfg.min_count_no_dp,
         rng=rng,
     )
-    return Vocab(cfg, sel.items, value_bins), sel.report
+    shares, sex_report = release_sex_shares(timelines, dp=dp, epsilon=eps_sex, rng=rng)
+    report = {**sel.report, "sex_marginal": sex_report,
+              "epsilon_total": epsilon if dp else None}
+    return Vocab(cfg, sel.items, value_bins, shares), report
+
+
+SEX_EPSILON_FRACTION = 0.1
+
+
+def release_sex_shares(timelines: list[Timeline], *, dp: bool, epsilon: float | None,
+                       rng: np.random.Generator) -> tuple[list[float], dict[str, Any]]:
+    """Share of each of SEXES among the patients: Laplace(1/epsilon) counts under dp, exact otherwise."""
+    counts = np.zeros(len(SEXES), dtype=np.float64)
+    for tl in timelines:
+        sex = tl.patient.sex if tl.patient.sex in SEXES else "unknown"
+        counts[SEXES.index(sex)] += 1
+    if dp:
+        if epsilon is None or epsilon <= 0:
+            raise PrivacyBudgetError(f"the sex marginal needs epsilon > 0 (got {epsilon})")
+        scale = 1.0 / epsilon
+        threshold = 3.0 * scale
+        noisy = counts + rng.laplace(0.0, scale, len(counts))
+        noisy[noisy < threshold] = 0.0
+        report: dict[str, Any] = {"mechanism": "laplace histogram, cells below the threshold set to 0",
+                                  "epsilon": epsilon, "delta": 0.0, "scale": scale, "threshold": threshold}
+    else:
+        noisy = counts
+        report = {"mechanism": "exact counts (no DP)", "epsilon": None, "delta": None}
+    total = float(noisy.sum())
+    shares = (noisy / total).tolist() if total > 0 else [1.0 / len(SEXES)] * len(SEXES)
+    report["shares"] = dict(zip(SEXES, (round(x, 6) for x in shares)))
+    return shares, report
