@@ -79,8 +79,8 @@ def count_lines(path: Path) -> int:
 # (fixture file, skip reason it must produce, where the example must point (suffix of the path), resources
 #  that must still be used)
 SKIPPING_INPUTS = [
-    # None: any count (a reader may salvage the resources before the cut; it must still count the file)
-    ("truncated-gzip.ndjson.gz", "unreadable_file", "truncated-gzip.ndjson.gz", None),
+    # the complete line before the cut (the Patient) is used; the cut-off line 2 is counted at file:line
+    ("truncated-gzip.ndjson.gz", "truncated_gzip", "truncated-gzip.ndjson.gz:2", 1),
     ("invalid-utf8-on-line-2.ndjson", "invalid_json", "invalid-utf8-on-line-2.ndjson:2", 2),
     ("wrong-resource-type.ndjson", "unmapped_type", "wrong-resource-type.ndjson:2", 2),
     ("resource-type-not-a-string.ndjson", "not_fhir_resource", "resource-type-not-a-string.ndjson:2", 1),

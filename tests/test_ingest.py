@@ -176,7 +176,7 @@ BROKEN = [
     ("duplicate-ids.ndjson", {"duplicate_id": 2}),
     ("patient-without-id.ndjson", {"no_id": 1}),
     ("malformed-element-types.ndjson", {"malformed_resource": 1, "no_usable_time": 1}),
-    ("truncated-gzip.ndjson.gz", {"unreadable_file": 1}),
+    ("truncated-gzip.ndjson.gz", {"truncated_gzip": 1}),
 ]
 
 
@@ -204,7 +204,9 @@ def test_examples_name_file_line_and_resource(ing: Path, tmp_path: Path) -> None
 def test_whole_broken_dir_balances_and_strict_fails(ing: Path, tmp_path: Path) -> None:
     report = ingest([ing / "broken"], tmp_path / "lenient")
     _assert_balanced(report)
-    assert report["totals"]["skipped"] == sum(sum(r.values()) for _, r in BROKEN)
+    # + 2: Observation/o1 and o2 salvaged from truncated-gzip repeat ids already read from invalid-json-on-line-3
+    assert report["totals"]["skipped"] == sum(sum(r.values()) for _, r in BROKEN) + 2
+    assert report["skipped"]["duplicate_id"]["count"] == 2 + 2
     with pytest.raises(StrictModeError) as exc:
         ingest([ing / "broken"], tmp_path / "strict", strict=True)
     assert "skipped" in str(exc.value)
@@ -221,7 +223,7 @@ def test_many_small_spill_files_give_the_same_result(ing: Path, tmp_path: Path,
     many = ingest(inputs, tmp_path / "many")
     for key in ("totals", "resource_types", "events", "patients"):
         assert one[key] == many[key], key
-    assert one["skipped"]["duplicate_id"]["count"] == 2
+    assert one["skipped"]["duplicate_id"]["count"] == 2 + 2  # + o1, o2 salvaged from truncated-gzip
     assert _rows(tmp_path / "one" / "events.parquet") == _rows(tmp_path / "many" / "events.parquet")
 
 
@@ -256,6 +258,107 @@ def test_ndjson_in_gz_and_json_named_ndjson(ing: Path, tmp_path: Path) -> None:
     assert a["events"] == b["events"]
     c = ingest([tmp_path / "in" / "Patient.ndjson.gz", tmp_path / "obs-really-ndjson.json"], tmp_path / "c")
     assert c["resource_types"]["Observation"]["used"] == 3
+
+
+# -- truncated / damaged gzip: every complete line before the damage is used ------------------------------------
+
+def _cohort_lines(n_obs: int) -> list[bytes]:
+    pat = {"resourceType": "Patient", "id": "p-big", "gender": "male", "birthDate": "1960-01-02"}
+    obs = [{"resourceType": "Observation", "id": f"o{i}", "status": "final",
+            "subject": {"reference": "Patient/p-big"}, "effectiveDateTime": f"2020-01-01T00:00:{i % 60:02d}Z",
+            "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/observation-category",
+                                      "code": "laboratory"}]}],
+            "code": {"coding": [{"system": "http://loinc.org", "code": "2339-0"}]},
+            "valueQuantity": {"value": float(i % 200), "unit": "mg/dL"}, "note": [{"text": "x" * (i % 97)}]}
+           for i in range(n_obs)]
+    return [orjson.dumps(r) for r in [pat, *obs]]
+
+
+def test_truncated_gzip_salvages_every_complete_line(tmp_path: Path) -> None:
+    """Cut a multi-chunk .ndjson.gz mid-way: all complete lines are used (the old GzipFile path lost the whole
+    last 4 MB chunk), the cut line is one truncated_gzip problem at file:line, and the books balance."""
+    lines = _cohort_lines(30_000)  # ~10 MB decompressed: several 4 MB read chunks
+    data = b"\n".join(lines) + b"\n"
+    packed = gzip.compress(data, compresslevel=1)
+    cut = packed[: len(packed) * 2 // 3]
+    src = tmp_path / "in" / "Cohort.ndjson.gz"
+    src.parent.mkdir()
+    src.write_bytes(cut)
+    import zlib
+
+    prefix = zlib.decompressobj(31).decompress(cut)  # what any gzip reader could recover from the cut file
+    complete = prefix.count(b"\n")
+    assert 10_000 < complete < len(lines) and not data[len(prefix) - 1:len(prefix)] == b"\n"
+
+    report = ingest([src], tmp_path / "out")
+    _assert_balanced(report)
+    assert report["resource_types"]["Patient"]["used"] + report["resource_types"]["Observation"]["used"] == complete
+    assert {k: v["count"] for k, v in report["skipped"].items()} == {"truncated_gzip": 1}
+    ex = report["skipped"]["truncated_gzip"]["examples"][0]
+    assert ex["where"] == f"{src}:{complete + 1}"
+    assert f"lines 1-{complete} were read" in ex["detail"] and "cut off" in ex["detail"]
+    on_disk = json.loads((tmp_path / "out" / "ingest-report.json").read_text())
+    assert on_disk["skipped"]["truncated_gzip"]["count"] == 1
+    assert len(_rows(tmp_path / "out" / "events.parquet")) == complete - 1  # every Observation line kept
+
+    with pytest.raises(StrictModeError, match="truncated_gzip"):
+        ingest([src], tmp_path / "strict", strict=True)
+
+
+def test_gzip_missing_only_its_trailer_keeps_every_line(tmp_path: Path) -> None:
+    """A file cut inside the 8-byte gzip trailer still holds all data: nothing is skipped, the damage is named."""
+    lines = _cohort_lines(50)
+    src = tmp_path / "t.ndjson.gz"
+    src.write_bytes(gzip.compress(b"\n".join(lines))[:-5])  # no final newline: the last line is still whole
+    problems: list[tuple[str, str, str]] = []
+    reader = readers.ResourceReader(readers.discover_inputs([src]), lambda *a: problems.append(a))
+    assert [r[3]["id"] for r in reader] == [orjson.loads(x)["id"] for x in lines]
+    assert [(p[0], p[1]) for p in problems] == [("truncated_gzip", f"{src}:{len(lines) + 1}")]
+
+
+def test_truncated_json_gz_bundle_names_the_file(ing: Path, tmp_path: Path) -> None:
+    """A whole-file Bundle cut in half cannot be parsed: one truncated_gzip problem naming the file."""
+    packed = (ing / "valid" / "ips-document-bundle.json.gz").read_bytes()
+    src = tmp_path / "cut.json.gz"
+    src.write_bytes(packed[: len(packed) // 2])
+    report = ingest([src, ing / "valid" / "bulk"], tmp_path / "out")
+    _assert_balanced(report)
+    assert report["skipped"]["truncated_gzip"]["count"] == 1
+    assert report["skipped"]["truncated_gzip"]["examples"][0]["where"] == str(src)
+
+
+@given(st.lists(st.binary(min_size=1, max_size=40), min_size=1, max_size=6), st.integers(0, 10_000),
+       st.integers(1, 64))
+@settings(max_examples=300, deadline=None)
+def test_gunzip_reads_members_and_stops_cleanly_at_any_cut(members: list[bytes], cut: int, read: int) -> None:
+    """Multi-member gzip with zero padding reads back exactly; cut anywhere, it yields a prefix and names the
+    damage (or, cut inside padding after a whole member, nothing is missing)."""
+    import io
+
+    pieces = [(gzip.compress(m), b"\0" * (i % 2)) for i, m in enumerate(members)]
+    packed = b"".join(c + pad for c, pad in pieces)
+    whole = b"".join(members)
+    legit, pos = {0}, 0  # cut points that lose nothing: each member's end, before and after its padding
+    for c, pad in pieces:
+        pos += len(c)
+        legit.add(pos)
+        pos += len(pad)
+        legit.add(pos)
+    old = readers.GZ_READ
+    readers.GZ_READ = read
+    try:
+        gz = readers.Gunzip(io.BytesIO(packed))
+        assert b"".join(iter(lambda: gz.read(5), b"")) == whole and gz.problem is None
+        k = cut % (len(packed) + 1)
+        gz = readers.Gunzip(io.BytesIO(packed[:k]))
+        got = b"".join(iter(lambda: gz.read(5), b""))
+    finally:
+        readers.GZ_READ = old
+    assert whole.startswith(got)
+    if k in legit:
+        assert gz.problem is None
+    else:
+        assert gz.problem is not None and gz.problem[0] == "truncated_gzip"
 
 
 def test_iter_resources_yields_locations(ing: Path) -> None:

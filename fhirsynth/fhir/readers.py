@@ -7,6 +7,9 @@ STREAM_BUNDLE_BYTES, in which case it is streamed entry by entry with ijson (two
 
 Problems (invalid JSON, a non-resource object, an unreadable file) are handed to `on_problem(reason, where,
 detail)` and reading goes on, so one bad line never hides the rest of the input.
+
+gzip is decompressed with zlib directly (not GzipFile) so a truncated or corrupt .gz still yields every complete
+line before the damage; the cut-off line is reported as "truncated_gzip" / "corrupt_gzip" with file:line.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import gzip
 import logging
 import os
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -30,6 +33,7 @@ log = logging.getLogger(__name__)
 
 BOM = b"\xef\xbb\xbf"
 CHUNK = 1 << 22
+GZ_READ = 1 << 18  # compressed bytes per read; each yields at most CHUNK decompressed bytes (bounded memory)
 STREAM_BUNDLE_BYTES = 256 << 20  # larger Bundles are streamed with ijson (when installed)
 _SUFFIXES = (".json", ".ndjson", ".jsonl")
 
@@ -154,11 +158,15 @@ class _Progress:
 
 
 def _gz_size(path: Path) -> int | None:
-    """Uncompressed size from the gzip trailer (mod 2**32; good enough to pick a parse strategy)."""
+    """Uncompressed size from the gzip trailer (mod 2**32; good enough to pick a parse strategy).
+
+    None when the trailer cannot be right: deflate expands at most ~1032:1, so a bigger claim means the file
+    is cut short and those 4 bytes are compressed data."""
     try:
         with open(path, "rb") as fh:
             fh.seek(-4, os.SEEK_END)
-            return int.from_bytes(fh.read(4), "little")
+            size = int.from_bytes(fh.read(4), "little")
+            return size if size <= 1100 * fh.tell() else None
     except OSError:
         return None
 
@@ -201,11 +209,26 @@ class ResourceReader:
     def _read_ndjson(self, idx: int, src: SourceFile) -> Iterator[Record]:
         prog = _Progress(self.on_bytes)
         with open(src.path, "rb") as raw:
-            stream: IO[bytes] = gzip.GzipFile(fileobj=raw, mode="rb") if src.gz else raw
-            yield from self._parse_lines(idx, src, _iter_chunks(stream, lambda: prog.update(raw)))
+            if not src.gz:
+                yield from self._parse_lines(idx, src, _iter_chunks(raw, lambda: prog.update(raw)))
+                return
+            gz = Gunzip(raw)
+            lines = yield from self._parse_lines(idx, src, _iter_chunks(gz, lambda: prog.update(raw), gz.keep_tail))
+        if gz.problem is not None:
+            self._report_gz(src, gz, lines)
 
-    def _parse_lines(self, idx: int, src: SourceFile, chunks: Iterator[list[bytes]]) -> Iterator[Record]:
-        """Lines arrive in lists (one per read chunk) so the per-line cost is one loop step, not a generator."""
+    def _report_gz(self, src: SourceFile, gz: Gunzip, lines: int) -> None:
+        """One problem for the damaged end of a .gz, at the first line not read (file:line)."""
+        reason, why = gz.problem  # type: ignore[misc]
+        kept = f"lines 1-{lines} were read" if lines else "no complete line could be read"
+        if gz.partial:
+            kept += f"; line {lines + 1} is cut off after {gz.partial} bytes and skipped"
+        self.on_problem(reason, f"{src.path}:{lines + 1}", f"{why}; {kept}; anything after it is missing")
+
+    def _parse_lines(self, idx: int, src: SourceFile, chunks: Iterator[list[bytes]]) -> Generator[Record, None, int]:
+        """Lines arrive in lists (one per read chunk) so the per-line cost is one loop step, not a generator.
+
+        Returns the number of lines consumed (so a caller can say where a truncated file stops)."""
         loads = orjson.loads
         decode_error = orjson.JSONDecodeError
         lineno = 0
@@ -224,6 +247,7 @@ class ResourceReader:
                     yield (idx, lineno, -1, obj, None)
                 else:
                     yield from self._expand(idx, lineno, obj)
+        return lineno
 
     # -- whole-file JSON ----------------------------------------------------------------------------------
     def _read_json(self, idx: int, src: SourceFile) -> Iterator[Record]:
@@ -231,8 +255,13 @@ class ResourceReader:
         if size is not None and size > STREAM_BUNDLE_BYTES and _ijson() is not None:
             yield from self._stream_bundle(idx, src)
             return
+        gz: Gunzip | None = None
         with open(src.path, "rb") as raw:
-            data = (gzip.GzipFile(fileobj=raw, mode="rb") if src.gz else raw).read()
+            if src.gz:
+                gz = Gunzip(raw)
+                data = gz.read()
+            else:
+                data = raw.read()
             if self.on_bytes:
                 self.on_bytes(raw.tell())
         data = data.removeprefix(BOM)
@@ -242,11 +271,26 @@ class ResourceReader:
             # a *.json that is really NDJSON (one resource per line) is read as such
             first, _, rest = data.strip().partition(b"\n")
             if rest and _is_json_object(first):
-                yield from self._parse_lines(idx, src, iter([data.split(b"\n")]))
+                lines = data.split(b"\n")
+                if gz is not None and gz.problem is not None and not gz.keep_tail(lines[-1]):
+                    lines.pop()
+                n = yield from self._parse_lines(idx, src, iter([lines]))
+                if gz is not None and gz.problem is not None:
+                    self._report_gz(src, gz, n)
+                return
+            if gz is not None and gz.problem is not None:
+                # a document cut off mid-way cannot be parsed at all: one problem naming the file and the damage
+                reason, why = gz.problem
+                self.on_problem(reason, str(src.path),
+                                f"{why}; the JSON document ends after {len(data)} decompressed bytes and "
+                                "cannot be read")
                 return
             self.on_problem("invalid_json", f"{src.path}:{exc.lineno}", f"column {exc.colno}: {exc.msg}")
             return
         del data
+        if gz is not None and gz.problem is not None:
+            # only the gzip trailer is damaged: the document itself is whole, so it is read, and the damage reported
+            self.on_problem(gz.problem[0], str(src.path), f"{gz.problem[1]}; the JSON document itself is complete")
         yield from self._expand(idx, 0, obj)
 
     def _expand(self, idx: int, line: int, obj: object) -> Iterator[Record]:
@@ -284,9 +328,11 @@ class ResourceReader:
         """A Bundle too large for one orjson parse: read fullUrls, then entries, with ijson."""
         ijson = _ijson()
         refs: dict[str, str] = {}
-        opener = gzip.open if src.gz else open
+        gz: Gunzip | None = None
         try:
-            with opener(src.path, "rb") as fh:
+            with open(src.path, "rb") as raw:
+                gz = Gunzip(raw) if src.gz else None
+                fh: IO[bytes] | Gunzip = gz or raw
                 cur: dict[str, str] = {}
                 for prefix, event, value in ijson.parse(fh):
                     if prefix == "entry.item" and event == "end_map":
@@ -301,7 +347,8 @@ class ResourceReader:
             self.bundles += 1
             with open(src.path, "rb") as raw:
                 prog = _Progress(self.on_bytes)
-                fh = gzip.GzipFile(fileobj=raw, mode="rb") if src.gz else raw
+                gz = Gunzip(raw) if src.gz else None
+                fh = gz or raw
                 for i, entry in enumerate(ijson.items(fh, "entry.item", use_float=True)):
                     if i % 1000 == 0:
                         prog.update(raw)
@@ -317,8 +364,14 @@ class ResourceReader:
                         if rid := id_from_full_url(entry["fullUrl"]):
                             res["id"] = rid
                     yield (idx, 0, i, res, refs)
+            if gz is not None and gz.problem is not None:  # only the trailer is missing: entries all read
+                self.on_problem(gz.problem[0], str(src.path), f"{gz.problem[1]}; the Bundle itself is complete")
         except ijson.JSONError as exc:
-            self.on_problem("invalid_json", str(src.path), f"{exc}")
+            if gz is not None and gz.problem is not None:
+                self.on_problem(gz.problem[0], str(src.path), f"{gz.problem[1]}; the Bundle is cut off and "
+                                "cannot be read")
+            else:
+                self.on_problem("invalid_json", str(src.path), f"{exc}")
 
 
 def bundle_refs(entries: list) -> dict[str, str]:
@@ -357,10 +410,90 @@ def _is_json_object(text: bytes) -> bool:
         return False
 
 
-def _iter_chunks(stream: IO[bytes], tick: Callable[[], None]) -> Iterator[list[bytes]]:
+class Gunzip:
+    """A read(n)-able decompressed view of a gzip file (all members) that stops instead of raising at damage.
+
+    GzipFile raises EOFError/zlib.error from read() and so throws away everything decoded in that call (up to a
+    whole CHUNK of good lines); here each read returns what zlib could decode and the damage is kept in `problem`
+    as (reason, detail) for the caller to report once the good data is used. read(n) returns at most n bytes
+    (never more than one zlib call's output) and b"" at the end or at the damage.
+    """
+
+    def __init__(self, raw: IO[bytes]) -> None:
+        self.raw = raw
+        self.problem: tuple[str, str] | None = None
+        self.partial = 0  # bytes of a cut-off last line that keep_tail refused
+        self._d = zlib.decompressobj(31)  # wbits 31: gzip header + trailer; CRC-32 and size checked by zlib
+        self._fresh = True  # no byte of the current member consumed yet (zero padding may be skipped)
+        self._input = b""  # bytes after a finished member: the start of the next one
+        self._done = False
+
+    def read(self, n: int = -1) -> bytes:
+        if n < 0:
+            return b"".join(iter(lambda: self.read(CHUNK), b""))
+        if n == 0:
+            return b""  # ijson probes with read(0): nothing may be consumed
+        while not self._done:
+            data = self._d.unconsumed_tail  # input left over when the last call hit its output limit
+            if not data:
+                data, self._input = self._input or self.raw.read(GZ_READ), b""
+                if not data:
+                    return self._at_eof()
+                if self._fresh:
+                    data = data.lstrip(b"\0")  # padding between / after members, as gzip allows
+                    if not data:
+                        continue
+                    self._fresh = False
+            try:
+                out = self._d.decompress(data, n)
+            except zlib.error as exc:
+                self._stop("corrupt_gzip", f"the compressed data is damaged ({exc})")
+                return b""
+            if self._d.eof:
+                self._next_member()
+            if out:
+                return out
+        return b""
+
+    def _next_member(self) -> None:
+        self._input = self._d.unused_data
+        self._d = zlib.decompressobj(31)
+        self._fresh = True
+
+    def _at_eof(self) -> bytes:
+        self._done = True
+        if self._fresh:
+            return b""
+        try:
+            out = self._d.flush()  # output zlib still holds for input it has already taken
+        except zlib.error as exc:
+            self._stop("corrupt_gzip", f"the compressed data is damaged ({exc})")
+            return b""
+        if not self._d.eof:
+            self._stop("truncated_gzip", "the gzip stream ends without its end-of-stream marker (file cut short)")
+        return out
+
+    def _stop(self, reason: str, detail: str) -> None:
+        self._done = True
+        self.problem = (reason, detail)
+
+    def keep_tail(self, tail: bytes) -> bool:
+        """Whether the last, newline-less piece is a whole line: always for an intact file; after damage only
+        when it still parses as one JSON object (a line cut short never does; a missing trailer alone keeps it)."""
+        if self.problem is None or _is_json_object(tail):
+            return True
+        if tail.strip():
+            self.partial = len(tail)
+        return False
+
+
+def _iter_chunks(
+    stream: IO[bytes] | Gunzip, tick: Callable[[], None], keep_tail: Callable[[bytes], bool] | None = None
+) -> Iterator[list[bytes]]:
     """Lists of complete lines from a binary stream read in big chunks; strips a leading BOM.
 
     A line longer than a chunk (a one-line Bundle) is collected as pieces and joined once, not re-copied per chunk.
+    The last piece without a newline is yielded unless `keep_tail` refuses it (a line cut off by damage).
     """
     pending: list[bytes] = []
     first = True
@@ -384,7 +517,9 @@ def _iter_chunks(stream: IO[bytes], tick: Callable[[], None]) -> Iterator[list[b
             pending.append(tail)
         yield parts
     if pending:
-        yield [b"".join(pending)]
+        tail = b"".join(pending)
+        if keep_tail is None or keep_tail(tail):
+            yield [tail]
 
 
 def iter_resources(

@@ -13,13 +13,18 @@ from typing import Any
 INVALID_JSON = "(invalid json)"
 NOT_A_RESOURCE = "(not a resource)"
 UNREADABLE = "(unreadable file)"
-_PSEUDO_TYPE = {"invalid_json": INVALID_JSON, "not_fhir_resource": NOT_A_RESOURCE, "unreadable_file": UNREADABLE}
+_PSEUDO_TYPE = {"invalid_json": INVALID_JSON, "not_fhir_resource": NOT_A_RESOURCE, "unreadable_file": UNREADABLE,
+                "truncated_gzip": UNREADABLE, "corrupt_gzip": UNREADABLE}
 
 # One line per reason, copied into the report so it explains itself.
 REASONS: dict[str, str] = {
     "invalid_json": "a line or file that is not valid JSON (file:line)",
     "not_fhir_resource": "JSON without a resourceType",
-    "unreadable_file": "a file that could not be read to the end (I/O or gzip error)",
+    "unreadable_file": "a file that could not be read to the end (I/O error)",
+    "truncated_gzip": "a .gz cut short: every complete line before the cut is used; the cut-off line (file:line) "
+                      "and anything after it are missing",
+    "corrupt_gzip": "a .gz whose compressed data is damaged: the lines before the damage are used; the rest "
+                    "(from file:line) is missing",
     "unmapped_type": "a resource type the mapping has no table for",
     "malformed_resource": "a mapped element has the wrong JSON type (e.g. an object where FHIR has a string)",
     "no_id": "a Patient without id (and without a fullUrl to derive one)",
