@@ -135,13 +135,17 @@ def _split_visits(vocab, seq):
         elif x in (vocab.DEATH, vocab.END):
             cur = None
         elif cur is not None:
-            (cur[0] if g in ("age", "gap") and not cur[1] else cur[1]).append(x)
+            (cur[0] if g in ("age", "gap", "ytr") and not cur[1] else cur[1]).append(x)
     return out
 
 
-def test_age_token_follows_a_gap_exactly_when_the_age_in_years_changes(setup):
+def test_years_left_token_follows_a_gap_exactly_when_the_count_changes(setup):
+    """After a gap, YTR_k (whole years left until the end of the reference date) appears exactly when k differs
+    from the previous visit's; the first visit carries the age instead."""
+    from datetime import date
+
     tls, vocab, tok = setup
-    a0 = vocab.start("age")
+    a0, y0 = vocab.start("age"), vocab.start("ytr")
     changed = same = 0
     for t in tls:
         seq = tok.encode(t)
@@ -149,14 +153,15 @@ def test_age_token_follows_a_gap_exactly_when_the_age_in_years_changes(setup):
         days = [d for d, _ in _visits(t)]
         if len(seq) >= CFG.max_len - 5 or len(visits) != len(days):
             continue  # compressed: visits were dropped, the mapping to the timeline's visits is lost
+        ref_days = (date(2026, 1, 2) - t.patient.birth_date).days
         for j, (times, _) in enumerate(visits):
             groups = [vocab.group_of(x) for x in times]
-            year = int(days[j] // 365.25)
             if j == 0:
-                assert groups == ["age"] and times[0] - a0 == year
+                assert groups == ["age"] and times[0] - a0 == int(days[0] // 365.25)
                 continue
-            if year != int(days[j - 1] // 365.25):
-                assert groups == ["gap", "age"] and times[1] - a0 == year
+            left, left_prev = int((ref_days - days[j]) // 365.25), int((ref_days - days[j - 1]) // 365.25)
+            if left != left_prev:
+                assert groups == ["gap", "ytr"] and times[1] - y0 == left
                 changed += 1
             else:
                 assert groups == ["gap"]

@@ -52,7 +52,7 @@ class BatchState:
     max_end: torch.Tensor  # [B] float64, latest end time so far (days since birth)
     min_death: torch.Tensor  # [B] float64, earliest allowed death (days since birth)
     last_item: torch.Tensor  # [B] long, token of the last code (for value bins)
-    age_seen: torch.Tensor  # [B] long, age in years given by the last age token
+    ytr_seen: torch.Tensor  # [B] long, whole years left until the reference date at the last visit
     gap_lo: torch.Tensor  # [B] float64, the last gap's bucket as days since birth (lower end)
     gap_hi: torch.Tensor  # [B] float64, (upper end)
     has_cond: torch.Tensor  # [B] bool, required condition emitted
@@ -107,7 +107,7 @@ class Grammar:
         allow(ST_BODY0, [v.END], ST_FIN)
         allow(ST_VTIME0, v.rng("age"), ST_VFIRST)
         allow(ST_VTIME, v.rng("gap"), ST_VAGE)
-        allow(ST_VAGE, v.rng("age"), ST_VFIRST)  # mask(): required exactly when the age in years changed
+        allow(ST_VAGE, v.rng("ytr"), ST_VFIRST)  # mask(): required exactly when the years left changed
         for s0 in (ST_VFIRST, ST_VAGE):
             allow(s0, enc, ST_AENC)
             allow(s0, cond_t, ST_ACOND)
@@ -200,7 +200,7 @@ class Grammar:
             birth=z.clone(), cur=z.clone(), max_end=z.clone(),
             min_death=torch.full((batch,), self.min_death0, dtype=f64, device=d),
             last_item=torch.zeros(batch, dtype=torch.long, device=d),
-            age_seen=torch.zeros(batch, dtype=torch.long, device=d),
+            ytr_seen=torch.zeros(batch, dtype=torch.long, device=d),
             gap_lo=z.clone(), gap_hi=z.clone(),
             has_cond=torch.zeros(batch, dtype=torch.bool, device=d),
         )
@@ -230,17 +230,18 @@ class Grammar:
         if self.lim_cols.numel():
             cur = s.cur[:, None]
             m[:, self.lim_cols] &= (self.lim_lo[None] <= cur) & (cur < self.lim_hi[None])
-        # after a later visit's gap: the age token is implied by the drawn time, so it is forced when the age in
-        # years changed and not allowed otherwise
+        # after a later visit's gap: the years-left token is implied by the drawn time, so it is forced when that
+        # count changed and not allowed otherwise
         in_vage = s.st == ST_VAGE
         if bool(in_vage.any()):
-            want = torch.clamp(torch.floor(s.cur / DAYS_PER_YEAR).long(), 0, v.n_ages - 1)
-            changed = in_vage & (want != s.age_seen)
-            m[in_vage, a0:a1] = False
+            y0, y1 = v.offsets["ytr"]
+            want = torch.clamp(torch.floor(rem / DAYS_PER_YEAR).long(), 0, v.n_ages - 1)
+            changed = in_vage & (want != s.ytr_seen)
+            m[in_vage, y0:y1] = False
             if bool(changed.any()):
                 rows = changed.nonzero().squeeze(1)
                 m[rows] = False
-                m[rows, a0 + want[rows]] = True
+                m[rows, y0 + want[rows]] = True
         blocked = None
         if self.end_horizon > 0:  # a living patient's record runs to (near) the reference date
             ok = (rem <= self.end_horizon) | (s.st == ST_DEAD) | (s.st == ST_FIN)
@@ -297,18 +298,20 @@ class Grammar:
         x = lo + u * (hi - lo)
         s.cur = torch.where(is_age & (st == ST_VTIME0), x, s.cur)
         draw = torch.where(is_age, x, draw)
-        # AGE after a gap restates the age in years of the drawn time; replayed training sequences (no masks) may
-        # have drawn the gap into a neighbouring year, so the time is drawn again inside both the gap's bucket and
-        # the stated year (a no-op for the sampler, whose mask forced the age of the drawn time)
-        in_vage = is_age & (st == ST_VAGE)
-        lo = torch.maximum(s.gap_lo, self.age_lo[ai])
-        hi = torch.minimum(s.gap_hi, self.age_hi[ai] - 1e-6)
+        # YTR after a gap restates the whole years left of the drawn time; replayed training sequences (no masks)
+        # may have drawn the gap into a neighbouring year, so the time is drawn again inside both the gap's bucket
+        # and the stated year (a no-op for the sampler, whose mask forced the count of the drawn time)
+        is_ytr, yi = grp("ytr")
+        left = self.ref_end - s.birth  # days from birth to the end of the reference date
+        lo = torch.maximum(s.gap_lo, left - self.age_hi[yi] + 1e-6)
+        hi = torch.minimum(s.gap_hi, left - self.age_lo[yi])
         inside = (s.cur >= lo) & (s.cur <= hi)
-        # (when earlier jitter leaves no overlap, the gap wins: replay is exact up to bins in gaps, not ages)
+        # (when earlier jitter leaves no overlap, the gap wins: replay is exact up to bins in gaps, not countdowns)
         pulled = torch.where(inside | (hi < lo), s.cur, lo + u * (hi - lo))
-        s.cur = torch.where(in_vage, pulled, s.cur)
-        draw = torch.where(in_vage, pulled, draw)
-        s.age_seen = torch.where(is_age & ((st == ST_VTIME0) | (st == ST_VAGE)), ai, s.age_seen)
+        s.cur = torch.where(is_ytr, pulled, s.cur)
+        draw = torch.where(is_ytr, pulled, draw)
+        ytr_now = torch.clamp(torch.floor((left - s.cur) / DAYS_PER_YEAR).long(), 0, v.n_ages - 1)
+        s.ytr_seen = torch.where(is_ytr | (is_age & (st == ST_VTIME0)), ytr_now, s.ytr_seen)
         # GAP: later visit or death after visits
         is_gap, gi = grp("gap")
         in_dv = st == ST_DEATHV

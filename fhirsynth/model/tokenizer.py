@@ -3,12 +3,13 @@
 Sequence grammar (one patient = one sequence = one training example):
 
     BOS SEX BIRTH_BAND RACE ETHNICITY  visit*  [DEATH time]  END
-    visit := VISIT time  entry+        first visit's time = AGE_y (age in years), later ones GAP_g [AGE_y]: days
+    visit := VISIT time  entry+        first visit's time = AGE_y (age in years), later ones GAP_g [YTR_k]: days
                                        since the previous visit (log-spaced buckets, bins.GAP_EDGES), then the
-                                       age in years whenever it differs from the previous visit's. That age token
-                                       is implied by the gap (the sampler's grammar forces it), but seeing the
-                                       age makes "how far is the reference date" one lookup for the model instead
-                                       of a sum over all gaps: without it, sampled records ran out of context
+                                       whole years left until the reference date whenever that count differs
+                                       from the previous visit's. YTR is implied by the gap (the sampler's grammar
+                                       forces it) but tells the model directly how far the present is, which
+                                       compression makes matter (visits get denser towards the present): from
+                                       gaps alone the model lost count and sampled records ran out of context
                                        decades before the present.
     entry := ENC_item [VALUE_item] [DUR_d]     (only first in a visit)
            | COND_item [DUR_d]                 DUR = onset -> abatement (so abatement never precedes onset)
@@ -173,7 +174,8 @@ class Tokenizer:
         elif p.deceased:
             stats["deceased_without_date"] += 1
         budget = v.cfg.max_len - len(prefix) - 1 - (2 if death_days is not None else 0)
-        visits = self._fit_with_ages(visits, budget, stats)
+        ref_days = float(day_number(v.cfg.ref_date) + 1 - day_number(p.birth_date))  # end of the reference day
+        visits = self._fit_with_countdown(visits, budget, ref_days, stats)
         toks = list(prefix)
         prev = None
         for days, entries in visits:
@@ -182,8 +184,8 @@ class Tokenizer:
                 toks.append(v.start("age") + v.age_bucket(days))
             else:
                 toks.append(v.start("gap") + bucket_of(days - prev, GAP_EDGES))
-                if v.age_bucket(days) != v.age_bucket(prev):
-                    toks.append(v.start("age") + v.age_bucket(days))
+                if v.ytr_bucket(ref_days - days) != v.ytr_bucket(ref_days - prev):
+                    toks.append(v.start("ytr") + v.ytr_bucket(ref_days - days))
             prev = days
             for _, tok, extra in entries:
                 toks.append(tok)
@@ -197,13 +199,13 @@ class Tokenizer:
         toks.append(v.END)
         return toks
 
-    def _fit_with_ages(self, visits: list, budget: int, stats: Counter) -> list:
-        """_fit, then shrink the budget by the age tokens the kept visits need (known only after fitting)."""
+    def _fit_with_countdown(self, visits: list, budget: int, ref_days: float, stats: Counter) -> list:
+        """_fit, then shrink the budget by the YTR tokens the kept visits need (known only after fitting)."""
         target = budget
         for _ in range(8):
             trial: Counter = Counter()
             kept = self._fit(visits, target, trial)
-            years = [self.vocab.age_bucket(days) for days, _ in kept]
+            years = [self.vocab.ytr_bucket(ref_days - days) for days, _ in kept]
             n_age = sum(1 for a, b in zip(years, years[1:]) if a != b)
             content = sum(2 + sum(1 + len(x) for _, _, x in e) for _, e in kept)
             if content + n_age <= budget or target <= 0:
@@ -319,7 +321,7 @@ class Tokenizer:
                 enc_id, last, t_visit = None, None, None
             elif g == "death":
                 in_death = True
-            elif g in ("age", "gap"):
+            elif g in ("age", "gap", "ytr"):
                 if birth is None:
                     raise ValueError("time token before the birth band")
                 when = birth + timedelta(days=float(draw))
