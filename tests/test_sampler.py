@@ -242,3 +242,25 @@ def test_sex_is_drawn_from_the_released_shares(model_dir, tmp_path):
     # forcing sex still wins over the shares
     tls = list(sample_timelines(d, 50, seed=3, sex="male", device="cpu"))
     assert {t.patient.sex for t in tls} == {"male"}
+
+
+def test_blocked_end_continues_the_record_instead_of_killing_the_patient(model_dir, tmp_path):
+    """A model that always wants END, far from the reference date: END is not allowed there, and its probability
+    must go to VISIT (the record goes on), not be spread over DEATH and the rest."""
+    import shutil
+
+    d = tmp_path / "ender"
+    shutil.copytree(model_dir, d)
+    sd = torch.load(d / "model.pt", weights_only=True)
+    v = load_model(model_dir, "cpu").vocab
+    # constant final hidden state e_0, and a head that turns it into logit 20 for END, 0 for everything else
+    sd["ln_f.weight"] = torch.zeros_like(sd["ln_f.weight"])
+    sd["ln_f.bias"] = torch.zeros_like(sd["ln_f.bias"])
+    sd["ln_f.bias"][0] = 1.0
+    sd["head.weight"] = torch.zeros_like(sd["head.weight"])
+    sd["head.weight"][v.END, 0] = 20.0
+    torch.save(sd, d / "model.pt")
+    tls = list(sample_timelines(d, 300, seed=1, batch_size=150, device="cpu"))
+    deaths = sum(t.patient.deceased for t in tls)
+    assert deaths <= 3, deaths  # renormalising instead would kill roughly one patient in ten per visit
+    assert sum(1 for t in tls if t.events) > 250
