@@ -11,7 +11,7 @@ from typing import Any
 from fhirsynth import __version__
 
 # Bumped whenever the model-dir layout or token grammar changes; loading another version is refused.
-FORMAT_VERSION = 2  # 2: age tokens after gaps (tokenizer.py)
+FORMAT_VERSION = 1
 
 
 def _today() -> str:

@@ -27,13 +27,12 @@ from fhirsynth.model.tokenizer import day_number
 from fhirsynth.model.vocab import SEXES, Vocab
 
 (ST_START, ST_SEX, ST_BY, ST_RACE, ST_ETH, ST_BODY0, ST_VTIME0, ST_VTIME, ST_VFIRST, ST_AENC, ST_AENCCAT,
- ST_ACOND, ST_AOBS, ST_ADONE, ST_DEATH0, ST_DEATHV, ST_DEAD, ST_FIN, ST_VAGE) = range(19)
-N_STATES = 19
-# Fewest tokens needed to finish a sequence from each state (the length mask). ST_VAGE (after a later visit's
-# gap) counts the age token it may be forced to emit.
-_NEED = {ST_START: 6, ST_SEX: 5, ST_BY: 4, ST_RACE: 3, ST_ETH: 2, ST_BODY0: 1, ST_VTIME0: 3, ST_VTIME: 4,
+ ST_ACOND, ST_AOBS, ST_ADONE, ST_DEATH0, ST_DEATHV, ST_DEAD, ST_FIN) = range(18)
+N_STATES = 18
+# Fewest tokens needed to finish a sequence from each state (the length mask).
+_NEED = {ST_START: 6, ST_SEX: 5, ST_BY: 4, ST_RACE: 3, ST_ETH: 2, ST_BODY0: 1, ST_VTIME0: 3, ST_VTIME: 3,
          ST_VFIRST: 2, ST_AENC: 1, ST_AENCCAT: 1, ST_ACOND: 1, ST_AOBS: 1, ST_ADONE: 1, ST_DEATH0: 2,
-         ST_DEATHV: 2, ST_DEAD: 1, ST_FIN: 0, ST_VAGE: 3}
+         ST_DEATHV: 2, ST_DEAD: 1, ST_FIN: 0}
 
 
 @dataclass
@@ -52,9 +51,6 @@ class BatchState:
     max_end: torch.Tensor  # [B] float64, latest end time so far (days since birth)
     min_death: torch.Tensor  # [B] float64, earliest allowed death (days since birth)
     last_item: torch.Tensor  # [B] long, token of the last code (for value bins)
-    ytr_seen: torch.Tensor  # [B] long, whole years left until the reference date at the last visit
-    gap_lo: torch.Tensor  # [B] float64, the last gap's bucket as days since birth (lower end)
-    gap_hi: torch.Tensor  # [B] float64, (upper end)
     has_cond: torch.Tensor  # [B] bool, required condition emitted
 
     def select(self, idx: torch.Tensor) -> BatchState:
@@ -106,12 +102,10 @@ class Grammar:
         allow(ST_BODY0, [v.DEATH], ST_DEATH0)
         allow(ST_BODY0, [v.END], ST_FIN)
         allow(ST_VTIME0, v.rng("age"), ST_VFIRST)
-        allow(ST_VTIME, v.rng("gap"), ST_VAGE)
-        allow(ST_VAGE, v.rng("ytr"), ST_VFIRST)  # mask(): required exactly when the years left changed
-        for s0 in (ST_VFIRST, ST_VAGE):
-            allow(s0, enc, ST_AENC)
-            allow(s0, cond_t, ST_ACOND)
-            allow(s0, obs, ST_AOBS)
+        allow(ST_VTIME, v.rng("gap"), ST_VFIRST)
+        allow(ST_VFIRST, enc, ST_AENC)
+        allow(ST_VFIRST, cond_t, ST_ACOND)
+        allow(ST_VFIRST, obs, ST_AOBS)
         for s in (ST_AENC, ST_AENCCAT, ST_ACOND, ST_AOBS, ST_ADONE):
             body(s)
         allow(ST_AENC, vals, ST_AENCCAT)
@@ -200,8 +194,6 @@ class Grammar:
             birth=z.clone(), cur=z.clone(), max_end=z.clone(),
             min_death=torch.full((batch,), self.min_death0, dtype=f64, device=d),
             last_item=torch.zeros(batch, dtype=torch.long, device=d),
-            ytr_seen=torch.zeros(batch, dtype=torch.long, device=d),
-            gap_lo=z.clone(), gap_hi=z.clone(),
             has_cond=torch.zeros(batch, dtype=torch.bool, device=d),
         )
 
@@ -230,18 +222,6 @@ class Grammar:
         if self.lim_cols.numel():
             cur = s.cur[:, None]
             m[:, self.lim_cols] &= (self.lim_lo[None] <= cur) & (cur < self.lim_hi[None])
-        # after a later visit's gap: the years-left token is implied by the drawn time, so it is forced when that
-        # count changed and not allowed otherwise
-        in_vage = s.st == ST_VAGE
-        if bool(in_vage.any()):
-            y0, y1 = v.offsets["ytr"]
-            want = torch.clamp(torch.floor(rem / DAYS_PER_YEAR).long(), 0, v.n_ages - 1)
-            changed = in_vage & (want != s.ytr_seen)
-            m[in_vage, y0:y1] = False
-            if bool(changed.any()):
-                rows = changed.nonzero().squeeze(1)
-                m[rows] = False
-                m[rows, y0 + want[rows]] = True
         blocked = None
         if self.end_horizon > 0:  # a living patient's record runs to (near) the reference date
             ok = (rem <= self.end_horizon) | (s.st == ST_DEAD) | (s.st == ST_FIN)
@@ -298,20 +278,6 @@ class Grammar:
         x = lo + u * (hi - lo)
         s.cur = torch.where(is_age & (st == ST_VTIME0), x, s.cur)
         draw = torch.where(is_age, x, draw)
-        # YTR after a gap restates the whole years left of the drawn time; replayed training sequences (no masks)
-        # may have drawn the gap into a neighbouring year, so the time is drawn again inside both the gap's bucket
-        # and the stated year (a no-op for the sampler, whose mask forced the count of the drawn time)
-        is_ytr, yi = grp("ytr")
-        left = self.ref_end - s.birth  # days from birth to the end of the reference date
-        lo = torch.maximum(s.gap_lo, left - self.age_hi[yi] + 1e-6)
-        hi = torch.minimum(s.gap_hi, left - self.age_lo[yi])
-        inside = (s.cur >= lo) & (s.cur <= hi)
-        # (when earlier jitter leaves no overlap, the gap wins: replay is exact up to bins in gaps, not countdowns)
-        pulled = torch.where(inside | (hi < lo), s.cur, lo + u * (hi - lo))
-        s.cur = torch.where(is_ytr, pulled, s.cur)
-        draw = torch.where(is_ytr, pulled, draw)
-        ytr_now = torch.clamp(torch.floor((left - s.cur) / DAYS_PER_YEAR).long(), 0, v.n_ages - 1)
-        s.ytr_seen = torch.where(is_ytr | (is_age & (st == ST_VTIME0)), ytr_now, s.ytr_seen)
         # GAP: later visit or death after visits
         is_gap, gi = grp("gap")
         in_dv = st == ST_DEATHV
@@ -320,8 +286,6 @@ class Grammar:
         hi = torch.maximum(torch.minimum(self.gap_hi[gi], rem), lo)
         x = s.cur + lo + u * (hi - lo)
         draw = torch.where(is_gap, x, draw)
-        s.gap_lo = torch.where(is_gap, s.cur + lo, s.gap_lo)
-        s.gap_hi = torch.where(is_gap, s.cur + hi, s.gap_hi)
         s.cur = torch.where(is_gap & (st == ST_VTIME), x, s.cur)
         # DUR: end = start + duration (never before the start, never after the reference date)
         is_dur, di = grp("dur")

@@ -3,14 +3,8 @@
 Sequence grammar (one patient = one sequence = one training example):
 
     BOS SEX BIRTH_BAND RACE ETHNICITY  visit*  [DEATH time]  END
-    visit := VISIT time  entry+        first visit's time = AGE_y (age in years), later ones GAP_g [YTR_k]: days
-                                       since the previous visit (log-spaced buckets, bins.GAP_EDGES), then the
-                                       whole years left until the reference date whenever that count differs
-                                       from the previous visit's. YTR is implied by the gap (the sampler's grammar
-                                       forces it) but tells the model directly how far the present is, which
-                                       compression makes matter (visits get denser towards the present): from
-                                       gaps alone the model lost count and sampled records ran out of context
-                                       decades before the present.
+    visit := VISIT time  entry+        first visit's time = AGE_y (age in years), later ones GAP_g (days since
+                                       the previous visit, log-spaced buckets, bins.GAP_EDGES)
     entry := ENC_item [VALUE_item] [DUR_d]     (only first in a visit)
            | COND_item [DUR_d]                 DUR = onset -> abatement (so abatement never precedes onset)
            | OBS_item [VAL_b | VALUE_item]     VAL_b = bin b of the code's public reference-range bins
@@ -22,10 +16,8 @@ repeats (same item and same value token) are dropped.
 Long histories (Synthea: hundreds to thousands of events, vitals at every visit) must fit max_len tokens.
 Compression is a fixed public rule applied per patient, so one patient is still exactly one example:
   1. drop exact repeats within a visit (above);
-  2. while too long, drop observations of old visits (sparing the 3 most recent visits) whose code comes again
-     in a later visit, oldest first, so every observation code a patient ever had keeps one occurrence; then
-     the remaining observations of the OLDEST visits (visits left empty disappear); then the encounter type /
-     duration tokens of old visits;
+  2. while too long, drop the observations of the OLDEST visit, sparing the 3 most recent visits (visits left
+     empty disappear); then the encounter type / duration tokens of old visits;
   3. if still too long, drop old visits that have no condition (oldest first), then the oldest whole visits
      (a window of the most recent visits), always sparing the 3 most recent;
   4. only if the 3 most recent visits alone are too long, drop their observations too, then window further.
@@ -173,9 +165,8 @@ class Tokenizer:
             death_days = max((_as_utc(p.death_date) - birth).total_seconds() / 86400.0, 0.0)
         elif p.deceased:
             stats["deceased_without_date"] += 1
-        budget = v.cfg.max_len - len(prefix) - 1 - (2 if death_days is not None else 0)
-        ref_days = float(day_number(v.cfg.ref_date) + 1 - day_number(p.birth_date))  # end of the reference day
-        visits = self._fit_with_countdown(visits, budget, ref_days, stats)
+        visits = self._fit(visits, budget=v.cfg.max_len - len(prefix) - 1 - (2 if death_days is not None else 0),
+                           stats=stats)
         toks = list(prefix)
         prev = None
         for days, entries in visits:
@@ -184,8 +175,6 @@ class Tokenizer:
                 toks.append(v.start("age") + v.age_bucket(days))
             else:
                 toks.append(v.start("gap") + bucket_of(days - prev, GAP_EDGES))
-                if v.ytr_bucket(ref_days - days) != v.ytr_bucket(ref_days - prev):
-                    toks.append(v.start("ytr") + v.ytr_bucket(ref_days - days))
             prev = days
             for _, tok, extra in entries:
                 toks.append(tok)
@@ -198,21 +187,6 @@ class Tokenizer:
                 toks.append(v.start("gap") + bucket_of(max(death_days - prev, 0.0), GAP_EDGES))
         toks.append(v.END)
         return toks
-
-    def _fit_with_countdown(self, visits: list, budget: int, ref_days: float, stats: Counter) -> list:
-        """_fit, then shrink the budget by the YTR tokens the kept visits need (known only after fitting)."""
-        target = budget
-        for _ in range(8):
-            trial: Counter = Counter()
-            kept = self._fit(visits, target, trial)
-            years = [self.vocab.ytr_bucket(ref_days - days) for days, _ in kept]
-            n_age = sum(1 for a, b in zip(years, years[1:]) if a != b)
-            content = sum(2 + sum(1 + len(x) for _, _, x in e) for _, e in kept)
-            if content + n_age <= budget or target <= 0:
-                break
-            target = content - (content + n_age - budget)  # removing visits never adds age tokens
-        stats.update(trial)
-        return kept
 
     @staticmethod
     def _fit(visits: list, budget: int, stats: Counter, recent: int = 3) -> list:
@@ -246,26 +220,7 @@ class Tokenizer:
                 stats["visits_dropped_for_length"] += 1
                 visits.pop(0)
 
-        # 2a. observations of old visits whose code comes again later (every code keeps its last occurrence)
-        n_old = max(len(visits) - recent, 0)
-        left = Counter(t for _, entries in visits for k, t, _ in entries if k == 2)  # occurrences not yet passed
-        for i in range(n_old):
-            if total <= budget:
-                break
-            days, entries = visits[i]
-            kept = []
-            for e in entries:
-                if e[0] == 2:
-                    left[e[1]] -= 1
-                    if left[e[1]] > 0:
-                        continue
-                kept.append(e)
-            if len(kept) != len(entries):
-                stats["observations_dropped_for_length"] += len(entries) - len(kept)
-                total += cost((days, kept)) - cost(visits[i])
-                visits[i] = (days, kept)
-        visits = [vis for vis in visits if vis[1]]
-        drop_obs(max(len(visits) - recent, 0))  # 2b. the remaining observations of old visits, oldest first
+        drop_obs(max(len(visits) - recent, 0))  # 2. observations of old visits
         i = 0
         while total > budget and i < len(visits) - recent:  # 2b. encounter type / duration of old visits
             days, entries = visits[i]
@@ -321,7 +276,7 @@ class Tokenizer:
                 enc_id, last, t_visit = None, None, None
             elif g == "death":
                 in_death = True
-            elif g in ("age", "gap", "ytr"):
+            elif g in ("age", "gap"):
                 if birth is None:
                     raise ValueError("time token before the birth band")
                 when = birth + timedelta(days=float(draw))

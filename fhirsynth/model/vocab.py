@@ -253,7 +253,7 @@ def select_items(
 # ---- the token space ------------------------------------------------------------------------------------
 
 class Vocab:
-    """Token ids. Layout: specials | sex | birth-year band | race | ethnicity | age-years | years-left | gap | duration |
+    """Token ids. Layout: specials | sex | birth-year band | race | ethnicity | age-years | gap | duration |
     value-bin index | items. Value-bin tokens are shared: their meaning depends on the preceding code."""
 
     PAD, BOS, END, VISIT, DEATH = 0, 1, 2, 3, 4
@@ -273,7 +273,7 @@ class Vocab:
         self.n_val = max((vb.n_bins for vb in value_bins.values()), default=1)
         sizes = [
             ("sex", len(SEXES)), ("by", n_bands), ("race", len(RACES)), ("eth", len(ETHNICITIES)),
-            ("age", self.n_ages), ("ytr", self.n_ages), ("gap", self.n_gap), ("dur", self.n_dur), ("val", self.n_val),
+            ("age", self.n_ages), ("gap", self.n_gap), ("dur", self.n_dur), ("val", self.n_val),
             ("item", len(self.items)),
         ]
         off = self.N_SPECIAL
@@ -322,10 +322,6 @@ class Vocab:
 
     def age_bucket(self, days: float) -> int:
         return min(max(int(days // DAYS_PER_YEAR), 0), self.n_ages - 1)
-
-    def ytr_bucket(self, days_left: float) -> int:
-        """Whole years from a time to the end of the reference date (the countdown token after a gap)."""
-        return min(max(int(days_left // DAYS_PER_YEAR), 0), self.n_ages - 1)
 
     def describe(self, tok: int) -> str:
         group = self.group_of(tok)
