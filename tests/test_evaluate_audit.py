@@ -88,3 +88,78 @@ def test_canary_runner_with_real_training(tmp_path):
                            train_kwargs={"epochs": 1, "device": "cpu"})
     assert res["m"] == 20 and res["dp"] is True
     assert not res["exceeds_claim"], res
+    assert res["score_auc"] is None or 0.0 <= res["score_auc"] <= 1.0
+
+
+# ---------------------------------------------------------------- against the paper's own code
+def _paper_p_value(m: int, r: int, v: int, eps: float, delta: float) -> float:
+    """p_value_DP_audit transcribed literally from Steinke, Nasr, Jagielski (2023), Algorithm/Appendix code
+    (a plain loop, independent of the vectorised version under test)."""
+    from scipy import stats
+
+    q = 1 / (1 + math.exp(-eps))
+    beta = stats.binom.sf(v - 1, r, q)
+    alpha = 0.0
+    total = 0.0
+    for i in range(1, v + 1):
+        total += stats.binom.pmf(v - i, r, q)
+        if total > i * alpha:
+            alpha = total / i
+    return min(beta + alpha * delta * 2 * m, 1.0)
+
+
+def _paper_eps(m: int, r: int, v: int, delta: float, p: float) -> float:
+    """get_eps_audit from the paper: linear search for an upper end, then 30 bisection steps."""
+    lo, hi = 0.0, 1.0
+    while _paper_p_value(m, r, v, hi, delta) < p:
+        hi += 1
+    for _ in range(30):
+        mid = (lo + hi) / 2
+        if _paper_p_value(m, r, v, mid, delta) < p:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+@pytest.mark.parametrize("m,r,v,eps,delta", [(1000, 200, 180, 2.0, 1e-5), (1000, 200, 200, 5.0, 1e-5),
+                                             (100, 20, 14, 0.5, 1e-3), (10000, 1000, 620, 0.3, 1e-6),
+                                             (1000, 200, 120, 1.0, 0.0), (50, 50, 0, 1.0, 1e-5)])
+def test_p_value_matches_paper_code(m, r, v, eps, delta):
+    assert p_value_dp_audit(m, r, v, eps, delta) == pytest.approx(_paper_p_value(m, r, v, eps, delta), rel=1e-9,
+                                                                   abs=1e-15)
+
+
+@pytest.mark.parametrize("m,r,v,delta", [(1000, 200, 200, 1e-5), (1000, 200, 170, 1e-5), (1000, 100, 90, 0.0),
+                                         (5000, 1000, 700, 1e-5), (100, 20, 11, 1e-5)])
+def test_eps_bound_matches_paper_code(m, r, v, delta):
+    assert eps_from_counts(m, r, v, delta, 0.05) == pytest.approx(_paper_eps(m, r, v, delta, 0.05), abs=1e-6)
+
+
+@pytest.mark.parametrize("r", [10, 100, 1000])
+def test_all_correct_closed_form(r):
+    """delta = 0, all r guesses correct: the null is rejected iff q^r < p with q = e^eps / (1 + e^eps), so the
+    bound is exactly log(q* / (1 - q*)) with q* = p^(1/r) (r=100: 3.49; r=1000: 5.81 at 95%)."""
+    q = 0.05 ** (1 / r)
+    expected = math.log(q / (1 - q))
+    assert eps_from_counts(10 * r, r, r, 0.0, 0.05) == pytest.approx(expected, abs=1e-6)
+    # with delta > 0 the bound can only be weaker, and it is capped by what delta*2m allows
+    assert eps_from_counts(10 * r, r, r, 1e-5, 0.05) <= expected + 1e-9
+
+
+def test_hundred_canaries_cannot_certify_much():
+    """Why 100 canaries were uninformative: even perfect guessing of 20 (k = m/5) certifies only ~1.8."""
+    best = eps_from_counts(100, 20, 20, 1e-5, 0.05)
+    assert 1.0 < best < 2.5
+    assert eps_from_counts(1000, 200, 200, 1e-5, 0.05) > 2 * best
+
+
+def test_audit_guesses_flag_is_checked(tmp_path, capsys):
+    from fhirsynth.cli import main
+    from fhirsynth.timeline.io import write_timelines
+
+    write_timelines(toy_timelines(10, seed=8), tmp_path / "real")
+    rc = main(["evaluate", "--real", str(tmp_path / "real"), "--synthetic", str(tmp_path / "real"),
+               "--out", str(tmp_path / "o"), "--audit-canaries", "50", "--audit-guesses", "80"])
+    assert rc == 2 and "--audit-guesses" in capsys.readouterr().err
+    assert not (tmp_path / "o" / "report.json").exists()

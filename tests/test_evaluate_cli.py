@@ -34,7 +34,7 @@ def _strict_json(path: Path) -> dict:
 def test_cli_writes_json_and_self_contained_html(dirs, capsys):
     out = dirs["root"] / "report"
     rc = main(["evaluate", "--real", str(dirs["real"]), "--synthetic", str(dirs["synthetic"]),
-               "--holdout", str(dirs["holdout"]), "--out", str(out)])
+               "--holdout", str(dirs["holdout"]), "--out", str(out), "--validity-sample", "20"])
     assert rc == 0
     report = _strict_json(out / "report.json")
     assert set(report["fidelity"]) == {"synthetic", "holdout"}
@@ -49,12 +49,16 @@ def test_cli_writes_json_and_self_contained_html(dirs, capsys):
     # self-contained: nothing is fetched (namespace URIs in xmlns and code systems in text are not fetches)
     assert not re.search(r"<script|<link|<img|<iframe|\bsrc\s*=|\bhref\s*=|url\(|@import", html, re.I)
     assert "Condition prevalence" in html
+    # a timelines dir as --synthetic still gets a FHIR validity rate, from a bounded sample
+    validity = report["plausibility"]["fhir_validity_synthetic"]
+    assert validity["patients_sampled"] == 20 and validity["valid_rate"] == 1.0
+    assert next(r for r in report["summary"] if r["metric"] == "FHIR validity rate")["synthetic"] == 1.0
 
 
 def test_cli_without_holdout_reports_reasons(dirs):
     out = dirs["root"] / "report2"
     assert main(["evaluate", "--real", str(dirs["real"]), "--synthetic", str(dirs["synthetic"]), "--out", str(out),
-                 "--no-html"]) == 0
+                 "--no-html", "--validity-sample", "10"]) == 0
     report = _strict_json(out / "report.json")
     assert not (out / "report.html").exists()
     assert "holdout" in report["privacy"]["dcr"]["reason"]
@@ -99,8 +103,13 @@ def test_export_dir_is_ingested(dirs, tmp_path):
     export = tmp_path / "export"
     writer.write_export(subset, export, generator=GeneratorInfo(model_hash="test", epsilon=None, delta=None))
     write_timelines(subset, tmp_path / "direct")
-    via_export = evaluate(dirs["real"], export, out_dir=tmp_path / "r1", html=False)
-    direct = evaluate(dirs["real"], tmp_path / "direct", out_dir=tmp_path / "r2", html=False)
+    via_export = evaluate(dirs["real"], export, out_dir=tmp_path / "r1", html=False, validity_sample=10)
+    direct = evaluate(dirs["real"], tmp_path / "direct", out_dir=tmp_path / "r2", html=False, validity_sample=10)
+    # both paths validate FHIR: the export's own resources, or a sample of the timelines assembled
+    assert via_export["plausibility"]["fhir_validity_synthetic"]["source"] == "export dir resources"
+    assert direct["plausibility"]["fhir_validity_synthetic"]["patients_sampled"] == 10
+    assert via_export["plausibility"]["fhir_validity_synthetic"]["valid_rate"] == 1.0
+    assert direct["plausibility"]["fhir_validity_synthetic"]["valid_rate"] == 1.0
     assert via_export["meta"]["synthetic"]["patients"] == 40
     # the FHIR round trip (assemble -> NDJSON -> ingest) must not change the statistics
     for key in ("prevalence", "cooccurrence", "marginal"):

@@ -31,6 +31,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--audit-epsilon", type=float, default=None,
                    help="epsilon for the audit training run (default: the model's claimed epsilon, else 8)")
     p.add_argument("--audit-epochs", type=int, default=None, help="epochs for the audit training run")
+    p.add_argument("--audit-guesses", type=int, default=None, metavar="K",
+                   help="guesses the auditor makes, half 'in' (top scores), half 'out' (default M/5); fix it "
+                        "before seeing scores: trying several and keeping the best inflates the bound")
+    p.add_argument("--validity-sample", type=int, default=200, metavar="N",
+                   help="patients of a timelines dir assembled into FHIR and validated (per_type cap 1000; "
+                        "0 skips; an export dir's own resources are validated instead; default 200)")
     p.add_argument("--no-html", action="store_true", help="write report.json only")
     p.set_defaults(func=run)
     return p
@@ -41,14 +47,21 @@ def run(args: argparse.Namespace) -> int:
 
     if args.audit_canaries < 0:
         raise UsageError(f"--audit-canaries must be >= 0, got {args.audit_canaries}")
+    if args.validity_sample < 0:
+        raise UsageError(f"--validity-sample must be >= 0, got {args.validity_sample}")
     audit_kwargs: dict = {}
     if args.audit_epsilon is not None:
         audit_kwargs["epsilon"] = args.audit_epsilon
+    if args.audit_guesses is not None:
+        if not 0 < args.audit_guesses <= args.audit_canaries:
+            raise UsageError(f"--audit-guesses must be in 1..--audit-canaries ({args.audit_canaries}), "
+                             f"got {args.audit_guesses}")
+        audit_kwargs["k_guesses"] = args.audit_guesses
     if args.audit_epochs is not None:
         audit_kwargs["train_kwargs"] = {"epochs": args.audit_epochs}
     report = evaluate(args.real, args.synthetic, holdout=args.holdout, model=args.model, out_dir=args.out,
                       seed=args.seed, audit_canaries=args.audit_canaries, audit_kwargs=audit_kwargs,
-                      html=not args.no_html)
+                      html=not args.no_html, validity_sample=args.validity_sample)
     files = REPORT_JSON if args.no_html else f"{REPORT_JSON} and {REPORT_HTML}"
     log.info("evaluation done in %.1fs: %s in %s", report["meta"]["timings_s"]["total"], files, args.out)
     return 0

@@ -86,7 +86,7 @@ def eps_lower_bound(scores: Sequence[float], inclusion: Sequence[bool], k_guesse
 
 
 # ---------------------------------------------------------------- canary runner
-def make_canaries(pool: list[Timeline], m: int, seed: int, n_codes: int = 60) -> list[Timeline]:
+def make_canaries(pool: list[Timeline], m: int, seed: int | np.random.Generator, n_codes: int = 60) -> list[Timeline]:
     """m canary patients: each takes the demographics and visit dates of a random pool patient but random codes
     drawn from the pool's n_codes most widespread ones, so each canary is an unusual, memorisable sequence of
     codes the model's vocabulary has (a rare code would be dropped by DP vocabulary selection)."""
@@ -134,10 +134,13 @@ def run_canary_audit(train_dir: Path, m: int, *, epsilon: float, delta: float | 
 
     if m < 2:
         raise UsageError(f"--audit-canaries needs at least 2 canaries, got {m}")
-    rng = np.random.default_rng(seed)
+    # independent streams: with one seed for both, the inclusion coin of canary i and the random draws that
+    # build canary i came from the same bits, so whether a canary was included correlated with what it looks
+    # like (its source patient), which the one-run bound assumes impossible
+    content_seed, coin_seed = np.random.SeedSequence(seed).spawn(2)
     pool = list(read_timelines(train_dir))
-    canaries = make_canaries(pool, m, seed)
-    inclusion = rng.random(m) < 0.5
+    canaries = make_canaries(pool, m, np.random.default_rng(content_seed))
+    inclusion = np.random.default_rng(coin_seed).random(m) < 0.5
     own_tmp = workdir is None
     work = Path(tempfile.mkdtemp(prefix="fhirsynth-audit-")) if own_tmp else Path(workdir)
     try:
@@ -159,6 +162,10 @@ def run_canary_audit(train_dir: Path, m: int, *, epsilon: float, delta: float | 
         k = k_guesses if k_guesses is not None else max(2, m // 5)
         bound = eps_lower_bound(scores, inclusion, k, claimed_delta, p)
         claimed = float(report.get("epsilon_total", report.get("epsilon", epsilon))) if dp else math.inf
+        # threshold-free view of the same scores (0.5 = the model does not tell included canaries apart)
+        bound["score_auc"] = (float(stats.mannwhitneyu(scores[inclusion], scores[~inclusion]).statistic
+                                    / (inclusion.sum() * (~inclusion).sum()))
+                              if 0 < inclusion.sum() < m else None)
         bound.update({"claimed_epsilon": claimed if dp else None, "dp": dp,
                       "exceeds_claim": bool(dp and bound["eps_lower_bound"] > claimed),
                       "n_included": int(inclusion.sum())})

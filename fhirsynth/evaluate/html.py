@@ -177,11 +177,14 @@ def render_html(report: dict) -> str:
     out.append(_table(["check (event rate / patient rate)"] + cohorts,
                       [[c] + [f"{_fmt(pl[k][c]['event_rate'])} / {_fmt(pl[k][c]['patient_rate'])}" for k in cohorts]
                        for c in checks]))
-    fv = pl.get("fhir_validity_synthetic", {})
-    out.append(f"<p>FHIR validity of synthetic resources: {_fmt(fv.get('valid_rate'))} "
-               f"({_fmt(fv.get('checked'))} checked) {_fmt(fv.get('reason'))}</p>")
-    for ex in fv.get("examples", []):
-        out.append(f"<p class='note'>{escape(ex)}</p>")
+    for who in ("synthetic", "real"):
+        fv = pl.get(f"fhir_validity_{who}", {})
+        sampled = f", {fv['patients_sampled']} patients sampled" if "patients_sampled" in fv else ""
+        out.append(f"<p>FHIR validity of {who} resources: {_fmt(fv.get('valid_rate'))} "
+                   f"({_fmt(fv.get('checked'))} checked{sampled}; {escape(str(fv.get('source', '')))}) "
+                   f"{escape(str(fv.get('reason') or ''))}</p>")
+        for ex in fv.get("examples", []):
+            out.append(f"<p class='note'>{escape(ex)}</p>")
 
     body = {k: v for k, v in report.items() if k != "plots"}
     out.append("<h2>All metrics (report.json without plot data)</h2><details><summary>show</summary><pre>")

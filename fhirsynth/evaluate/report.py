@@ -154,14 +154,16 @@ def summary_rows(report: dict) -> list[dict]:
                      "synthetic": _get(pl, "synthetic", key, "event_rate"),
                      "reference": _get(pl, "real", key, "event_rate"), "ideal": 0.0})
     rows.append({"group": "plausibility", "metric": "FHIR validity rate", "ideal": 1.0,
-                 "synthetic": _get(pl, "fhir_validity_synthetic", "valid_rate"), "reference": None,
+                 "synthetic": _get(pl, "fhir_validity_synthetic", "valid_rate"),
+                 "reference": _get(pl, "fhir_validity_real", "valid_rate"),
                  "note": _get(pl, "fhir_validity_synthetic", "reason")})
     return rows
 
 
 def evaluate(real_dir: str | Path, synthetic: str | Path, *, holdout: str | Path | None = None,
              model: str | Path | None = None, out_dir: str | Path, seed: int = 0,
-             audit_canaries: int = 0, audit_kwargs: dict | None = None, html: bool = True) -> dict:
+             audit_canaries: int = 0, audit_kwargs: dict | None = None, html: bool = True,
+             validity_sample: int = 200) -> dict:
     """Compare synthetic timelines (or an export dir, ingested first) with the real timelines they were trained
     on; write out_dir/report.json and report.html; return the report dict.
 
@@ -171,12 +173,13 @@ def evaluate(real_dir: str | Path, synthetic: str | Path, *, holdout: str | Path
 
     with threadpool_limits(limits=int(os.environ.get("FHIRSYNTH_EVAL_THREADS", "1"))):
         return _evaluate(real_dir, synthetic, holdout=holdout, model=model, out_dir=out_dir, seed=seed,
-                         audit_canaries=audit_canaries, audit_kwargs=audit_kwargs, html=html)
+                         audit_canaries=audit_canaries, audit_kwargs=audit_kwargs, html=html,
+                         validity_sample=validity_sample)
 
 
 def _evaluate(real_dir: str | Path, synthetic: str | Path, *, holdout: str | Path | None,
               model: str | Path | None, out_dir: str | Path, seed: int, audit_canaries: int,
-              audit_kwargs: dict | None, html: bool) -> dict:
+              audit_kwargs: dict | None, html: bool, validity_sample: int = 200) -> dict:
     t_start = time.perf_counter()
     real_path = _check_timelines(Path(real_dir), "--real")
     holdout_path = _check_timelines(Path(holdout) if holdout else None, "--holdout")
@@ -212,7 +215,8 @@ def _evaluate(real_dir: str | Path, synthetic: str | Path, *, holdout: str | Pat
         if real.n == 0 or synth.n == 0:
             raise UsageError(f"nothing to compare: real has {real.n} patients, synthetic has {synth.n}")
         report = _run_all(real, synth, hold, real_path=real_path, holdout_path=holdout_path, model_path=model_path,
-                          export_dir=export_dir, synth_input=synth_in, seed=seed, timings=timings)
+                          export_dir=export_dir, synth_input=synth_in, seed=seed, timings=timings,
+                          validity_sample=validity_sample)
         if audit_canaries:
             from fhirsynth.evaluate.audit import run_canary_audit
 
@@ -241,7 +245,8 @@ def _evaluate(real_dir: str | Path, synthetic: str | Path, *, holdout: str | Pat
 
 
 def _run_all(real: Cohort, synth: Cohort, hold: Cohort | None, *, real_path: Path, holdout_path: Path | None,
-             model_path: Path | None, export_dir: Path | None, synth_input: Path, seed: int, timings: dict) -> dict:
+             model_path: Path | None, export_dir: Path | None, synth_input: Path, seed: int, timings: dict,
+             validity_sample: int = 200) -> dict:
     meta = {"generated": datetime.now(timezone.utc).isoformat(timespec="seconds"), "fhirsynth_version": __version__,
             "real": {"path": str(real_path), "patients": real.n, "events": len(real.events)},
             "synthetic": {"path": str(synth_input), "export": export_dir is not None, "patients": synth.n,
@@ -272,7 +277,8 @@ def _run_all(real: Cohort, synth: Cohort, hold: Cohort | None, *, real_path: Pat
                              seed=seed)
     timings["privacy"] = time.perf_counter() - t
     t = time.perf_counter()
-    plaus = plausibility_report({"real": real, **others}, export_dir)
+    plaus = plausibility_report({"real": real, **others}, export_dir, synthetic_dir=synth_input, real_dir=real_path,
+                                validity_sample=validity_sample, seed=seed)
     timings["plausibility"] = time.perf_counter() - t
     meta["feature_columns"] = list(tables["real"].columns)
     return {"meta": meta, "fidelity": fidelity, "utility": utility, "privacy": privacy, "plausibility": plaus,
