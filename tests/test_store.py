@@ -197,3 +197,50 @@ def test_refuses_non_fhir_ids(tmp_path: Path):
         with pytest.raises(StoreError, match="not a FHIR id"):
             store.add([{"resourceType": "Patient", "id": bad, "meta": {"tag": [HTEST]}}])
     store.close()
+
+
+def _index_names(path: Path) -> set[str]:
+    import sqlite3
+
+    con = sqlite3.connect(path)
+    try:
+        return {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='index' AND sql IS NOT NULL")}
+    finally:
+        con.close()
+
+
+def test_bulk_load_builds_every_index_and_a_failed_one_keeps_them(tmp_path: Path, export_dir: Path):
+    """A bulk load into an empty store drops the secondary indexes and builds them before COMMIT: the result has
+    every index, and a refused load (rolled back) leaves the empty store with every index too."""
+    from fhirsynth.store.sqlite import _SECONDARY_INDEXES
+
+    all_indexes = {"resources_type_id", *_SECONDARY_INDEXES}
+    store, _ = build_store(export_dir, tmp_path / "s.db")
+    store.close()
+    assert _index_names(tmp_path / "s.db") == all_indexes
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.db"], "journal or temp file left behind"
+
+    d = tmp_path / "bad"
+    d.mkdir()
+    (d / "Patient.ndjson").write_bytes((export_dir / "Patient.ndjson").read_bytes() + b"{oops\n")
+    store = Store(tmp_path / "fresh.db")
+    with pytest.raises(StoreError, match=r"Patient.ndjson:13: invalid JSON"):
+        load_export_dir(store, d)
+    assert store.counts() == {} and not store._deferred
+    store.close()
+    assert _index_names(tmp_path / "fresh.db") == all_indexes
+
+
+def test_rebuild_removes_a_killed_builds_temp_files(tmp_path: Path, export_dir: Path):
+    """A build killed mid-load leaves .NAME.PID.tmp plus its rollback journal (or WAL); the next build deletes them."""
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True)
+    pid = int(dead.stdout)
+    for suffix in ("", "-journal", "-wal", "-shm"):
+        (tmp_path / f".s.db.{pid}.tmp{suffix}").write_bytes(b"x")
+    store, _ = build_store(export_dir, tmp_path / "s.db")
+    store.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.db"]

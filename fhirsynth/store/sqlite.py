@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = "1"
 
-_SCHEMA = """
+_TABLES_SQL = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS resources (
     rid INTEGER PRIMARY KEY,
@@ -49,28 +49,37 @@ CREATE TABLE IF NOT EXISTS resources (
     sort_date REAL NOT NULL,
     body BLOB NOT NULL
 );
-CREATE UNIQUE INDEX IF NOT EXISTS resources_type_id ON resources (type, id);
--- (type) carries rowid: "type = ? ORDER BY rid" pages without sorting the whole type
-CREATE INDEX IF NOT EXISTS resources_type ON resources (type);
-CREATE INDEX IF NOT EXISTS resources_patient ON resources (patient, type);
-CREATE INDEX IF NOT EXISTS resources_type_sort ON resources (type, sort_date);
-CREATE INDEX IF NOT EXISTS resources_type_updated ON resources (type, last_updated);
 CREATE TABLE IF NOT EXISTS idx_token (pid INTEGER NOT NULL, code TEXT, system TEXT, text TEXT, rid INTEGER NOT NULL);
-CREATE INDEX IF NOT EXISTS idx_token_code ON idx_token (pid, code, rid);
 CREATE TABLE IF NOT EXISTS idx_date (pid INTEGER NOT NULL, lo REAL NOT NULL, hi REAL NOT NULL, rid INTEGER NOT NULL);
-CREATE INDEX IF NOT EXISTS idx_date_lo ON idx_date (pid, lo);
-CREATE INDEX IF NOT EXISTS idx_date_hi ON idx_date (pid, hi);
 CREATE TABLE IF NOT EXISTS idx_quantity (pid INTEGER NOT NULL, value REAL NOT NULL, system TEXT, code TEXT,
     unit TEXT, rid INTEGER NOT NULL);
-CREATE INDEX IF NOT EXISTS idx_quantity_value ON idx_quantity (pid, value);
 CREATE TABLE IF NOT EXISTS idx_reference (pid INTEGER NOT NULL, ref_id TEXT NOT NULL, ref_type TEXT,
     rid INTEGER NOT NULL);
-CREATE INDEX IF NOT EXISTS idx_reference_ref ON idx_reference (pid, ref_id, rid);
 CREATE TABLE IF NOT EXISTS idx_string (pid INTEGER NOT NULL, norm TEXT NOT NULL, raw TEXT NOT NULL,
     rid INTEGER NOT NULL);
-CREATE INDEX IF NOT EXISTS idx_string_norm ON idx_string (pid, norm);
-CREATE INDEX IF NOT EXISTS idx_string_raw ON idx_string (pid, raw);
 """
+
+# The unique (type, id) index stays during a bulk load: it is what refuses a duplicate at its file:line.
+_UNIQUE_INDEX_SQL = "CREATE UNIQUE INDEX IF NOT EXISTS resources_type_id ON resources (type, id)"
+
+# Secondary indexes, name -> DDL. A bulk load into an empty store drops them and builds each once at the end (one
+# sort per index) instead of inserting into B-trees that outgrow the page cache in random key order (UUID ids).
+_SECONDARY_INDEXES = {
+    # (type) carries rowid: "type = ? ORDER BY rid" pages without sorting the whole type
+    "resources_type": "CREATE INDEX IF NOT EXISTS resources_type ON resources (type)",
+    "resources_patient": "CREATE INDEX IF NOT EXISTS resources_patient ON resources (patient, type)",
+    "resources_type_sort": "CREATE INDEX IF NOT EXISTS resources_type_sort ON resources (type, sort_date)",
+    "resources_type_updated": "CREATE INDEX IF NOT EXISTS resources_type_updated ON resources (type, last_updated)",
+    "idx_token_code": "CREATE INDEX IF NOT EXISTS idx_token_code ON idx_token (pid, code, rid)",
+    "idx_date_lo": "CREATE INDEX IF NOT EXISTS idx_date_lo ON idx_date (pid, lo)",
+    "idx_date_hi": "CREATE INDEX IF NOT EXISTS idx_date_hi ON idx_date (pid, hi)",
+    "idx_quantity_value": "CREATE INDEX IF NOT EXISTS idx_quantity_value ON idx_quantity (pid, value)",
+    "idx_reference_ref": "CREATE INDEX IF NOT EXISTS idx_reference_ref ON idx_reference (pid, ref_id, rid)",
+    "idx_string_norm": "CREATE INDEX IF NOT EXISTS idx_string_norm ON idx_string (pid, norm)",
+    "idx_string_raw": "CREATE INDEX IF NOT EXISTS idx_string_raw ON idx_string (pid, raw)",
+}
+
+_SCHEMA = _TABLES_SQL + ";\n".join([_UNIQUE_INDEX_SQL, *_SECONDARY_INDEXES.values()]) + ";\n"
 
 _INSERT = {
     "token": "INSERT INTO idx_token (pid, system, code, text, rid) VALUES (?, ?, ?, ?, ?)",
@@ -120,6 +129,7 @@ class Store:
         self._count_lock = threading.Lock()
         self._pending: dict[str, list[tuple]] = {t: [] for t in _INSERT}  # guarded by _write_lock
         self._pending_rows = 0
+        self._deferred = False  # secondary indexes dropped by defer_indexes(), rebuilt before COMMIT
         try:
             conn = self._conn()
             if not readonly:
@@ -190,11 +200,13 @@ class Store:
             try:
                 yield conn
                 self._flush_index(conn)
+                self.build_deferred_indexes(conn)
                 conn.execute("COMMIT")
             except BaseException:
                 for rows in self._pending.values():
                     rows.clear()
                 self._pending_rows = 0
+                self._deferred = False  # the rollback brings the dropped indexes back
                 conn.execute("ROLLBACK")
                 raise
             finally:
@@ -202,6 +214,41 @@ class Store:
                     conn.execute("PRAGMA synchronous=NORMAL")
                 with self._count_lock:
                     self._count_cache.clear()
+
+    def defer_indexes(self, conn: sqlite3.Connection) -> bool:
+        """Inside `transaction()` on an empty store: drop the secondary indexes until the transaction commits.
+
+        The drop is part of the transaction, so a rollback or a kill leaves the indexes exactly as they were, and
+        no reader ever sees the store without them. Returns False (and changes nothing) on a non-empty store,
+        where rebuilding every index would cost more than the rows being added.
+        """
+        if self._deferred:
+            return True
+        if conn.execute("SELECT 1 FROM resources LIMIT 1").fetchone() is not None:
+            return False
+        for name in _SECONDARY_INDEXES:
+            conn.execute(f"DROP INDEX IF EXISTS {name}")
+        self._deferred = True
+        return True
+
+    def build_deferred_indexes(self, conn: sqlite3.Connection) -> None:
+        """Create the indexes defer_indexes() dropped (a no-op otherwise); index rows still buffered go in first."""
+        if not self._deferred:
+            return
+        self._flush_index(conn)
+        # The sorter behind CREATE INDEX holds up to cache_size of keys in memory and spills the rest to temp files,
+        # but with temp_store=MEMORY it never spills: peak memory would grow with the store. 16 MiB runs keep the
+        # peak the same at 1x and 10x.
+        cache = conn.execute("PRAGMA cache_size").fetchone()[0]
+        conn.execute("PRAGMA temp_store=FILE")
+        conn.execute("PRAGMA cache_size=-16384")
+        try:
+            for sql in _SECONDARY_INDEXES.values():
+                conn.execute(sql)
+        finally:
+            conn.execute(f"PRAGMA cache_size={int(cache)}")
+            conn.execute("PRAGMA temp_store=MEMORY")
+        self._deferred = False
 
     def insert(self, conn: sqlite3.Connection, resource: dict, *, where: str = "") -> bytes:
         """Index and insert one resource inside `transaction()`; returns the stored bytes.

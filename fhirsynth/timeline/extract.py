@@ -243,17 +243,17 @@ class EventExtractor:
         g_verification, skip_verification, verification = self.g_verification, rm.skip_verification, rm.verification
         g_patient0, patient_key = self.g_patient[0][1], self._patient_key
         g_code, rank, code_path = self.g_code, self.rank, rm.code
-        g_time0, slow_time, us_cache_get = self.g_time[0][1], self._time, _US_CACHE.get
+        g_time0, slow_time, us_cache_get, parse_us = self.g_time[0][1], self._time, _US_CACHE.get, parse_fhir_time_us
         g_category, cat_systems, categories, slow_category = (
             self.g_category, self.cat_systems, self.categories, self._category)
         g_end, encounter_self, g_encounter, slow_encounter = (
             self.g_end, rm.encounter_self, self.g_encounter, self._encounter)
         keep_display, kind, expand, g_vq, value_of = rm.display, self.kind, self.expand, self.g_vq, self._value
         # single-key paths are read with a direct res.get(key): ~6x cheaper than calling a getter
-        k_status, k_verification, k_patient0, k_code, k_time0, k_category, k_encounter, k_vq = (
+        k_status, k_verification, k_patient0, k_code, k_time0, k_category, k_encounter, k_vq, k_vc = (
             p[0] if p is not None and len(p) == 1 else None
             for p in (rm.status, rm.verification, rm.patient[0], rm.code, rm.time[0], rm.category, rm.encounter,
-                      rm.value_quantity)
+                      rm.value_quantity, rm.value_concept)
         )
 
         def extract(res: dict, refs: dict | None, tail: tuple) -> list[tuple] | Skip:
@@ -299,9 +299,12 @@ class EventExtractor:
             raw = res.get(k_time0) if k_time0 is not None else g_time0(res)
             when = us_cache_get(raw) if type(raw) is str else None
             if when is None:
-                when = slow_time(res)
-                if type(when[0]) is str:
-                    return when  # type: ignore[return-value]
+                # a cache miss is mostly a first sight of a valid time: parse it before the all-paths fallback
+                when = parse_us(raw) if type(raw) is str else None
+                if when is None:
+                    when = slow_time(res)
+                    if type(when[0]) is str:
+                        return when  # type: ignore[return-value]
             time, precision = when
 
             category = None
@@ -366,11 +369,23 @@ class EventExtractor:
                                  end_time, status, None, None, None, precision, *tail))
                     return rows
 
+            q = None
             if g_vq is not None:  # inline fast path for a plain numeric valueQuantity
                 q = res.get(k_vq) if k_vq is not None else g_vq(res)
                 if type(q) is dict and type(num := q.get("value")) is float:
                     return [(pkey, time, kind, system, code, display, num, q.get("code") or q.get("unit"), None, None,
                              None, category, enc, end_time, status, None, None, None, precision, *tail)]
+            if k_vc is not None and type(q) is not dict:
+                # inline fast path for a CodeableConcept value with one coding (what _value picks for any rank)
+                vc = res.get(k_vc)
+                if type(vc) is list:  # Encounter.type: the first concept, as _codings reads it
+                    vc = vc[0] if vc else None
+                cs = vc.get("coding") if type(vc) is dict else None
+                c0 = cs[0] if type(cs) is list and len(cs) == 1 else None
+                if type(c0) is dict and c0.get("code"):
+                    return [(pkey, time, kind, system, code, display, None, None, c0.get("system"), c0["code"],
+                             c0.get("display") or vc.get("text"), category, enc, end_time, status, None, None, None,
+                             precision, *tail)]
             v = value_of(res)
             return [(pkey, time, kind, system, code, display, v[0], v[1], v[2], v[3], v[4], category, enc, end_time,
                      status, None, None, None, precision, *tail)]
