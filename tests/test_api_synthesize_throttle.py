@@ -22,17 +22,9 @@ pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.fil
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> Path:
-    pytest.importorskip("fhirsynth.model.sampler")
-    from fhirsynth.model.config import ModelConfig
-    from fhirsynth.model.train import train_model
-    from fhirsynth.timeline.io import write_timelines
-    from fhirsynth.timeline.samples import random_timelines
+    from test_model_helpers import trained_server_model
 
-    root = tmp_path_factory.mktemp("synth-burst")
-    write_timelines(random_timelines(40, seed=3, visits=4), root / "timelines")
-    train_model(root / "timelines", root / "model", dp=True, epsilon=8.0, epochs=1, device="cpu",
-                model_config=ModelConfig(d_model=32, n_layers=1, n_heads=2, d_ff=64, max_len=256))
-    return root / "model"
+    return trained_server_model(tmp_path_factory.mktemp("synth-burst"))
 
 
 def test_burst_beyond_queue_is_throttled(tiny_model: Path, tmp_path: Path, fixtures_dir: Path):

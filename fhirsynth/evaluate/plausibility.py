@@ -134,33 +134,51 @@ def _ndjson_files(export_dir: Path) -> list[Path]:
     return sorted(p for p in export_dir.iterdir() if p.name.endswith((".ndjson", ".ndjson.gz")))
 
 
+class _ValidityTally:
+    """Validation counts per resource type, at most per_type checked each (the rest counted as skipped), and the
+    first 10 problems with where they were found."""
+
+    def __init__(self, validate, per_type: int) -> None:  # noqa: ANN001 - fhirsynth.fhir.validate.validate_resource
+        self.validate, self.per_type = validate, per_type
+        self.per: dict[str, dict] = {}
+        self.examples: list[str] = []
+
+    def check(self, res: dict, where: str) -> bool:
+        """Validate one resource; False when its type's cap was already reached (not checked)."""
+        rtype = res.get("resourceType", "?")
+        st = self.per.setdefault(rtype, {"checked": 0, "invalid": 0, "skipped_over_cap": 0})
+        if st["checked"] >= self.per_type:
+            st["skipped_over_cap"] += 1
+            return False
+        problems = self.validate(res)
+        st["checked"] += 1
+        if problems:
+            st["invalid"] += 1
+            if len(self.examples) < 10:
+                self.examples.append(f"{where} {rtype}/{res.get('id')}: {problems[0]}")
+        return True
+
+    def totals(self) -> tuple[int, int]:
+        return sum(s["checked"] for s in self.per.values()), sum(s["invalid"] for s in self.per.values())
+
+
 def fhir_validity(export_dir: Path, per_type: int = 500) -> dict:
     """Validate up to per_type resources of each type in an export dir with fhirsynth.fhir.validate."""
     try:
         from fhirsynth.fhir.validate import validate_resource  # lazy: helper ASSEMBLE's module
     except ImportError as exc:
         return {"computable": False, "reason": f"fhirsynth.fhir.validate unavailable ({exc})"}
-    per: dict[str, dict] = {}
-    examples: list[str] = []
+    tally = _ValidityTally(validate_resource, per_type)
     for path in _ndjson_files(export_dir):
         opener = gzip.open if path.name.endswith(".gz") else open
         with opener(path, "rt", encoding="utf-8") as fh:
             for lineno, line in enumerate(fh, 1):
                 if not line.strip():
                     continue
-                res = json.loads(line)
-                rtype = res.get("resourceType", "?")
-                st = per.setdefault(rtype, {"checked": 0, "invalid": 0})
-                if st["checked"] >= per_type:
-                    break
-                problems = validate_resource(res)
-                st["checked"] += 1
-                if problems:
-                    st["invalid"] += 1
-                    if len(examples) < 10:
-                        examples.append(f"{path.name}:{lineno} {rtype}/{res.get('id')}: {problems[0]}")
-    checked = sum(s["checked"] for s in per.values())
-    invalid = sum(s["invalid"] for s in per.values())
+                if not tally.check(json.loads(line), f"{path.name}:{lineno}"):
+                    break  # one type per file: the cap for this file's type is reached
+    per, examples = tally.per, tally.examples
+    checked, invalid = tally.totals()
     return {"computable": checked > 0, "checked": checked,
             "valid_rate": float(1 - invalid / checked) if checked else None, "by_type": per,
             "examples": examples, **({} if checked else {"reason": "no resources found"})}
@@ -203,8 +221,8 @@ def fhir_validity_timelines(timelines_dir: Path, *, sample: int = 200, seed: int
         raise UsageError(f"FHIR validity sample must be >= 1 patient, got {sample}")
     timelines = sample_timelines_dir(timelines_dir, sample, seed)
     generator = GeneratorInfo(model_hash="evaluation", epsilon=None, delta=None)
-    per: dict[str, dict] = {}
-    examples: list[str] = []
+    tally = _ValidityTally(validate_resource, per_type)
+    examples = tally.examples
     failed_patients: list[str] = []
     for index, tl in enumerate(progress(timelines, desc="FHIR validity", unit="patient")):
         try:
@@ -215,19 +233,9 @@ def fhir_validity_timelines(timelines_dir: Path, *, sample: int = 200, seed: int
                 examples.append(f"patient {tl.patient.patient_id}: not assembled: {exc}")
             continue
         for res in resources:
-            rtype = res.get("resourceType", "?")
-            st = per.setdefault(rtype, {"checked": 0, "invalid": 0, "skipped_over_cap": 0})
-            if st["checked"] >= per_type:
-                st["skipped_over_cap"] += 1
-                continue
-            problems = validate_resource(res)
-            st["checked"] += 1
-            if problems:
-                st["invalid"] += 1
-                if len(examples) < 10:
-                    examples.append(f"patient {tl.patient.patient_id} {rtype}/{res.get('id')}: {problems[0]}")
-    checked = sum(s["checked"] for s in per.values())
-    invalid = sum(s["invalid"] for s in per.values())
+            tally.check(res, f"patient {tl.patient.patient_id}")
+    per = tally.per
+    checked, invalid = tally.totals()
     if failed_patients:  # a patient that cannot be exported at all is one invalid item, not silently dropped
         checked += len(failed_patients)
         invalid += len(failed_patients)

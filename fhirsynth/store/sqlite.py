@@ -385,11 +385,8 @@ class Store:
         if isinstance(key, list):
             return self._page_multi(where, args, keys=key, limit=limit, after=after, before=before, join=join)
         backwards = before is not None
-        cond, cargs = where, list(args)
-        source = "resources r"
+        source, cond, cargs = _page_source(where, args, join)
         if join is not None:
-            source = "idx_reference x JOIN resources r ON r.rid = x.rid"
-            cond, cargs = f"{join[0]} AND {cond}", [*join[1], *cargs]
             if key == "r.rid":
                 key = "x.rid"  # same value; ordering by the index column lets SQLite walk the index in order
         anchor = before if backwards else after
@@ -405,12 +402,7 @@ class Store:
             f"ORDER BY {key} {order}"
         sql = f"SELECT r.rid, {key}, r.type, r.id, r.body FROM {source} WHERE {cond} {order_sql} LIMIT ?"
         rows = [Row(*t) for t in self._conn().execute(sql, cargs + [limit + 1])]
-        more = len(rows) > limit
-        rows = rows[:limit]
-        if backwards:
-            rows.reverse()
-            return Page(rows, has_next=True, has_prev=more)
-        return Page(rows, has_next=more, has_prev=after is not None)
+        return _page_of(rows, limit, backwards, after is not None)
 
     def _page_multi(self, where: str, args: list, *, keys: list[tuple[str, bool]], limit: int,
                     after: tuple | None, before: tuple | None, join: tuple[str, list] | None) -> Page:
@@ -420,11 +412,7 @@ class Store:
         (a1, a2, .., rid)" is the usual expansion: k1 > a1 OR (k1 = a1 AND k2 > a2) OR ... with > or < per key.
         """
         backwards = before is not None
-        cond, cargs = where, list(args)
-        source = "resources r"
-        if join is not None:
-            source = "idx_reference x JOIN resources r ON r.rid = x.rid"
-            cond, cargs = f"{join[0]} AND {cond}", [*join[1], *cargs]
+        source, cond, cargs = _page_source(where, args, join)
         order = [*keys, ("r.rid", keys[-1][1])]
         anchor = before if backwards else after
         if anchor is not None:
@@ -441,12 +429,7 @@ class Store:
         sql = f"SELECT r.rid, {cols}, r.type, r.id, r.body FROM {source} WHERE {cond} ORDER BY {order_sql} LIMIT ?"
         n = len(keys)
         rows = [Row(t[0], list(t[1:1 + n]), *t[1 + n:]) for t in self._conn().execute(sql, cargs + [limit + 1])]
-        more = len(rows) > limit
-        rows = rows[:limit]
-        if backwards:
-            rows.reverse()
-            return Page(rows, has_next=True, has_prev=more)
-        return Page(rows, has_next=more, has_prev=after is not None)
+        return _page_of(rows, limit, backwards, after is not None)
 
     def query_once(self, sql: str, args: Iterable = ()) -> list[tuple]:
         """A query on a short-lived connection, for one-off threads (a thread-local one would outlive them)."""
@@ -476,3 +459,20 @@ class Store:
 
 def served_types() -> tuple[str, ...]:
     return RESOURCE_TYPES
+
+
+def _page_source(where: str, args: list, join: tuple[str, list] | None) -> tuple[str, str, list]:
+    """FROM clause, WHERE condition and arguments of a page query, driven by idx_reference when `join` is given."""
+    if join is None:
+        return "resources r", where, list(args)
+    return "idx_reference x JOIN resources r ON r.rid = x.rid", f"{join[0]} AND {where}", [*join[1], *args]
+
+
+def _page_of(rows: list, limit: int, backwards: bool, has_anchor: bool) -> Page:
+    """rows were fetched with LIMIT limit + 1: the extra row says whether there is more in the fetch direction."""
+    more = len(rows) > limit
+    rows = rows[:limit]
+    if backwards:
+        rows.reverse()
+        return Page(rows, has_next=True, has_prev=more)
+    return Page(rows, has_next=more, has_prev=has_anchor)
