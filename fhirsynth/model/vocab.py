@@ -283,6 +283,9 @@ class Vocab:
             off += size
         self.size = off
         self.item_index = {it.key: i for i, it in enumerate(self.items)}
+        # token -> group name as one list lookup (decode calls group_of for every sampled token)
+        self._groups = ["pad", "bos", "end", "visit", "death"] + [
+            name for name, (a, b) in self.offsets.items() for _ in range(a, b)]
 
     # ids
     def start(self, group: str) -> int:
@@ -292,12 +295,9 @@ class Vocab:
         return range(*self.offsets[group])
 
     def group_of(self, tok: int) -> str:
-        if tok < self.N_SPECIAL:
-            return ("pad", "bos", "end", "visit", "death")[tok]
-        for name, (a, b) in self.offsets.items():
-            if a <= tok < b:
-                return name
-        raise ValueError(f"token {tok} out of range")
+        if not 0 <= tok < self.size:
+            raise ValueError(f"token {tok} out of range")
+        return self._groups[tok]
 
     def item_token(self, key: ItemKey) -> int | None:
         i = self.item_index.get(key)
