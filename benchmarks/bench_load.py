@@ -442,16 +442,7 @@ def build_db(db: Path, data: Path | None, shared_patients: int) -> dict:
 
 def tiny_model(root: Path, env: dict) -> Path:
     """A tiny DP model (random timelines, one epoch) so $synthesize has something to sample from (~10 s)."""
-    script = (
-        "import sys; from pathlib import Path\n"
-        "from fhirsynth.model.config import ModelConfig\n"
-        "from fhirsynth.model.train import train_model\n"
-        "from fhirsynth.timeline.io import write_timelines\n"
-        "from fhirsynth.timeline.samples import random_timelines\n"
-        "root = Path(sys.argv[1])\n"
-        "write_timelines(random_timelines(40, seed=3, visits=4), root / 'timelines')\n"
-        "train_model(root / 'timelines', root / 'model', dp=True, epsilon=8.0, epochs=1, device='cpu',\n"
-        "            model_config=ModelConfig(d_model=32, n_layers=1, n_heads=2, d_ff=64, max_len=256))\n")
+    script = "import sys; from fhirsynth.model.tiny import train_tiny_model; train_tiny_model(sys.argv[1])"
     subprocess.run([sys.executable, "-W", "ignore", "-c", script, str(root)], env=env, check=True,
                    stdout=subprocess.DEVNULL)
     return root / "model"

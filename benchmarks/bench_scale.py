@@ -99,19 +99,6 @@ def make_cohort(src: Path, n_patients: int, dst: Path, factor: int) -> dict[str,
     return counts
 
 
-def train_tiny_model(root: Path) -> Path:
-    """A real DP model, tiny enough to train in seconds; generate runs the real sampler on it."""
-    from fhirsynth.model.config import ModelConfig
-    from fhirsynth.model.train import train_model
-    from fhirsynth.timeline.io import write_timelines
-    from fhirsynth.timeline.samples import random_timelines
-
-    write_timelines(random_timelines(40, seed=3, visits=4), root / "timelines")
-    train_model(root / "timelines", root / "model", dp=True, epsilon=8.0, epochs=1, device="cpu",
-                model_config=ModelConfig(d_model=32, n_layers=1, n_heads=2, d_ff=64, max_len=256))
-    return root / "model"
-
-
 # ------------------------------------------------------------------------------------------- child: one stage
 
 class _Sampler(threading.Thread):
@@ -260,8 +247,10 @@ def main() -> None:
             n = args.export_patients
             specs["export"] = ({"n": n, "out": str(work / "exp1")}, {"n": n * f, "out": str(work / f"exp{f}")})
         if "generate" in stages:
+            from fhirsynth.model.tiny import train_tiny_model
+
             t1 = time.perf_counter()
-            model = train_tiny_model(work / "train")
+            model = train_tiny_model(work / "train")  # a real DP model: generate runs the real sampler
             print(f"tiny model trained in {time.perf_counter() - t1:.0f}s", flush=True)
             n = args.generate_patients
             specs["generate"] = ({"model": str(model), "n": n, "out": str(work / "gen1")},

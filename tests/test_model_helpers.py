@@ -119,16 +119,3 @@ def tiny_model_dir(path: Path, *, n_patients: int = 80, max_len: int = 64, seed:
     write_model_dir(path, state_dict=model.state_dict(), config=config, vocab=vocab.to_json(),
                     privacy={"unit": "patient", "dp": False, "vocabulary": report}, curve=[])
     return path
-
-
-def trained_server_model(root: Path) -> Path:
-    """A tiny DP-trained model (40 random patients, 1 epoch) for the server's $synthesize tests."""
-    from fhirsynth.model.config import ModelConfig
-    from fhirsynth.model.train import train_model
-    from fhirsynth.timeline.io import write_timelines
-    from fhirsynth.timeline.samples import random_timelines
-
-    write_timelines(random_timelines(40, seed=3, visits=4), root / "timelines")
-    train_model(root / "timelines", root / "model", dp=True, epsilon=8.0, epochs=1, device="cpu",
-                model_config=ModelConfig(d_model=32, n_layers=1, n_heads=2, d_ff=64, max_len=256))
-    return root / "model"

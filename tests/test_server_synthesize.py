@@ -17,9 +17,9 @@ pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.fil
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> Path:
-    from test_model_helpers import trained_server_model
+    from fhirsynth.model.tiny import train_tiny_model
 
-    return trained_server_model(tmp_path_factory.mktemp("synth"))
+    return train_tiny_model(tmp_path_factory.mktemp("synth"))
 
 
 def test_synthesize_stores_and_returns_patients(tiny_model: Path, tmp_path: Path, fixtures_dir: Path):
