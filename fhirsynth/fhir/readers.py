@@ -225,6 +225,11 @@ class ResourceReader:
             kept += f"; line {lines + 1} is cut off after {gz.partial} bytes and skipped"
         self.on_problem(reason, f"{src.path}:{lines + 1}", f"{why}; {kept}; anything after it is missing")
 
+    def _report_gz_document(self, src: SourceFile, gz: Gunzip, outcome: str) -> None:
+        """The damage of a whole-file .json.gz, at the file (a document has no lines), and what it cost."""
+        reason, why = gz.problem  # type: ignore[misc]
+        self.on_problem(reason, str(src.path), f"{why}; {outcome}")
+
     def _parse_lines(self, idx: int, src: SourceFile, chunks: Iterator[list[bytes]]) -> Generator[Record, None, int]:
         """Lines arrive in lists (one per read chunk) so the per-line cost is one loop step, not a generator.
 
@@ -280,17 +285,15 @@ class ResourceReader:
                 return
             if gz is not None and gz.problem is not None:
                 # a document cut off mid-way cannot be parsed at all: one problem naming the file and the damage
-                reason, why = gz.problem
-                self.on_problem(reason, str(src.path),
-                                f"{why}; the JSON document ends after {len(data)} decompressed bytes and "
-                                "cannot be read")
+                self._report_gz_document(src, gz, f"the JSON document ends after {len(data)} decompressed bytes "
+                                         "and cannot be read")
                 return
             self.on_problem("invalid_json", f"{src.path}:{exc.lineno}", f"column {exc.colno}: {exc.msg}")
             return
         del data
         if gz is not None and gz.problem is not None:
             # only the gzip trailer is damaged: the document itself is whole, so it is read, and the damage reported
-            self.on_problem(gz.problem[0], str(src.path), f"{gz.problem[1]}; the JSON document itself is complete")
+            self._report_gz_document(src, gz, "the JSON document itself is complete")
         yield from self._expand(idx, 0, obj)
 
     def _expand(self, idx: int, line: int, obj: object) -> Iterator[Record]:
@@ -365,11 +368,10 @@ class ResourceReader:
                             res["id"] = rid
                     yield (idx, 0, i, res, refs)
             if gz is not None and gz.problem is not None:  # only the trailer is missing: entries all read
-                self.on_problem(gz.problem[0], str(src.path), f"{gz.problem[1]}; the Bundle itself is complete")
+                self._report_gz_document(src, gz, "the Bundle itself is complete")
         except ijson.JSONError as exc:
             if gz is not None and gz.problem is not None:
-                self.on_problem(gz.problem[0], str(src.path), f"{gz.problem[1]}; the Bundle is cut off and "
-                                "cannot be read")
+                self._report_gz_document(src, gz, "the Bundle is cut off and cannot be read")
             else:
                 self.on_problem("invalid_json", str(src.path), f"{exc}")
 
