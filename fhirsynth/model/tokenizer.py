@@ -34,7 +34,7 @@ from collections import Counter
 from datetime import date, datetime, timedelta, timezone
 
 from fhirsynth.model.bins import DUR_EDGES, GAP_EDGES, bucket_of
-from fhirsynth.model.vocab import ETHNICITIES, RACES, SEXES, ItemMatcher, Vocab
+from fhirsynth.model.vocab import ETHNICITIES, RACES, SEXES, ItemMatcher, Vocab, sex_index
 from fhirsynth.timeline.types import Event, PatientInfo, Timeline
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
@@ -118,10 +118,9 @@ class Tokenizer:
             stats["patients_without_birth_date"] += 1
             return None
         birth = _midnight(p.birth_date)
-        sex = p.sex if p.sex in SEXES else "unknown"
         prefix = [
             v.BOS,
-            v.start("sex") + SEXES.index(sex),
+            v.start("sex") + sex_index(p.sex),
             v.start("by") + v.band_of_year(p.birth_date.year),
             v.start("race") + self.race_index.get(p.race_code, len(RACES) - 1),
             v.start("eth") + self.eth_index.get(p.ethnicity_code, len(ETHNICITIES) - 1),

@@ -37,6 +37,13 @@ from fhirsynth.timeline.types import Event, Timeline
 
 ITEM_KINDS = ("encounter", "condition", "observation", "value")
 SEXES = ("male", "female", "other", "unknown")
+
+
+def sex_index(sex: str | None) -> int:
+    """Position of a patient's administrative gender in SEXES; anything else (or none) counts as "unknown"."""
+    return SEXES.index(sex) if sex in SEXES else SEXES.index("unknown")
+
+
 # US Core OMB race / ethnicity categories (urn:oid:2.16.840.1.113883.6.238), a public code list.
 RACES = (
     ("1002-5", "American Indian or Alaska Native"),
@@ -402,8 +409,7 @@ def release_sex_shares(timelines: list[Timeline], *, dp: bool, epsilon: float | 
     """Share of each of SEXES among the patients: Laplace(1/epsilon) counts under dp, exact otherwise."""
     counts = np.zeros(len(SEXES), dtype=np.float64)
     for tl in timelines:
-        sex = tl.patient.sex if tl.patient.sex in SEXES else "unknown"
-        counts[SEXES.index(sex)] += 1
+        counts[sex_index(tl.patient.sex)] += 1
     if dp:
         if epsilon is None or epsilon <= 0:
             raise PrivacyBudgetError(f"the sex marginal needs epsilon > 0 (got {epsilon})")
