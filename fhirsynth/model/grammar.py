@@ -65,7 +65,6 @@ class Grammar:
         self.end_horizon = float(vocab.cfg.end_horizon_days)
         self.device = device
         self.cond = cond or Conditioning()
-        self.end_redirect: torch.Tensor | None = None  # set by mask(): rows whose END mass goes to VISIT
         # released (DP) sex shares replace the model's first prediction (vocab.py); not when sex is forced
         self.sex_prior: torch.Tensor | None = None
         if vocab.sex_shares is not None and self.cond.sex is None:
@@ -197,8 +196,10 @@ class Grammar:
             has_cond=torch.zeros(batch, dtype=torch.bool, device=d),
         )
 
-    def mask(self, s: BatchState, pos: int) -> torch.Tensor:
-        """[B, V] bool: tokens allowed at position `pos` (0-based) of each sequence."""
+    def mask(self, s: BatchState, pos: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """([B, V] bool: tokens allowed at position `pos` (0-based) of each sequence, [B] bool or None: rows whose
+        END is held back only because the record has not reached the present; the sampler gives its probability
+        to VISIT)."""
         v = self.v
         m = self.allowed[s.st]
         rem = self.ref_end - s.birth - s.cur  # days left before the reference date ends
@@ -246,8 +247,7 @@ class Grammar:
         dead_end = ~m.any(dim=1)
         if bool(dead_end.any()):  # only reachable when a required code never became allowed: end it
             m[dead_end, v.END] = True
-        self.end_redirect = None if blocked is None else blocked & m[:, v.VISIT] & ~m[:, v.END]
-        return m
+        return m, None if blocked is None else blocked & m[:, v.VISIT] & ~m[:, v.END]
 
     def advance(self, s: BatchState, tok: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """Apply the chosen tokens [B]; u [B] uniform(0,1). Returns the in-bucket draws [B] float64."""

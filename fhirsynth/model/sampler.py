@@ -59,8 +59,7 @@ def generate(
     tokens[:, 0] = v.BOS
     for pos in range(1, L):
         logits = model.step(tok, pos - 1, cache).float()  # [b, V]
-        mask = grammar.mask(state, pos)
-        redirect = grammar.end_redirect
+        mask, redirect = grammar.mask(state, pos)
         if redirect is not None and bool(redirect.any()):
             open_mask = mask.clone()
             open_mask[:, v.END] |= redirect
