@@ -45,6 +45,17 @@ def _visits(tl):
     return sorted(out)
 
 
+def _record_end(tl) -> float:
+    """Days from birth to the record's end: the death, else the end of the reference date."""
+    from datetime import date, datetime, timezone
+
+    b = tl.patient.birth_date
+    birth = datetime(b.year, b.month, b.day, tzinfo=timezone.utc)
+    if tl.patient.death_date is not None:
+        return (tl.patient.death_date - birth).total_seconds() / 86400
+    return (date.fromisoformat(CFG.reference_date) - b).days + 1.0
+
+
 def test_round_trip_exact_up_to_bins(setup):
     tls, vocab, tok = setup
     vb, _ = load_value_bins()
@@ -65,10 +76,14 @@ def test_round_trip_exact_up_to_bins(setup):
         assert vocab.band_of_year(q.birth_date.year) == vocab.band_of_year(p.birth_date.year)
         vo, vd = _visits(orig), _visits(dec)
         assert [codes for _, codes in vo] == [codes for _, codes in vd]
-        # first visit: same age in years; later: each gap in the same log bucket
+        # the death: same age in years; the newest visit: its gap back from the record's end (the death, else
+        # the end of the reference date) in the same log bucket; each older one: its gap back likewise
+        eo, ed = _record_end(orig), _record_end(dec)
+        if p.death_date is not None:
+            assert int(eo // 365.25) == int(ed // 365.25)
         if not vo:
             continue
-        assert int(vo[0][0] // 365.25) == int(vd[0][0] // 365.25)
+        assert bucket_of(eo - vo[-1][0], GAP_EDGES) == bucket_of(ed - vd[-1][0], GAP_EDGES)
         for j in range(1, len(vo)):
             assert bucket_of(vo[j][0] - vo[j - 1][0], GAP_EDGES) == bucket_of(vd[j][0] - vd[j - 1][0], GAP_EDGES)
         # numeric values land in the same public bin, with the public unit
@@ -119,9 +134,11 @@ def test_compression_keeps_one_sequence_per_patient_within_context():
             continue
         # the most recent visit survives compression complete with its observations
         last = max(encs, key=lambda e: e.time)
-        tail = s[len(s) - 1 - s[::-1].index(vocab.VISIT):]
-        assert tok.vocab.item_token(tok.matcher.event_key(last)) in tail
-        assert any(vocab.group_of(x) == "val" for x in tail)
+        first = s.index(vocab.VISIT)  # newest first: the first visit of the sequence
+        nxt = s.index(vocab.VISIT, first + 1) if vocab.VISIT in s[first + 1:] else len(s)
+        head = s[first:nxt]
+        assert tok.vocab.item_token(tok.matcher.event_key(last)) in head
+        assert any(vocab.group_of(x) == "val" for x in head)
 
 
 def test_public_items_are_free_and_dp_selection_thresholds():

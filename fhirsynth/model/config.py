@@ -11,7 +11,8 @@ from typing import Any
 from fhirsynth import __version__
 
 # Bumped whenever the model-dir layout or token grammar changes; loading another version is refused.
-FORMAT_VERSION = 1
+# 2: visits newest first (tokenizer.py), the death right after the prefix.
+FORMAT_VERSION = 2
 
 
 def _today() -> str:
@@ -38,11 +39,13 @@ class TokenizerConfig:
 
     max_len: the context (tokens per patient, BOS..END); longer histories are compressed (see tokenizer.py).
     max_items_per_patient: k, the contribution bound of one patient to the DP vocabulary counts.
+    max_value_codes_per_patient: m, the contribution bound of one patient to the DP value bins (dpbins.py).
     reference_date: "today" of the synthetic world; nothing is sampled after it (default: the training day).
     """
 
     max_len: int = 512
     max_items_per_patient: int = 64
+    max_value_codes_per_patient: int = 8
     max_vocab_items: int = 4000
     min_count_no_dp: int = 2
     reference_date: str = field(default_factory=_today)
@@ -50,10 +53,6 @@ class TokenizerConfig:
     birth_year_end: int = 2030
     birth_year_width: int = 5
     max_age_years: int = 110
-    # A living patient's record runs up to the reference date (an extract ends "today" or at death): END is
-    # allowed only within this many days of it (0 disables). Without it a small model, which tracks absolute
-    # time poorly, ends records years early (measured: median last event 2007 vs 2026 on the US cohort).
-    end_horizon_days: float = 1095.0
 
     @property
     def ref_date(self) -> date:

@@ -3,9 +3,9 @@
 Every sampled sequence is a valid timeline because each step only allows tokens that keep it valid:
   * grammar (tokenizer.py): prefix order, visits, entries, value tokens only after their code, END at the end;
   * length: a token is allowed only if the sequence can still be finished within max_len;
-  * time: nothing after the reference date; death after every start and end time sampled so far; a living
-    patient's record ends within end_horizon_days of the reference date (unless the context is full);
-    durations >= 0 (abatement never precedes onset); nothing after death (only END follows the death time);
+  * time: visits are sampled newest first (tokenizer.py), each one a gap back from the later time, never
+    before birth; the death (when sampled, right after the prefix) is before the reference date and is the
+    end of the record; durations >= 0 (abatement never precedes onset) and never run past the record's end;
   * clinical (constraints.py): sex-specific codes, age limits; value bins never leave physiologic ranges;
   * conditioning: forced sex, birth dates giving the requested age, a required condition code.
 Continuous quantities (birth day, visit age, end times, values) are drawn inside the chosen bucket right when
@@ -26,13 +26,12 @@ from fhirsynth.model.constraints import Constraints
 from fhirsynth.model.tokenizer import day_number
 from fhirsynth.model.vocab import SEXES, Vocab
 
-(ST_START, ST_SEX, ST_BY, ST_RACE, ST_ETH, ST_BODY0, ST_VTIME0, ST_VTIME, ST_VFIRST, ST_AENC, ST_AENCCAT,
- ST_ACOND, ST_AOBS, ST_ADONE, ST_DEATH0, ST_DEATHV, ST_DEAD, ST_FIN) = range(18)
-N_STATES = 18
+(ST_START, ST_SEX, ST_BY, ST_RACE, ST_ETH, ST_BODY0, ST_DEATH, ST_BODY1, ST_VTIME, ST_VFIRST, ST_AENC,
+ ST_AENCCAT, ST_ACOND, ST_AOBS, ST_ADONE, ST_FIN) = range(16)
+N_STATES = 16
 # Fewest tokens needed to finish a sequence from each state (the length mask).
-_NEED = {ST_START: 6, ST_SEX: 5, ST_BY: 4, ST_RACE: 3, ST_ETH: 2, ST_BODY0: 1, ST_VTIME0: 3, ST_VTIME: 3,
-         ST_VFIRST: 2, ST_AENC: 1, ST_AENCCAT: 1, ST_ACOND: 1, ST_AOBS: 1, ST_ADONE: 1, ST_DEATH0: 2,
-         ST_DEATHV: 2, ST_DEAD: 1, ST_FIN: 0}
+_NEED = {ST_START: 6, ST_SEX: 5, ST_BY: 4, ST_RACE: 3, ST_ETH: 2, ST_BODY0: 1, ST_DEATH: 2, ST_BODY1: 1,
+         ST_VTIME: 3, ST_VFIRST: 2, ST_AENC: 1, ST_AENCCAT: 1, ST_ACOND: 1, ST_AOBS: 1, ST_ADONE: 1, ST_FIN: 0}
 
 
 @dataclass
@@ -47,9 +46,8 @@ class BatchState:
     st: torch.Tensor  # [B] long, grammar state
     sex: torch.Tensor  # [B] long, index into SEXES, len(SEXES) = not yet known
     birth: torch.Tensor  # [B] float64, birth day number
-    cur: torch.Tensor  # [B] float64, days since birth of the current visit
-    max_end: torch.Tensor  # [B] float64, latest end time so far (days since birth)
-    min_death: torch.Tensor  # [B] float64, earliest allowed death (days since birth)
+    cur: torch.Tensor  # [B] float64, days since birth of the current visit (the record's end before the first)
+    end: torch.Tensor  # [B] float64, the record's end (days since birth): death, else the reference date
     last_item: torch.Tensor  # [B] long, token of the last code (for value bins)
     has_cond: torch.Tensor  # [B] bool, required condition emitted
 
@@ -62,7 +60,6 @@ class Grammar:
                  cond: Conditioning | None = None) -> None:
         self.v = v = vocab
         self.max_len = max_len
-        self.end_horizon = float(vocab.cfg.end_horizon_days)
         self.device = device
         self.cond = cond or Conditioning()
         # released (DP) sex shares replace the model's first prediction (vocab.py); not when sex is forced
@@ -89,7 +86,6 @@ class Grammar:
             allow(s, cond_t, ST_ACOND)
             allow(s, obs, ST_AOBS)
             allow(s, [v.VISIT], ST_VTIME)
-            allow(s, [v.DEATH], ST_DEATHV)
             allow(s, [v.END], ST_FIN)
 
         allow(ST_START, [v.BOS], ST_SEX)
@@ -97,10 +93,11 @@ class Grammar:
         allow(ST_BY, v.rng("by"), ST_RACE)
         allow(ST_RACE, v.rng("race"), ST_ETH)
         allow(ST_ETH, v.rng("eth"), ST_BODY0)
-        allow(ST_BODY0, [v.VISIT], ST_VTIME0)
-        allow(ST_BODY0, [v.DEATH], ST_DEATH0)
-        allow(ST_BODY0, [v.END], ST_FIN)
-        allow(ST_VTIME0, v.rng("age"), ST_VFIRST)
+        allow(ST_BODY0, [v.DEATH], ST_DEATH)
+        allow(ST_DEATH, v.rng("age"), ST_BODY1)
+        for s in (ST_BODY0, ST_BODY1):
+            allow(s, [v.VISIT], ST_VTIME)
+            allow(s, [v.END], ST_FIN)
         allow(ST_VTIME, v.rng("gap"), ST_VFIRST)
         allow(ST_VFIRST, enc, ST_AENC)
         allow(ST_VFIRST, cond_t, ST_ACOND)
@@ -113,9 +110,6 @@ class Grammar:
         allow(ST_ACOND, v.rng("dur"), ST_ADONE)
         allow(ST_AOBS, v.rng("val"), ST_ADONE)
         allow(ST_AOBS, vals, ST_ADONE)
-        allow(ST_DEATH0, v.rng("age"), ST_DEAD)
-        allow(ST_DEATHV, v.rng("gap"), ST_DEAD)
-        allow(ST_DEAD, [v.END], ST_FIN)
         allow(ST_FIN, [v.PAD], ST_FIN)
         need_state = np.array([_NEED[s] for s in range(N_STATES)], dtype=np.int64)
         need = np.where(allowed, need_state[nxt], 0)
@@ -190,29 +184,24 @@ class Grammar:
         return BatchState(
             st=torch.full((batch,), ST_START, dtype=torch.long, device=d),
             sex=torch.full((batch,), len(SEXES), dtype=torch.long, device=d),
-            birth=z.clone(), cur=z.clone(), max_end=z.clone(),
-            min_death=torch.full((batch,), self.min_death0, dtype=f64, device=d),
+            birth=z.clone(), cur=z.clone(), end=z.clone(),
             last_item=torch.zeros(batch, dtype=torch.long, device=d),
             has_cond=torch.zeros(batch, dtype=torch.bool, device=d),
         )
 
-    def mask(self, s: BatchState, pos: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """([B, V] bool: tokens allowed at position `pos` (0-based) of each sequence, [B] bool or None: rows whose
-        END is held back only because the record has not reached the present; the sampler gives its probability
-        to VISIT)."""
+    def mask(self, s: BatchState, pos: int) -> torch.Tensor:
+        """[B, V] bool: the tokens allowed at position `pos` (0-based) of each sequence."""
         v = self.v
         m = self.allowed[s.st]
-        rem = self.ref_end - s.birth - s.cur  # days left before the reference date ends
+        lived = self.ref_end - s.birth  # days from birth to the end of the reference date
         a0, a1 = v.offsets["age"]
         g0, g1 = v.offsets["gap"]
         d0, d1 = v.offsets["dur"]
         l0, l1 = v.offsets["val"]
-        death0 = (s.st == ST_DEATH0)[:, None]
-        deathv = (s.st == ST_DEATHV)[:, None]
-        m[:, a0:a1] &= (self.age_lo[None] <= rem[:, None]) & (~death0 | (self.age_hi[None] > s.min_death[:, None]))
-        m[:, g0:g1] &= (self.gap_lo[None] <= rem[:, None]) & (
-            ~deathv | (self.gap_hi[None] > (s.min_death - s.cur)[:, None]))
-        m[:, d0:d1] &= self.dur_lo[None] <= rem[:, None]
+        # AGE (only the death's): before the reference date, not younger than an age condition allows
+        m[:, a0:a1] &= (self.age_lo[None] < lived[:, None]) & (self.age_hi[None] > self.min_death0)
+        m[:, g0:g1] &= self.gap_lo[None] <= s.cur[:, None]  # never before birth
+        m[:, d0:d1] &= self.dur_lo[None] <= (s.end - s.cur)[:, None]  # never past the record's end
         m[:, l0:l1] &= self.val_arange[None] < self.item_nbins[s.last_item][:, None]
         b0, b1 = v.offsets["by"]
         m[:, b0:b1] &= self.by_ok[None]
@@ -223,18 +212,9 @@ class Grammar:
         if self.lim_cols.numel():
             cur = s.cur[:, None]
             m[:, self.lim_cols] &= (self.lim_lo[None] <= cur) & (cur < self.lim_hi[None])
-        blocked = None
-        if self.end_horizon > 0:  # a living patient's record runs to (near) the reference date
-            ok = (rem <= self.end_horizon) | (s.st == ST_DEAD) | (s.st == ST_FIN)
-            # rows where the model may want to stop too early: the sampler moves END's probability to VISIT
-            # (the record goes on) instead of renormalising it over everything else, which would turn an
-            # early stop into a death far more often than the data says
-            blocked = m[:, v.END] & ~ok
-            m[:, v.END] &= ok
         if self.cond_tokens.numel():
             missing = ~s.has_cond
             m[:, v.END] &= ~missing
-            m[:, v.DEATH] &= ~missing
             # close to the end of the context: put the required code in as soon as it is allowed
             if pos >= self.max_len - 8:
                 can = m[:, self.cond_tokens].any(dim=1) & missing
@@ -247,10 +227,11 @@ class Grammar:
         dead_end = ~m.any(dim=1)
         if bool(dead_end.any()):  # only reachable when a required code never became allowed: end it
             m[dead_end, v.END] = True
-        return m, None if blocked is None else blocked & m[:, v.VISIT] & ~m[:, v.END]
+        return m
 
     def advance(self, s: BatchState, tok: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-        """Apply the chosen tokens [B]; u [B] uniform(0,1). Returns the in-bucket draws [B] float64."""
+        """Apply the chosen tokens [B]; u [B] uniform(0,1). Returns the in-bucket draws [B] float64: birth day
+        number, or days since birth (death, visit time, end time), or the value."""
         v = self.v
         f64 = torch.float64
         draw = torch.zeros_like(s.cur)
@@ -262,38 +243,35 @@ class Grammar:
 
         is_sex, sx = grp("sex")
         s.sex = torch.where(is_sex, sx, s.sex)
-        # birth day inside the band (and inside the age condition)
+        # birth day inside the band (and inside the age condition); a living record ends at the reference date
         is_by, band = grp("by")
         blo, bhi = self.band_lo[band], self.band_hi[band]
         birth = torch.minimum(torch.floor(blo + u * (bhi - blo + 1)), bhi)
         s.birth = torch.where(is_by, birth, s.birth)
         draw = torch.where(is_by, birth, draw)
-        rem = self.ref_end - s.birth - s.cur
-        # AGE: first visit (cur is 0 there) or death without visits
+        lived = self.ref_end - s.birth
+        s.end = torch.where(is_by, lived, s.end)
+        # AGE: the death, which becomes the record's end
         is_age, ai = grp("age")
-        in_d0 = st == ST_DEATH0
-        lo = self.age_lo[ai]
-        lo = torch.where(in_d0, torch.maximum(lo, s.min_death), lo)
-        hi = torch.maximum(torch.minimum(self.age_hi[ai], rem), lo)
+        lo = torch.clamp(self.age_lo[ai], min=self.min_death0)
+        hi = torch.maximum(torch.minimum(self.age_hi[ai], lived), lo)
         x = lo + u * (hi - lo)
-        s.cur = torch.where(is_age & (st == ST_VTIME0), x, s.cur)
+        s.end = torch.where(is_age, x, s.end)
         draw = torch.where(is_age, x, draw)
-        # GAP: later visit or death after visits
+        s.cur = torch.where(is_by | is_age, s.end, s.cur)
+        # GAP: the next (older) visit, that many days before the current one, never before birth
         is_gap, gi = grp("gap")
-        in_dv = st == ST_DEATHV
         lo = self.gap_lo[gi]
-        lo = torch.where(in_dv, torch.maximum(lo, s.min_death - s.cur), lo)
-        hi = torch.maximum(torch.minimum(self.gap_hi[gi], rem), lo)
-        x = s.cur + lo + u * (hi - lo)
+        hi = torch.maximum(torch.minimum(self.gap_hi[gi], s.cur), lo)
+        x = torch.clamp(s.cur - (lo + u * (hi - lo)), min=0.0)
         draw = torch.where(is_gap, x, draw)
-        s.cur = torch.where(is_gap & (st == ST_VTIME), x, s.cur)
-        # DUR: end = start + duration (never before the start, never after the reference date)
+        s.cur = torch.where(is_gap, x, s.cur)
+        # DUR: end = start + duration (never before the start, never after the record's end)
         is_dur, di = grp("dur")
         lo = self.dur_lo[di]
-        hi = torch.maximum(torch.minimum(self.dur_hi[di], rem), lo)
+        hi = torch.maximum(torch.minimum(self.dur_hi[di], s.end - s.cur), lo)
         end = s.cur + lo + u * (hi - lo)
         draw = torch.where(is_dur, end, draw)
-        s.max_end = torch.where(is_dur, torch.maximum(s.max_end, end), s.max_end)
         # VAL: value inside the bin of the last code, rounded, kept inside the physiologic range
         is_val, bi = grp("val")
         e = self.val_edges[s.last_item]
@@ -309,7 +287,6 @@ class Grammar:
         s.last_item = torch.where(is_item & ~self.is_value_item[tok], tok, s.last_item)
         if self.cond_tokens.numel():
             s.has_cond |= torch.isin(tok, self.cond_tokens)
-        s.min_death = torch.maximum(torch.maximum(s.min_death, s.max_end), s.cur)
         s.st = self.nxt[st, tok]
         return draw
 

@@ -59,15 +59,8 @@ def generate(
     tokens[:, 0] = v.BOS
     for pos in range(1, L):
         logits = model.step(tok, pos - 1, cache).float()  # [b, V]
-        mask, redirect = grammar.mask(state, pos)
-        if redirect is not None and bool(redirect.any()):
-            open_mask = mask.clone()
-            open_mask[:, v.END] |= redirect
-            probs = torch.softmax((logits / temperature).masked_fill(~open_mask, float("-inf")), dim=1)
-            probs[:, v.VISIT] += torch.where(redirect, probs[:, v.END], 0.0)
-            probs[:, v.END] = torch.where(redirect, 0.0, probs[:, v.END])
-        else:
-            probs = torch.softmax((logits / temperature).masked_fill(~mask, float("-inf")), dim=1)
+        mask = grammar.mask(state, pos)
+        probs = torch.softmax((logits / temperature).masked_fill(~mask, float("-inf")), dim=1)
         if pos == 1 and grammar.sex_prior is not None:  # the SEX token: drawn from the released shares
             s0, s1 = v.offsets["sex"]
             prior = torch.zeros_like(probs)

@@ -1,13 +1,21 @@
 """Timelines <-> token sequences.
 
-Sequence grammar (one patient = one sequence = one training example):
+Sequence grammar (one patient = one sequence = one training example), NEWEST VISIT FIRST:
 
-    BOS SEX BIRTH_BAND RACE ETHNICITY  visit*  [DEATH time]  END
-    visit := VISIT time  entry+        first visit's time = AGE_y (age in years), later ones GAP_g (days since
-                                       the previous visit, log-spaced buckets, bins.GAP_EDGES)
+    BOS SEX BIRTH_BAND RACE ETHNICITY  [DEATH AGE_y]  visit*  END
+    visit := VISIT GAP_g  entry+       GAP_g = days back from the later time: the first visit's from the end of
+                                       the record (the death, else the end of the reference date), each later
+                                       one's from the visit before it in the sequence (log-spaced, GAP_EDGES)
     entry := ENC_item [VALUE_item] [DUR_d]     (only first in a visit)
            | COND_item [DUR_d]                 DUR = onset -> abatement (so abatement never precedes onset)
            | OBS_item [VAL_b | VALUE_item]     VAL_b = bin b of the code's public reference-range bins
+    END   := no older history in the record.
+
+Why backwards: a record ends at the present (or at death), but how far back it reaches depends on how much
+history fits the context. Generated forwards, a model must plan from the first visit how to reach the present
+within max_len tokens, and a small one does not (measured: a quarter of living synthetic records stopped decades
+early). Generated backwards, the present is where every record starts, and running out of context drops the
+oldest history: exactly what the compression below drops in the training data.
 
 A visit is one encounter (events sharing encounter_id) or, for events without one, one calendar day.
 Entries within a visit are in canonical order (encounter, conditions, observations; by token id) and exact
@@ -21,8 +29,7 @@ Compression is a fixed public rule applied per patient, so one patient is still 
   3. if still too long, drop old visits that have no condition (oldest first), then the oldest whole visits
      (a window of the most recent visits), always sparing the 3 most recent;
   4. only if the 3 most recent visits alone are too long, drop their observations too, then window further.
-So the recent visits are complete, encounters and conditions survive longest, and the first kept visit
-carries the age.
+So the recent visits are complete and encounters and conditions survive longest.
 
 Decoding is exact up to bucket resolution: times and values are drawn uniformly inside their bucket by the
 grammar's state machine (grammar.py) with a seeded RNG; decode() turns tokens + those draws into a Timeline.
@@ -166,24 +173,18 @@ class Tokenizer:
             stats["deceased_without_date"] += 1
         visits = self._fit(visits, budget=v.cfg.max_len - len(prefix) - 1 - (2 if death_days is not None else 0),
                            stats=stats)
+        # the record's end: death, else the end of the reference day (a living record runs up to "today")
+        ref_days = (_midnight(v.cfg.ref_date) - birth).total_seconds() / 86400.0 + 1.0
         toks = list(prefix)
-        prev = None
-        for days, entries in visits:
-            toks.append(v.VISIT)
-            if prev is None:
-                toks.append(v.start("age") + v.age_bucket(days))
-            else:
-                toks.append(v.start("gap") + bucket_of(days - prev, GAP_EDGES))
-            prev = days
+        if death_days is not None:
+            toks += [v.DEATH, v.start("age") + v.age_bucket(death_days)]
+        prev = death_days if death_days is not None else ref_days
+        for days, entries in reversed(visits):  # newest first: every gap counts back from the later time
+            toks += [v.VISIT, v.start("gap") + bucket_of(max(prev - days, 0.0), GAP_EDGES)]
+            prev = min(days, prev)
             for _, tok, extra in entries:
                 toks.append(tok)
                 toks.extend(extra)
-        if death_days is not None:
-            toks.append(v.DEATH)
-            if prev is None:
-                toks.append(v.start("age") + v.age_bucket(death_days))
-            else:
-                toks.append(v.start("gap") + bucket_of(max(death_days - prev, 0.0), GAP_EDGES))
         toks.append(v.END)
         return toks
 
@@ -282,6 +283,7 @@ class Tokenizer:
                 if in_death:
                     info.deceased = True
                     info.death_date = when
+                    in_death = False
                 else:
                     t_visit = when
             elif g == "item":
