@@ -17,7 +17,10 @@ The sex marginal is released beside the items (release_sex_shares): a Laplace hi
 patient changes one count by 1, so scale 1/eps_sex gives eps_sex-DP with delta 0), cells below 3 x scale set to
 zero (post-processing). The sampler draws each synthetic patient's sex from these shares instead of the model's
 first prediction: at small epsilon the noisy model put a fifth to a half of all patients in "other"/"unknown".
-Budget split: SEX_EPSILON_FRACTION of the preprocessing epsilon for the sex shares, the rest for the items.
+Value bins of released non-public numeric observation codes come from DP grid histograms (dpbins.py).
+Budget split of the preprocessing epsilon: SEX_EPSILON_FRACTION for the sex shares, VALUE_EPSILON_FRACTION for
+the value bins, the rest for the items; its delta: VALUE_DELTA_FRACTION for the value bins, the rest for the
+items (the sex shares are pure epsilon-DP). Basic composition: the parts add up to the preprocessing budget.
 """
 
 from __future__ import annotations
@@ -267,8 +270,12 @@ class Vocab:
     N_SPECIAL = 5
 
     def __init__(self, cfg: TokenizerConfig, items: list[Item], value_bins: dict[tuple[str, str], ValueBins],
-                 sex_shares: list[float] | None = None) -> None:
+                 sex_shares: list[float] | None = None,
+                 private_value_bins: dict[tuple[str, str], ValueBins] | None = None) -> None:
         self.cfg = cfg
+        # bins of released non-public observation codes (dpbins.py); keyed apart from the public ones, whose
+        # codes the ItemMatcher maps to public strings
+        self.private_value_bins = dict(private_value_bins or {})
         self.sex_shares = sex_shares  # released (DP) share of each of SEXES; None: sample sex from the model
         self.items = list(items)
         self.value_bins = value_bins
@@ -277,7 +284,7 @@ class Vocab:
         self.n_ages = cfg.max_age_years + 1
         self.n_gap = len(GAP_EDGES) - 1
         self.n_dur = len(DUR_EDGES) - 1
-        self.n_val = max((vb.n_bins for vb in value_bins.values()), default=1)
+        self.n_val = max((vb.n_bins for vb in [*value_bins.values(), *self.private_value_bins.values()]), default=1)
         sizes = [
             ("sex", len(SEXES)), ("by", n_bands), ("race", len(RACES)), ("eth", len(ETHNICITIES)),
             ("age", self.n_ages), ("gap", self.n_gap), ("dur", self.n_dur), ("val", self.n_val),
@@ -314,9 +321,11 @@ class Vocab:
         return self.items[tok - self.start("item")]
 
     def item_bins(self, item: Item) -> ValueBins | None:
-        if item.kind != "observation" or not item.public:
+        if item.kind != "observation":
             return None
-        return self.value_bins.get((item.system, item.code))
+        if item.public:
+            return self.value_bins.get((item.system, item.code))
+        return self.private_value_bins.get((item.system or "", item.code or ""))
 
     def band_of_year(self, year: int) -> int:
         b = (year - self.cfg.birth_year_start) // self.cfg.birth_year_width
@@ -349,6 +358,7 @@ class Vocab:
             "dur_edges": list(DUR_EDGES),
             "sexes": list(SEXES),
             "sex_shares": self.sex_shares,
+            "private_value_bins": [vb.to_json() for _, vb in sorted(self.private_value_bins.items())],
             "races": [list(r) for r in RACES],
             "ethnicities": [list(e) for e in ETHNICITIES],
         }
@@ -364,7 +374,8 @@ class Vocab:
             if shares is not None and (len(shares) != len(SEXES) or not math.isclose(sum(shares), 1.0)
                                        or min(shares) < 0):
                 raise ModelDirError(f"vocab.json sex_shares {shares!r} is not a distribution over {list(SEXES)}")
-            vocab = cls(cfg, items, bins, shares)
+            private = {(d["system"], d["code"]): ValueBins.from_json(d) for d in data["private_value_bins"]}
+            vocab = cls(cfg, items, bins, shares, private)
         except (KeyError, TypeError) as exc:
             raise ModelDirError(f"vocab.json is malformed ({type(exc).__name__}: {exc})") from None
         if vocab.size != data.get("size"):
@@ -388,20 +399,33 @@ def build_vocab(
     public_codes = load_public_codes()
     public = public_items(value_bins, panels, public_codes)
     timelines = timelines if isinstance(timelines, list) else list(timelines)
-    eps_sex = epsilon * SEX_EPSILON_FRACTION if dp and epsilon is not None else None
-    eps_items = epsilon - eps_sex if eps_sex is not None else epsilon
+    from fhirsynth.model.dpbins import release_value_bins
+
+    eps_sex = eps_values = d_values = None
+    eps_items, d_items = epsilon, delta
+    if dp and epsilon is not None and delta is not None:
+        eps_sex, eps_values = epsilon * SEX_EPSILON_FRACTION, epsilon * VALUE_EPSILON_FRACTION
+        eps_items = epsilon - eps_sex - eps_values
+        d_values = delta * VALUE_DELTA_FRACTION
+        d_items = delta - d_values
     sel = select_items(
         timelines, matcher=ItemMatcher(value_bins, panels, public_codes), public=public, k=cfg.max_items_per_patient,
-        max_items=cfg.max_vocab_items, dp=dp, epsilon=eps_items, delta=delta, min_count=cfg.min_count_no_dp,
+        max_items=cfg.max_vocab_items, dp=dp, epsilon=eps_items, delta=d_items, min_count=cfg.min_count_no_dp,
         rng=rng,
     )
     shares, sex_report = release_sex_shares(timelines, dp=dp, epsilon=eps_sex, rng=rng)
-    report = {**sel.report, "sex_marginal": sex_report,
-              "epsilon_total": epsilon if dp else None}
-    return Vocab(cfg, sel.items, value_bins, shares), report
+    private_bins, bins_report = release_value_bins(
+        timelines, sel.items, public_codes=set(value_bins), m=cfg.max_value_codes_per_patient, dp=dp,
+        epsilon=eps_values, delta=d_values, min_count=cfg.min_count_no_dp, rng=rng)
+    report = {**sel.report, "sex_marginal": sex_report, "value_bins": bins_report,
+              "epsilon_total": epsilon if dp else None, "delta_total": delta if dp else None,
+              "composition": "basic: items + sex marginal + value bins (epsilon and delta add up)"}
+    return Vocab(cfg, sel.items, value_bins, shares, private_bins), report
 
 
 SEX_EPSILON_FRACTION = 0.1
+VALUE_EPSILON_FRACTION = 0.2  # of the preprocessing epsilon, for the bins of non-public codes (dpbins.py)
+VALUE_DELTA_FRACTION = 0.5  # of the preprocessing delta, likewise (the items get the rest)
 
 
 def release_sex_shares(timelines: list[Timeline], *, dp: bool, epsilon: float | None,

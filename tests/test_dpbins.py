@@ -1,0 +1,129 @@
+"""DP value bins for numeric observation codes without a public reference range (fhirsynth.model.dpbins)."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+import numpy as np
+import torch
+from test_model_helpers import LOINC, make_timelines
+
+from fhirsynth.model.bins import load_value_bins
+from fhirsynth.model.config import TokenizerConfig
+from fhirsynth.model.dpbins import GRID, N_BINS, patient_contributions, release_value_bins
+from fhirsynth.model.grammar import Grammar, replay
+from fhirsynth.model.tokenizer import Tokenizer
+from fhirsynth.model.vocab import Item, Vocab, build_vocab
+from fhirsynth.timeline.types import Event
+
+HCT = ("20570-8", "Hematocrit [Volume Fraction] of Blood")  # not in mappings/reference-ranges.toml
+PAIN = ("59460-6", "Fall risk total [Morse Fall Scale]")
+
+
+def _with_private_codes(n: int, seed: int):
+    """Synthetic timelines where every visit also has a hematocrit (%, a few in a second unit) and a pain
+    score (integers, many zeros): codes without public bins."""
+    rng = random.Random(seed)
+    tls = make_timelines(n, seed=seed)
+    for tl in tls:
+        base = rng.gauss(42, 4)
+        for ev in [e for e in tl.events if e.kind == "encounter"]:
+            unit = "%" if rng.random() < 0.9 else "L/L"
+            value = base + rng.gauss(0, 1) if unit == "%" else (base + rng.gauss(0, 1)) / 100
+            for code, disp, val, u in ((HCT[0], HCT[1], round(value, 2), unit),
+                                       (PAIN[0], PAIN[1], float(rng.choice([0, 0, 0, 15, 25, 45, 70])), "{score}")):
+                tl.events.append(Event(time=ev.time, kind="observation", system=LOINC, code=code, display=disp,
+                                       value=val, unit=u, category="laboratory", encounter_id=ev.encounter_id,
+                                       status="final"))
+        tl.events.sort(key=lambda e: e.time)
+    return tls
+
+
+def _items() -> list[Item]:
+    return [Item("observation", LOINC, c, d, "laboratory") for c, d in (HCT, PAIN)]
+
+
+def test_public_codes_do_not_exist_in_the_reference_ranges():
+    vb, _ = load_value_bins()
+    assert (LOINC, HCT[0]) not in vb and (LOINC, PAIN[0]) not in vb
+
+
+def test_each_patient_contributes_at_most_m_codes_one_value_each():
+    tl = next(t for t in _with_private_codes(20, seed=3) if t.events)
+    codes = {(LOINC, HCT[0]), (LOINC, PAIN[0])}
+    assert len(patient_contributions(tl, codes, 2)) == 2
+    one = patient_contributions(tl, codes, 1)
+    assert len(one) == 1
+    (value, unit), = one.values()
+    assert isinstance(value, float) and unit in ("%", "L/L", "{score}")
+
+
+def test_exact_bins_follow_the_data():
+    tls = _with_private_codes(300, seed=1)
+    bins, rep = release_value_bins(tls, _items(), public_codes=set(), m=16, dp=False, epsilon=None, delta=None,
+                                   min_count=2, rng=np.random.default_rng(0))
+    hct = bins[(LOINC, HCT[0])]
+    assert hct.unit == "%"  # the majority unit
+    assert list(hct.edges) == sorted(set(hct.edges)) and 2 <= hct.n_bins <= N_BINS
+    medians = np.array([v for tl in tls for (s, c), (v, u) in
+                        patient_contributions(tl, {(LOINC, HCT[0])}, 16).items() if u == "%"])
+    # the inner edges sit near the data's octiles (linear inside a 15%-wide grid cell: within a few %)
+    inner = np.array(hct.edges[1:-1])
+    octiles = np.quantile(medians, np.arange(1, N_BINS) / N_BINS)
+    assert len(inner) == N_BINS - 1
+    assert np.all(np.abs(inner - octiles) / octiles < 0.05), (inner, octiles)
+    assert hct.edges[0] <= medians.min() and hct.edges[-1] >= np.quantile(medians, 0.99)
+    # a score with many zeros: the range starts at 0, not at a negative grid edge
+    pain = bins[(LOINC, PAIN[0])]
+    assert pain.edges[0] == 0.0 and pain.edges[-1] >= 5
+    assert rep["codes_with_bins"] == 2
+
+
+def test_dp_release_thresholds_and_spends_its_budget():
+    tls = _with_private_codes(300, seed=2)
+    kw = dict(public_codes=set(), m=4, dp=True, delta=1e-5, min_count=2)
+    # tiny epsilon: the unit threshold is far above 300 patients, nothing is released
+    bins, rep = release_value_bins(tls, _items(), epsilon=0.01, rng=np.random.default_rng(0), **kw)
+    assert bins == {} and rep["threshold"] > 300 and rep["epsilon"] == 0.01
+    # large epsilon: close to the exact release
+    bins, rep = release_value_bins(tls, _items(), epsilon=20.0, rng=np.random.default_rng(0), **kw)
+    assert bins[(LOINC, HCT[0])].unit == "%"
+    assert 35 < np.median(bins[(LOINC, HCT[0])].edges) < 50
+    assert rep["sigma"] > 0 and rep["threshold"] > 1
+
+
+def test_a_code_no_patient_has_values_for_gets_no_bins():
+    tls = make_timelines(50, seed=4)
+    bins, rep = release_value_bins(tls, _items(), public_codes=set(), m=8, dp=False, epsilon=None, delta=None,
+                                   min_count=2, rng=np.random.default_rng(0))
+    assert bins == {} and rep["candidate_codes"] == 2
+
+
+def test_values_of_private_codes_survive_the_round_trip():
+    tls = _with_private_codes(80, seed=5)
+    cfg = TokenizerConfig(max_len=512, reference_date="2026-01-01")
+    vocab, rep = build_vocab(tls, cfg, dp=False, epsilon=None, delta=None, rng=np.random.default_rng(0))
+    assert rep["value_bins"]["codes_with_bins"] >= 2
+    again = Vocab.from_json(cfg, vocab.to_json())
+    assert again.private_value_bins == vocab.private_value_bins and again.size == vocab.size
+    tok = Tokenizer(again)
+    g = Grammar(again, None, cfg.max_len, torch.device("cpu"))
+    stats: Counter = Counter()
+    seqs = [tok.encode(t, stats) for t in tls]
+    batch = torch.zeros((len(seqs), cfg.max_len), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        batch[i, : len(s)] = torch.tensor(s)
+    draws = replay(g, batch, torch.Generator().manual_seed(0))
+    hct = again.private_value_bins[(LOINC, HCT[0])]
+    decoded = [e for i, s in enumerate(seqs) for e in tok.decode(s, draws[i].tolist(), f"p{i}").events
+               if e.code == HCT[0]]
+    valued = [e for e in decoded if e.value is not None]
+    assert len(valued) >= 0.8 * len(decoded) and all(e.unit == "%" for e in valued)
+    assert all(hct.edges[0] <= e.value <= hct.edges[-1] for e in valued)
+    # the minority unit cannot be binned in "%": counted, not silently mixed in
+    assert stats["values_unit_mismatch"] > 0
+
+
+def test_grid_is_symmetric_and_increasing():
+    assert np.all(np.diff(GRID) > 0) and np.allclose(GRID, -GRID[::-1])
