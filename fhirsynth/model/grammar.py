@@ -291,7 +291,8 @@ class Grammar:
         return draw
 
     def check(self, tokens: list[int]) -> str | None:
-        """Grammar-only validation of one sequence (no time/clinical masks): None if valid, else why."""
+        """Grammar-only validation of one sequence (no time/clinical masks): None if valid, else why. A sequence
+        without END is valid where END could follow (a truncated record, tokenizer.py)."""
         st, last_item = ST_START, 0
         allowed = self.allowed.cpu().numpy()
         nxt = self.nxt.cpu().numpy()
@@ -305,7 +306,9 @@ class Grammar:
             if tok >= self.v.start("item") and self.v.item_of(tok).kind != "value":
                 last_item = tok
             st = nxt[st, tok]
-        return None if st == ST_FIN else f"sequence ends in state {st}"
+        if st == ST_FIN or (self.v.END not in tokens and allowed[st, self.v.END]):
+            return None
+        return f"sequence ends in state {st}"
 
 
 def _jan1(year: int) -> date:

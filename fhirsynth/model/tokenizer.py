@@ -9,7 +9,11 @@ Sequence grammar (one patient = one sequence = one training example), NEWEST VIS
     entry := ENC_item [VALUE_item] [DUR_d]     (only first in a visit)
            | COND_item [DUR_d]                 DUR = onset -> abatement (so abatement never precedes onset)
            | OBS_item [VAL_b | VALUE_item]     VAL_b = bin b of the code's public reference-range bins
-    END   := no older history in the record.
+    END   := no older history in the record. A sequence whose compression dropped visits has no END: it stops
+             where the context does. Otherwise END would also mean "out of context" (3/4 of the US cohort's
+             sequences), and the model, seeing END close to every visit boundary, stopped records early (measured:
+             median record span 13 years vs 36 in the holdout). The sampler ends a sequence that fills the
+             context itself (the grammar's length mask).
 
 Why backwards: a record ends at the present (or at death), but how far back it reaches depends on how much
 history fits the context. Generated forwards, a model must plan from the first visit how to reach the present
@@ -171,8 +175,10 @@ class Tokenizer:
             death_days = max((_as_utc(p.death_date) - birth).total_seconds() / 86400.0, 0.0)
         elif p.deceased:
             stats["deceased_without_date"] += 1
+        n_visits = len(visits)
         visits = self._fit(visits, budget=v.cfg.max_len - len(prefix) - 1 - (2 if death_days is not None else 0),
                            stats=stats)
+        truncated = len(visits) < n_visits
         # the record's end: death, else the end of the reference day (a living record runs up to "today")
         ref_days = (_midnight(v.cfg.ref_date) - birth).total_seconds() / 86400.0 + 1.0
         toks = list(prefix)
@@ -185,7 +191,10 @@ class Tokenizer:
             for _, tok, extra in entries:
                 toks.append(tok)
                 toks.extend(extra)
-        toks.append(v.END)
+        if truncated:  # older history exists but did not fit: no END, which means "no older history"
+            stats["sequences_truncated"] += 1
+        else:
+            toks.append(v.END)
         return toks
 
     @staticmethod
