@@ -26,14 +26,21 @@ Entries within a visit are in canonical order (encounter, conditions, observatio
 repeats (same item and same value token) are dropped.
 
 Long histories (Synthea: hundreds to thousands of events, vitals at every visit) must fit max_len tokens.
-Compression is a fixed public rule applied per patient, so one patient is still exactly one example:
-  1. drop exact repeats within a visit (above);
-  2. while too long, drop the observations of the OLDEST visit, sparing the 3 most recent visits (visits left
-     empty disappear); then the encounter type / duration tokens of old visits;
-  3. if still too long, drop old visits that have no condition (oldest first), then the oldest whole visits
-     (a window of the most recent visits), always sparing the 3 most recent;
-  4. only if the 3 most recent visits alone are too long, drop their observations too, then window further.
-So the recent visits are complete and encounters and conditions survive longest.
+Compression is a fixed public rule applied per patient, so one patient is still exactly one example. Exact
+repeats within a visit are always dropped (above). While the sequence is too long, over the OLD visits (all but
+the 3 newest), oldest first:
+  2. drop a condition or observation whose code a newer visit also has (each code keeps its newest occurrence,
+     so "ever had code X" survives: repeated vitals and re-recorded findings go first);
+  3. drop encounter type and duration tokens;
+  4. drop the remaining observations (visits left empty disappear);
+  5. drop old visits without a condition, then the oldest visits (a window);
+  6. only if the 3 newest visits alone are too long, drop their observations too, then window further.
+A sequence whose oldest visit did not survive gets no END (see the grammar above).
+Measured on the shared US cohort (max_len 512; a patient has 65 distinct observation codes and 26 condition
+codes in the median): passing 200 holdout patients through encode/decode, their per-code patient prevalence
+keeps R² 1.00 (conditions) and 0.78 (observations) against the raw records; the earlier rule (all old
+observations dropped first) kept 0.99 and 0.36, and 99 instead of 65 of the 200 sequences lost their oldest
+visit.
 
 Decoding is exact up to bucket resolution: times and values are drawn uniformly inside their bucket by the
 grammar's state machine (grammar.py) with a seeded RNG; decode() turns tokens + those draws into a Timeline.
@@ -175,10 +182,10 @@ class Tokenizer:
             death_days = max((_as_utc(p.death_date) - birth).total_seconds() / 86400.0, 0.0)
         elif p.deceased:
             stats["deceased_without_date"] += 1
-        n_visits = len(visits)
+        oldest = visits[0][0] if visits else None
         visits = self._fit(visits, budget=v.cfg.max_len - len(prefix) - 1 - (2 if death_days is not None else 0),
                            stats=stats)
-        truncated = len(visits) < n_visits
+        truncated = oldest is not None and (not visits or visits[0][0] > oldest)
         # the record's end: death, else the end of the reference day (a living record runs up to "today")
         ref_days = (_midnight(v.cfg.ref_date) - birth).total_seconds() / 86400.0 + 1.0
         toks = list(prefix)
@@ -199,7 +206,8 @@ class Tokenizer:
 
     @staticmethod
     def _fit(visits: list, budget: int, stats: Counter, recent: int = 3) -> list:
-        """Public compression rule (see module doc); `recent` last visits keep observations longest."""
+        """Public compression rule (see module doc): `recent` newest visits stay complete longest; each step
+        runs over the old visits oldest first and stops as soon as the sequence fits."""
         def cost(vis) -> int:
             return 2 + sum(1 + len(extra) for _, _, extra in vis[1]) if vis[1] else 0
 
@@ -209,18 +217,21 @@ class Tokenizer:
         stats["patients_compressed"] += 1
         visits = [(d, list(e)) for d, e in visits]
 
-        def drop_obs(upto: int) -> int:
-            nonlocal total, visits
+        def slim(i: int, keep, counter: str) -> None:
+            """Keep the entries of visit i for which keep(index, entry) holds (an entry = (kind, token, extra))."""
+            nonlocal total
+            days, entries = visits[i]
+            out = [keep(i, e) for e in entries]
+            kept = [e for e in out if e is not None]
+            stats[counter] += sum(1 for e, o in zip(entries, out) if o != e)  # entries dropped or slimmed
+            total += cost((days, kept)) - cost(visits[i])
+            visits[i] = (days, kept)
+
+        def each_old(keep, counter: str) -> None:
             i = 0
-            while total > budget and i < upto:
-                days, entries = visits[i]
-                kept = [e for e in entries if e[0] != 2]
-                stats["observations_dropped_for_length"] += len(entries) - len(kept)
-                total += cost((days, kept)) - cost(visits[i])
-                visits[i] = (days, kept)
+            while total > budget and i < len(visits) - recent:
+                slim(i, keep, counter)
                 i += 1
-            visits = [vis for vis in visits if vis[1]]
-            return total
 
         def drop_visits(keep: int) -> None:
             nonlocal total
@@ -229,24 +240,33 @@ class Tokenizer:
                 stats["visits_dropped_for_length"] += 1
                 visits.pop(0)
 
-        drop_obs(max(len(visits) - recent, 0))  # 2. observations of old visits
+        # 2. repeats: a condition or observation code that a newer visit also has (its newest occurrence stays)
+        newer: list[set[int]] = [set() for _ in visits]
+        acc: set[int] = set()
+        for i in range(len(visits) - 1, -1, -1):
+            newer[i] = set(acc)
+            acc.update(tok for kind, tok, _ in visits[i][1] if kind != 0)
+        each_old(lambda i, e: e if e[0] == 0 or e[1] not in newer[i] else None, "repeats_dropped_for_length")
+        # 3. encounter type / duration tokens
+        each_old(lambda i, e: (e[0], e[1], ()) if e[0] == 0 else e, "encounter_details_dropped_for_length")
+        # 4. the remaining (first-seen) observations
+        each_old(lambda i, e: e if e[0] != 2 else None, "observations_dropped_for_length")
+        visits = [vis for vis in visits if vis[1]]
+        # 5. old visits without a condition, then the oldest visits (a window), sparing the recent ones
         i = 0
-        while total > budget and i < len(visits) - recent:  # 2b. encounter type / duration of old visits
-            days, entries = visits[i]
-            slim = [(k, t, () if k == 0 else x) for k, t, x in entries]
-            total += cost((days, slim)) - cost(visits[i])
-            visits[i] = (days, slim)
-            i += 1
-        i = 0
-        while total > budget and i < len(visits) - recent:  # 3a. old visits without a condition
+        while total > budget and i < len(visits) - recent:
             if all(k != 1 for k, _, _ in visits[i][1]):
                 total -= cost(visits[i])
                 stats["visits_dropped_for_length"] += 1
                 visits.pop(i)
             else:
                 i += 1
-        drop_visits(recent)  # 3b. old visits (window), keeping the recent ones whole
-        drop_obs(len(visits))  # 4. still too long: observations of the recent ones too
+        drop_visits(recent)
+        # 6. still too long: the recent visits' observations too, then a window over them
+        for i in range(len(visits)):
+            if total > budget:
+                slim(i, lambda i, e: e if e[0] != 2 else None, "observations_dropped_for_length")
+        visits = [vis for vis in visits if vis[1]]
         drop_visits(0)
         return visits
 
