@@ -6,6 +6,9 @@ Every sampled sequence is a valid timeline because each step only allows tokens 
   * time: visits are sampled newest first (tokenizer.py), each one a gap back from the later time, never
     before birth; the death (when sampled, right after the prefix) is before the reference date and is the
     end of the record; durations >= 0 (abatement never precedes onset) and never run past the record's end;
+  * representation: beyond the RECENT_VISITS newest visits a condition or observation code already emitted
+    is not repeated (compressed training sequences keep one occurrence of a code there, tokenizer.py; a small
+    model does not track that itself and filled its context with repeated vitals, ending records years early);
   * clinical (constraints.py): sex-specific codes, age limits; value bins never leave physiologic ranges;
   * conditioning: forced sex, birth dates giving the requested age, a required condition code.
 Continuous quantities (birth day, visit age, end times, values) are drawn inside the chosen bucket right when
@@ -23,7 +26,7 @@ import torch
 
 from fhirsynth.model.bins import DAYS_PER_YEAR, DUR_EDGES, GAP_EDGES
 from fhirsynth.model.constraints import Constraints
-from fhirsynth.model.tokenizer import day_number
+from fhirsynth.model.tokenizer import RECENT_VISITS, day_number
 from fhirsynth.model.vocab import SEXES, Vocab
 
 (ST_START, ST_SEX, ST_BY, ST_RACE, ST_ETH, ST_BODY0, ST_DEATH, ST_BODY1, ST_VTIME, ST_VFIRST, ST_AENC,
@@ -50,6 +53,8 @@ class BatchState:
     end: torch.Tensor  # [B] float64, the record's end (days since birth): death, else the reference date
     last_item: torch.Tensor  # [B] long, token of the last code (for value bins)
     has_cond: torch.Tensor  # [B] bool, required condition emitted
+    n_visit: torch.Tensor  # [B] long, visits begun so far
+    seen: torch.Tensor  # [B, V] bool, condition / observation codes emitted so far
 
     def select(self, idx: torch.Tensor) -> BatchState:
         return BatchState(*(getattr(self, f)[idx] for f in self.__dataclass_fields__))
@@ -175,6 +180,9 @@ class Grammar:
                 self.lim_hi = t(np.array([b * DAYS_PER_YEAR for _, _, b in lims]), f64)
         self.forbid = t(forbid)
         self.cond_tokens = t(np.array(self.cond.condition_tokens, dtype=np.int64))
+        once = np.zeros(V, dtype=bool)  # codes that appear at most once beyond the recent visits
+        once[cond_t + obs] = True
+        self.once = t(once)
 
     # ---- state --------------------------------------------------------------------------------------------
 
@@ -187,6 +195,8 @@ class Grammar:
             birth=z.clone(), cur=z.clone(), end=z.clone(),
             last_item=torch.zeros(batch, dtype=torch.long, device=d),
             has_cond=torch.zeros(batch, dtype=torch.bool, device=d),
+            n_visit=torch.zeros(batch, dtype=torch.long, device=d),
+            seen=torch.zeros((batch, self.v.size), dtype=torch.bool, device=d),
         )
 
     def mask(self, s: BatchState, pos: int) -> torch.Tensor:
@@ -212,6 +222,9 @@ class Grammar:
         if self.lim_cols.numel():
             cur = s.cur[:, None]
             m[:, self.lim_cols] &= (self.lim_lo[None] <= cur) & (cur < self.lim_hi[None])
+        old = s.n_visit > RECENT_VISITS
+        if bool(old.any()):
+            m &= ~(s.seen & old[:, None])
         if self.cond_tokens.numel():
             missing = ~s.has_cond
             m[:, v.END] &= ~missing
@@ -287,6 +300,8 @@ class Grammar:
         s.last_item = torch.where(is_item & ~self.is_value_item[tok], tok, s.last_item)
         if self.cond_tokens.numel():
             s.has_cond |= torch.isin(tok, self.cond_tokens)
+        s.n_visit += tok == v.VISIT
+        s.seen[torch.arange(tok.shape[0], device=tok.device), tok] |= self.once[tok]
         s.st = self.nxt[st, tok]
         return draw
 

@@ -57,6 +57,9 @@ from fhirsynth.timeline.types import Event, PatientInfo, Timeline
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 _KIND_ORDER = {"encounter": 0, "condition": 1, "observation": 2}
+# The newest visits that compression keeps whole longest; in older ones a code appears at most once once a
+# sequence is compressed (its newest occurrence), which the sampler enforces (grammar.py).
+RECENT_VISITS = 3
 
 
 def day_number(d: date) -> int:
@@ -205,7 +208,7 @@ class Tokenizer:
         return toks
 
     @staticmethod
-    def _fit(visits: list, budget: int, stats: Counter, recent: int = 3) -> list:
+    def _fit(visits: list, budget: int, stats: Counter, recent: int = RECENT_VISITS) -> list:
         """Public compression rule (see module doc): `recent` newest visits stay complete longest; each step
         runs over the old visits oldest first and stops as soon as the sequence fits."""
         def cost(vis) -> int:
