@@ -212,3 +212,49 @@ def test_sex_is_drawn_from_the_released_shares(model_dir, tmp_path):
     # forcing sex still wins over the shares
     tls = list(sample_timelines(d, 50, seed=3, sex="male", device="cpu"))
     assert {t.patient.sex for t in tls} == {"male"}
+
+
+def test_codes_are_not_repeated_beyond_the_recent_visits(model_dir, tmp_path):
+    """Compressed training sequences keep one occurrence of a code outside the RECENT_VISITS newest visits; the
+    sampler holds every sequence to that. The model here always wants short visits and three favourite
+    conditions, so without the mask nearly every old visit would repeat one of them."""
+    import shutil
+
+    from fhirsynth.model.grammar import Grammar
+    from fhirsynth.model.sampler import generate
+    from fhirsynth.model.tokenizer import RECENT_VISITS
+
+    d = tmp_path / "repeater"
+    shutil.copytree(model_dir, d)
+    v = load_model(model_dir, "cpu").vocab
+    sd = torch.load(d / "model.pt", weights_only=True)
+    # constant final hidden state e_0; the head turns it into fixed logits: VISIT and three conditions favoured
+    sd["ln_f.weight"] = torch.zeros_like(sd["ln_f.weight"])
+    sd["ln_f.bias"] = torch.zeros_like(sd["ln_f.bias"])
+    sd["ln_f.bias"][0] = 1.0
+    sd["head.weight"] = torch.zeros_like(sd["head.weight"])
+    favourites = [v.start("item") + i for i, it in enumerate(v.items) if it.kind == "condition"][:3]
+    sd["head.weight"][v.VISIT, 0] = 4.0
+    sd["head.weight"][favourites, 0] = 3.0
+    sd["head.weight"][v.END, 0] = -20.0
+    torch.save(sd, d / "model.pt")
+    lm = load_model(d, "cpu")
+    g = Grammar(v, load_constraints(), lm.model_config.max_len, torch.device("cpu"))
+    toks, _ = generate(lm.model, g, 200, torch.Generator().manual_seed(8))
+    repeats_recent = old_items = 0
+    for seq in toks.tolist():
+        seen: set[int] = set()
+        n_visit = 0
+        for t in seq:
+            if t == v.END:
+                break
+            n_visit += t == v.VISIT
+            if v.group_of(t) != "item" or v.item_of(t).kind not in ("condition", "observation"):
+                continue
+            if n_visit > RECENT_VISITS:
+                assert t not in seen, f"{v.describe(t)} repeated in visit {n_visit}"
+                old_items += 1
+            elif t in seen:
+                repeats_recent += 1
+            seen.add(t)
+    assert old_items > 200 and repeats_recent > 50  # the recent visits do repeat codes
