@@ -27,15 +27,11 @@ repeats (same item and same value token) are dropped.
 
 Long histories (Synthea: hundreds to thousands of events, vitals at every visit) must fit max_len tokens.
 Compression is a fixed public rule applied per patient, so one patient is still exactly one example. Exact
-repeats within a visit are always dropped (above). A sequence that is too long gets, in ALL its old visits (all
-but the 3 newest), whether or not less would do:
-  2. a condition or observation whose code a newer visit also has dropped (each code keeps its newest
-     occurrence, so "ever had code X" survives: repeated vitals and re-recorded findings go);
-  3. encounter type and duration tokens dropped.
-All old visits, not just as many as needed: generated newest first, a model cannot know how much older history
-is still to come, so a boundary that depends on it cannot be learned (measured: with "oldest first, only while
-too long" the model kept type and duration in 0.9 of its old visits against 0.3 in the data, and fitted a
-third fewer visits). Then, while still too long, over the old visits oldest first:
+repeats within a visit are always dropped (above). While the sequence is too long, over the OLD visits (all but
+the 3 newest), oldest first:
+  2. drop a condition or observation whose code a newer visit also has (each code keeps its newest occurrence,
+     so "ever had code X" survives: repeated vitals and re-recorded findings go first);
+  3. drop encounter type and duration tokens;
   4. drop the remaining observations (visits left empty disappear);
   5. drop old visits without a condition, then the oldest visits (a window);
   6. only if the 3 newest visits alone are too long, drop their observations too, then window further.
@@ -240,10 +236,6 @@ class Tokenizer:
                 slim(i, keep, counter)
                 i += 1
 
-        def all_old(keep, counter: str) -> None:
-            for i in range(max(len(visits) - recent, 0)):
-                slim(i, keep, counter)
-
         def drop_visits(keep: int) -> None:
             nonlocal total
             while total > budget and len(visits) > keep:
@@ -257,9 +249,9 @@ class Tokenizer:
         for i in range(len(visits) - 1, -1, -1):
             newer[i] = set(acc)
             acc.update(tok for kind, tok, _ in visits[i][1] if kind != 0)
-        all_old(lambda i, e: e if e[0] == 0 or e[1] not in newer[i] else None, "repeats_dropped_for_length")
+        each_old(lambda i, e: e if e[0] == 0 or e[1] not in newer[i] else None, "repeats_dropped_for_length")
         # 3. encounter type / duration tokens
-        all_old(lambda i, e: (e[0], e[1], ()) if e[0] == 0 else e, "encounter_details_dropped_for_length")
+        each_old(lambda i, e: (e[0], e[1], ()) if e[0] == 0 else e, "encounter_details_dropped_for_length")
         # 4. the remaining (first-seen) observations
         each_old(lambda i, e: e if e[0] != 2 else None, "observations_dropped_for_length")
         visits = [vis for vis in visits if vis[1]]
