@@ -9,7 +9,9 @@ n synthetic patients, then compare with the holdout:
   * condition / observation code prevalence: the share of patients with the code at least once, R² of the
     synthetic shares as a predictor of the holdout's (y = x line) over the union of codes;
   * the deceased share, and the share of living patients whose last event is more than 10 years before the
-    reference date (records that stop early: what visit compression and a fixed context can cause).
+    reference date (records that stop early: what visit compression and a fixed context can cause);
+  * the same for the holdout passed through the model's encode / decode: what the representation itself
+    keeps, the ceiling of any model with that vocabulary and context.
 Prints one markdown row for BENCHMARKS.md.
 """
 
@@ -71,6 +73,26 @@ def profile(timelines: list[Timeline], ref: datetime) -> dict:
             "events": sum(len(tl.events) for tl in timelines) / n}
 
 
+def round_trip(model: Path, timelines: list[Timeline]) -> list[Timeline]:
+    """The timelines passed through the model's encode / decode: the representation's ceiling."""
+    import torch
+
+    from fhirsynth.model.checkpoint import load_model
+    from fhirsynth.model.grammar import Grammar, replay
+    from fhirsynth.model.tokenizer import Tokenizer
+
+    vocab = load_model(model, "cpu").vocab
+    tok = Tokenizer(vocab)
+    seqs = [tok.encode(tl) for tl in timelines]
+    seqs = [s for s in seqs if s]
+    batch = torch.zeros((len(seqs), vocab.cfg.max_len), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        batch[i, : len(s)] = torch.tensor(s)
+    draws = replay(Grammar(vocab, None, vocab.cfg.max_len, torch.device("cpu")), batch,
+                   torch.Generator().manual_seed(0))
+    return [tok.decode(s, draws[i].tolist(), f"rt-{i}") for i, s in enumerate(seqs)]
+
+
 def r2(real: pd.Series, other: pd.Series) -> float:
     keys = real.index.union(other.index)
     value = r2_identity(real.reindex(keys).fillna(0).to_numpy(), other.reindex(keys).fillna(0).to_numpy())
@@ -117,12 +139,17 @@ def main() -> int:
     t = time.perf_counter()
     synth = list(sample_timelines(model, args.n_synthetic, seed=args.seed, workers=args.workers))
     t_sample = time.perf_counter() - t
-    real = profile(list(read_timelines(holdout)), ref)
+    held = list(read_timelines(holdout))
+    real = profile(held, ref)
     syn = profile(synth, ref)
+    ceiling = profile(round_trip(model, held), ref)
     print(f"holdout: deceased {real['deceased']:.2f}, living records stopping > {STALE_YEARS:.0f} y before "
           f"{ref_date}: {real['stale']:.0%}, events/patient {real['events']:.0f}")
     print("| model | conditions R² | observations R² | deceased | living records stale | events/patient | "
           "train s | sample s |")
+    print(f"| holdout through encode/decode (ceiling) | {r2(real['cond'], ceiling['cond']):.3f} | "
+          f"{r2(real['obs'], ceiling['obs']):.3f} | {ceiling['deceased']:.2f} | {ceiling['stale']:.0%} | "
+          f"{ceiling['events']:.0f} | | |")
     print(f"| {model.name} | {r2(real['cond'], syn['cond']):.3f} | {r2(real['obs'], syn['obs']):.3f} | "
           f"{syn['deceased']:.2f} | {syn['stale']:.0%} | {syn['events']:.0f} | {t_train:.0f} | {t_sample:.0f} |")
     return 0
