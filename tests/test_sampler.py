@@ -258,3 +258,23 @@ def test_codes_are_not_repeated_beyond_the_recent_visits(model_dir, tmp_path):
                 repeats_recent += 1
             seen.add(t)
     assert old_items > 200 and repeats_recent > 50  # the recent visits do repeat codes
+
+
+def test_death_is_drawn_from_the_released_shares_per_birth_band(model_dir, tmp_path):
+    import shutil
+
+    d = tmp_path / "m"
+    shutil.copytree(model_dir, d)
+    vj = json.loads((d / "vocab.json").read_text())
+    assert vj["death_shares"] is not None and len(vj["death_shares"]) == load_model(model_dir, "cpu").vocab.n_bands
+    v = load_model(model_dir, "cpu").vocab
+    # everyone born 1950-1954 dies, nobody else
+    band = v.band_of_year(1952)
+    vj["death_shares"] = [1.0 if b == band else 0.0 for b in range(v.n_bands)]
+    (d / "vocab.json").write_text(json.dumps(vj))
+    tls = list(sample_timelines(d, 400, seed=5, batch_size=200, device="cpu"))
+    in_band = [t for t in tls if v.band_of_year(t.patient.birth_date.year) == band]
+    others = [t for t in tls if v.band_of_year(t.patient.birth_date.year) != band]
+    assert in_band and others
+    assert all(t.patient.deceased for t in in_band)
+    assert not any(t.patient.deceased for t in others)

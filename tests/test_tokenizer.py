@@ -232,3 +232,24 @@ def test_sex_shares_laplace_mechanism_scale_and_threshold():
     assert abs(rate - 0.5 * math.exp(-3)) < 0.012  # 0.0249 expected
     with pytest.raises(Exception, match="epsilon"):
         release_sex_shares(tls, dp=True, epsilon=0.0, rng=rng)
+
+
+def test_death_shares_laplace_per_birth_band():
+    from fhirsynth.model.vocab import Vocab, release_death_shares
+
+    tls = make_timelines(300, seed=6)
+    vocab = Vocab(CFG, [], {})
+    exact, rep = release_death_shares(tls, vocab, dp=False, epsilon=None, rng=np.random.default_rng(0))
+    dead = sum(1 for t in tls if t.patient.deceased)
+    assert math.isclose(rep["pooled_share"], dead / len(tls), abs_tol=1e-6)
+    for b in {vocab.band_of_year(t.patient.birth_date.year) for t in tls}:
+        members = [t for t in tls if vocab.band_of_year(t.patient.birth_date.year) == b]
+        assert math.isclose(exact[b], sum(t.patient.deceased for t in members) / len(members))
+    # empty bands get the pooled share
+    empty = [b for b in range(vocab.n_bands) if b not in {vocab.band_of_year(t.patient.birth_date.year) for t in tls}]
+    assert empty and all(math.isclose(exact[b], rep["pooled_share"], abs_tol=1e-6) for b in empty)
+    noisy, rep = release_death_shares(tls, vocab, dp=True, epsilon=1.0, rng=np.random.default_rng(1))
+    assert rep["scale"] == 1.0 and rep["delta"] == 0.0 and all(0 <= x <= 1 for x in noisy)
+    assert abs(rep["pooled_share"] - dead / len(tls)) < 0.1
+    with pytest.raises(Exception, match="epsilon > 0"):
+        release_death_shares(tls, vocab, dp=True, epsilon=0.0, rng=np.random.default_rng(1))

@@ -53,6 +53,7 @@ class BatchState:
     end: torch.Tensor  # [B] float64, the record's end (days since birth): death, else the reference date
     last_item: torch.Tensor  # [B] long, token of the last code (for value bins)
     has_cond: torch.Tensor  # [B] bool, required condition emitted
+    band: torch.Tensor  # [B] long, birth band
     n_visit: torch.Tensor  # [B] long, visits begun so far
     seen: torch.Tensor  # [B, V] bool, condition / observation codes emitted so far
 
@@ -71,6 +72,10 @@ class Grammar:
         self.sex_prior: torch.Tensor | None = None
         if vocab.sex_shares is not None and self.cond.sex is None:
             self.sex_prior = torch.as_tensor(vocab.sex_shares, dtype=torch.float32, device=device)
+        # released (DP) deceased share per birth band: the chance of DEATH right after the prefix (vocab.py)
+        self.death_prior: torch.Tensor | None = None
+        if vocab.death_shares is not None:
+            self.death_prior = torch.as_tensor(vocab.death_shares, dtype=torch.float32, device=device)
         V = v.size
         allowed = np.zeros((N_STATES, V), dtype=bool)
         nxt = np.full((N_STATES, V), ST_FIN, dtype=np.int64)
@@ -195,6 +200,7 @@ class Grammar:
             birth=z.clone(), cur=z.clone(), end=z.clone(),
             last_item=torch.zeros(batch, dtype=torch.long, device=d),
             has_cond=torch.zeros(batch, dtype=torch.bool, device=d),
+            band=torch.zeros(batch, dtype=torch.long, device=d),
             n_visit=torch.zeros(batch, dtype=torch.long, device=d),
             seen=torch.zeros((batch, self.v.size), dtype=torch.bool, device=d),
         )
@@ -261,6 +267,7 @@ class Grammar:
         blo, bhi = self.band_lo[band], self.band_hi[band]
         birth = torch.minimum(torch.floor(blo + u * (bhi - blo + 1)), bhi)
         s.birth = torch.where(is_by, birth, s.birth)
+        s.band = torch.where(is_by, band, s.band)
         draw = torch.where(is_by, birth, draw)
         lived = self.ref_end - s.birth
         s.end = torch.where(is_by, lived, s.end)

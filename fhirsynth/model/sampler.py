@@ -16,7 +16,7 @@ import torch
 from fhirsynth.errors import UsageError
 from fhirsynth.model.checkpoint import load_model
 from fhirsynth.model.constraints import load_constraints
-from fhirsynth.model.grammar import ST_FIN, Conditioning, Grammar
+from fhirsynth.model.grammar import ST_BODY0, ST_FIN, BatchState, Conditioning, Grammar
 from fhirsynth.model.tokenizer import Tokenizer
 from fhirsynth.model.transformer import Transformer
 from fhirsynth.model.vocab import SEXES, Vocab
@@ -32,6 +32,20 @@ def _top_p(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     drop = (cum - sorted_p) >= top_p  # mass before this token already reaches top_p
     sorted_p = sorted_p.masked_fill(drop, 0.0)
     return torch.zeros_like(probs).scatter(1, idx, sorted_p)
+
+
+def _death_from_prior(probs: torch.Tensor, mask: torch.Tensor, state: BatchState, grammar: Grammar) -> torch.Tensor:
+    """Right after the prefix: DEATH with the released share of the row's birth band, the model's distribution
+    over the other allowed tokens scaled to the rest."""
+    death = grammar.v.DEATH
+    p = torch.where((state.st == ST_BODY0) & mask[:, death], grammar.death_prior[state.band], 0.0).to(probs.dtype)
+    rest = probs.clone()
+    rest[:, death] = 0.0
+    total = rest.sum(dim=1, keepdim=True)
+    scaled = rest * ((1.0 - p)[:, None] / total.clamp_min(1e-30))
+    scaled[:, death] = p
+    use = (state.st == ST_BODY0) & (total[:, 0] > 0)
+    return torch.where(use[:, None], scaled, probs)
 
 
 @torch.no_grad()
@@ -67,6 +81,8 @@ def generate(
             prior[:, s0:s1] = grammar.sex_prior.to(probs.dtype)
             prior = prior.masked_fill(~mask, 0.0)
             probs = torch.where(prior.sum(dim=1, keepdim=True) > 0, prior, probs)
+        elif grammar.death_prior is not None and bool((state.st == ST_BODY0).any()):
+            probs = _death_from_prior(probs, mask, state, grammar)
         elif top_p < 1.0:
             probs = _top_p(probs, top_p)
         # inverse-CDF draw (cheaper than torch.multinomial on CPU); masked tokens have zero mass
