@@ -80,14 +80,13 @@ def round_trip(model: Path, timelines: list[Timeline]) -> list[Timeline]:
     from fhirsynth.model.checkpoint import load_model
     from fhirsynth.model.grammar import Grammar, replay
     from fhirsynth.model.tokenizer import Tokenizer
+    from fhirsynth.model.train import pad_collate
 
     vocab = load_model(model, "cpu").vocab
     tok = Tokenizer(vocab)
     seqs = [tok.encode(tl) for tl in timelines]
     seqs = [s for s in seqs if s]
-    batch = torch.zeros((len(seqs), vocab.cfg.max_len), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        batch[i, : len(s)] = torch.tensor(s)
+    batch = pad_collate([torch.tensor(s) for s in seqs])
     draws = replay(Grammar(vocab, None, vocab.cfg.max_len, torch.device("cpu")), batch,
                    torch.Generator().manual_seed(0))
     return [tok.decode(s, draws[i].tolist(), f"rt-{i}") for i, s in enumerate(seqs)]

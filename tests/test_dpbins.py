@@ -14,6 +14,7 @@ from fhirsynth.model.config import TokenizerConfig
 from fhirsynth.model.dpbins import GRID, N_BINS, patient_contributions, release_value_bins
 from fhirsynth.model.grammar import Grammar, replay
 from fhirsynth.model.tokenizer import Tokenizer
+from fhirsynth.model.train import pad_collate
 from fhirsynth.model.vocab import Item, Vocab, build_vocab
 from fhirsynth.timeline.types import Event
 
@@ -111,9 +112,7 @@ def test_values_of_private_codes_survive_the_round_trip():
     g = Grammar(again, None, cfg.max_len, torch.device("cpu"))
     stats: Counter = Counter()
     seqs = [tok.encode(t, stats) for t in tls]
-    batch = torch.zeros((len(seqs), cfg.max_len), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        batch[i, : len(s)] = torch.tensor(s)
+    batch = pad_collate([torch.tensor(s) for s in seqs])
     draws = replay(g, batch, torch.Generator().manual_seed(0))
     hct = again.private_value_bins[(LOINC, HCT[0])]
     decoded = [e for i, s in enumerate(seqs) for e in tok.decode(s, draws[i].tolist(), f"p{i}").events

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from fhirsynth.model.bins import ValueBins
-from fhirsynth.model.vocab import Item, _norm_ppf, analytic_gaussian_sigma
+from fhirsynth.model.vocab import Item, analytic_gaussian_sigma, set_union_threshold
 from fhirsynth.timeline.types import Timeline
 
 N_BINS = 8  # bins per private code (public setting)
@@ -122,7 +122,7 @@ def release_value_bins(
     if dp:
         assert epsilon is not None and delta is not None
         sigma = analytic_gaussian_sigma(epsilon, delta / 2, math.sqrt(2 * m))
-        threshold = 1.0 + sigma * _norm_ppf(1.0 - delta / (2 * m))
+        threshold = set_union_threshold(sigma, delta, m)
         for c in codes:  # fixed order: the noise draw does not depend on dict order
             hist[c] = hist[c] + rng.normal(0.0, sigma, len(hist[c]))
         unit_keys = sorted(units)

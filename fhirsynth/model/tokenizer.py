@@ -9,7 +9,7 @@ Sequence grammar (one patient = one sequence = one training example), NEWEST VIS
     entry := ENC_item [VALUE_item] [DUR_d]     (only first in a visit)
            | COND_item [DUR_d]                 DUR = onset -> abatement (so abatement never precedes onset)
            | OBS_item [VAL_b | VALUE_item]     VAL_b = bin b of the code's public reference-range bins
-    END   := no older history in the record. A sequence whose compression dropped visits has no END: it stops
+    END   := no older history in the record. A sequence whose oldest visit compression dropped has no END: it stops
              where the context does. Otherwise END would also mean "out of context" (3/4 of the US cohort's
              sequences), and the model, seeing END close to every visit boundary, stopped records early (measured:
              median record span 13 years vs 36 in the holdout). The sampler ends a sequence that fills the

@@ -219,6 +219,21 @@ def _norm_ppf(p: float) -> float:
     return float(norm.ppf(p))
 
 
+def set_union_threshold(sigma: float, delta: float, k: int) -> float:
+    """T = 1 + sigma * Phi^-1(1 - delta / (2k)): with Gaussian noise sigma, a key that only the added patient
+    has (count 1) passes T for any of their k keys with probability below delta / 2 (union bound)."""
+    return 1.0 + sigma * _norm_ppf(1.0 - delta / (2 * k))
+
+
+def laplace_counts(counts: np.ndarray, epsilon: float | None, rng: np.random.Generator,
+                   what: str) -> tuple[np.ndarray, float]:
+    """counts + Laplace(1/epsilon) noise and the scale: epsilon-DP when one patient changes one count by 1."""
+    if epsilon is None or epsilon <= 0:
+        raise PrivacyBudgetError(f"{what} needs epsilon > 0 (got {epsilon})")
+    scale = 1.0 / epsilon
+    return counts + rng.laplace(0.0, scale, counts.shape), scale
+
+
 @dataclass
 class VocabSelection:
     items: list[Item]
@@ -244,7 +259,7 @@ def select_items(
     if dp:
         assert epsilon is not None and delta is not None
         sigma = analytic_gaussian_sigma(epsilon, delta / 2, math.sqrt(k))
-        threshold = 1.0 + sigma * _norm_ppf(1.0 - delta / (2 * k))
+        threshold = set_union_threshold(sigma, delta, k)
         noisy = np.array([counts[key] for key in keys], dtype=np.float64) + rng.normal(0.0, sigma, len(keys))
         kept = [(float(c), key) for c, key in zip(noisy, keys) if c >= threshold]
         mech = {
@@ -403,12 +418,12 @@ def build_vocab(
 ) -> tuple[Vocab, dict[str, Any]]:
     """Public bins + items chosen by select_items -> the Vocab and the mechanism's report."""
     from fhirsynth.model.bins import load_value_bins
+    from fhirsynth.model.dpbins import release_value_bins
 
     value_bins, panels = load_value_bins()
     public_codes = load_public_codes()
     public = public_items(value_bins, panels, public_codes)
     timelines = timelines if isinstance(timelines, list) else list(timelines)
-    from fhirsynth.model.dpbins import release_value_bins
 
     eps_sex = eps_values = eps_death = d_values = None
     eps_items, d_items = epsilon, delta
@@ -427,12 +442,12 @@ def build_vocab(
     private_bins, bins_report = release_value_bins(
         timelines, sel.items, public_codes=set(value_bins), m=cfg.max_value_codes_per_patient, dp=dp,
         epsilon=eps_values, delta=d_values, min_count=cfg.min_count_no_dp, rng=rng)
-    proto = Vocab(cfg, [], {})  # only for the birth bands
-    deaths, death_report = release_death_shares(timelines, proto, dp=dp, epsilon=eps_death, rng=rng)
+    vocab = Vocab(cfg, sel.items, value_bins, shares, private_bins)
+    vocab.death_shares, death_report = release_death_shares(timelines, vocab, dp=dp, epsilon=eps_death, rng=rng)
     report = {**sel.report, "sex_marginal": sex_report, "value_bins": bins_report, "death_by_birth_band": death_report,
               "epsilon_total": epsilon if dp else None, "delta_total": delta if dp else None,
               "composition": "basic: items + sex marginal + value bins + deaths (epsilon and delta add up)"}
-    return Vocab(cfg, sel.items, value_bins, shares, private_bins, deaths), report
+    return vocab, report
 
 
 SEX_EPSILON_FRACTION = 0.1
@@ -454,10 +469,8 @@ def release_death_shares(timelines: list[Timeline], vocab: Vocab, *, dp: bool, e
         dead = tl.patient.death_date is not None or bool(tl.patient.deceased)
         counts[vocab.band_of_year(tl.patient.birth_date.year), int(dead)] += 1
     if dp:
-        if epsilon is None or epsilon <= 0:
-            raise PrivacyBudgetError(f"the death shares need epsilon > 0 (got {epsilon})")
-        scale = 1.0 / epsilon
-        counts = np.clip(counts + rng.laplace(0.0, scale, counts.shape), 0.0, None)
+        noisy, scale = laplace_counts(counts, epsilon, rng, "the death-share histogram")
+        counts = np.clip(noisy, 0.0, None)
         floor = 3.0 * scale
         report: dict[str, Any] = {"mechanism": "laplace histogram of alive / dead per birth band", "epsilon": epsilon,
                                   "delta": 0.0, "scale": scale}
@@ -479,11 +492,8 @@ def release_sex_shares(timelines: list[Timeline], *, dp: bool, epsilon: float | 
     for tl in timelines:
         counts[sex_index(tl.patient.sex)] += 1
     if dp:
-        if epsilon is None or epsilon <= 0:
-            raise PrivacyBudgetError(f"the sex marginal needs epsilon > 0 (got {epsilon})")
-        scale = 1.0 / epsilon
+        noisy, scale = laplace_counts(counts, epsilon, rng, "the sex marginal")
         threshold = 3.0 * scale
-        noisy = counts + rng.laplace(0.0, scale, len(counts))
         noisy[noisy < threshold] = 0.0
         report: dict[str, Any] = {"mechanism": "laplace histogram, cells below the threshold set to 0",
                                   "epsilon": epsilon, "delta": 0.0, "scale": scale, "threshold": threshold}
