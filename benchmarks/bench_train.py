@@ -38,15 +38,16 @@ def main() -> None:
     cfg = ModelConfig(vocab_size=args.vocab, max_len=args.seq_len)
     torch.manual_seed(0)
     data = torch.randint(1, args.vocab, (args.batch, args.seq_len))
+    ages = torch.randint(0, cfg.n_age_ids, (args.batch, args.seq_len))
 
     def run(model, opt, dp: bool) -> list[float]:
         times = []
         for i in range(args.steps + 1):  # first step is warm-up
             t = time.perf_counter()
             chunks = data.split(args.physical)
-            for j, chunk in enumerate(chunks):
-                chunk = chunk.to(dev)
-                loss = sequence_loss(model(chunk[:, :-1]), chunk[:, 1:]).mean()
+            for j, (chunk, age) in enumerate(zip(chunks, ages.split(args.physical))):
+                chunk, age = chunk.to(dev), age.to(dev)
+                loss = sequence_loss(model(chunk[:, :-1], age[:, :-1]), chunk[:, 1:]).mean()
                 if not dp:
                     loss = loss * (chunk.shape[0] / args.batch)
                 loss.backward()

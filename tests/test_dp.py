@@ -54,18 +54,19 @@ def test_dp_step_without_noise_or_clipping_equals_plain_step():
     private.load_state_dict(plain.state_dict())
     x = torch.randint(1, 30, (6, 12))
     x[2, 8:] = 0  # padding is ignored by the loss
+    ages = torch.randint(0, cfg.n_age_ids, (6, 12))
     opt_plain = torch.optim.SGD(plain.parameters(), lr=0.5)
-    loss = sequence_loss(plain(x[:, :-1]), x[:, 1:]).mean()
+    loss = sequence_loss(plain(x[:, :-1], ages[:, :-1]), x[:, 1:]).mean()
     loss.backward()
     opt_plain.step()
 
-    loader = DataLoader(TensorDataset(x), batch_size=6)
+    loader = DataLoader(TensorDataset(x, ages), batch_size=6)
     engine = PrivacyEngine()
     opt = torch.optim.SGD(private.parameters(), lr=0.5)
     model, opt, loader = engine.make_private(module=private, optimizer=opt, data_loader=loader,
                                              noise_multiplier=0.0, max_grad_norm=1e6, poisson_sampling=False)
-    (batch,) = next(iter(loader))
-    sequence_loss(model(batch[:, :-1]), batch[:, 1:]).mean().backward()
+    batch, batch_ages = next(iter(loader))
+    sequence_loss(model(batch[:, :-1], batch_ages[:, :-1]), batch[:, 1:]).mean().backward()
     opt.step()
     for (name, a), b in zip(plain.named_parameters(), model._module.parameters()):
         assert torch.allclose(a, b, atol=1e-6), name

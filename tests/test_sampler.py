@@ -278,3 +278,44 @@ def test_death_is_drawn_from_the_released_shares_per_birth_band(model_dir, tmp_p
     assert in_band and others
     assert all(t.patient.deceased for t in in_band)
     assert not any(t.patient.deceased for t in others)
+
+
+def test_the_model_reads_the_age_of_its_own_draws(model_dir):
+    """The age id fed beside each sampled token is the record's current age in whole years computed from the
+    sampler's exact draws (the birth day, the death, each visit's time), unknown before the birth band, as the
+    tokenizer gives it in training."""
+    from fhirsynth.model.bins import DAYS_PER_YEAR
+    from fhirsynth.model.grammar import Grammar
+    from fhirsynth.model.sampler import generate
+    from fhirsynth.model.tokenizer import AGE_UNKNOWN, day_number
+
+    lm = load_model(model_dir, "cpu")
+    v = lm.vocab
+    g = Grammar(v, load_constraints(), lm.model_config.max_len, torch.device("cpu"))
+    fed: dict[int, torch.Tensor] = {}
+    real_step = lm.model.step
+
+    def spy(tok, age, pos, cache):
+        fed[pos] = age.clone()
+        return real_step(tok, age, pos, cache)
+
+    lm.model.step = spy
+    ref_end = day_number(REF_END.date())
+    visits = 0
+    for seed in range(40):  # batches of 3 never shrink (finished rows leave in groups of >= 4)
+        fed.clear()
+        toks, draws = generate(lm.model, g, 3, torch.Generator().manual_seed(seed))
+        for r, (seq, drw) in enumerate(zip(toks.tolist(), draws.tolist())):
+            cur = None
+            for i, t in enumerate(seq):
+                if i not in fed:
+                    break
+                grp = v.group_of(t)
+                if grp == "by":
+                    cur = ref_end - drw[i]
+                elif grp in ("age", "gap"):
+                    cur = drw[i]
+                    visits += grp == "gap"
+                want = AGE_UNKNOWN if cur is None else min(int(cur // DAYS_PER_YEAR), AGE_UNKNOWN - 1)
+                assert int(fed[i][r]) == want, (seed, r, i)
+    assert visits > 40

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from datetime import date
 
 import numpy as np
 import pytest
@@ -253,3 +254,66 @@ def test_death_shares_laplace_per_birth_band():
     assert abs(rep["pooled_share"] - dead / len(tls)) < 0.1
     with pytest.raises(Exception, match="epsilon > 0"):
         release_death_shares(tls, vocab, dp=True, epsilon=0.0, rng=np.random.default_rng(1))
+
+
+def test_age_ids_follow_the_record_backwards(setup):
+    """The age input beside every token: unknown before the birth band, then the record's end (the reference
+    date, the death from its AGE token on), then each visit's age from its GAP token on, constant inside a visit
+    and never increasing (visits newest first)."""
+    from fhirsynth.model.tokenizer import AGE_UNKNOWN, age_id
+
+    tls, vocab, tok = setup
+    checked_visits = deaths = 0
+    for tl in tls:
+        toks, ages = tok.encode_with_ages(tl)
+        assert toks == tok.encode(tl) and len(ages) == len(toks)
+        assert ages[:2] == [AGE_UNKNOWN, AGE_UNKNOWN] and AGE_UNKNOWN not in ages[2:]
+        b = tl.patient.birth_date
+        ref_days = (date.fromisoformat(CFG.reference_date) - b).days + 1.0
+        assert ages[2] == age_id(ref_days)
+        visit_ages = {age_id(d) for d, _ in _visits(tl)}
+        for i, t in enumerate(toks):
+            if i > 2:
+                assert ages[i] <= ages[i - 1]
+            if vocab.group_of(t) == "age":
+                assert ages[i] == age_id(_record_end(tl))
+                deaths += 1
+            elif vocab.group_of(t) == "gap":
+                assert ages[i] in visit_ages
+                checked_visits += 1
+            elif i > 2 and vocab.group_of(toks[i - 1]) not in ("gap", "age", "death"):
+                assert ages[i] == ages[i - 1]  # only a GAP or the death's AGE moves the age
+    assert checked_visits > 100 and deaths > 0
+
+
+def test_compression_drops_encounter_only_visits_before_first_seen_observations():
+    """A long record of routine encounters with one early observation and one early condition: the visits that
+    hold nothing but their encounter go first, so every code of the record survives compression (observation
+    prevalence through encode/decode on the US holdout: R² 0.78 -> 1.00)."""
+    from datetime import datetime, timedelta, timezone
+
+    from test_model_helpers import ACT, LOINC, SNOMED
+
+    from fhirsynth.timeline.types import Event, PatientInfo, Timeline
+
+    info = PatientInfo(patient_id="p", sex="female", birth_date=date(1980, 1, 1))
+    t0 = datetime(1980, 1, 2, tzinfo=timezone.utc)
+    events = []
+    for v in range(120):
+        t = t0 + timedelta(days=60 * v)
+        events.append(Event(time=t, kind="encounter", system=ACT, code="AMB", encounter_id=f"e{v}",
+                            end_time=t + timedelta(minutes=30), status="finished"))
+    events.append(Event(time=t0, kind="observation", system=LOINC, code="8302-2", value=50.0, unit="cm",
+                        category="vital-signs", encounter_id="e0", status="final"))
+    events.append(Event(time=t0 + timedelta(days=60), kind="condition", system=SNOMED, code="444814009",
+                        display="Viral sinusitis (disorder)", category="encounter-diagnosis", encounter_id="e1"))
+    tl = Timeline(patient=info, events=events).sorted()
+    cfg = TokenizerConfig(max_len=96, reference_date="2026-01-01", min_count_no_dp=1)
+    vocab, _ = build_vocab([tl], cfg, dp=False, epsilon=None, delta=None, rng=np.random.default_rng(0))
+    tok = Tokenizer(vocab)
+    stats: Counter = Counter()
+    seq = tok.encode(tl, stats)
+    assert len(seq) <= cfg.max_len and stats["visits_dropped_for_length"] > 0
+    assert stats["observations_dropped_for_length"] == 0
+    for e in events[-2:]:
+        assert vocab.item_token(tok.matcher.event_key(e)) in seq

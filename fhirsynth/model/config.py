@@ -12,7 +12,8 @@ from fhirsynth import __version__
 
 # Bumped whenever the model-dir layout or token grammar changes; loading another version is refused.
 # 2: visits newest first (tokenizer.py), the death right after the prefix.
-FORMAT_VERSION = 2
+# 3: an age input beside every token (the record's current age in years, tokenizer.encode_with_ages).
+FORMAT_VERSION = 3
 
 
 def _today() -> str:
@@ -31,6 +32,7 @@ class ModelConfig:
     d_ff: int = 512
     max_len: int = 512
     dropout: float = 0.0
+    n_age_ids: int = 128  # age input: years 0..126 and "not known yet" (tokenizer.AGE_UNKNOWN)
 
 
 @dataclass

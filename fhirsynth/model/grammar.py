@@ -26,7 +26,7 @@ import torch
 
 from fhirsynth.model.bins import DAYS_PER_YEAR, DUR_EDGES, GAP_EDGES
 from fhirsynth.model.constraints import Constraints
-from fhirsynth.model.tokenizer import RECENT_VISITS, day_number
+from fhirsynth.model.tokenizer import AGE_UNKNOWN, RECENT_VISITS, day_number
 from fhirsynth.model.vocab import SEXES, Vocab
 
 (ST_START, ST_SEX, ST_BY, ST_RACE, ST_ETH, ST_BODY0, ST_DEATH, ST_BODY1, ST_VTIME, ST_VFIRST, ST_AENC,
@@ -204,6 +204,13 @@ class Grammar:
             n_visit=torch.zeros(batch, dtype=torch.long, device=d),
             seen=torch.zeros((batch, self.v.size), dtype=torch.bool, device=d),
         )
+
+    def age_ids(self, s: BatchState) -> torch.Tensor:
+        """[B] long: the model's age input after the last applied token (tokenizer.encode_with_ages): whole
+        years of the current time since birth; AGE_UNKNOWN until the birth band is drawn."""
+        years = torch.div(s.cur, DAYS_PER_YEAR, rounding_mode="floor").clamp(0, AGE_UNKNOWN - 1).long()
+        known = (s.st != ST_START) & (s.st != ST_SEX) & (s.st != ST_BY)
+        return torch.where(known, years, AGE_UNKNOWN)
 
     def mask(self, s: BatchState, pos: int) -> torch.Tensor:
         """[B, V] bool: the tokens allowed at position `pos` (0-based) of each sequence."""

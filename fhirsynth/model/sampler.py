@@ -34,17 +34,18 @@ def _top_p(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     return torch.zeros_like(probs).scatter(1, idx, sorted_p)
 
 
-def _death_from_prior(probs: torch.Tensor, mask: torch.Tensor, state: BatchState, grammar: Grammar) -> torch.Tensor:
-    """Right after the prefix: DEATH with the released share of the row's birth band, the model's distribution
-    over the other allowed tokens scaled to the rest."""
+def _death_from_prior(probs: torch.Tensor, mask: torch.Tensor, state: BatchState, grammar: Grammar,
+                      at_body0: torch.Tensor) -> torch.Tensor:
+    """Right after the prefix (rows where at_body0): DEATH with the released share of the row's birth band, the
+    model's distribution over the other allowed tokens scaled to the rest."""
     death = grammar.v.DEATH
-    p = torch.where((state.st == ST_BODY0) & mask[:, death], grammar.death_prior[state.band], 0.0).to(probs.dtype)
+    p = torch.where(at_body0 & mask[:, death], grammar.death_prior[state.band], 0.0).to(probs.dtype)
     rest = probs.clone()
     rest[:, death] = 0.0
     total = rest.sum(dim=1, keepdim=True)
     scaled = rest * ((1.0 - p)[:, None] / total.clamp_min(1e-30))
     scaled[:, death] = p
-    use = (state.st == ST_BODY0) & (total[:, 0] > 0)
+    use = at_body0 & (total[:, 0] > 0)
     return torch.where(use[:, None], scaled, probs)
 
 
@@ -72,7 +73,7 @@ def generate(
     draws[:, 0] = grammar.advance(state, tok, u).cpu()
     tokens[:, 0] = v.BOS
     for pos in range(1, L):
-        logits = model.step(tok, pos - 1, cache).float()  # [b, V]
+        logits = model.step(tok, grammar.age_ids(state), pos - 1, cache).float()  # [b, V]
         mask = grammar.mask(state, pos)
         probs = torch.softmax((logits / temperature).masked_fill(~mask, float("-inf")), dim=1)
         if pos == 1 and grammar.sex_prior is not None:  # the SEX token: drawn from the released shares
@@ -81,8 +82,8 @@ def generate(
             prior[:, s0:s1] = grammar.sex_prior.to(probs.dtype)
             prior = prior.masked_fill(~mask, 0.0)
             probs = torch.where(prior.sum(dim=1, keepdim=True) > 0, prior, probs)
-        elif grammar.death_prior is not None and bool((state.st == ST_BODY0).any()):
-            probs = _death_from_prior(probs, mask, state, grammar)
+        elif grammar.death_prior is not None and bool((at_body0 := state.st == ST_BODY0).any()):
+            probs = _death_from_prior(probs, mask, state, grammar, at_body0)
         elif top_p < 1.0:
             probs = _top_p(probs, top_p)
         # inverse-CDF draw (cheaper than torch.multinomial on CPU); masked tokens have zero mass

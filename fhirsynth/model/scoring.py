@@ -10,6 +10,7 @@ import torch
 
 from fhirsynth.model.checkpoint import load_model
 from fhirsynth.model.tokenizer import Tokenizer
+from fhirsynth.model.train import pad_collate
 from fhirsynth.model.transformer import sequence_loss
 from fhirsynth.timeline.types import Timeline
 
@@ -22,16 +23,12 @@ def sequence_nll(model_dir: str | os.PathLike, timelines: list[Timeline], *, bat
     lm = load_model(model_dir, device)
     tok = Tokenizer(lm.vocab)
     stats: Counter = Counter()
-    seqs = [tok.encode(t, stats) for t in timelines]
+    seqs = [tok.encode_with_ages(t, stats) for t in timelines]
     out = np.full(len(timelines), np.nan, dtype=np.float64)
     idx = [i for i, s in enumerate(seqs) if s is not None]
     for start in range(0, len(idx), batch_size):
         chunk = idx[start: start + batch_size]
-        L = max(len(seqs[i]) for i in chunk)
-        batch = torch.zeros((len(chunk), L), dtype=torch.long)
-        for r, i in enumerate(chunk):
-            batch[r, : len(seqs[i])] = torch.tensor(seqs[i])
-        batch = batch.to(lm.device)
-        logits = lm.model(batch[:, :-1])
-        out[chunk] = sequence_loss(logits, batch[:, 1:]).double().cpu().numpy()
+        batch = pad_collate([torch.tensor(list(zip(*seqs[i])), dtype=torch.long) for i in chunk]).to(lm.device)
+        logits = lm.model(batch[:, :-1, 0], batch[:, :-1, 1])
+        out[chunk] = sequence_loss(logits, batch[:, 1:, 0]).double().cpu().numpy()
     return out

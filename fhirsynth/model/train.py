@@ -38,7 +38,7 @@ from fhirsynth.logs import progress
 from fhirsynth.model import checkpoint as ck
 from fhirsynth.model.config import ModelConfig, TokenizerConfig, TrainConfig, to_json, versions
 from fhirsynth.model.tokenizer import Tokenizer
-from fhirsynth.model.transformer import Transformer, sequence_loss
+from fhirsynth.model.transformer import Transformer, patient_loss
 from fhirsynth.model.vocab import Vocab, build_vocab
 from fhirsynth.timeline.io import read_timelines
 
@@ -46,8 +46,10 @@ log = logging.getLogger(__name__)
 
 
 class SeqDataset(Dataset):
-    def __init__(self, seqs: list[list[int]]) -> None:
-        self.seqs = [torch.tensor(s, dtype=torch.long) for s in seqs]
+    """One item per patient: a [L, 2] long tensor of (token id, age id) pairs."""
+
+    def __init__(self, seqs: list[tuple[list[int], list[int]]]) -> None:
+        self.seqs = [torch.tensor(list(zip(toks, ages)), dtype=torch.long) for toks, ages in seqs]
 
     def __len__(self) -> int:
         return len(self.seqs)
@@ -57,11 +59,12 @@ class SeqDataset(Dataset):
 
 
 def pad_collate(batch: list[torch.Tensor]) -> torch.Tensor:
-    """Right-pad to the longest sequence of the batch (PAD = 0); shape [0, 2] for an empty Poisson batch."""
+    """Right-pad items [L] or [L, 2] to the longest of the batch (PAD = 0, age id 0 there: the loss ignores
+    PAD targets); shape [0, 2, 2] (the training pairs' shape) for an empty Poisson batch."""
     if not batch:
-        return torch.zeros((0, 2), dtype=torch.long)
+        return torch.zeros((0, 2, 2), dtype=torch.long)
     L = max(len(s) for s in batch)
-    out = torch.zeros((len(batch), L), dtype=torch.long)
+    out = torch.zeros((len(batch), L, *batch[0].shape[1:]), dtype=torch.long)
     for i, s in enumerate(batch):
         out[i, : len(s)] = s
     return out
@@ -265,7 +268,7 @@ def _train(tc, tdir, out, dev, tk, mc, delta, dp, seed, secure_rng, on_step, dct
 
     tokenizer = Tokenizer(vocab)
     stats: Counter = Counter()
-    seqs = [s for s in (tokenizer.encode(t, stats) for t in timelines) if s is not None]
+    seqs = [s for s in (tokenizer.encode_with_ages(t, stats) for t in timelines) if s is not None]
     del timelines
     for k, v in sorted(stats.items()):
         log.info("tokenizer: %s = %d", k, v)
@@ -372,14 +375,14 @@ def _train(tc, tdir, out, dev, tk, mc, delta, dp, seed, secure_rng, on_step, dct
                     pending_rng = None
                 for batch in it:
                     batch = batch.to(dev)
-                    inp, tgt = batch[:, :-1], batch[:, 1:]
+                    inp, tgt = batch[:, :-1], batch[:, 1:, 0]
                     with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=use_amp):
-                        logits = model(inp)
-                    per_seq = sequence_loss(logits, tgt)
+                        logits = model(inp[..., 0], inp[..., 1])
+                    per_seq = patient_loss(logits, tgt, mc.max_len)
                     if batch.shape[0] > 0:
                         loss = per_seq.mean()
-                        acc_loss += float(per_seq.detach().sum())
-                        acc_n += batch.shape[0]
+                        acc_loss += float(per_seq.detach().sum()) * mc.max_len  # the curve: NLL per token
+                        acc_n += int((tgt != 0).sum())
                     else:  # empty Poisson batch: still a DP step (noise only), zero-size grad samples
                         loss = per_seq.sum()
                     if not dp and batch.shape[0] > 0:
