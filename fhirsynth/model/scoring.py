@@ -10,7 +10,7 @@ import torch
 
 from fhirsynth.model.checkpoint import load_model
 from fhirsynth.model.tokenizer import Tokenizer
-from fhirsynth.model.train import pad_collate
+from fhirsynth.model.train import SeqDataset, pad_collate
 from fhirsynth.model.transformer import sequence_loss
 from fhirsynth.timeline.types import Timeline
 
@@ -26,9 +26,10 @@ def sequence_nll(model_dir: str | os.PathLike, timelines: list[Timeline], *, bat
     seqs = [tok.encode_with_ages(t, stats) for t in timelines]
     out = np.full(len(timelines), np.nan, dtype=np.float64)
     idx = [i for i, s in enumerate(seqs) if s is not None]
+    ds = SeqDataset([seqs[i] for i in idx])  # the training layout: (token id, age id) pairs
     for start in range(0, len(idx), batch_size):
         chunk = idx[start: start + batch_size]
-        batch = pad_collate([torch.tensor(list(zip(*seqs[i])), dtype=torch.long) for i in chunk]).to(lm.device)
+        batch = pad_collate([ds[j] for j in range(start, start + len(chunk))]).to(lm.device)
         logits = lm.model(batch[:, :-1, 0], batch[:, :-1, 1])
         out[chunk] = sequence_loss(logits, batch[:, 1:, 0]).double().cpu().numpy()
     return out

@@ -261,6 +261,18 @@ class Tokenizer:
                 slim(i, keep, counter)
                 i += 1
 
+        def drop_old_visits_where(kinds_match) -> None:
+            """Drop old visits, oldest first, whose entry kinds all satisfy kinds_match(kind)."""
+            nonlocal total
+            i = 0
+            while total > budget and i < len(visits) - recent:
+                if all(kinds_match(k) for k, _, _ in visits[i][1]):
+                    total -= cost(visits[i])
+                    stats["visits_dropped_for_length"] += 1
+                    visits.pop(i)
+                else:
+                    i += 1
+
         def drop_visits(keep: int) -> None:
             nonlocal total
             while total > budget and len(visits) > keep:
@@ -278,26 +290,12 @@ class Tokenizer:
         # 3. encounter type / duration tokens
         each_old(lambda i, e: (e[0], e[1], ()) if e[0] == 0 else e, "encounter_details_dropped_for_length")
         # 4. old visits with nothing but their encounter (no condition, no first-seen observation left)
-        i = 0
-        while total > budget and i < len(visits) - recent:
-            if all(k == 0 for k, _, _ in visits[i][1]):
-                total -= cost(visits[i])
-                stats["visits_dropped_for_length"] += 1
-                visits.pop(i)
-            else:
-                i += 1
+        drop_old_visits_where(lambda kind: kind == 0)
         # 5. the remaining (first-seen) observations
         each_old(lambda i, e: e if e[0] != 2 else None, "observations_dropped_for_length")
         visits = [vis for vis in visits if vis[1]]
         # 6. old visits without a condition, then the oldest visits (a window), sparing the recent ones
-        i = 0
-        while total > budget and i < len(visits) - recent:
-            if all(k != 1 for k, _, _ in visits[i][1]):
-                total -= cost(visits[i])
-                stats["visits_dropped_for_length"] += 1
-                visits.pop(i)
-            else:
-                i += 1
+        drop_old_visits_where(lambda kind: kind != 1)
         drop_visits(recent)
         # 7. still too long: the recent visits' observations too, then a window over them
         for i in range(len(visits)):
