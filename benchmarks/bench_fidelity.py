@@ -109,12 +109,14 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--model", help="an already trained model dir (skips training)")
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--max-len", type=int, help="context length (default: TokenizerConfig's)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
 
     from fhirsynth.model.checkpoint import load_model
+    from fhirsynth.model.config import TokenizerConfig
     from fhirsynth.model.sampler import sample_timelines
     from fhirsynth.model.train import train_model
     from fhirsynth.timeline.adapter import ingest
@@ -125,13 +127,14 @@ def main() -> int:
     train, holdout = work / "train", work / "holdout"
     split(src, train, holdout, args.holdout, seed=7)
     eps = float(args.epsilon)
-    tag = f"eps{args.epsilon}-ep{args.epochs}"
+    tag = f"eps{args.epsilon}-ep{args.epochs}" + (f"-len{args.max_len}" if args.max_len else "")
     model = Path(args.model) if args.model else work / f"model-{tag}"
     t_train = math.nan
     if not (model / "privacy.json").is_file():
         t = time.perf_counter()
         train_model(train, model, epsilon=eps if math.isfinite(eps) else 8.0, dp=math.isfinite(eps),
-                    epochs=args.epochs, seed=args.seed)
+                    epochs=args.epochs, seed=args.seed,
+                    tokenizer_config=TokenizerConfig(max_len=args.max_len) if args.max_len else None)
         t_train = time.perf_counter() - t
     ref_date = load_model(model, "cpu").vocab.cfg.ref_date
     ref = datetime(ref_date.year, ref_date.month, ref_date.day, tzinfo=timezone.utc)

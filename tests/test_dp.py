@@ -10,8 +10,8 @@ import torch
 from test_model_helpers import write_dir
 
 from fhirsynth.errors import InputError, PrivacyBudgetError, UsageError
-from fhirsynth.model.config import ModelConfig, TokenizerConfig
-from fhirsynth.model.train import _noise_multiplier, _quiet_opacus, epsilons, train_model
+from fhirsynth.model.config import ModelConfig, TokenizerConfig, TrainConfig
+from fhirsynth.model.train import _noise_multiplier, _quiet_opacus, epsilons, lr_at, train_model
 from fhirsynth.model.transformer import Transformer, sequence_loss
 
 torch.set_num_threads(1)
@@ -20,6 +20,7 @@ TINY = dict(d_model=16, n_layers=1, n_heads=2, d_ff=32)
 
 def _train(tl_dir, out, **kw):
     args = dict(epsilon=8.0, epochs=2, batch_size=16, max_physical_batch=8, device="cpu", seed=3,
+                warmup_frac=0.5,  # 9 steps: the resume tests below restart inside the warmup
                 model_config=ModelConfig(**TINY),
                 tokenizer_config=TokenizerConfig(max_len=64, reference_date="2026-01-01", max_items_per_patient=8))
     args.update(kw)
@@ -136,6 +137,14 @@ def test_resume_after_interruption_gives_same_epsilon_and_weights(tl_dir, tmp_pa
         _train(tl_dir, tmp_path / "cut2", epochs=3, epsilon=4.0)
 
 
+def test_learning_rate_warms_up_linearly_then_stays():
+    tc = TrainConfig(lr=0.01, warmup_frac=0.25)
+    lrs = [lr_at(tc, step, 20) for step in range(20)]
+    assert lrs[:5] == pytest.approx([0.002, 0.004, 0.006, 0.008, 0.01])
+    assert lrs[5:] == [0.01] * 15
+    assert lr_at(TrainConfig(lr=0.01, warmup_frac=0.0), 0, 20) == 0.01
+
+
 def test_bad_inputs(tl_dir, tmp_path):
     with pytest.raises(PrivacyBudgetError, match="positive"):
         _train(tl_dir, tmp_path / "m", epsilon=0.0)
@@ -150,3 +159,5 @@ def test_bad_inputs(tl_dir, tmp_path):
         _train(empty, tmp_path / "m")
     with pytest.raises(UsageError, match="epochs"):
         _train(tl_dir, tmp_path / "m", epochs=0)
+    with pytest.raises(UsageError, match="warmup"):
+        _train(tl_dir, tmp_path / "m", warmup_frac=1.0)

@@ -4,6 +4,7 @@ conditioning, and model-dir validation. Uses an untrained tiny model: constraint
 from __future__ import annotations
 
 import json
+import math
 from datetime import datetime, timezone
 
 import pytest
@@ -228,13 +229,15 @@ def test_codes_are_not_repeated_beyond_the_recent_visits(model_dir, tmp_path):
     shutil.copytree(model_dir, d)
     v = load_model(model_dir, "cpu").vocab
     sd = torch.load(d / "model.pt", weights_only=True)
-    # constant final hidden state e_0; the head turns it into fixed logits: VISIT and three conditions favoured
+    # constant final hidden state e_0; the head turns it into fixed logits: a new visit (its GAP tokens together
+    # weigh e^4) and three conditions favoured
     sd["ln_f.weight"] = torch.zeros_like(sd["ln_f.weight"])
     sd["ln_f.bias"] = torch.zeros_like(sd["ln_f.bias"])
     sd["ln_f.bias"][0] = 1.0
     sd["head.weight"] = torch.zeros_like(sd["head.weight"])
     favourites = [v.start("item") + i for i, it in enumerate(v.items) if it.kind == "condition"][:3]
-    sd["head.weight"][v.VISIT, 0] = 4.0
+    g0, g1 = v.offsets["gap"]
+    sd["head.weight"][g0:g1, 0] = 4.0 - math.log(g1 - g0)
     sd["head.weight"][favourites, 0] = 3.0
     sd["head.weight"][v.END, 0] = -20.0
     torch.save(sd, d / "model.pt")
@@ -248,7 +251,7 @@ def test_codes_are_not_repeated_beyond_the_recent_visits(model_dir, tmp_path):
         for t in seq:
             if t == v.END:
                 break
-            n_visit += t == v.VISIT
+            n_visit += v.group_of(t) == "gap"
             if v.group_of(t) != "item" or v.item_of(t).kind not in ("condition", "observation"):
                 continue
             if n_visit > RECENT_VISITS:

@@ -35,6 +35,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64, help="expected (logical) batch size of Poisson sampling")
     p.add_argument("--max-physical-batch", type=int, default=32, help="memory limit per forward/backward")
     p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--warmup-frac", type=float, default=0.1,
+                   help="share of the steps over which the learning rate rises linearly to --lr (default 0.1)")
     p.add_argument("--secure-rng", action="store_true", help="cryptographically secure noise and sampling")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--vocab-epsilon-fraction", type=float, default=0.25,
@@ -77,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
         args.timelines, args.out, epsilon=None if args.no_dp else args.epsilon, delta=args.delta,
         dp=not args.no_dp, epochs=args.epochs, device=args.device, seed=args.seed, batch_size=args.batch_size,
         max_physical_batch=args.max_physical_batch, max_grad_norm=args.max_grad_norm, lr=args.lr,
-        secure_rng=args.secure_rng, vocab_epsilon_fraction=args.vocab_epsilon_fraction,
+        warmup_frac=args.warmup_frac, secure_rng=args.secure_rng, vocab_epsilon_fraction=args.vocab_epsilon_fraction,
         model_config=mc, tokenizer_config=tk, distributed=True if args.distributed else None,
     )
     if int(os.environ.get("RANK", "0")) != 0:  # one summary per job, from the rank that wrote the model dir

@@ -13,7 +13,8 @@ from fhirsynth import __version__
 # Bumped whenever the model-dir layout or token grammar changes; loading another version is refused.
 # 2: visits newest first (tokenizer.py), the death right after the prefix.
 # 3: an age input beside every token (the record's current age in years, tokenizer.encode_with_ages).
-FORMAT_VERSION = 3
+# 4: a GAP token begins a visit (no VISIT marker token).
+FORMAT_VERSION = 4
 
 
 def _today() -> str:
@@ -73,6 +74,8 @@ class TrainConfig:
     max_physical_batch: int = 32
     max_grad_norm: float = 1.0
     lr: float = 3e-3
+    # linear learning-rate warmup over this share of the steps, then constant (a public schedule)
+    warmup_frac: float = 0.1
     weight_decay: float = 0.0
     vocab_epsilon_fraction: float = 0.25
     vocab_delta_fraction: float = 0.1

@@ -29,12 +29,12 @@ from fhirsynth.model.constraints import Constraints
 from fhirsynth.model.tokenizer import AGE_UNKNOWN, RECENT_VISITS, day_number
 from fhirsynth.model.vocab import SEXES, Vocab
 
-(ST_START, ST_SEX, ST_BY, ST_RACE, ST_ETH, ST_BODY0, ST_DEATH, ST_BODY1, ST_VTIME, ST_VFIRST, ST_AENC,
- ST_AENCCAT, ST_ACOND, ST_AOBS, ST_ADONE, ST_FIN) = range(16)
-N_STATES = 16
+(ST_START, ST_SEX, ST_BY, ST_RACE, ST_ETH, ST_BODY0, ST_DEATH, ST_BODY1, ST_VFIRST, ST_AENC,
+ ST_AENCCAT, ST_ACOND, ST_AOBS, ST_ADONE, ST_FIN) = range(15)
+N_STATES = 15
 # Fewest tokens needed to finish a sequence from each state (the length mask).
 _NEED = {ST_START: 6, ST_SEX: 5, ST_BY: 4, ST_RACE: 3, ST_ETH: 2, ST_BODY0: 1, ST_DEATH: 2, ST_BODY1: 1,
-         ST_VTIME: 3, ST_VFIRST: 2, ST_AENC: 1, ST_AENCCAT: 1, ST_ACOND: 1, ST_AOBS: 1, ST_ADONE: 1, ST_FIN: 0}
+         ST_VFIRST: 2, ST_AENC: 1, ST_AENCCAT: 1, ST_ACOND: 1, ST_AOBS: 1, ST_ADONE: 1, ST_FIN: 0}
 
 
 @dataclass
@@ -95,7 +95,7 @@ class Grammar:
         def body(s: int) -> None:
             allow(s, cond_t, ST_ACOND)
             allow(s, obs, ST_AOBS)
-            allow(s, [v.VISIT], ST_VTIME)
+            allow(s, v.rng("gap"), ST_VFIRST)
             allow(s, [v.END], ST_FIN)
 
         allow(ST_START, [v.BOS], ST_SEX)
@@ -106,9 +106,8 @@ class Grammar:
         allow(ST_BODY0, [v.DEATH], ST_DEATH)
         allow(ST_DEATH, v.rng("age"), ST_BODY1)
         for s in (ST_BODY0, ST_BODY1):
-            allow(s, [v.VISIT], ST_VTIME)
+            allow(s, v.rng("gap"), ST_VFIRST)
             allow(s, [v.END], ST_FIN)
-        allow(ST_VTIME, v.rng("gap"), ST_VFIRST)
         allow(ST_VFIRST, enc, ST_AENC)
         allow(ST_VFIRST, cond_t, ST_ACOND)
         allow(ST_VFIRST, obs, ST_AOBS)
@@ -314,7 +313,7 @@ class Grammar:
         s.last_item = torch.where(is_item & ~self.is_value_item[tok], tok, s.last_item)
         if self.cond_tokens.numel():
             s.has_cond |= torch.isin(tok, self.cond_tokens)
-        s.n_visit += tok == v.VISIT
+        s.n_visit += is_gap  # a GAP begins a visit
         s.seen[torch.arange(tok.shape[0], device=tok.device), tok] |= self.once[tok]
         s.st = self.nxt[st, tok]
         return draw

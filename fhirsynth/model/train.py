@@ -108,6 +108,8 @@ def _validate(tc: TrainConfig) -> None:
         problems.append(f"--max-physical-batch must be >= 1 (got {tc.max_physical_batch})")
     if not tc.lr > 0:
         problems.append(f"learning rate must be > 0 (got {tc.lr})")
+    if not 0 <= tc.warmup_frac < 1:
+        problems.append(f"warmup fraction must be in [0, 1) (got {tc.warmup_frac})")
     if problems:
         raise UsageError("; ".join(problems))
 
@@ -173,6 +175,7 @@ def train_model(
     max_physical_batch: int = 32,
     max_grad_norm: float = 1.0,
     lr: float = 3e-3,
+    warmup_frac: float = 0.1,
     secure_rng: bool = False,
     vocab_epsilon_fraction: float = 0.25,
     checkpoint_every: int = 50,
@@ -189,6 +192,7 @@ def train_model(
     """
     tc = TrainConfig(epsilon=epsilon if dp else None, delta=delta, dp=dp, epochs=epochs, batch_size=batch_size,
                      max_physical_batch=max_physical_batch, max_grad_norm=max_grad_norm, lr=lr, seed=seed,
+                     warmup_frac=warmup_frac,
                      secure_rng=secure_rng, vocab_epsilon_fraction=vocab_epsilon_fraction,
                      checkpoint_every=checkpoint_every)
     _validate(tc)
@@ -374,6 +378,8 @@ def _train(tc, tdir, out, dev, tk, mc, delta, dp, seed, secure_rng, on_step, dct
                     _set_rng_state(pending_rng)
                     pending_rng = None
                 for batch in it:
+                    for group in opt.param_groups:  # a function of the step only: resuming needs no state
+                        group["lr"] = lr_at(tc, step, total_steps)
                     batch = batch.to(dev)
                     inp, tgt = batch[:, :-1], batch[:, 1:, 0]
                     with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=use_amp):
@@ -441,6 +447,14 @@ def _train(tc, tdir, out, dev, tk, mc, delta, dp, seed, secure_rng, on_step, dct
     shutil.rmtree(ckdir, ignore_errors=True)
     log.info("model written to %s (epsilon_total=%s)", out, privacy["epsilon_total"])
     return privacy
+
+
+def lr_at(tc: TrainConfig, step: int, total_steps: int) -> float:
+    """Learning rate of optimizer step `step` (0-based): linear warmup over warmup_frac of the steps, then
+    constant. Without it, the default model sat on a loss plateau near the unigram entropy for 2-5 of 16
+    epochs on the US cohort (format 4) before it learned the grammar."""
+    warmup = math.ceil(tc.warmup_frac * total_steps)
+    return tc.lr * min(1.0, (step + 1) / warmup) if warmup > 0 else tc.lr
 
 
 def _step(opt, dp: bool, batches) -> bool:

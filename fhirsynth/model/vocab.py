@@ -283,8 +283,8 @@ class Vocab:
     """Token ids. Layout: specials | sex | birth-year band | race | ethnicity | age-years | gap | duration |
     value-bin index | items. Value-bin tokens are shared: their meaning depends on the preceding code."""
 
-    PAD, BOS, END, VISIT, DEATH = 0, 1, 2, 3, 4
-    N_SPECIAL = 5
+    PAD, BOS, END, DEATH = 0, 1, 2, 3
+    N_SPECIAL = 4
 
     def __init__(self, cfg: TokenizerConfig, items: list[Item], value_bins: dict[tuple[str, str], ValueBins],
                  sex_shares: list[float] | None = None,
@@ -318,7 +318,7 @@ class Vocab:
         self.size = off
         self.item_index = {it.key: i for i, it in enumerate(self.items)}
         # token -> group name as one list lookup (decode calls group_of for every sampled token)
-        self._groups = ["pad", "bos", "end", "visit", "death"] + [
+        self._groups = ["pad", "bos", "end", "death"] + [
             name for name, (a, b) in self.offsets.items() for _ in range(a, b)]
 
     # ids
@@ -364,7 +364,7 @@ class Vocab:
         if group == "item":
             it = self.item_of(tok)
             return f"{it.kind}:{it.code}"
-        if group in ("pad", "bos", "end", "visit", "death"):
+        if group in ("pad", "bos", "end", "death"):
             return group.upper()
         return f"{group}:{tok - self.start(group)}"
 
