@@ -183,6 +183,15 @@ class Grammar:
                 self.lim_lo = t(np.array([a * DAYS_PER_YEAR for _, a, _ in lims]), f64)
                 self.lim_hi = t(np.array([b * DAYS_PER_YEAR for _, _, b in lims]), f64)
         self.forbid = t(forbid)
+        # the static part of the mask, one row per (state, sex): grammar, sex-specific codes, allowed birth bands
+        # and sexes; mask() gathers it once per step instead of and-ing the parts together
+        static = allowed[:, None, :] & ~forbid[None, :, :]
+        b0, b1 = v.offsets["by"]
+        static[:, :, b0:b1] &= (lo <= hi)[None, None, :]
+        x0, x1 = v.offsets["sex"]
+        static[:, :, x0:x1] &= self.sex_ok.cpu().numpy()[None, None, :]
+        self.n_sex_rows = len(SEXES) + 1
+        self.static = t(static.reshape(N_STATES * self.n_sex_rows, V))
         self.cond_tokens = t(np.array(self.cond.condition_tokens, dtype=np.int64))
         once = np.zeros(V, dtype=bool)  # codes that appear at most once beyond the recent visits
         once[cond_t + obs] = True
@@ -214,7 +223,7 @@ class Grammar:
     def mask(self, s: BatchState, pos: int) -> torch.Tensor:
         """[B, V] bool: the tokens allowed at position `pos` (0-based) of each sequence."""
         v = self.v
-        m = self.allowed[s.st]
+        m = self.static[s.st * self.n_sex_rows + s.sex]
         lived = self.ref_end - s.birth  # days from birth to the end of the reference date
         a0, a1 = v.offsets["age"]
         g0, g1 = v.offsets["gap"]
@@ -225,12 +234,6 @@ class Grammar:
         m[:, g0:g1] &= self.gap_lo[None] <= s.cur[:, None]  # never before birth
         m[:, d0:d1] &= self.dur_lo[None] <= (s.end - s.cur)[:, None]  # never past the record's end
         m[:, l0:l1] &= self.val_arange[None] < self.item_nbins[s.last_item][:, None]
-        b0, b1 = v.offsets["by"]
-        m[:, b0:b1] &= self.by_ok[None]
-        x0, x1 = v.offsets["sex"]
-        m[:, x0:x1] &= self.sex_ok[None]
-        i0 = v.start("item")
-        m[:, i0:] &= ~self.forbid[s.sex][:, i0:]
         if self.lim_cols.numel():
             cur = s.cur[:, None]
             m[:, self.lim_cols] &= (self.lim_lo[None] <= cur) & (cur < self.lim_hi[None])

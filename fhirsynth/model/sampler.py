@@ -90,7 +90,8 @@ def generate(
         r = torch.rand((probs.shape[0], 2), generator=generator, dtype=torch.float64, device=dev)
         cum = probs.cumsum(dim=1)
         target = (r[:, 0] * cum[:, -1].double()).to(cum.dtype)[:, None]
-        nxt = (cum <= target).sum(dim=1).clamp_(max=probs.shape[1] - 1)
+        # the first token whose cumulative mass exceeds the target (binary search per row)
+        nxt = torch.searchsorted(cum, target, right=True).squeeze(1).clamp_(max=probs.shape[1] - 1)
         ok = mask.gather(1, nxt[:, None]).squeeze(1)
         if not bool(ok.all()):  # float round-off at the top of the CDF: take the likeliest allowed token
             nxt = torch.where(ok, nxt, probs.argmax(dim=1))
