@@ -110,6 +110,8 @@ def main() -> int:
     ap.add_argument("--model", help="an already trained model dir (skips training)")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--max-len", type=int, help="context length (default: TokenizerConfig's)")
+    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--warmup-frac", type=float, default=0.1)
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     work = Path(args.work)
@@ -128,12 +130,14 @@ def main() -> int:
     split(src, train, holdout, args.holdout, seed=7)
     eps = float(args.epsilon)
     tag = f"eps{args.epsilon}-ep{args.epochs}" + (f"-len{args.max_len}" if args.max_len else "")
+    tag += f"-lr{args.lr:g}" if args.lr != 3e-3 else ""
+    tag += f"-wu{args.warmup_frac:g}" if args.warmup_frac != 0.1 else ""
     model = Path(args.model) if args.model else work / f"model-{tag}"
     t_train = math.nan
     if not (model / "privacy.json").is_file():
         t = time.perf_counter()
         train_model(train, model, epsilon=eps if math.isfinite(eps) else 8.0, dp=math.isfinite(eps),
-                    epochs=args.epochs, seed=args.seed,
+                    epochs=args.epochs, seed=args.seed, lr=args.lr, warmup_frac=args.warmup_frac,
                     tokenizer_config=TokenizerConfig(max_len=args.max_len) if args.max_len else None)
         t_train = time.perf_counter() - t
     ref_date = load_model(model, "cpu").vocab.cfg.ref_date

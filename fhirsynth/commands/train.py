@@ -79,7 +79,8 @@ def run(args: argparse.Namespace) -> int:
         args.timelines, args.out, epsilon=None if args.no_dp else args.epsilon, delta=args.delta,
         dp=not args.no_dp, epochs=args.epochs, device=args.device, seed=args.seed, batch_size=args.batch_size,
         max_physical_batch=args.max_physical_batch, max_grad_norm=args.max_grad_norm, lr=args.lr,
-        warmup_frac=args.warmup_frac, secure_rng=args.secure_rng, vocab_epsilon_fraction=args.vocab_epsilon_fraction,
+        warmup_frac=args.warmup_frac, secure_rng=args.secure_rng,
+        vocab_epsilon_fraction=args.vocab_epsilon_fraction,
         model_config=mc, tokenizer_config=tk, distributed=True if args.distributed else None,
     )
     if int(os.environ.get("RANK", "0")) != 0:  # one summary per job, from the rank that wrote the model dir

@@ -43,9 +43,9 @@ A sequence whose oldest visit did not survive gets no END (see the grammar above
 Measured on the shared US cohort (max_len 512; a patient has 65 distinct observation codes and 26 condition
 codes in the median): 92% of the 800 training patients are compressed and 30% lose their oldest visits (mean
 487 tokens); passing 200 holdout patients through encode/decode, their per-code patient prevalence keeps R²
-1.00 (conditions) and 1.00 (observations) against the raw records (max_len 384: 1.00 / 0.997). Without step 4 (the third
-session's rule) observations kept 0.78: the routine visits filled the context and the first-seen observations
-went; with all old observations dropped first (the second session's) 0.36.
+1.00 (conditions) and 1.00 (observations) against the raw records (max_len 384: 1.00 / 0.997). Without step 4
+(the third session's rule) observations kept 0.78: the routine visits filled the context and the first-seen
+observations went; with all old observations dropped first (the second session's) 0.36.
 
 Beside every token goes an age id (encode_with_ages): the record's current time after that token in whole years
 since birth: unknown until the birth band, then the record's end (the reference date, or the death after AGE),
