@@ -110,7 +110,8 @@ def main() -> int:
     ap.add_argument("--model", help="an already trained model dir (skips training)")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--max-len", type=int, help="context length (default: TokenizerConfig's)")
-    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--lr", type=float, help="learning rate (default: train_model's, by DP or not)")
+    ap.add_argument("--layers", type=int, help="transformer layers (default: ModelConfig's)")
     ap.add_argument("--warmup-frac", type=float, default=0.1)
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -118,7 +119,7 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
 
     from fhirsynth.model.checkpoint import load_model
-    from fhirsynth.model.config import TokenizerConfig
+    from fhirsynth.model.config import ModelConfig, TokenizerConfig
     from fhirsynth.model.sampler import sample_timelines
     from fhirsynth.model.train import train_model
     from fhirsynth.timeline.adapter import ingest
@@ -130,15 +131,17 @@ def main() -> int:
     split(src, train, holdout, args.holdout, seed=7)
     eps = float(args.epsilon)
     tag = f"eps{args.epsilon}-ep{args.epochs}" + (f"-len{args.max_len}" if args.max_len else "")
-    tag += f"-lr{args.lr:g}" if args.lr != 3e-3 else ""
+    tag += f"-lr{args.lr:g}" if args.lr else ""
     tag += f"-wu{args.warmup_frac:g}" if args.warmup_frac != 0.1 else ""
+    tag += f"-l{args.layers}" if args.layers else ""
     model = Path(args.model) if args.model else work / f"model-{tag}"
     t_train = math.nan
     if not (model / "privacy.json").is_file():
         t = time.perf_counter()
         train_model(train, model, epsilon=eps if math.isfinite(eps) else 8.0, dp=math.isfinite(eps),
                     epochs=args.epochs, seed=args.seed, lr=args.lr, warmup_frac=args.warmup_frac,
-                    tokenizer_config=TokenizerConfig(max_len=args.max_len) if args.max_len else None)
+                    tokenizer_config=TokenizerConfig(max_len=args.max_len) if args.max_len else None,
+                    model_config=ModelConfig(n_layers=args.layers) if args.layers else None)
         t_train = time.perf_counter() - t
     ref_date = load_model(model, "cpu").vocab.cfg.ref_date
     ref = datetime(ref_date.year, ref_date.month, ref_date.day, tzinfo=timezone.utc)

@@ -11,7 +11,8 @@ from test_model_helpers import write_dir
 
 from fhirsynth.errors import InputError, PrivacyBudgetError, UsageError
 from fhirsynth.model.config import ModelConfig, TokenizerConfig, TrainConfig
-from fhirsynth.model.train import _noise_multiplier, _quiet_opacus, epsilons, lr_at, train_model
+from fhirsynth.model.train import (DEFAULT_LR, DEFAULT_LR_DP, _noise_multiplier, _quiet_opacus, epsilons, lr_at,
+                                   train_model)
 from fhirsynth.model.transformer import Transformer, sequence_loss
 
 torch.set_num_threads(1)
@@ -95,6 +96,8 @@ def test_train_writes_model_dir_and_report(tl_dir, tmp_path):
     assert curve and all("loss" not in row for row in curve)
     sd = torch.load(tmp_path / "m" / "model.pt", weights_only=True)
     assert all(isinstance(v, torch.Tensor) for v in sd.values())
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert cfg["training"]["lr"] == DEFAULT_LR_DP and cfg["training"]["warmup_frac"] == 0.5
 
 
 def test_no_dp_reports_infinite_epsilon(tl_dir, tmp_path):
@@ -103,6 +106,7 @@ def test_no_dp_reports_infinite_epsilon(tl_dir, tmp_path):
     assert "exact counts" in rep["vocabulary"]["mechanism"]
     curve = json.loads((tmp_path / "m" / "training-curve.json").read_text())
     assert curve[0]["loss"] > curve[-1]["loss"]
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["training"]["lr"] == DEFAULT_LR != DEFAULT_LR_DP
 
 
 @pytest.fixture(scope="module")

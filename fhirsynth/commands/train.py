@@ -8,6 +8,8 @@ import os
 import sys
 from pathlib import Path
 
+from fhirsynth.model.config import ModelConfig  # dataclasses only: cheap at CLI start
+
 
 def _delta(text: str) -> float | None:
     if text == "auto":
@@ -34,7 +36,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--max-grad-norm", type=float, default=1.0, help="per-patient gradient clipping norm")
     p.add_argument("--batch-size", type=int, default=64, help="expected (logical) batch size of Poisson sampling")
     p.add_argument("--max-physical-batch", type=int, default=32, help="memory limit per forward/backward")
-    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--lr", type=float, default=None,
+                   help="learning rate (default 1e-2 with DP, 3e-3 with --no-dp)")
     p.add_argument("--warmup-frac", type=float, default=0.1,
                    help="share of the steps over which the learning rate rises linearly to --lr (default 0.1)")
     p.add_argument("--secure-rng", action="store_true", help="cryptographically secure noise and sampling")
@@ -45,7 +48,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="k: distinct codes one patient contributes to the vocabulary counts (default 64)")
     p.add_argument("--max-len", type=int, default=512, help="context length in tokens (default 512)")
     p.add_argument("--d-model", type=int, default=128)
-    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--layers", type=int, default=ModelConfig.n_layers,
+                   help=f"transformer layers (default {ModelConfig.n_layers})")
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--reference-date", default=None,
                    help="YYYY-MM-DD: 'today' of the synthetic world, nothing sampled after it (default: today)")
@@ -60,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     from datetime import date
 
     from fhirsynth.errors import UsageError
-    from fhirsynth.model.config import ModelConfig, TokenizerConfig
+    from fhirsynth.model.config import TokenizerConfig
     from fhirsynth.model.train import train_model
 
     if args.max_len < 16 or args.d_model < 8 or args.layers < 1 or args.heads < 1 or args.d_model % args.heads:

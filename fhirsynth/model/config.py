@@ -27,7 +27,10 @@ class ModelConfig:
 
     vocab_size: int = 0
     d_model: int = 128
-    n_layers: int = 4
+    # 2, not 4: on the 800-patient US training split (16 epochs, no DP) 2 layers fit the holdout best (NLL per
+    # token 1.09 vs 1.12 for 3 and 1.15 for 4), score the same prevalence R² (conditions 0.92, observations 0.91
+    # vs 0.91 / 0.90 for 4) and sample faster (BENCHMARKS.md, fifth session). Larger cohorts: --layers.
+    n_layers: int = 2
     n_heads: int = 4
     n_kv_heads: int = 1  # multi-query attention: 1 key/value head (4x smaller KV cache, faster sampling)
     d_ff: int = 512
@@ -73,7 +76,7 @@ class TrainConfig:
     batch_size: int = 64
     max_physical_batch: int = 32
     max_grad_norm: float = 1.0
-    lr: float = 3e-3
+    lr: float = 3e-3  # train_model's default: 1e-2 with DP (train.DEFAULT_LR_DP)
     # linear learning-rate warmup over this share of the steps, then constant (a public schedule)
     warmup_frac: float = 0.1
     weight_decay: float = 0.0
