@@ -134,6 +134,7 @@ def main() -> int:
     tag += f"-lr{args.lr:g}" if args.lr else ""
     tag += f"-wu{args.warmup_frac:g}" if args.warmup_frac != 0.1 else ""
     tag += f"-l{args.layers}" if args.layers else ""
+    tag += f"-s{args.seed}" if args.seed != 1 else ""
     model = Path(args.model) if args.model else work / f"model-{tag}"
     t_train = math.nan
     if not (model / "privacy.json").is_file():
