@@ -162,8 +162,9 @@ def _set_rng_state(st: dict[str, Any]) -> None:
 
 
 # Default learning rates. DP-SGD takes larger steps: its clipped, noised gradients are smaller than plain ones.
-# On the US cohort at epsilon 8 (one run per cell, 2 / 4 layers) 1e-2 scored conditions R² 0.64 / 0.52 against
-# 0.20 / 0.36 at 3e-3 (observations 0.44 / 0.60 against 0.60 / 0.57; BENCHMARKS.md, fifth session).
+# On the US cohort at epsilon 8 (2 layers, seeds 1 / 2) 1e-2 scored conditions R² 0.64 / 0.50 against 0.20 / 0.36
+# at 3e-3, but observations 0.44 / 0.48 against 0.60 / 0.66: a trade toward conditions, and deceased shares
+# nearer the data (0.26 / 0.18 vs 0.28 / 0.27; holdout 0.20). BENCHMARKS.md, fifth session.
 DEFAULT_LR = 3e-3
 DEFAULT_LR_DP = 1e-2
 
