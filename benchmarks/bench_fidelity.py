@@ -112,7 +112,7 @@ def main() -> int:
     ap.add_argument("--max-len", type=int, help="context length (default: TokenizerConfig's)")
     ap.add_argument("--lr", type=float, help="learning rate (default: train_model's, by DP or not)")
     ap.add_argument("--layers", type=int, help="transformer layers (default: ModelConfig's)")
-    ap.add_argument("--warmup-frac", type=float, default=0.1)
+    ap.add_argument("--warmup-frac", type=float, help="warmup share of the steps (default: TrainConfig's)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     work = Path(args.work)
@@ -132,15 +132,16 @@ def main() -> int:
     eps = float(args.epsilon)
     tag = f"eps{args.epsilon}-ep{args.epochs}" + (f"-len{args.max_len}" if args.max_len else "")
     tag += f"-lr{args.lr:g}" if args.lr else ""
-    tag += f"-wu{args.warmup_frac:g}" if args.warmup_frac != 0.1 else ""
+    tag += f"-wu{args.warmup_frac:g}" if args.warmup_frac is not None else ""
     tag += f"-l{args.layers}" if args.layers else ""
     tag += f"-s{args.seed}" if args.seed != 1 else ""
     model = Path(args.model) if args.model else work / f"model-{tag}"
     t_train = math.nan
     if not (model / "privacy.json").is_file():
+        overrides = {"warmup_frac": args.warmup_frac} if args.warmup_frac is not None else {}
         t = time.perf_counter()
         train_model(train, model, epsilon=eps if math.isfinite(eps) else 8.0, dp=math.isfinite(eps),
-                    epochs=args.epochs, seed=args.seed, lr=args.lr, warmup_frac=args.warmup_frac,
+                    epochs=args.epochs, seed=args.seed, lr=args.lr, **overrides,
                     tokenizer_config=TokenizerConfig(max_len=args.max_len) if args.max_len else None,
                     model_config=ModelConfig(n_layers=args.layers) if args.layers else None)
         t_train = time.perf_counter() - t

@@ -10,9 +10,8 @@ import torch
 from test_model_helpers import write_dir
 
 from fhirsynth.errors import InputError, PrivacyBudgetError, UsageError
-from fhirsynth.model.config import ModelConfig, TokenizerConfig, TrainConfig
-from fhirsynth.model.train import (DEFAULT_LR, DEFAULT_LR_DP, _noise_multiplier, _quiet_opacus, epsilons, lr_at,
-                                   train_model)
+from fhirsynth.model.config import DEFAULT_LR, DEFAULT_LR_DP, ModelConfig, TokenizerConfig, TrainConfig
+from fhirsynth.model.train import _noise_multiplier, _quiet_opacus, epsilons, lr_at, train_model
 from fhirsynth.model.transformer import Transformer, sequence_loss
 
 torch.set_num_threads(1)

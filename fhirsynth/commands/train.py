@@ -8,7 +8,8 @@ import os
 import sys
 from pathlib import Path
 
-from fhirsynth.model.config import ModelConfig  # dataclasses only: cheap at CLI start
+# dataclasses only: cheap at CLI start
+from fhirsynth.model.config import DEFAULT_LR, DEFAULT_LR_DP, ModelConfig, TrainConfig
 
 
 def _delta(text: str) -> float | None:
@@ -37,9 +38,10 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64, help="expected (logical) batch size of Poisson sampling")
     p.add_argument("--max-physical-batch", type=int, default=32, help="memory limit per forward/backward")
     p.add_argument("--lr", type=float, default=None,
-                   help="learning rate (default 1e-2 with DP, 3e-3 with --no-dp)")
-    p.add_argument("--warmup-frac", type=float, default=0.1,
-                   help="share of the steps over which the learning rate rises linearly to --lr (default 0.1)")
+                   help=f"learning rate (default {DEFAULT_LR_DP:g} with DP, {DEFAULT_LR:g} with --no-dp)")
+    p.add_argument("--warmup-frac", type=float, default=TrainConfig.warmup_frac,
+                   help="share of the steps over which the learning rate rises linearly to --lr "
+                        f"(default {TrainConfig.warmup_frac:g})")
     p.add_argument("--secure-rng", action="store_true", help="cryptographically secure noise and sampling")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--vocab-epsilon-fraction", type=float, default=0.25,

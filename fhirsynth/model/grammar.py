@@ -165,11 +165,12 @@ class Grammar:
             hi = np.minimum(hi, np.floor(self.ref_end - a_lo * DAYS_PER_YEAR) - 1)
             self.min_death0 = a_lo * DAYS_PER_YEAR
         self.band_lo, self.band_hi = t(lo, f64), t(hi, f64)
-        self.by_ok = t(lo <= hi)
-        self.sex_ok = torch.ones(len(SEXES), dtype=torch.bool, device=device)
+        by_ok = lo <= hi
+        sex_ok = np.ones(len(SEXES), dtype=bool)
         if self.cond.sex is not None:
-            self.sex_ok[:] = False
-            self.sex_ok[SEXES.index(self.cond.sex)] = True
+            sex_ok[:] = False
+            sex_ok[SEXES.index(self.cond.sex)] = True
+        self.by_ok = t(by_ok)  # the sampler refuses an --age that leaves no band
         # clinical constraints
         forbid = np.zeros((len(SEXES) + 1, V), dtype=bool)  # last row: sex not known yet
         self.lim_cols = t(np.zeros(0, dtype=np.int64))
@@ -187,9 +188,9 @@ class Grammar:
         # and sexes; mask() gathers it once per step instead of and-ing the parts together
         static = allowed[:, None, :] & ~forbid[None, :, :]
         b0, b1 = v.offsets["by"]
-        static[:, :, b0:b1] &= (lo <= hi)[None, None, :]
+        static[:, :, b0:b1] &= by_ok[None, None, :]
         x0, x1 = v.offsets["sex"]
-        static[:, :, x0:x1] &= self.sex_ok.cpu().numpy()[None, None, :]
+        static[:, :, x0:x1] &= sex_ok[None, None, :]
         self.n_sex_rows = len(SEXES) + 1
         self.static = t(static.reshape(N_STATES * self.n_sex_rows, V))
         self.cond_tokens = t(np.array(self.cond.condition_tokens, dtype=np.int64))

@@ -36,7 +36,8 @@ from torch.utils.data import DataLoader, Dataset
 from fhirsynth.errors import InputError, PrivacyBudgetError, UsageError
 from fhirsynth.logs import progress
 from fhirsynth.model import checkpoint as ck
-from fhirsynth.model.config import ModelConfig, TokenizerConfig, TrainConfig, to_json, versions
+from fhirsynth.model.config import (DEFAULT_LR, DEFAULT_LR_DP, ModelConfig, TokenizerConfig, TrainConfig, to_json,
+                                    versions)
 from fhirsynth.model.tokenizer import Tokenizer
 from fhirsynth.model.transformer import Transformer, patient_loss
 from fhirsynth.model.vocab import Vocab, build_vocab
@@ -161,14 +162,6 @@ def _set_rng_state(st: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(st["cuda"])
 
 
-# Default learning rates. DP-SGD takes larger steps: its clipped, noised gradients are smaller than plain ones.
-# On the US cohort at epsilon 8 (2 layers, seeds 1 / 2) 1e-2 scored conditions R² 0.64 / 0.50 against 0.20 / 0.36
-# at 3e-3, but observations 0.44 / 0.48 against 0.60 / 0.66: a trade toward conditions, and deceased shares
-# nearer the data (0.26 / 0.18 vs 0.28 / 0.27; holdout 0.20). BENCHMARKS.md, fifth session.
-DEFAULT_LR = 3e-3
-DEFAULT_LR_DP = 1e-2
-
-
 def train_model(
     timelines_dir: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -183,7 +176,7 @@ def train_model(
     max_physical_batch: int = 32,
     max_grad_norm: float = 1.0,
     lr: float | None = None,
-    warmup_frac: float = 0.1,
+    warmup_frac: float = TrainConfig.warmup_frac,
     secure_rng: bool = False,
     vocab_epsilon_fraction: float = 0.25,
     checkpoint_every: int = 50,
