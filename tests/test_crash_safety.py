@@ -20,11 +20,15 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+from fhirsynth.model.train import default_work_dir
+
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 # Tiny DP model: the smallest settings `train` allows; 80 patients / batch 8 = 10 steps per epoch, so there are
 # several epoch checkpoints before the end.
 TRAIN_ARGS = ["--epsilon", "8", "--epochs", "4", "--batch-size", "8", "--d-model", "8", "--layers", "1",
-              "--heads", "1", "--max-len", "64", "--device", "cpu", "--seed", "7", "--reference-date", "2025-01-01"]
+              "--heads", "1", "--max-len", "64", "--device", "cpu", "--seed", "7", "--reference-date", "2025-01-01",
+              # the resumed run must continue the same noise as the uninterrupted one: replayable noise
+              "--reproducible-noise"]
 
 
 def cmd(*args: str | Path) -> list[str]:
@@ -145,14 +149,15 @@ def test_kill_during_train_then_resume(tmp_path: Path, sample_timelines: Path, r
 
     out = tmp_path / "model"
     args = ["train", str(sample_timelines), "--out", str(out), *TRAIN_ARGS]
-    state = out / ".checkpoint" / "state.pt"
+    state = default_work_dir(out) / "state.pt"
     killed = kill_when(args, state.is_file, timeout=240)
     if killed:
         # a model dir is complete when privacy.json exists (written last): it must not
         assert not (out / "privacy.json").exists(), visible(out)
         assert state.is_file()
+        assert not out.exists() or not list(out.rglob("*.pt")), "private training state inside the model dir"
     run_ok(*args, timeout=300)
-    assert not (out / ".checkpoint").exists(), "checkpoint left behind after a finished run"
+    assert not default_work_dir(out).exists(), "checkpoint left behind after a finished run"
     reference = reference_model.result()
     leftovers = sorted(p.name for p in out.iterdir() if p.name.startswith("."))
     if leftovers:
@@ -160,7 +165,7 @@ def test_kill_during_train_then_resume(tmp_path: Path, sample_timelines: Path, r
 
     got = json.loads((out / "privacy.json").read_text())
     want = json.loads((reference / "privacy.json").read_text())
-    for key in ("epsilon_total", "delta", "steps", "noise_multiplier", "n", "dp"):
+    for key in ("epsilon_total", "delta", "steps", "noise_multiplier", "n_estimate", "dp"):
         assert got[key] == want[key], (key, got[key], want[key])
     # the resumed run continues the same Poisson batches and noise: the weights are the uninterrupted run's
     a = torch.load(out / "model.pt", weights_only=True)

@@ -11,7 +11,7 @@ from test_model_helpers import write_dir
 
 from fhirsynth.errors import InputError, PrivacyBudgetError, UsageError
 from fhirsynth.model.config import DEFAULT_LR, DEFAULT_LR_DP, ModelConfig, TokenizerConfig, TrainConfig
-from fhirsynth.model.train import _noise_multiplier, _quiet_opacus, epsilons, lr_at, train_model
+from fhirsynth.model.train import _noise_multiplier, _quiet_opacus, default_work_dir, epsilons, lr_at, train_model
 from fhirsynth.model.transformer import Transformer, sequence_loss
 
 torch.set_num_threads(1)
@@ -78,14 +78,15 @@ def test_train_writes_model_dir_and_report(tl_dir, tmp_path):
     files = sorted(p.name for p in (tmp_path / "m").iterdir())
     assert files == ["config.json", "model.pt", "privacy.json", "training-curve.csv", "training-curve.json",
                      "vocab.json"]
-    for key in ("unit", "n", "epsilon_prv", "epsilon_rdp", "delta", "noise_multiplier", "sample_rate", "steps",
+    for key in ("unit", "n_estimate", "epsilon_prv", "epsilon_rdp", "delta", "noise_multiplier", "sample_rate", "steps",
                 "max_grad_norm", "epsilon_preprocessing", "epsilon_total"):
         assert key in rep, key
-    assert rep["unit"] == "patient" and rep["n"] == 48 and rep["dp"] is True
+    assert rep["unit"] == "patient" and rep["dp"] is True and "n" not in rep
+    assert rep["adjacency"].startswith("add/remove") and rep["reproducible_noise"] is False
     assert rep["epsilon_total"] <= 8.0 + 1e-9
     assert rep["epsilon_total"] == pytest.approx(rep["epsilon_preprocessing"] + max(rep["epsilon_prv"],
                                                                                      rep["epsilon_rdp"]))
-    assert rep["delta"] == pytest.approx(min(1e-5, 48 ** -1.1))
+    assert rep["delta"] == pytest.approx(min(1e-5, rep["n_estimate"] ** -1.1))  # from the DP estimate
     assert json.loads((tmp_path / "m" / "privacy.json").read_text()) == rep
     # no training record: no patient id, and no private loss in the released curve
     for f in files:
@@ -111,7 +112,7 @@ def test_no_dp_reports_infinite_epsilon(tl_dir, tmp_path):
 @pytest.fixture(scope="module")
 def full_run(tl_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("full") / "m"
-    return _train(tl_dir, out, epochs=3, checkpoint_every=2), out
+    return _train(tl_dir, out, epochs=3, checkpoint_every=2, reproducible_noise=True), out
 
 
 @pytest.mark.parametrize("kill_at", [5, 7])  # last checkpoint mid-epoch (4) / at an epoch boundary (6)
@@ -123,19 +124,21 @@ def test_resume_after_interruption_gives_same_epsilon_and_weights(tl_dir, tmp_pa
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        _train(tl_dir, tmp_path / "cut", epochs=3, checkpoint_every=2, on_step=kill)
-    assert (tmp_path / "cut" / ".checkpoint" / "state.pt").is_file()
+        _train(tl_dir, tmp_path / "cut", epochs=3, checkpoint_every=2, on_step=kill, reproducible_noise=True)
+    # the private resumable state lives beside the model dir, never inside what a user would share
+    assert (default_work_dir(tmp_path / "cut") / "state.pt").is_file()
     assert not (tmp_path / "cut" / "privacy.json").exists()
-    resumed = _train(tl_dir, tmp_path / "cut", epochs=3, checkpoint_every=2)
-    assert not (tmp_path / "cut" / ".checkpoint").exists()
-    for key in ("epsilon_prv", "epsilon_rdp", "epsilon_total", "steps", "noise_multiplier"):
+    assert not (tmp_path / "cut").exists() or not any((tmp_path / "cut").iterdir())
+    resumed = _train(tl_dir, tmp_path / "cut", epochs=3, checkpoint_every=2, reproducible_noise=True)
+    assert not default_work_dir(tmp_path / "cut").exists()
+    for key in ("epsilon_prv", "epsilon_rdp", "epsilon_total", "steps", "noise_multiplier", "n_estimate"):
         assert resumed[key] == pytest.approx(full[key], rel=1e-9), key
     a = torch.load(full_dir / "model.pt", weights_only=True)
     b = torch.load(tmp_path / "cut" / "model.pt", weights_only=True)
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
     # a checkpoint from different settings is refused rather than silently mixed
     with pytest.raises(KeyboardInterrupt):
-        _train(tl_dir, tmp_path / "cut2", epochs=3, checkpoint_every=2, on_step=kill)
+        _train(tl_dir, tmp_path / "cut2", epochs=3, checkpoint_every=2, on_step=kill, reproducible_noise=True)
     with pytest.raises(UsageError, match="different settings"):
         _train(tl_dir, tmp_path / "cut2", epochs=3, epsilon=4.0)
 

@@ -11,7 +11,13 @@ from test_model_helpers import LOINC, make_timelines
 
 from fhirsynth.model.bins import load_value_bins
 from fhirsynth.model.config import TokenizerConfig
-from fhirsynth.model.dpbins import GRID, N_BINS, patient_contributions, release_value_bins
+from fhirsynth.model.dpbins import (
+    GRID,
+    N_BINS,
+    patient_contributions,
+    release_value_bins,
+)
+from fhirsynth.model.dpnoise import NoiseSource
 from fhirsynth.model.grammar import Grammar, replay
 from fhirsynth.model.tokenizer import Tokenizer
 from fhirsynth.model.train import pad_collate
@@ -63,7 +69,7 @@ def test_each_patient_contributes_at_most_m_codes_one_value_each():
 def test_exact_bins_follow_the_data():
     tls = _with_private_codes(300, seed=1)
     bins, rep = release_value_bins(tls, _items(), public_codes=set(), m=16, dp=False, epsilon=None, delta=None,
-                                   min_count=2, rng=np.random.default_rng(0))
+                                   min_count=2, noise=NoiseSource.reproducible(0))
     hct = bins[(LOINC, HCT[0])]
     assert hct.unit == "%"  # the majority unit
     assert list(hct.edges) == sorted(set(hct.edges)) and 2 <= hct.n_bins <= N_BINS
@@ -85,10 +91,10 @@ def test_dp_release_thresholds_and_spends_its_budget():
     tls = _with_private_codes(300, seed=2)
     kw = dict(public_codes=set(), m=4, dp=True, delta=1e-5, min_count=2)
     # tiny epsilon: the unit threshold is far above 300 patients, nothing is released
-    bins, rep = release_value_bins(tls, _items(), epsilon=0.01, rng=np.random.default_rng(0), **kw)
+    bins, rep = release_value_bins(tls, _items(), epsilon=0.01, noise=NoiseSource.reproducible(0), **kw)
     assert bins == {} and rep["threshold"] > 300 and rep["epsilon"] == 0.01
     # large epsilon: close to the exact release
-    bins, rep = release_value_bins(tls, _items(), epsilon=20.0, rng=np.random.default_rng(0), **kw)
+    bins, rep = release_value_bins(tls, _items(), epsilon=20.0, noise=NoiseSource.reproducible(0), **kw)
     assert bins[(LOINC, HCT[0])].unit == "%"
     assert 35 < np.median(bins[(LOINC, HCT[0])].edges) < 50
     assert rep["sigma"] > 0 and rep["threshold"] > 1
@@ -97,14 +103,14 @@ def test_dp_release_thresholds_and_spends_its_budget():
 def test_a_code_no_patient_has_values_for_gets_no_bins():
     tls = make_timelines(50, seed=4)
     bins, rep = release_value_bins(tls, _items(), public_codes=set(), m=8, dp=False, epsilon=None, delta=None,
-                                   min_count=2, rng=np.random.default_rng(0))
+                                   min_count=2, noise=NoiseSource.reproducible(0))
     assert bins == {} and rep["candidate_codes"] == 2
 
 
 def test_values_of_private_codes_survive_the_round_trip():
     tls = _with_private_codes(80, seed=5)
     cfg = TokenizerConfig(max_len=512, reference_date="2026-01-01")
-    vocab, rep = build_vocab(tls, cfg, dp=False, epsilon=None, delta=None, rng=np.random.default_rng(0))
+    vocab, rep = build_vocab(tls, cfg, dp=False, epsilon=None, delta=None, noise=NoiseSource.reproducible(0))
     assert rep["value_bins"]["codes_with_bins"] >= 2
     again = Vocab.from_json(cfg, vocab.to_json())
     assert again.private_value_bins == vocab.private_value_bins and again.size == vocab.size

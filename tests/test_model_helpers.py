@@ -6,6 +6,7 @@ import random
 from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
 
+from fhirsynth.model.dpnoise import NoiseSource
 from fhirsynth.timeline.io import TimelineWriter
 from fhirsynth.timeline.types import Event, PatientInfo, Timeline
 
@@ -100,7 +101,6 @@ def tiny_model_dir(path: Path, *, n_patients: int = 80, max_len: int = 64, seed:
                    reference_date: str = "2026-01-01") -> Path:
     """An UNTRAINED model dir (random weights, exact-count vocabulary) for sampler / constraint tests:
     near-uniform next-token distributions explore the grammar far more widely than a trained model."""
-    import numpy as np
     import torch
 
     from fhirsynth.model.checkpoint import write_model_dir
@@ -110,7 +110,7 @@ def tiny_model_dir(path: Path, *, n_patients: int = 80, max_len: int = 64, seed:
 
     tk = TokenizerConfig(max_len=max_len, reference_date=reference_date)
     vocab, report = build_vocab(make_timelines(n_patients, seed), tk, dp=False, epsilon=None, delta=None,
-                                rng=np.random.default_rng(seed))
+                                noise=NoiseSource.reproducible(seed))
     mc = ModelConfig(vocab_size=vocab.size, d_model=d_model, n_layers=1, n_heads=2, d_ff=2 * d_model,
                      max_len=max_len)
     torch.manual_seed(seed)

@@ -4,14 +4,20 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 
-import numpy as np
+from test_model_helpers import make_timelines
 
 from fhirsynth.model.bins import load_value_bins
 from fhirsynth.model.config import TokenizerConfig
+from fhirsynth.model.dpnoise import NoiseSource
 from fhirsynth.model.tokenizer import Tokenizer
-from fhirsynth.model.vocab import ItemMatcher, Vocab, load_public_codes, public_items, select_items
+from fhirsynth.model.vocab import (
+    ItemMatcher,
+    Vocab,
+    load_public_codes,
+    public_items,
+    select_items,
+)
 from fhirsynth.timeline.types import Event
-from test_model_helpers import make_timelines
 
 SNOMED = "http://snomed.info/sct"
 ACT = "http://terminology.hl7.org/CodeSystem/v3-ActCode"
@@ -30,7 +36,7 @@ def test_public_items_survive_a_threshold_no_cohort_can_pass():
     pub = public_items(vb, panels, codes)
     tls = make_timelines(30, seed=3)
     sel = select_items(tls, matcher=ItemMatcher(vb, panels, codes), public=pub, k=4, max_items=100, dp=True,
-                       epsilon=0.1, delta=1e-6, min_count=2, rng=np.random.default_rng(0))
+                       epsilon=0.1, delta=1e-6, min_count=2, noise=NoiseSource.reproducible(0))
     assert sel.report["selected_items"] == 0  # nothing private passes the threshold ...
     kinds = {i.kind for i in sel.items}
     assert {"encounter", "condition", "value", "observation"} <= kinds  # ... yet visits and diagnoses exist

@@ -14,10 +14,10 @@ from test_model_helpers import make_timelines
 from fhirsynth.model.bins import DUR_EDGES, GAP_EDGES, bucket_of, load_value_bins
 from fhirsynth.model.config import TokenizerConfig
 from fhirsynth.model.constraints import load_constraints
+from fhirsynth.model.dpnoise import NoiseSource, gaussian_epsilon, gaussian_sigma
 from fhirsynth.model.grammar import Grammar, replay
 from fhirsynth.model.tokenizer import Tokenizer
-from fhirsynth.model.vocab import (ItemMatcher, analytic_gaussian_sigma, build_vocab, public_items,
-                                   select_items)
+from fhirsynth.model.vocab import ItemMatcher, build_vocab, public_items, select_items
 
 torch.set_num_threads(1)
 CFG = TokenizerConfig(max_len=256, reference_date="2026-01-01")
@@ -26,7 +26,7 @@ CFG = TokenizerConfig(max_len=256, reference_date="2026-01-01")
 @pytest.fixture(scope="module")
 def setup():
     tls = make_timelines(60, seed=5)
-    vocab, _ = build_vocab(tls, CFG, dp=False, epsilon=None, delta=None, rng=np.random.default_rng(0))
+    vocab, _ = build_vocab(tls, CFG, dp=False, epsilon=None, delta=None, noise=NoiseSource.reproducible(0))
     return tls, vocab, Tokenizer(vocab)
 
 
@@ -123,7 +123,7 @@ def test_every_encoded_sequence_is_grammatical(setup):
 def test_compression_keeps_one_sequence_per_patient_within_context():
     tls = make_timelines(30, seed=9, n_visits=(30, 60))
     cfg = TokenizerConfig(max_len=96, reference_date="2026-01-01")
-    vocab, _ = build_vocab(tls, cfg, dp=False, epsilon=None, delta=None, rng=np.random.default_rng(0))
+    vocab, _ = build_vocab(tls, cfg, dp=False, epsilon=None, delta=None, noise=NoiseSource.reproducible(0))
     tok = Tokenizer(vocab)
     g = Grammar(vocab, None, cfg.max_len, torch.device("cpu"))
     stats = Counter()
@@ -163,17 +163,17 @@ def test_public_items_are_free_and_dp_selection_thresholds():
     matcher = ItemMatcher(vb, panels)
     # tiny epsilon: the threshold is far above 40 patients, nothing private is released
     sel = select_items(tls, matcher=matcher, public=pub, k=4, max_items=100, dp=True, epsilon=0.1, delta=1e-6,
-                       min_count=2, rng=np.random.default_rng(0))
+                       min_count=2, noise=NoiseSource.reproducible(0))
     assert sel.items == pub
     assert sel.report["threshold"] > 40
     # huge epsilon: the common items pass
     sel = select_items(tls, matcher=matcher, public=pub, k=8, max_items=100, dp=True, epsilon=50.0, delta=1e-3,
-                       min_count=2, rng=np.random.default_rng(0))
+                       min_count=2, noise=NoiseSource.reproducible(0))
     codes = {i.code for i in sel.items if not i.public}
     assert "72166-2" in codes and "AMB" in codes
     # no-DP: exact counts with min_count
     sel = select_items(tls, matcher=matcher, public=pub, k=8, max_items=100, dp=False, epsilon=None, delta=None,
-                       min_count=1, rng=np.random.default_rng(0))
+                       min_count=1, noise=NoiseSource.reproducible(0))
     assert {"44054006", "59621000"} <= {i.code for i in sel.items}
 
 
@@ -196,19 +196,20 @@ def test_contribution_bound_k():
 
 
 @pytest.mark.parametrize("eps,delta,sens", [(0.5, 1e-6, 1.0), (2.0, 1e-5, 8.0), (8.0, 1e-7, 3.0)])
-def test_analytic_gaussian_meets_delta(eps, delta, sens):
-    sigma = analytic_gaussian_sigma(eps, delta, sens)
+def test_discrete_gaussian_sigma_meets_epsilon(eps, delta, sens):
+    """The calibrated scale is certified by OpenDP's own map, nearly the smallest one, and no looser than the
+    continuous analytic Gaussian (Balle & Wang 2018) by more than the zCDP conversion costs."""
+    sigma = gaussian_sigma(eps, delta, sens)
+    assert gaussian_epsilon(sigma, delta, sens) <= eps * 1.0001
+    assert gaussian_epsilon(sigma * 0.97, delta, sens) > eps
     phi = lambda x: 0.5 * math.erfc(-x / math.sqrt(2))  # noqa: E731
 
-    def d(s):
+    def analytic_delta(s):
         a, b = sens / (2 * s), eps * s / sens
         return phi(a - b) - math.exp(eps) * phi(-a - b)
 
-    assert d(sigma) <= delta * 1.0001
-    assert d(sigma * 0.97) > delta  # and it is (nearly) the smallest such sigma
-    # tighter than the classical sqrt(2 ln(1.25/delta)) * sens / eps bound where that one applies
-    if eps < 1:
-        assert sigma <= math.sqrt(2 * math.log(1.25 / delta)) * sens / eps
+    assert analytic_delta(sigma) <= delta  # at least as private as the continuous mechanism at that scale
+    assert analytic_delta(sigma / 1.25) > delta  # and within 25% of its scale
 
 
 def test_sex_shares_laplace_mechanism_scale_and_threshold():
@@ -219,13 +220,13 @@ def test_sex_shares_laplace_mechanism_scale_and_threshold():
 
     tls = [Timeline(patient=PatientInfo(patient_id=str(i), sex="male" if i % 4 else "female"), events=[])
            for i in range(400)]
-    exact, rep = release_sex_shares(tls, dp=False, epsilon=None, rng=np.random.default_rng(0))
+    exact, rep = release_sex_shares(tls, dp=False, epsilon=None, noise=NoiseSource.reproducible(0))
     assert exact == [0.75, 0.25, 0.0, 0.0] and rep["epsilon"] is None
     eps = 0.1
-    rng = np.random.default_rng(1)
+    noise = NoiseSource.secure_source()  # the default mechanism: OpenDP discrete Laplace
     male, other_released = [], 0
     for _ in range(3000):
-        shares, rep = release_sex_shares(tls, dp=True, epsilon=eps, rng=rng)
+        shares, rep = release_sex_shares(tls, dp=True, epsilon=eps, noise=noise)
         assert math.isclose(sum(shares), 1.0) and min(shares) >= 0
         male.append(shares[0])
         other_released += shares[SEXES.index("other")] > 0
@@ -234,7 +235,7 @@ def test_sex_shares_laplace_mechanism_scale_and_threshold():
     rate = other_released / 3000
     assert abs(rate - 0.5 * math.exp(-3)) < 0.012  # 0.0249 expected
     with pytest.raises(Exception, match="epsilon"):
-        release_sex_shares(tls, dp=True, epsilon=0.0, rng=rng)
+        release_sex_shares(tls, dp=True, epsilon=0.0, noise=noise)
 
 
 def test_death_shares_laplace_per_birth_band():
@@ -242,7 +243,7 @@ def test_death_shares_laplace_per_birth_band():
 
     tls = make_timelines(300, seed=6)
     vocab = Vocab(CFG, [], {})
-    exact, rep = release_death_shares(tls, vocab, dp=False, epsilon=None, rng=np.random.default_rng(0))
+    exact, rep = release_death_shares(tls, vocab, dp=False, epsilon=None, noise=NoiseSource.reproducible(0))
     dead = sum(1 for t in tls if t.patient.deceased)
     assert math.isclose(rep["pooled_share"], dead / len(tls), abs_tol=1e-6)
     for b in {vocab.band_of_year(t.patient.birth_date.year) for t in tls}:
@@ -251,11 +252,11 @@ def test_death_shares_laplace_per_birth_band():
     # empty bands get the pooled share
     empty = [b for b in range(vocab.n_bands) if b not in {vocab.band_of_year(t.patient.birth_date.year) for t in tls}]
     assert empty and all(math.isclose(exact[b], rep["pooled_share"], abs_tol=1e-6) for b in empty)
-    noisy, rep = release_death_shares(tls, vocab, dp=True, epsilon=1.0, rng=np.random.default_rng(1))
+    noisy, rep = release_death_shares(tls, vocab, dp=True, epsilon=1.0, noise=NoiseSource.reproducible(1))
     assert rep["scale"] == 1.0 and rep["delta"] == 0.0 and all(0 <= x <= 1 for x in noisy)
     assert abs(rep["pooled_share"] - dead / len(tls)) < 0.1
     with pytest.raises(Exception, match="epsilon > 0"):
-        release_death_shares(tls, vocab, dp=True, epsilon=0.0, rng=np.random.default_rng(1))
+        release_death_shares(tls, vocab, dp=True, epsilon=0.0, noise=NoiseSource.reproducible(1))
 
 
 def test_age_ids_follow_the_record_backwards(setup):
@@ -311,7 +312,7 @@ def test_compression_drops_encounter_only_visits_before_first_seen_observations(
                         display="Viral sinusitis (disorder)", category="encounter-diagnosis", encounter_id="e1"))
     tl = Timeline(patient=info, events=events).sorted()
     cfg = TokenizerConfig(max_len=96, reference_date="2026-01-01", min_count_no_dp=1)
-    vocab, _ = build_vocab([tl], cfg, dp=False, epsilon=None, delta=None, rng=np.random.default_rng(0))
+    vocab, _ = build_vocab([tl], cfg, dp=False, epsilon=None, delta=None, noise=NoiseSource.reproducible(0))
     tok = Tokenizer(vocab)
     stats: Counter = Counter()
     seq = tok.encode(tl, stats)

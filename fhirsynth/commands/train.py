@@ -42,8 +42,17 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--warmup-frac", type=float, default=TrainConfig.warmup_frac,
                    help="share of the steps over which the learning rate rises linearly to --lr "
                         f"(default {TrainConfig.warmup_frac:g})")
-    p.add_argument("--secure-rng", action="store_true", help="cryptographically secure noise and sampling")
-    p.add_argument("--seed", type=int, default=1)
+    # the default now; still accepted so that old scripts run
+    p.add_argument("--secure-rng", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--reproducible-noise", action="store_true",
+                   help="TESTS AND RESEARCH ONLY: draw the DP noise and sampling from --seed, so a run can be replayed; "
+                        "the model then has NO privacy guarantee (privacy.json says so). By default all DP noise "
+                        "is secret (OS CSPRNG) and never reproducible")
+    p.add_argument("--seed", type=int, default=1,
+                   help="seed of the weight initialisation (public); never of the DP noise unless --reproducible-noise")
+    p.add_argument("--work-dir", type=Path, default=None,
+                   help="where resumable private training state lives (default: .MODEL_DIR.fhirsynth-train beside "
+                        "MODEL_DIR); removed when training ends or fails, kept after an interruption to resume")
     p.add_argument("--vocab-epsilon-fraction", type=float, default=0.25,
                    help="share of epsilon spent on the DP code vocabulary (default 0.25)")
     p.add_argument("--max-items-per-patient", type=int, default=64,
@@ -85,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
         args.timelines, args.out, epsilon=None if args.no_dp else args.epsilon, delta=args.delta,
         dp=not args.no_dp, epochs=args.epochs, device=args.device, seed=args.seed, batch_size=args.batch_size,
         max_physical_batch=args.max_physical_batch, max_grad_norm=args.max_grad_norm, lr=args.lr,
-        warmup_frac=args.warmup_frac, secure_rng=args.secure_rng,
+        warmup_frac=args.warmup_frac, reproducible_noise=args.reproducible_noise, work_dir=args.work_dir,
         vocab_epsilon_fraction=args.vocab_epsilon_fraction,
         model_config=mc, tokenizer_config=tk, distributed=True if args.distributed else None,
     )
@@ -93,9 +102,11 @@ def run(args: argparse.Namespace) -> int:
         return 0
     eps = report.get("epsilon_total")
     summary = {
-        "model_dir": str(args.out), "n": report["n"], "dp": report["dp"],
+        "model_dir": str(args.out), "n_estimate": report["n_estimate"], "dp": report["dp"],
         "epsilon_total": eps, "delta": report.get("delta"),  # null when --no-dp (epsilon = infinity)
         "steps": report["steps"], "noise_multiplier": report["noise_multiplier"],
     }
+    if report.get("reproducible_noise"):
+        summary["warning"] = "reproducible noise: NO privacy guarantee (tests and research only)"
     sys.stdout.write(json.dumps(summary, default=str) + "\n")
     return 0

@@ -7,7 +7,8 @@ Accounting for the GLOBAL batch:
   * Opacus' DistributedDPOptimizer adds noise sigma * C on rank 0 only, all-reduces the summed clipped
     gradients and divides by the global expected batch, so each step is one Gaussian-mechanism step on the
     global batch: every rank's accountant records the same (sigma, q) per step, as in a one-process run.
-  * sampling streams differ per rank (independent inclusion decisions) and are reseeded from (seed, rank, step)
+  * each rank's inclusion decisions come from the OS CSPRNG (securerng.secure_uniform) by default; only with
+    reproducible noise (tests / research, no guarantee) are they drawn from a stream seeded by (seed, rank, step)
     at every loop start, so a resumed run never replays a stream.
 Only rank 0 writes files (vocabulary, checkpoints, model dir); the DP vocabulary is built once on rank 0
 and broadcast, so its noise is released once and every rank tokenizes identically.
@@ -117,10 +118,11 @@ def _poisson_sampler_cls():
         noised steps data-dependent; an empty physical batch is a noise-only step, as in one-process training.
         """
 
-        def __init__(self, *, total_size: int, sample_rate: float, steps: int, seed: int) -> None:
+        def __init__(self, *, total_size: int, sample_rate: float, steps: int, seed: int, secure: bool) -> None:
             super().__init__(total_size=total_size, sample_rate=sample_rate, shuffle=True, shuffle_seed=seed,
                              steps=steps)
             self.base_seed = seed
+            self.secure = secure
             self.generator = torch.Generator()
             self.begin(0)
 
@@ -141,17 +143,23 @@ def _poisson_sampler_cls():
             indices = torch.randperm(self.total_size, generator=torch.Generator().manual_seed(self.shuffle_seed))
             indices = indices[self.rank: self.total_size: self.num_replicas]
             for _ in range(self.num_batches):
-                mask = torch.rand(self.num_samples, generator=self.generator) < self.sample_rate
+                if self.secure:
+                    from fhirsynth.model.securerng import secure_uniform
+
+                    mask = torch.from_numpy(secure_uniform(self.num_samples) < self.sample_rate)
+                else:
+                    mask = torch.rand(self.num_samples, generator=self.generator) < self.sample_rate
                 yield indices[mask.nonzero(as_tuple=False).reshape(-1)].tolist()
 
     return PoissonShardSampler
 
 
-def make_loader(ds: Dataset, steps_per_epoch: int, seed: int, ctx: DistContext, collate_fn) -> DataLoader:
+def make_loader(ds: Dataset, steps_per_epoch: int, seed: int, ctx: DistContext, collate_fn, *,
+                secure: bool = True) -> DataLoader:
     """Loader for make_private(poisson_sampling=False): len == steps_per_epoch, so Opacus derives the same
     q = 1/steps_per_epoch as a one-process run; .sample_rate mirrors Opacus' DPDataLoader attribute."""
     sampler = _poisson_sampler_cls()(total_size=len(ds), sample_rate=1.0 / steps_per_epoch, steps=steps_per_epoch,
-                                     seed=seed)
+                                     seed=seed, secure=secure)
     loader = DataLoader(ds, batch_sampler=sampler, collate_fn=collate_fn)
     loader.sample_rate = 1.0 / steps_per_epoch  # type: ignore[attr-defined]
     return loader

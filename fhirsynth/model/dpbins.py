@@ -5,10 +5,10 @@ released (a lab of another generator, a local score) would otherwise lose its va
   * each patient contributes at most m codes (the ones they have most values of; ties by code), and for each
     one value, their median in their most frequent unit for it, plus that unit;
   * a histogram of those values per code over a fixed public grid (symmetric log scale, 16 cells per decade
-    from 1e-4 to 1e6, a cell around 0, negatives mirrored) and a count per (code, unit) get Gaussian noise;
-    one patient changes 2m counts by 1, so the L2 sensitivity is sqrt(2m) and sigma is the analytic Gaussian
-    mechanism for (epsilon, delta / 2);
-  * a unit string is released only if its noisy count passes T = 1 + sigma * Phi^-1(1 - delta / (2m)) (DP set
+    from 1e-4 to 1e6, a cell around 0, negatives mirrored) and a count per (code, unit) get discrete Gaussian
+    noise (dpnoise.py: OpenDP, OS CSPRNG); one patient changes 2m counts by 1, so the L2 sensitivity is sqrt(2m)
+    and sigma is calibrated by OpenDP for (epsilon, delta / 2);
+  * a unit string is released only if its noisy count passes T = 1 + sigma * sqrt(2 ln(2m / delta)) (DP set
     union: a string only the added patient has is released with probability below delta / 2 over their m);
     the code takes the released unit with the largest count, or gets no bins;
   * the edges are post-processing of the noisy histogram: the range runs over the cells whose noisy count
@@ -28,7 +28,8 @@ from typing import Any
 import numpy as np
 
 from fhirsynth.model.bins import ValueBins
-from fhirsynth.model.vocab import Item, analytic_gaussian_sigma, set_union_threshold
+from fhirsynth.model.dpnoise import NoiseSource, gaussian_sigma, set_union_threshold
+from fhirsynth.model.vocab import Item
 from fhirsynth.timeline.types import Timeline
 
 N_BINS = 8  # bins per private code (public setting)
@@ -103,7 +104,7 @@ def release_value_bins(
     epsilon: float | None,
     delta: float | None,
     min_count: int,
-    rng: np.random.Generator,
+    noise: NoiseSource,
 ) -> tuple[dict[CodeKey, ValueBins], dict[str, Any]]:
     """Bins for the vocabulary's non-public observation codes; (epsilon, delta)-DP under dp."""
     first_item: dict[CodeKey, Item] = {}
@@ -121,15 +122,15 @@ def release_value_bins(
             units[(key, unit)] += 1
     if dp:
         assert epsilon is not None and delta is not None
-        sigma = analytic_gaussian_sigma(epsilon, delta / 2, math.sqrt(2 * m))
+        sigma = gaussian_sigma(epsilon, delta / 2, math.sqrt(2 * m))
         threshold = set_union_threshold(sigma, delta, m)
         for c in codes:  # fixed order: the noise draw does not depend on dict order
-            hist[c] = hist[c] + rng.normal(0.0, sigma, len(hist[c]))
+            hist[c] = noise.gaussian(hist[c].astype(np.int64), sigma).astype(np.float64)
         unit_keys = sorted(units)
-        noise = rng.normal(0.0, sigma, len(unit_keys))
-        noisy_units = {k: units[k] + z for k, z in zip(unit_keys, noise)}
+        noisy = noise.gaussian(np.array([units[k] for k in unit_keys], dtype=np.int64), sigma)
+        noisy_units = {k: float(z) for k, z in zip(unit_keys, noisy)}
         report: dict[str, Any] = {
-            "mechanism": "gaussian grid histograms of per-patient medians + thresholded unit counts",
+            "mechanism": "discrete gaussian grid histograms of per-patient medians + thresholded unit counts",
             "max_codes_per_patient": m, "sigma": sigma, "threshold": threshold, "epsilon": epsilon, "delta": delta}
     else:
         threshold = float(min_count)

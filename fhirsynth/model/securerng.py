@@ -1,4 +1,4 @@
-"""--secure-rng: Poisson sampling and DP-SGD noise drawn from the operating system's CSPRNG (os.urandom).
+"""The default DP-SGD randomness: Poisson sampling and Gaussian noise from the OS CSPRNG (os.urandom).
 
 Opacus' own secure mode needs torchcsprng, which has no build for current torch releases. This module protects
 the same two random choices with the OS generator instead:
@@ -8,7 +8,7 @@ the same two random choices with the OS generator instead:
     draws of std sigma, halved (still std sigma).
 A pseudo-random generator, however well seeded, is a deterministic expansion whose state can in principle be
 recovered; os.urandom is the kernel's CSPRNG. Cost: 8 bytes per uniform, so ~4 x 8 bytes per noise value per
-step (about 0.1 s per step for the default 1M-parameter model). Secure runs are not reproducible by design; a
+step (about 0.1 s per step for the default 1M-parameter model). Runs are not reproducible by design; a
 resumed secure run continues with the stored accountant state, so its epsilon is still exact.
 """
 
@@ -59,9 +59,8 @@ def _secure_iter(sampler):  # noqa: ANN001 - Opacus' UniformWithReplacementSampl
     return secure_poisson_batches(sampler.num_samples, sampler.sample_rate, sampler.steps)
 
 
-def install(optimizer, loader) -> None:  # noqa: ANN001 - Opacus' DPOptimizer and DPDataLoader
-    """Switch a make_private()'d optimizer and its Poisson data loader to the OS CSPRNG."""
-    from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
+def install_sampling(loader) -> None:  # noqa: ANN001 - Opacus' DPDataLoader
+    """Switch a make_private()'d Poisson data loader to the OS CSPRNG."""
     from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 
     sampler = loader.batch_sampler
@@ -70,8 +69,14 @@ def install(optimizer, loader) -> None:  # noqa: ANN001 - Opacus' DPOptimizer an
     # DataLoader forbids replacing its batch_sampler, so the instance gets a subclass whose __iter__ is secure
     sampler.__class__ = type("SecureUniformWithReplacementSampler", (type(sampler),), {"__iter__": _secure_iter})
 
+
+def install_noise(optimizer) -> None:  # noqa: ANN001 - Opacus' DPOptimizer or DistributedDPOptimizer
+    """Switch a make_private()'d optimizer's Gaussian noise to the OS CSPRNG. In distributed training only rank 0
+    adds noise (as Opacus' DistributedDPOptimizer does); the others pass their summed gradients on."""
+    from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
+
     def add_noise(self) -> None:  # mirrors DPOptimizer.add_noise with the secure noise source
-        std = self.noise_multiplier * self.max_grad_norm
+        std = self.noise_multiplier * self.max_grad_norm if getattr(self, "rank", 0) == 0 else 0.0
         for p in self.params:
             _check_processed_flag(p.summed_grad)
             p.grad = (p.summed_grad + secure_gaussian_noise(std, p.summed_grad)).view_as(p)

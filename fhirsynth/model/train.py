@@ -1,6 +1,14 @@
 """Patient-level DP training (the only module that imports opacus).
 
-Privacy accounting, end to end (privacy unit = one patient, add/remove neighbours):
+Privacy accounting, end to end (privacy unit = one patient, add/remove-one adjacency):
+  * randomness: by default every DP release draws secret noise: the statistics through dpnoise.NoiseSource (OpenDP,
+    OS CSPRNG), DP-SGD's Poisson sampling and Gaussian noise through securerng (os.urandom). `seed` fixes only
+    what is not private (weight initialisation). reproducible_noise=True (tests / research) draws all of it from
+    `seed` instead, and privacy.json then says there is no guarantee.
+  * no exact patient count leaves the process: the sex marginal (a DP release) is made first and the sum of its
+    noisy counts, n_estimate, is what delta, the sampling rate, the step count and the warm-up derive from;
+    Opacus' own rate and expected batch (functions of the exact n) are overridden with those, and the accountant
+    is given exactly the rate the sampler draws with, once per optimizer step the loop takes.
   * budget split: epsilon_preprocessing = vocab_epsilon_fraction * epsilon for the DP vocabulary (vocab.py),
     the rest for DP-SGD; delta likewise (vocab_delta_fraction). Bin edges, length limits, the token grammar
     and the reference date are public settings and cost nothing.
@@ -12,6 +20,8 @@ Privacy accounting, end to end (privacy unit = one patient, add/remove neighbour
         delta         = delta_preprocessing + delta_training
   * the training loss is computed on private data and is NOT a DP release: with DP it is shown on the console
     only and the training curve in the model dir holds step / epoch / epsilon spent.
+  * resumable state lives in a work directory BESIDE the model dir (or --work-dir), never inside it; it is removed
+    when training finishes or aborts with an error, and kept only after an interruption, to resume.
 --no-dp: same model and loop without clipping/noise, vocabulary from exact counts; epsilon = infinity
 (JSON null, "dp": false).
 """
@@ -21,7 +31,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import secrets
 import shutil
 import warnings
 from collections import Counter
@@ -29,18 +38,18 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from fhirsynth.errors import InputError, PrivacyBudgetError, UsageError
+from fhirsynth.errors import FhirsynthError, InputError, PrivacyBudgetError, UsageError
 from fhirsynth.logs import progress
 from fhirsynth.model import checkpoint as ck
 from fhirsynth.model.config import (DEFAULT_LR, DEFAULT_LR_DP, ModelConfig, TokenizerConfig, TrainConfig, to_json,
                                     versions)
 from fhirsynth.model.tokenizer import Tokenizer
 from fhirsynth.model.transformer import Transformer, patient_loss
-from fhirsynth.model.vocab import Vocab, build_vocab
+from fhirsynth.model.dpnoise import NoiseSource
+from fhirsynth.model.vocab import Vocab, build_vocab, release_sex_shares, split_preprocessing_epsilon
 from fhirsynth.timeline.io import read_timelines
 
 log = logging.getLogger(__name__)
@@ -116,10 +125,22 @@ def _validate(tc: TrainConfig) -> None:
 
 
 def _signature(tc: TrainConfig, mc: ModelConfig, tk: TokenizerConfig, n: int) -> dict[str, Any]:
-    """What a checkpoint must match to be resumed (otherwise the accounting would not add up)."""
+    """What a checkpoint must match to be resumed (otherwise the accounting would not add up). It lives in the
+    work directory only (never published)."""
     t = to_json(tc)
     t.pop("checkpoint_every", None)
     return {"train": t, "model": to_json(mc), "tokenizer": to_json(tk), "n": n}
+
+
+def default_work_dir(out: Path) -> Path:
+    """Where the resumable state of a run writing `out` lives: a hidden sibling, never inside the model dir."""
+    out = out.resolve()
+    return out.parent / f".{out.name}.fhirsynth-train"
+
+
+def steps_per_epoch_for(n_estimate: int, batch_size: int) -> int:
+    """Poisson steps per epoch at expected batch `batch_size`, from the DP estimate of n (never the exact n)."""
+    return max(1, math.ceil(n_estimate / batch_size))
 
 
 def _noise_multiplier(eps: float, delta: float, q: float, steps: int) -> float:
@@ -177,7 +198,8 @@ def train_model(
     max_grad_norm: float = 1.0,
     lr: float | None = None,
     warmup_frac: float = TrainConfig.warmup_frac,
-    secure_rng: bool = False,
+    reproducible_noise: bool = False,
+    work_dir: str | os.PathLike | None = None,
     vocab_epsilon_fraction: float = 0.25,
     checkpoint_every: int = 50,
     model_config: ModelConfig | None = None,
@@ -187,7 +209,8 @@ def train_model(
 ) -> dict[str, Any]:
     """Train a model dir from a timelines dir; returns the privacy report (privacy.json).
 
-    Rerunning with the same arguments after an interruption resumes from MODEL_DIR/.checkpoint/.
+    Rerunning with the same arguments after an interruption resumes from the work directory (default: a hidden
+    sibling of MODEL_DIR, see default_work_dir). reproducible_noise: research / tests only (no guarantee).
     on_step(step) is called after every optimizer step (tests use it to simulate a kill).
     distributed: one process of a torchrun job (None = when env WORLD_SIZE > 1); see model/distributed.py.
     """
@@ -196,7 +219,7 @@ def train_model(
     tc = TrainConfig(epsilon=epsilon if dp else None, delta=delta, dp=dp, epochs=epochs, batch_size=batch_size,
                      max_physical_batch=max_physical_batch, max_grad_norm=max_grad_norm, lr=lr, seed=seed,
                      warmup_frac=warmup_frac,
-                     secure_rng=secure_rng, vocab_epsilon_fraction=vocab_epsilon_fraction,
+                     reproducible_noise=reproducible_noise, vocab_epsilon_fraction=vocab_epsilon_fraction,
                      checkpoint_every=checkpoint_every)
     _validate(tc)
     _quiet_opacus()
@@ -213,44 +236,53 @@ def train_model(
         distributed = dd.requested_by_env()
     if distributed and not dp:
         raise UsageError("distributed training is implemented for DP training only", where="--no-dp")
-    if distributed and secure_rng:
-        raise UsageError("not supported with distributed training (per-rank sampling streams are seeded)",
-                         where="--secure-rng")
     dctx = dd.setup(dev) if distributed else None
     if dctx is not None:
         dev = dctx.device
     main = dctx is None or dctx.is_main  # only this process writes files
+    work = Path(work_dir) if work_dir is not None else default_work_dir(out)
+    if work.resolve() == out.resolve() or out.resolve() in work.resolve().parents:
+        raise UsageError("the work directory must not be inside the model directory (it holds private state)",
+                         where="--work-dir")
     ok = False
+    owner: list[bool] = [False]  # set once this run has claimed the work dir (a new one, or its own checkpoint)
     try:
-        privacy = _train(tc, tdir, out, dev, tk, mc, delta, dp, seed, secure_rng, on_step, dctx, main)
+        privacy = _train(tc, tdir, out, work, dev, tk, mc, delta, dp, seed, on_step, dctx, main, owner)
         ok = True
         return privacy
+    except FhirsynthError:
+        # an abort (bad input, budget, accounting): nothing to resume, and the state is private. A checkpoint
+        # of another run (refused above) is left alone.
+        if main and owner[0]:
+            shutil.rmtree(work, ignore_errors=True)
+        raise
+    except BaseException:
+        if main and work.exists():
+            log.warning("training interrupted: resumable private state kept in %s (rerun the same command to "
+                        "resume; never publish that directory)", work)
+        raise
     finally:
         if dctx is not None:
             dd.teardown(dctx, wait=ok)  # no barrier after a failure: the other ranks may be stuck mid-collective
 
 
-def _train(tc, tdir, out, dev, tk, mc, delta, dp, seed, secure_rng, on_step, dctx, main) -> dict[str, Any]:
+def _train(tc, tdir, out, work, dev, tk, mc, delta, dp, seed, on_step, dctx, main, owner) -> dict[str, Any]:
     from fhirsynth.model import distributed as dd
 
     timelines = list(read_timelines(tdir))
-    n_all = len(timelines)
-    if n_all == 0:
+    if not timelines:
         raise InputError("no patients in the timelines directory (empty events/patients parquet)", where=str(tdir))
-    tc.delta = delta if delta is not None else default_delta(n_all)
+    noise = NoiseSource.reproducible(seed) if tc.reproducible_noise else NoiseSource.secure_source()
     eps_vocab = eps_train = None
-    d_vocab = d_train = None
     if dp:
         assert tc.epsilon is not None
         eps_vocab = tc.epsilon * tc.vocab_epsilon_fraction
         eps_train = tc.epsilon - eps_vocab
-        d_vocab = tc.delta * tc.vocab_delta_fraction
-        d_train = tc.delta - d_vocab
 
-    ckdir = out / ck.CHECKPOINT_DIR
+    ckdir = work
     state_path = ckdir / ck.CHECKPOINT_STATE
     resume: dict[str, Any] | None = None
-    sig_probe = _signature(tc, mc, tk, n_all)
+    sig_probe = _signature(tc, mc, tk, len(timelines))  # tc.delta is still the user's (None = auto) here
     if state_path.is_file():
         try:
             resume = torch.load(state_path, map_location="cpu", weights_only=True)
@@ -259,28 +291,41 @@ def _train(tc, tdir, out, dev, tk, mc, delta, dp, seed, secure_rng, on_step, dct
         if resume.get("signature") != sig_probe:
             raise UsageError("a checkpoint of a run with different settings or data exists; rerun with the same "
                              "arguments to resume, or delete it to start over", where=str(ckdir))
+        owner[0] = True
         vocab = Vocab.from_json(tk, ck._read_json(ckdir / ck.VOCAB))
         vocab_report = resume["vocab_report"]
+        tc.delta = float(resume["delta"])
         log.info("resuming from step %d of %d", resume["step"], resume["total_steps"])
     else:
-        # Vocabulary: the one DP release before training. Its noise never repeats on resume (stored above).
+        # The DP releases before training, made once (rank 0) with secret noise; a resumed run reuses them.
+        # The sex marginal comes first: its noisy total is the DP patient count that delta derives from.
+        owner[0] = True
         if main:
-            vrng = np.random.default_rng(secrets.randbits(128) if secure_rng else seed)
-            vocab, vocab_report = build_vocab(timelines, tk, dp=dp, epsilon=eps_vocab, delta=d_vocab, rng=vrng)
+            eps_sex = split_preprocessing_epsilon(eps_vocab)[1] if dp else None
+            sex_release = release_sex_shares(timelines, dp=dp, epsilon=eps_sex, noise=noise)
+            tc.delta = delta if delta is not None else default_delta(sex_release[1]["n_estimate"])
+            d_vocab = tc.delta * tc.vocab_delta_fraction if dp else None
+            vocab, vocab_report = build_vocab(timelines, tk, dp=dp, epsilon=eps_vocab, delta=d_vocab, noise=noise,
+                                              sex_release=sex_release)
             ckdir.mkdir(parents=True, exist_ok=True)
             ck.atomic_write_json(ckdir / ck.VOCAB, vocab.to_json())
         if dctx is not None:  # one DP release on rank 0, the same vocabulary everywhere
-            vj, vocab_report = dd.broadcast((vocab.to_json(), vocab_report) if main else None, dctx)
+            vj, vocab_report, tc.delta = dd.broadcast((vocab.to_json(), vocab_report, tc.delta) if main else None,
+                                                      dctx)
             vocab = Vocab.from_json(tk, vj)
+    n_estimate = int(vocab_report["sex_marginal"]["n_estimate"])
+    d_vocab = d_train = None
+    if dp:
+        d_vocab = tc.delta * tc.vocab_delta_fraction
+        d_train = tc.delta - d_vocab
 
     tokenizer = Tokenizer(vocab)
     stats: Counter = Counter()
     seqs = [s for s in (tokenizer.encode_with_ages(t, stats) for t in timelines) if s is not None]
     del timelines
     for k, v in sorted(stats.items()):
-        log.info("tokenizer: %s = %d", k, v)
-    n = len(seqs)
-    if n == 0:
+        log.debug("tokenizer: %s = %d", k, v)  # exact counts: the operator's console only, at debug level
+    if not seqs:
         raise InputError("no patient could be tokenized (all lack a birth date)", where=str(tdir))
     mc.vocab_size = vocab.size
 
@@ -288,7 +333,8 @@ def _train(tc, tdir, out, dev, tk, mc, delta, dp, seed, secure_rng, on_step, dct
     model = Transformer(mc).to(dev)
     opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
     ds = SeqDataset(seqs)
-    steps_per_epoch = math.ceil(n / tc.batch_size)
+    # every size-dependent setting comes from the DP estimate (under --no-dp it is the exact count)
+    steps_per_epoch = steps_per_epoch_for(n_estimate, tc.batch_size)
     total_steps = tc.epochs * steps_per_epoch
     q = 1.0 / steps_per_epoch
     step = 0
@@ -305,27 +351,15 @@ def _train(tc, tdir, out, dev, tk, mc, delta, dp, seed, secure_rng, on_step, dct
         from opacus import PrivacyEngine
 
         sigma = _noise_multiplier(eps_train, d_train, q, total_steps) if resume is None else float(resume["sigma"])
-        # secure_mode stays off in Opacus (it needs torchcsprng); securerng.install() below does its job
+        # secure_mode stays off in Opacus (it needs torchcsprng); securerng does its job (see make_private)
         engine = PrivacyEngine(accountant="prv", secure_mode=False)
-        if dctx is None:
-            loader = DataLoader(ds, batch_size=tc.batch_size, collate_fn=pad_collate)
-        else:
-            model = dd.wrap_model(model)
-            loader = dd.make_loader(ds, steps_per_epoch, seed, dctx, pad_collate)
-        model, opt, loader = engine.make_private(
-            module=model, optimizer=opt, data_loader=loader, noise_multiplier=sigma,
-            max_grad_norm=tc.max_grad_norm, poisson_sampling=dctx is None,
-        )
-        if abs(loader.sample_rate - q) > 1e-12:  # our accounting assumes Opacus' rate
-            q = loader.sample_rate
-        if secure_rng:
-            from fhirsynth.model.securerng import install
-
-            install(opt, loader)
+        model, opt, loader = make_private(engine, model, opt, ds, q=q, n_estimate=n_estimate, sigma=sigma,
+                                          max_grad_norm=tc.max_grad_norm, batch_size=tc.batch_size,
+                                          secure=not tc.reproducible_noise, seed=seed, dctx=dctx)
         if resume is not None:
             engine.accountant.load_state_dict(resume["accountant"])
     pending_rng = None
-    if resume is not None and not secure_rng:
+    if resume is not None and (not dp or tc.reproducible_noise):
         pending_rng = resume["rng"]  # restored where the uninterrupted run would be (see the loop)
     elif resume is None:
         torch.manual_seed(seed + 1)
@@ -346,7 +380,7 @@ def _train(tc, tdir, out, dev, tk, mc, delta, dp, seed, secure_rng, on_step, dct
             "signature": sig_probe, "step": step, "total_steps": total_steps, "sigma": sigma,
             "model": base_model.state_dict(), "optimizer": opt.state_dict(),
             "accountant": engine.accountant.state_dict() if engine is not None else {},
-            "rng": _rng_state(), "curve": curve, "vocab_report": vocab_report,
+            "rng": _rng_state(), "curve": curve, "vocab_report": vocab_report, "delta": tc.delta,
         }
         if main:
             ck.atomic_torch_save(state_path, state)
@@ -383,6 +417,10 @@ def _train(tc, tdir, out, dev, tk, mc, delta, dp, seed, secure_rng, on_step, dct
                 for batch in it:
                     for group in opt.param_groups:  # a function of the step only: resuming needs no state
                         group["lr"] = lr_at(tc, step, total_steps)
+                    if not isinstance(batch, torch.Tensor):
+                        # Opacus' collate wrapper returns a list for an empty Poisson batch drawn before any
+                        # non-empty one; it is a noise-only step like any other empty batch
+                        batch = torch.zeros((0, 2, 2), dtype=torch.long)
                     batch = batch.to(dev)
                     inp, tgt = batch[:, :-1], batch[:, 1:, 0]
                     with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=use_amp):
@@ -409,8 +447,10 @@ def _train(tc, tdir, out, dev, tk, mc, delta, dp, seed, secure_rng, on_step, dct
                         r.history = history()
                         eps_now = float(r.get_epsilon(d_train))
                     mean_loss = acc_loss / acc_n if acc_n else None
-                    curve.append({"step": step, "epoch": step / steps_per_epoch,
-                                  "epsilon": eps_now if dp else None, "loss": mean_loss})
+                    row = {"step": step, "epoch": step / steps_per_epoch, "epsilon": eps_now if dp else None}
+                    if not dp:  # the DP loss is private: console only, not even in the (private) work dir
+                        row["loss"] = mean_loss
+                    curve.append(row)
                     acc_loss, acc_n = 0.0, 0
                     bar.update(1)
                     post = {"loss": f"{mean_loss:.3f}" if mean_loss is not None else "-"}
@@ -435,19 +475,22 @@ def _train(tc, tdir, out, dev, tk, mc, delta, dp, seed, secure_rng, on_step, dct
         if max(eps_prv, eps_rdp) > eps_train * (1 + 1e-6):
             raise PrivacyBudgetError(f"spent epsilon {max(eps_prv, eps_rdp):.4f} exceeds the training share "
                                      f"{eps_train:.4f} (accounting bug)")
-    privacy = _privacy_report(tc, n, sigma, q, total_steps, eps_prv, eps_rdp, eps_vocab, d_vocab, d_train,
-                              vocab_report)
+    if dp and accounted_steps(history()) != total_steps:
+        raise PrivacyBudgetError(f"the accountant recorded {accounted_steps(history())} steps where the loop took "
+                                 f"{total_steps} (accounting bug)")
+    privacy = _privacy_report(tc, n_estimate, sigma, q, total_steps, eps_prv, eps_rdp, eps_vocab, d_vocab,
+                              d_train, vocab_report)
     privacy["world_size"] = dctx.world_size if dctx is not None else 1
     if not main:
         return privacy
     config = {**versions(), "model": to_json(mc), "tokenizer": to_json(tk), "training": to_json(tc)}
-    if dp:  # the loss is private (not covered by DP-SGD): keep it out of the released curve
+    if dp:  # the loss is private (not covered by DP-SGD): never in the released curve
         curve_out = [{"step": r["step"], "epoch": round(r["epoch"], 4), "epsilon": r["epsilon"]} for r in curve]
     else:
-        curve_out = [{"step": r["step"], "epoch": round(r["epoch"], 4), "loss": r["loss"]} for r in curve]
+        curve_out = [{"step": r["step"], "epoch": round(r["epoch"], 4), "loss": r.get("loss")} for r in curve]
     ck.write_model_dir(out, state_dict=base_model.state_dict(), config=config, vocab=vocab.to_json(),
                        privacy=privacy, curve=curve_out)
-    shutil.rmtree(ckdir, ignore_errors=True)
+    shutil.rmtree(work, ignore_errors=True)
     log.info("model written to %s (epsilon_total=%s)", out, privacy["epsilon_total"])
     return privacy
 
@@ -499,20 +542,71 @@ class _PlainBatches:
                 yield pad_collate([self.ds[i] for i in chunk])
 
 
-def _privacy_report(tc: TrainConfig, n: int, sigma: float, q: float, steps: int, eps_prv, eps_rdp, eps_vocab,
-                    d_vocab, d_train, vocab_report: dict) -> dict[str, Any]:
+def accounted_steps(history: list) -> int:
+    """Steps in an Opacus accountant history ((sigma, q, steps) entries; Opacus merges equal neighbours)."""
+    return int(sum(h[2] for h in history))
+
+
+def make_private(engine, model, opt, ds: SeqDataset, *, q: float, n_estimate: int, sigma: float,
+                 max_grad_norm: float, batch_size: int, secure: bool, seed: int, dctx) -> tuple:
+    """Opacus make_private with the sampling rate, the expected batch and the accountant's rate all set to the
+    ones this run uses: q (from the DP estimate of n) everywhere. Opacus alone would derive the rate from the
+    exact dataset size (1 / len(loader), and its sampler's steps as int(1 / q), which can differ from the loop's
+    count) and scale gradients by an expected batch computed from the exact n.
+    secure: Poisson sampling and Gaussian noise from the OS CSPRNG (securerng.py)."""
+    from fhirsynth.model import distributed as dd
+    from fhirsynth.model import securerng
+
+    if dctx is None:
+        loader = DataLoader(ds, batch_size=batch_size, collate_fn=pad_collate)
+    else:
+        model = dd.wrap_model(model)
+        loader = dd.make_loader(ds, round(1 / q), seed, dctx, pad_collate, secure=secure)
+    model, opt, loader = engine.make_private(
+        module=model, optimizer=opt, data_loader=loader, noise_multiplier=sigma,
+        max_grad_norm=max_grad_norm, poisson_sampling=dctx is None,
+    )
+    world = dctx.world_size if dctx is not None else 1
+    loader.batch_sampler.sample_rate = q
+    loader.batch_sampler.steps = round(1 / q)
+    loader.sample_rate = q
+    opt.expected_batch_size = max(q * n_estimate, 1.0) / world  # per worker, as Opacus divides it
+    opt.attach_step_hook(engine.accountant.get_optimizer_hook_fn(sample_rate=q))
+    if secure:
+        securerng.install_noise(opt)
+        if dctx is None:
+            securerng.install_sampling(loader)
+    return model, opt, loader
+
+
+def _privacy_report(tc: TrainConfig, n_estimate: int, sigma: float, q: float, steps: int, eps_prv, eps_rdp,
+                    eps_vocab, d_vocab, d_train, vocab_report: dict) -> dict[str, Any]:
+    sizes = ("sample_rate, steps, warm-up and delta (auto) derive from n_estimate, the sum of the DP sex "
+             "histogram's noisy counts (vocabulary.sex_marginal); the exact patient count is not released")
     if not tc.dp:
         return {
-            "unit": "patient", "dp": False, "n": n, "epsilon_target": None, "epsilon_prv": None,
-            "epsilon_rdp": None, "epsilon_training": None, "epsilon_preprocessing": None, "epsilon_total": None,
+            "unit": "patient", "dp": False, "n_estimate": n_estimate, "epsilon_target": None,
+            "epsilon_prv": None, "epsilon_rdp": None, "epsilon_training": None, "epsilon_preprocessing": None,
+            "epsilon_total": None, "guarantee": "none: trained without differential privacy",
             "epsilon_note": "no differential privacy: epsilon = infinity (JSON null)",
             "delta": None, "noise_multiplier": 0.0, "sample_rate": q, "steps": steps, "epochs": tc.epochs,
             "batch_size": tc.batch_size, "max_grad_norm": None,
             "vocabulary": {**vocab_report, "note": "vocabulary from exact counts (not private)"},
         }
     eps_training = max(eps_prv, eps_rdp)
+    if tc.reproducible_noise:
+        guarantee = ("NONE: noise reproducible from a stored seed (--reproducible-noise, for tests and research); "
+                     "the epsilon below holds only against an adversary who cannot replay the seed")
+        source = f"seeded PRNG (seed {tc.seed}, written to config.json): reproducible"
+    else:
+        guarantee = "(epsilon_total, delta)-DP for each patient, add/remove-one adjacency"
+        source = ("secret: DP-SGD Poisson sampling and Gaussian noise from os.urandom (securerng); the released "
+                  "counts from OpenDP's discrete Laplace / discrete Gaussian (OS CSPRNG); no noise seed exists")
     return {
-        "unit": "patient", "dp": True, "n": n,
+        "unit": "patient", "dp": True, "guarantee": guarantee,
+        "adjacency": "add/remove one patient (all of their resources)",
+        "noise_source": source,
+        "n_estimate": n_estimate, "sizes": sizes,
         "epsilon_target": tc.epsilon,
         "epsilon_prv": eps_prv, "epsilon_rdp": eps_rdp, "epsilon_training": eps_training,
         "epsilon_preprocessing": eps_vocab,
@@ -520,12 +614,19 @@ def _privacy_report(tc: TrainConfig, n: int, sigma: float, q: float, steps: int,
         "delta": tc.delta, "delta_training": d_train, "delta_preprocessing": d_vocab,
         "composition": "basic: epsilon_total = epsilon_preprocessing + max(epsilon_prv, epsilon_rdp); "
                        "delta = delta_preprocessing + delta_training",
+        "mechanisms": {
+            "training": "DP-SGD (Opacus): Poisson sampling at sample_rate, per-patient clipping to max_grad_norm, "
+                        "Gaussian noise noise_multiplier * max_grad_norm; epsilon from Opacus' PRV and RDP "
+                        "accountants over `steps` steps",
+            "preprocessing": "vocabulary: " + str(vocab_report.get("mechanism")) + "; sex marginal, deaths per "
+                             "birth band: discrete Laplace; value bins: discrete Gaussian (see vocabulary)",
+        },
         "noise_multiplier": sigma, "sample_rate": q, "steps": steps, "epochs": tc.epochs,
         "batch_size": tc.batch_size, "max_grad_norm": tc.max_grad_norm, "poisson_sampling": True,
-        "secure_rng": tc.secure_rng,
+        "reproducible_noise": tc.reproducible_noise,
         "accountants": "noise multiplier = max over opacus get_noise_multiplier(prv, rdp) for the training share",
         "vocabulary": vocab_report,
         "public_settings": "bin edges (mappings/reference-ranges.toml), time buckets, max_len, grammar, "
                            "reference date: public, no budget",
-        "not_released": "training loss (private, console only)",
+        "not_released": "training loss (private, console only); the exact patient count",
     }

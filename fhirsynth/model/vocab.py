@@ -8,12 +8,16 @@ an item is released in vocab.json, so an item enters the vocabulary only if
   * it survives Gaussian thresholding of per-patient counts (DP set union, Wilson et al. 2020 / Gopi et al.
     2020): each patient contributes at most k distinct items (their k most frequent), each item counts
     distinct patients, N(0, sigma^2) noise is added and only items above threshold T are kept.
-    L2 sensitivity is sqrt(k); sigma is the analytic Gaussian mechanism (Balle & Wang 2018) for
-    (eps_vocab, delta_vocab / 2); T = 1 + sigma * Phi^-1(1 - delta_vocab / (2k)) bounds the chance that an
-    item only the added patient has gets released (union bound over its k items).
+    L2 sensitivity is sqrt(k); sigma is the discrete Gaussian's for (eps_vocab, delta_vocab / 2);
+    T = 1 + sigma * sqrt(2 ln(2k / delta_vocab)) bounds the chance that an item only the added patient has gets
+    released (union bound over its k items).
 With dp=False the counts are exact and items seen in >= min_count patients are kept (no privacy).
 
-The sex marginal is released beside the items (release_sex_shares): a Laplace histogram over SEXES (one
+All noise comes from dpnoise.NoiseSource: OpenDP's discrete Gaussian / discrete Laplace from the OS CSPRNG by
+default (the Gaussian scale is calibrated with OpenDP's zCDP -> (epsilon, delta) map, the threshold from the
+discrete Gaussian's subgaussian tail).
+
+The sex marginal is released beside the items (release_sex_shares): a discrete Laplace histogram over SEXES (one
 patient changes one count by 1, so scale 1/eps_sex gives eps_sex-DP with delta 0), cells below 3 x scale set to
 zero (post-processing). The sampler draws each synthetic patient's sex from these shares instead of the model's
 first prediction: at small epsilon the noisy model put a fifth to a half of all patients in "other"/"unknown".
@@ -35,9 +39,10 @@ from typing import Any
 
 import numpy as np
 
-from fhirsynth.errors import ModelDirError, PrivacyBudgetError
+from fhirsynth.errors import ModelDirError
 from fhirsynth.model.bins import DAYS_PER_YEAR, DUR_EDGES, GAP_EDGES, ValueBins
 from fhirsynth.model.config import TokenizerConfig
+from fhirsynth.model.dpnoise import NoiseSource, gaussian_sigma, set_union_threshold
 from fhirsynth.timeline.types import Event, Timeline
 
 ITEM_KINDS = ("encounter", "condition", "observation", "value")
@@ -182,57 +187,7 @@ def bounded_counts(timelines: Iterable[Timeline], matcher: ItemMatcher, public_k
     return counts
 
 
-# ---- the DP mechanism ---------------------------------------------------------------------------------
-
-def _phi(x: float) -> float:
-    return 0.5 * math.erfc(-x / math.sqrt(2.0))
-
-
-def analytic_gaussian_sigma(epsilon: float, delta: float, sensitivity: float) -> float:
-    """Smallest sigma giving (epsilon, delta)-DP for an L2-sensitivity query (Balle & Wang 2018, Thm 8)."""
-    if epsilon <= 0 or not 0 < delta < 1:
-        raise PrivacyBudgetError(f"vocabulary needs epsilon > 0 and 0 < delta < 1 (got {epsilon}, {delta})")
-
-    def delta_of(sigma: float) -> float:
-        a = sensitivity / (2 * sigma)
-        b = epsilon * sigma / sensitivity
-        # exp(eps) * Phi(-a-b) computed in log space to stay finite for large epsilon
-        tail = _phi(-a - b)
-        second = math.exp(epsilon + math.log(tail)) if tail > 0 else 0.0
-        return _phi(a - b) - second
-
-    lo, hi = 1e-6, sensitivity
-    while delta_of(hi) > delta:
-        hi *= 2
-    for _ in range(200):
-        mid = (lo + hi) / 2
-        if delta_of(mid) > delta:
-            lo = mid
-        else:
-            hi = mid
-    return hi
-
-
-def _norm_ppf(p: float) -> float:
-    from scipy.stats import norm
-
-    return float(norm.ppf(p))
-
-
-def set_union_threshold(sigma: float, delta: float, k: int) -> float:
-    """T = 1 + sigma * Phi^-1(1 - delta / (2k)): with Gaussian noise sigma, a key that only the added patient
-    has (count 1) passes T for any of their k keys with probability below delta / 2 (union bound)."""
-    return 1.0 + sigma * _norm_ppf(1.0 - delta / (2 * k))
-
-
-def laplace_counts(counts: np.ndarray, epsilon: float | None, rng: np.random.Generator,
-                   what: str) -> tuple[np.ndarray, float]:
-    """counts + Laplace(1/epsilon) noise and the scale: epsilon-DP when one patient changes one count by 1."""
-    if epsilon is None or epsilon <= 0:
-        raise PrivacyBudgetError(f"{what} needs epsilon > 0 (got {epsilon})")
-    scale = 1.0 / epsilon
-    return counts + rng.laplace(0.0, scale, counts.shape), scale
-
+# ---- the DP mechanism: OpenDP integer noise from the OS CSPRNG (dpnoise.py) ---------------------------------
 
 @dataclass
 class VocabSelection:
@@ -251,19 +206,19 @@ def select_items(
     epsilon: float | None,
     delta: float | None,
     min_count: int,
-    rng: np.random.Generator,
+    noise: NoiseSource,
 ) -> VocabSelection:
     """Choose the item vocabulary. With dp, (epsilon, delta)-DP w.r.t. adding/removing one patient."""
     counts = bounded_counts(timelines, matcher, {it.key for it in public}, k if dp else None)
     keys = sorted(counts, key=repr)  # fixed order so the noise draw does not depend on dict order
     if dp:
         assert epsilon is not None and delta is not None
-        sigma = analytic_gaussian_sigma(epsilon, delta / 2, math.sqrt(k))
+        sigma = gaussian_sigma(epsilon, delta / 2, math.sqrt(k))
         threshold = set_union_threshold(sigma, delta, k)
-        noisy = np.array([counts[key] for key in keys], dtype=np.float64) + rng.normal(0.0, sigma, len(keys))
+        noisy = noise.gaussian(np.array([counts[key] for key in keys], dtype=np.int64), sigma)
         kept = [(float(c), key) for c, key in zip(noisy, keys) if c >= threshold]
         mech = {
-            "mechanism": "gaussian thresholding of per-patient distinct item counts (DP set union)",
+            "mechanism": "discrete Gaussian thresholding of per-patient distinct item counts (DP set union)",
             "max_items_per_patient": k, "sigma": sigma, "threshold": threshold,
             "epsilon": epsilon, "delta": delta,
         }
@@ -414,9 +369,13 @@ def build_vocab(
     dp: bool,
     epsilon: float | None,
     delta: float | None,
-    rng: np.random.Generator,
+    noise: NoiseSource,
+    sex_release: tuple[list[float], dict[str, Any]] | None = None,
 ) -> tuple[Vocab, dict[str, Any]]:
-    """Public bins + items chosen by select_items -> the Vocab and the mechanism's report."""
+    """Public bins + items chosen by select_items -> the Vocab and the mechanism's report.
+
+    sex_release: the result of release_sex_shares when the caller released it first (train.py does, to derive
+    delta and the sampling rate from its DP patient-count estimate); it is then not released a second time."""
     from fhirsynth.model.bins import load_value_bins
     from fhirsynth.model.dpbins import release_value_bins
 
@@ -428,24 +387,25 @@ def build_vocab(
     eps_sex = eps_values = eps_death = d_values = None
     eps_items, d_items = epsilon, delta
     if dp and epsilon is not None and delta is not None:
-        eps_sex, eps_values = epsilon * SEX_EPSILON_FRACTION, epsilon * VALUE_EPSILON_FRACTION
-        eps_death = epsilon * DEATH_EPSILON_FRACTION
-        eps_items = epsilon - eps_sex - eps_values - eps_death
+        eps_items, eps_sex, eps_values, eps_death = split_preprocessing_epsilon(epsilon)
         d_values = delta * VALUE_DELTA_FRACTION
         d_items = delta - d_values
     sel = select_items(
         timelines, matcher=ItemMatcher(value_bins, panels, public_codes), public=public, k=cfg.max_items_per_patient,
         max_items=cfg.max_vocab_items, dp=dp, epsilon=eps_items, delta=d_items, min_count=cfg.min_count_no_dp,
-        rng=rng,
+        noise=noise,
     )
-    shares, sex_report = release_sex_shares(timelines, dp=dp, epsilon=eps_sex, rng=rng)
+    if sex_release is None:
+        sex_release = release_sex_shares(timelines, dp=dp, epsilon=eps_sex, noise=noise)
+    shares, sex_report = sex_release
     private_bins, bins_report = release_value_bins(
         timelines, sel.items, public_codes=set(value_bins), m=cfg.max_value_codes_per_patient, dp=dp,
-        epsilon=eps_values, delta=d_values, min_count=cfg.min_count_no_dp, rng=rng)
+        epsilon=eps_values, delta=d_values, min_count=cfg.min_count_no_dp, noise=noise)
     vocab = Vocab(cfg, sel.items, value_bins, shares, private_bins)
-    vocab.death_shares, death_report = release_death_shares(timelines, vocab, dp=dp, epsilon=eps_death, rng=rng)
+    vocab.death_shares, death_report = release_death_shares(timelines, vocab, dp=dp, epsilon=eps_death, noise=noise)
     report = {**sel.report, "sex_marginal": sex_report, "value_bins": bins_report, "death_by_birth_band": death_report,
               "epsilon_total": epsilon if dp else None, "delta_total": delta if dp else None,
+              "noise_source": noise.description if dp else None,
               "composition": "basic: items + sex marginal + value bins + deaths (epsilon and delta add up)"}
     return vocab, report
 
@@ -456,24 +416,31 @@ VALUE_DELTA_FRACTION = 0.5  # of the preprocessing delta, likewise (the items ge
 DEATH_EPSILON_FRACTION = 0.1  # of the preprocessing epsilon, for the deceased share per birth band
 
 
+def split_preprocessing_epsilon(epsilon: float) -> tuple[float, float, float, float]:
+    """(items, sex marginal, value bins, deaths): the parts of the preprocessing epsilon; they sum to it."""
+    eps_sex, eps_values = epsilon * SEX_EPSILON_FRACTION, epsilon * VALUE_EPSILON_FRACTION
+    eps_death = epsilon * DEATH_EPSILON_FRACTION
+    return epsilon - eps_sex - eps_values - eps_death, eps_sex, eps_values, eps_death
+
+
 def release_death_shares(timelines: list[Timeline], vocab: Vocab, *, dp: bool, epsilon: float | None,
-                         rng: np.random.Generator) -> tuple[list[float], dict[str, Any]]:
-    """Share of deceased patients per birth band: Laplace(1/epsilon) on the alive / dead count of every band
-    (one patient changes one cell by 1: epsilon-DP, delta 0). A band whose noisy total is below 3 x scale gets
+                         noise: NoiseSource) -> tuple[list[float], dict[str, Any]]:
+    """Share of deceased patients per birth band: discrete Laplace(1/epsilon) on the alive / dead count of every
+    band (one patient changes one cell by 1: epsilon-DP, delta 0). A band whose noisy total is below 3 x scale gets
     the pooled share. The sampler draws DEATH from it: under DP-SGD the single death token per sequence is too
     weak a signal (measured at epsilon 8: 0 deaths in 600 synthetic patients against 20% in the holdout)."""
-    counts = np.zeros((vocab.n_bands, 2), dtype=np.float64)
+    counts = np.zeros((vocab.n_bands, 2), dtype=np.int64)
     for tl in timelines:
         if tl.patient.birth_date is None:
             continue
         dead = tl.patient.death_date is not None or bool(tl.patient.deceased)
         counts[vocab.band_of_year(tl.patient.birth_date.year), int(dead)] += 1
     if dp:
-        noisy, scale = laplace_counts(counts, epsilon, rng, "the death-share histogram")
-        counts = np.clip(noisy, 0.0, None)
+        noisy, scale = noise.laplace(counts, epsilon, "the death-share histogram")
+        counts = np.clip(noisy, 0, None)
         floor = 3.0 * scale
-        report: dict[str, Any] = {"mechanism": "laplace histogram of alive / dead per birth band", "epsilon": epsilon,
-                                  "delta": 0.0, "scale": scale}
+        report: dict[str, Any] = {"mechanism": "discrete laplace histogram of alive / dead per birth band",
+                                  "epsilon": epsilon, "delta": 0.0, "scale": scale}
     else:
         floor = 1.0
         report = {"mechanism": "exact counts (no DP)", "epsilon": None, "delta": None}
@@ -486,21 +453,28 @@ def release_death_shares(timelines: list[Timeline], vocab: Vocab, *, dp: bool, e
 
 
 def release_sex_shares(timelines: list[Timeline], *, dp: bool, epsilon: float | None,
-                       rng: np.random.Generator) -> tuple[list[float], dict[str, Any]]:
-    """Share of each of SEXES among the patients: Laplace(1/epsilon) counts under dp, exact otherwise."""
-    counts = np.zeros(len(SEXES), dtype=np.float64)
+                       noise: NoiseSource) -> tuple[list[float], dict[str, Any]]:
+    """Share of each of SEXES among the patients: discrete Laplace(1/epsilon) counts under dp, exact otherwise.
+
+    The report's n_estimate (the sum of the noisy counts, before the small cells are zeroed) is the one DP
+    estimate of the number of patients: train.py derives delta, the sampling rate and the step count from it,
+    so the exact count never leaves the process."""
+    counts = np.zeros(len(SEXES), dtype=np.int64)
     for tl in timelines:
         counts[sex_index(tl.patient.sex)] += 1
     if dp:
-        noisy, scale = laplace_counts(counts, epsilon, rng, "the sex marginal")
+        noisy, scale = noise.laplace(counts, epsilon, "the sex marginal")
+        n_estimate = max(1, int(noisy.sum()))
         threshold = 3.0 * scale
-        noisy[noisy < threshold] = 0.0
-        report: dict[str, Any] = {"mechanism": "laplace histogram, cells below the threshold set to 0",
+        noisy = np.where(noisy < threshold, 0, noisy)
+        report: dict[str, Any] = {"mechanism": "discrete laplace histogram, cells below the threshold set to 0",
                                   "epsilon": epsilon, "delta": 0.0, "scale": scale, "threshold": threshold}
     else:
         noisy = counts
+        n_estimate = int(counts.sum())
         report = {"mechanism": "exact counts (no DP)", "epsilon": None, "delta": None}
     total = float(noisy.sum())
     shares = (noisy / total).tolist() if total > 0 else [1.0 / len(SEXES)] * len(SEXES)
     report["shares"] = dict(zip(SEXES, (round(x, 6) for x in shares)))
+    report["n_estimate"] = n_estimate
     return shares, report
