@@ -28,6 +28,7 @@ Privacy accounting, end to end (privacy unit = one patient, add/remove-one adjac
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -227,8 +228,9 @@ def train_model(
     if not tdir.is_dir():
         raise UsageError("timelines directory not found", where=str(tdir))
     dev = ck.resolve_device(device)
-    tk = tokenizer_config or TokenizerConfig()
-    mc = model_config or ModelConfig()
+    # copies: training fills in sizes, and a caller's config reused for a resume must not carry them
+    tk = dataclasses.replace(tokenizer_config) if tokenizer_config else TokenizerConfig()
+    mc = dataclasses.replace(model_config) if model_config else ModelConfig()
     mc.max_len = tk.max_len
     from fhirsynth.model import distributed as dd
 
@@ -417,11 +419,7 @@ def _train(tc, tdir, out, work, dev, tk, mc, delta, dp, seed, on_step, dctx, mai
                 for batch in it:
                     for group in opt.param_groups:  # a function of the step only: resuming needs no state
                         group["lr"] = lr_at(tc, step, total_steps)
-                    if not isinstance(batch, torch.Tensor):
-                        # Opacus' collate wrapper returns a list for an empty Poisson batch drawn before any
-                        # non-empty one; it is a noise-only step like any other empty batch
-                        batch = torch.zeros((0, 2, 2), dtype=torch.long)
-                    batch = batch.to(dev)
+                    batch = as_batch(batch).to(dev)
                     inp, tgt = batch[:, :-1], batch[:, 1:, 0]
                     with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=use_amp):
                         logits = model(inp[..., 0], inp[..., 1])
@@ -493,6 +491,14 @@ def _train(tc, tdir, out, work, dev, tk, mc, delta, dp, seed, on_step, dctx, mai
     shutil.rmtree(work, ignore_errors=True)
     log.info("model written to %s (epsilon_total=%s)", out, privacy["epsilon_total"])
     return privacy
+
+
+def as_batch(batch) -> torch.Tensor:
+    """A loader item as the [B, L, 2] training tensor. Opacus' collate wrapper yields a list of zero-size tensors for
+    an empty Poisson batch drawn before any non-empty one; it is a noise-only step like any other empty batch."""
+    if isinstance(batch, torch.Tensor):
+        return batch
+    return torch.zeros((0, 2, 2), dtype=torch.long)
 
 
 def lr_at(tc: TrainConfig, step: int, total_steps: int) -> float:
