@@ -21,8 +21,17 @@ from fhirsynth.cli import main
 from fhirsynth.errors import PrivacyBudgetError
 from fhirsynth.model.config import ModelConfig
 from fhirsynth.model.dpnoise import NoiseSource
-from fhirsynth.model.train import (SeqDataset, _quiet_opacus, accounted_steps, as_batch, default_work_dir,
-                                   make_private, pad_collate, steps_per_epoch_for, train_model)
+from fhirsynth.model.train import (
+    SeqDataset,
+    _quiet_opacus,
+    accounted_steps,
+    as_batch,
+    default_work_dir,
+    make_private,
+    pad_collate,
+    steps_per_epoch_for,
+    train_model,
+)
 from fhirsynth.model.transformer import Transformer, patient_loss
 from fhirsynth.model.vocab import SEXES
 from fhirsynth.timeline.io import TimelineWriter
@@ -186,7 +195,8 @@ def test_epsilon_is_recomputed_independently_and_parts_add_up(released):
     assert p["epsilon_total"] == pytest.approx(p["epsilon_preprocessing"] + p["epsilon_training"])
     assert p["epsilon_total"] <= p["epsilon_target"] * (1 + 1e-9)
     v = p["vocabulary"]
-    parts = [v["epsilon"], v["sex_marginal"]["epsilon"], v["value_bins"]["epsilon"], v["death_by_birth_band"]["epsilon"]]
+    parts = [v["epsilon"], v["sex_marginal"]["epsilon"], v["value_bins"]["epsilon"],
+             v["death_by_birth_band"]["epsilon"]]
     assert sum(parts) == pytest.approx(p["epsilon_preprocessing"], rel=1e-12)
     assert v["delta"] + v["value_bins"]["delta"] == pytest.approx(p["delta_preprocessing"], rel=1e-12)
     assert p["delta_preprocessing"] + p["delta_training"] == pytest.approx(p["delta"], rel=1e-12)

@@ -7,7 +7,8 @@ A model dir holds exactly:
   privacy.json         the privacy report
   training-curve.json  + .csv: step, epoch, epsilon spent (and loss only for --no-dp runs, see train.py)
 No training record (patient ids, sequences, per-patient numbers) is ever written into it.
-While training, MODEL_DIR/.checkpoint/ holds the resumable state; it is removed when training finishes.
+While training, a work directory BESIDE the model dir (train.default_work_dir, or --work-dir) holds the resumable
+private state; it is removed when training finishes or aborts, never written inside MODEL_DIR.
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ VOCAB = "vocab.json"
 PRIVACY = "privacy.json"
 CURVE_JSON = "training-curve.json"
 CURVE_CSV = "training-curve.csv"
-CHECKPOINT_DIR = ".checkpoint"
 CHECKPOINT_STATE = "state.pt"
 REQUIRED = (WEIGHTS, CONFIG, VOCAB, PRIVACY)
 

@@ -45,12 +45,24 @@ from torch.utils.data import DataLoader, Dataset
 from fhirsynth.errors import FhirsynthError, InputError, PrivacyBudgetError, UsageError
 from fhirsynth.logs import progress
 from fhirsynth.model import checkpoint as ck
-from fhirsynth.model.config import (DEFAULT_LR, DEFAULT_LR_DP, ModelConfig, TokenizerConfig, TrainConfig, to_json,
-                                    versions)
+from fhirsynth.model.config import (
+    DEFAULT_LR,
+    DEFAULT_LR_DP,
+    ModelConfig,
+    TokenizerConfig,
+    TrainConfig,
+    to_json,
+    versions,
+)
+from fhirsynth.model.dpnoise import NoiseSource
 from fhirsynth.model.tokenizer import Tokenizer
 from fhirsynth.model.transformer import Transformer, patient_loss
-from fhirsynth.model.dpnoise import NoiseSource
-from fhirsynth.model.vocab import Vocab, build_vocab, release_sex_shares, split_preprocessing_epsilon
+from fhirsynth.model.vocab import (
+    Vocab,
+    build_vocab,
+    release_sex_shares,
+    split_preprocessing_epsilon,
+)
 from fhirsynth.timeline.io import read_timelines
 
 log = logging.getLogger(__name__)

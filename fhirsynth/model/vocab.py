@@ -25,8 +25,8 @@ Value bins of released non-public numeric observation codes come from DP grid hi
 deceased share per birth band is a Laplace histogram too (release_death_shares), which the sampler draws DEATH
 from.
 Budget split of the preprocessing epsilon: SEX_EPSILON_FRACTION for the sex shares, VALUE_EPSILON_FRACTION for
-the value bins, DEATH_EPSILON_FRACTION for the death shares, the rest for the items; its delta: VALUE_DELTA_FRACTION for the value bins, the rest for the
-items (the sex shares are pure epsilon-DP). Basic composition: the parts add up to the preprocessing budget.
+the value bins, DEATH_EPSILON_FRACTION for the death shares, the rest for the items; its delta:
+VALUE_DELTA_FRACTION for the value bins, the rest for the items (the sex shares are pure epsilon-DP). Basic composition: the parts add up to the preprocessing budget.
 """
 
 from __future__ import annotations
