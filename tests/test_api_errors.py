@@ -226,7 +226,8 @@ def test_api_does_not_import_torch():
 
 def test_server_resources_are_valid_fhir(db):
     """CapabilityStatement, OperationDefinition, searchset Bundles and OperationOutcomes pass both validators."""
-    validate = pytest.importorskip("fhirsynth.fhir.validate")
+    from fhirsynth.fhir import validate
+
     if not validate.schema_path().is_file():
         pytest.skip("FHIR JSON schema not fetched (scripts/fetch_fhir_schema.sh)")
     c = TestClient(create_app(ServerSettings(db_path=db, model_dir=Path("/nonexistent"), max_count=10)))

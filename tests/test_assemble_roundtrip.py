@@ -18,7 +18,7 @@ from fhirsynth.timeline.assembler import GeneratorInfo, patient_uuid
 from fhirsynth.timeline.io import read_timelines
 from fhirsynth.timeline.samples import random_timelines
 
-adapter = pytest.importorskip("fhirsynth.timeline.adapter")
+from fhirsynth.timeline import adapter  # noqa: E402
 
 GEN = GeneratorInfo(model_hash="ef" * 32, epsilon=8.0, delta=1e-5, recorded="2026-03-04T05:06:07+00:00")
 SEED = 5

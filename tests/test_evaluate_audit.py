@@ -78,8 +78,6 @@ def test_make_canaries_use_pool_codes():
 
 
 def test_canary_runner_with_real_training(tmp_path):
-    pytest.importorskip("fhirsynth.model.train")
-    pytest.importorskip("fhirsynth.model.scoring")
     from fhirsynth.evaluate.audit import run_canary_audit
     from fhirsynth.timeline.io import write_timelines
 

@@ -12,7 +12,7 @@ from fhirsynth.evaluate.report import evaluate
 from fhirsynth.evaluate.toy import toy_timelines
 from fhirsynth.timeline.io import write_timelines
 
-privacy_api = pytest.importorskip("fhirsynth.api.privacy")
+from fhirsynth.api import privacy as privacy_api  # noqa: E402
 
 
 @pytest.fixture(scope="module")

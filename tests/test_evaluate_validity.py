@@ -13,8 +13,6 @@ from fhirsynth.evaluate.toy import toy_timelines
 from fhirsynth.timeline.io import read_timelines, write_timelines
 from fhirsynth.timeline.types import Event, Timeline
 
-pytest.importorskip("fhirsynth.timeline.assembler")
-pytest.importorskip("fhirsynth.fhir.validate")
 
 
 @pytest.fixture(scope="module")

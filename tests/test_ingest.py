@@ -115,7 +115,6 @@ def test_each_input_shape(ing: Path, tmp_path: Path, name: str, patient: str, n_
 
 
 def test_large_bundle_is_streamed(ing: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    pytest.importorskip("ijson")
     normal = ingest([ing / "valid" / "single-line-bundle.json"], tmp_path / "a")
     monkeypatch.setattr(readers, "STREAM_BUNDLE_BYTES", 1000)
     streamed = ingest([ing / "valid" / "single-line-bundle.json"], tmp_path / "b")

@@ -83,7 +83,7 @@ def synthesize_into(store: Store, model_dir: Path, req: SynthesizeRequest, *, pr
     collide with patients generated earlier.
     """
     try:
-        from fhirsynth.model.checkpoint import model_hash, read_privacy_report
+        from fhirsynth.model.checkpoint import guaranteed_privacy, model_hash, read_privacy_report
         from fhirsynth.model.sampler import sample_timelines
         from fhirsynth.timeline.assembler import GeneratorInfo, assemble_patient
     except ImportError as exc:
@@ -92,11 +92,9 @@ def synthesize_into(store: Store, model_dir: Path, req: SynthesizeRequest, *, pr
     with store.transaction() as conn:
         start = store.next_counter(conn, "synthesize_index", req.count)
     seed = req.seed if req.seed is not None else 1 + start
-    privacy = read_privacy_report(model_dir)
-    epsilon = privacy.get("epsilon_total", privacy.get("epsilon"))
-    delta = privacy.get("delta")
-    generator = GeneratorInfo(model_hash=model_hash(model_dir), epsilon=None if epsilon is None else float(epsilon),
-                              delta=None if delta is None else float(delta), fhirsynth_version=__version__)
+    epsilon, delta = guaranteed_privacy(read_privacy_report(model_dir))
+    generator = GeneratorInfo(model_hash=model_hash(model_dir), epsilon=epsilon, delta=delta,
+                              fhirsynth_version=__version__)
     resources: list[dict] = []
     timelines = sample_timelines(model_dir, req.count, seed=seed, sex=req.sex, age=req.age,
                                  condition=req.condition)

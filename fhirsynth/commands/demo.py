@@ -45,7 +45,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     from fhirsynth.export.writer import write_export
-    from fhirsynth.model.checkpoint import model_hash, read_privacy_report
+    from fhirsynth.model.checkpoint import guaranteed_privacy, model_hash, read_privacy_report
     from fhirsynth.model.sampler import sample_timelines
     from fhirsynth.model.train import train_model
     from fhirsynth.timeline.adapter import ingest
@@ -73,9 +73,9 @@ def run(args: argparse.Namespace) -> int:
              privacy.get("unit"))
 
     log.info("3/5 generate %d synthetic patients -> %s", args.n, export_dir)
-    privacy = read_privacy_report(model_dir)
-    generator = GeneratorInfo(model_hash=model_hash(model_dir), epsilon=privacy.get("epsilon_total"),
-                              delta=privacy.get("delta"), fhirsynth_version=__version__)
+    epsilon, delta = guaranteed_privacy(read_privacy_report(model_dir))
+    generator = GeneratorInfo(model_hash=model_hash(model_dir), epsilon=epsilon, delta=delta,
+                              fhirsynth_version=__version__)
     summary = write_export(sample_timelines(model_dir, args.n, seed=args.seed, device="cpu"), export_dir,
                            fmt="ndjson", profile="us-core", seed=args.seed, generator=generator)
     log.info("    %s", summary)

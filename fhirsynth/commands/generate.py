@@ -96,18 +96,13 @@ def run(args: argparse.Namespace) -> int:
     constraints = check_args(args)
     from fhirsynth import __version__
     from fhirsynth.export.writer import write_export
-    from fhirsynth.model.checkpoint import model_hash, read_privacy_report
+    from fhirsynth.model.checkpoint import guaranteed_privacy, model_hash, read_privacy_report
     from fhirsynth.model.sampler import sample_timelines
     from fhirsynth.timeline.assembler import GeneratorInfo
 
-    privacy = read_privacy_report(args.model_dir)
-    epsilon = privacy.get("epsilon_total", privacy.get("epsilon"))
-    generator = GeneratorInfo(
-        model_hash=model_hash(args.model_dir),
-        epsilon=float(epsilon) if epsilon is not None else None,
-        delta=float(privacy["delta"]) if privacy.get("delta") is not None else None,
-        fhirsynth_version=__version__,
-    )
+    epsilon, delta = guaranteed_privacy(read_privacy_report(args.model_dir))
+    generator = GeneratorInfo(model_hash=model_hash(args.model_dir), epsilon=epsilon, delta=delta,
+                              fhirsynth_version=__version__)
     timelines = sample_timelines(
         args.model_dir, args.n, seed=args.seed, batch_size=args.batch_size, device=args.device,
         temperature=args.temperature, top_p=args.top_p, workers=args.workers, **constraints

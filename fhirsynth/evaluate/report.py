@@ -92,8 +92,8 @@ def _get(d: dict, *keys: str) -> object:
 
 def claimed_epsilon(formal: dict) -> float | None:
     """The total epsilon of a privacy report (MODEL writes epsilon_total; plain `epsilon` also accepted);
-    None for a model trained without DP."""
-    if formal.get("dp") is False:
+    None for a model trained without DP or with replayable noise (--reproducible-noise: no guarantee)."""
+    if formal.get("dp") is False or formal.get("reproducible_noise"):
         return None
     eps = formal.get("epsilon_total", formal.get("epsilon"))
     return float(eps) if isinstance(eps, int | float) else None

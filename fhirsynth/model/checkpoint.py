@@ -93,6 +93,16 @@ def read_privacy_report(model_dir: str | os.PathLike) -> dict[str, Any]:
     return _read_json(model_dir / PRIVACY)
 
 
+def guaranteed_privacy(privacy: dict[str, Any]) -> tuple[float | None, float | None]:
+    """(epsilon, delta) that a model's privacy report guarantees, or (None, None) when it guarantees nothing:
+    trained without DP, or with --reproducible-noise (its noise can be replayed from the stored seed)."""
+    if privacy.get("dp") is False or privacy.get("reproducible_noise"):
+        return None, None
+    eps, delta = privacy.get("epsilon_total", privacy.get("epsilon")), privacy.get("delta")
+    return (float(eps) if isinstance(eps, int | float) else None,
+            float(delta) if isinstance(delta, int | float) else None)
+
+
 def model_hash(model_dir: str | os.PathLike) -> str:
     """sha256 over weights + config + vocab (names and bytes), identifying exactly what generates data."""
     model_dir = Path(model_dir)
