@@ -173,10 +173,15 @@ def render_html(report: dict) -> str:
     out.append("<h2>Plausibility</h2>")
     pl = report.get("plausibility", {})
     cohorts = [c for c in ("real", "synthetic", "holdout") if c in pl]
-    checks = list(pl.get("real", {}))
-    out.append(_table(["check (event rate / patient rate)"] + cohorts,
+    checks = [c for c, v in pl.get("real", {}).items() if isinstance(v, dict) and "event_rate" in v]
+    out.append(f"<p class='note'>{escape(str(pl.get('note', '')))}</p>")
+    out.append(_table(["sampler constraint (event rate / patient rate)"] + cohorts,
                       [[c] + [f"{_fmt(pl[k][c]['event_rate'])} / {_fmt(pl[k][c]['patient_rate'])}" for k in cohorts]
                        for c in checks]))
+    held = [c for c, v in pl.get("real", {}).get("held_out_rules", {}).items() if isinstance(v, dict)]
+    out.append(_table(["held-out rule, not enforced by the sampler (rate / checked)"] + cohorts,
+                      [[c] + [f"{_fmt(pl[k]['held_out_rules'][c]['rate'])} / {pl[k]['held_out_rules'][c]['checked']}"
+                              for k in cohorts] for c in held]))
     for who in ("synthetic", "real"):
         fv = pl.get(f"fhir_validity_{who}", {})
         sampled = f", {fv['patients_sampled']} patients sampled" if "patients_sampled" in fv else ""

@@ -153,6 +153,12 @@ def summary_rows(report: dict) -> list[dict]:
         rows.append({"group": "plausibility", "metric": f"{label} (event rate)",
                      "synthetic": _get(pl, "synthetic", key, "event_rate"),
                      "reference": _get(pl, "real", key, "event_rate"), "ideal": 0.0})
+    for key, label in [("diastolic_not_below_systolic", "Diastolic ≥ systolic BP"),
+                       ("bmi_inconsistent_with_weight_height", "BMI ≠ weight / height²"),
+                       ("child_height_decrease", "Child height decreases")]:
+        rows.append({"group": "plausibility", "metric": f"{label} (held-out rule, rate)", "ideal": 0.0,
+                     "synthetic": _get(pl, "synthetic", "held_out_rules", key, "rate"),
+                     "reference": _get(pl, "real", "held_out_rules", key, "rate")})
     rows.append({"group": "plausibility", "metric": "FHIR validity rate", "ideal": 1.0,
                  "synthetic": _get(pl, "fhir_validity_synthetic", "valid_rate"),
                  "reference": _get(pl, "fhir_validity_real", "valid_rate"),
