@@ -287,7 +287,16 @@ def test_post_search_equals_get(client):
     assert ids(r.json()) == ids(g)
 
 
-def test_paging_is_stable_while_store_grows(client, data):
+@pytest.fixture()
+def own_client(tmp_path, fixtures_dir: Path):
+    """A store of this test's own: tests that write must not change what the module's other tests see."""
+    store, _ = build_store(fixtures_dir / "server" / "export", tmp_path / "store.db")
+    with TestClient(create_app(ServerSettings(db_path=tmp_path / "store.db", max_count=100), store=store)) as c:
+        yield c
+
+
+def test_paging_is_stable_while_store_grows(own_client, data):
+    client = own_client
     first = search(client, "/Patient", {"_count": 5})
     store = client.app.state.context.store
     tag = {"system": "http://terminology.hl7.org/CodeSystem/v3-ActReason", "code": "HTEST"}

@@ -13,8 +13,6 @@ import signal
 import subprocess
 import sys
 import time
-import warnings
-from collections.abc import Callable
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -41,34 +39,30 @@ def run_ok(*args: str | Path, timeout: float = 120) -> subprocess.CompletedProce
     return proc
 
 
-def kill_when(args: list[str], ready: Callable[[], bool], *, extra_s: float = 0.0, timeout: float = 60) -> bool:
-    """Start the command, SIGKILL it once ready() (plus extra_s). Returns False if it finished first."""
-    proc = subprocess.Popen(cmd(*args), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
+def kill_at(args: list[str], point: str, marker_dir: Path, *, timeout: float = 240) -> None:
+    """Run the command with the pause point `point` armed (fhirsynth/testpoint.py): it stops there, and is
+    SIGKILLed while stopped, so the crash happens exactly at that moment on every run. Finishing first fails."""
+    marker = marker_dir / f".pause-{point}"
+    marker.unlink(missing_ok=True)
+    env = {**ENV, "FHIRSYNTH_PAUSE_AT": point, "FHIRSYNTH_PAUSE_MARKER": str(marker)}
+    proc = subprocess.Popen(cmd(*args), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     deadline = time.monotonic() + timeout
     try:
-        while not ready():
+        while not marker.is_file():
             if proc.poll() is not None:
-                warnings.warn(f"{args[0]} finished before the kill: the crash path was not exercised", stacklevel=2)
-                return False
+                pytest.fail(f"{args[0]} ended (rc {proc.returncode}) before reaching {point}: "
+                            f"{proc.stderr.read().decode(errors='replace')[-2000:]}")
             if time.monotonic() > deadline:
-                pytest.fail(f"{args[0]}: progress marker never appeared")
+                pytest.fail(f"{args[0]}: pause point {point} never reached")
             time.sleep(0.02)
-        if extra_s:
-            time.sleep(extra_s)
-        if proc.poll() is not None:
-            warnings.warn(f"{args[0]} finished before the kill: the crash path was not exercised", stacklevel=2)
-            return False
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(10)
-        if proc.returncode == 0:  # it exited between the poll above and the kill: a clean finish, not a crash
-            warnings.warn(f"{args[0]} finished before the kill: the crash path was not exercised", stacklevel=2)
-            return False
         assert proc.returncode == -signal.SIGKILL
-        return True
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
+        marker.unlink(missing_ok=True)
 
 
 def visible(d: Path) -> set[str]:
@@ -105,12 +99,9 @@ def test_kill_during_ingest_then_rerun(tmp_path: Path, fixtures_dir: Path, sampl
     out = tmp_path / "tl"
     args = ["ingest", str(fixtures_dir / "sample"), "--out", str(out)]
     # the hidden spill dir appears once reading has started; give it a moment to be mid-way
-    killed = kill_when(args, lambda: hidden_matching(out, ".ingest-*"), extra_s=0.5)
-    if killed:
-        names = visible(out)
-        # nothing complete-looking: either no outputs, or (killed in the final renames) never a report
-        # without both parquet files
-        assert "ingest-report.json" not in names or {"events.parquet", "patients.parquet"} <= names, names
+    kill_at(args, "ingest-between-passes", tmp_path)
+    # killed between the passes: spill files written, nothing that looks like a result
+    assert hidden_matching(out, ".ingest-*") and visible(out) == set(), visible(out)
     run_ok(*args)
     assert ingest_summary(out) == ingest_summary(sample_timelines)
     # the killed run's spill dir is not a result, only disk the user did not ask for: the rerun removes it
@@ -150,18 +141,16 @@ def test_kill_during_train_then_resume(tmp_path: Path, sample_timelines: Path, r
     out = tmp_path / "model"
     args = ["train", str(sample_timelines), "--out", str(out), *TRAIN_ARGS]
     state = default_work_dir(out) / "state.pt"
-    killed = kill_when(args, state.is_file, timeout=240)
-    if killed:
-        # a model dir is complete when privacy.json exists (written last): it must not
-        assert not (out / "privacy.json").exists(), visible(out)
-        assert state.is_file()
-        assert not out.exists() or not list(out.rglob("*.pt")), "private training state inside the model dir"
+    kill_at(args, "train-after-checkpoint", tmp_path)
+    # killed right after a checkpoint: a model dir is complete when privacy.json exists (written last)
+    assert not (out / "privacy.json").exists(), visible(out)
+    assert state.is_file()
+    assert not out.exists() or not list(out.rglob("*.pt")), "private training state inside the model dir"
     run_ok(*args, timeout=300)
     assert not default_work_dir(out).exists(), "checkpoint left behind after a finished run"
     reference = reference_model.result()
     leftovers = sorted(p.name for p in out.iterdir() if p.name.startswith("."))
-    if leftovers:
-        warnings.warn(f"train rerun left the killed run's temp files: {leftovers}", stacklevel=1)
+    assert not leftovers, f"train rerun left the killed run's temp files: {leftovers}"
 
     got = json.loads((out / "privacy.json").read_text())
     want = json.loads((reference / "privacy.json").read_text())
@@ -217,13 +206,13 @@ def test_kill_during_generate_then_rerun(tmp_path: Path, reference_model: Backgr
         run_ok("generate", model, "-n", n, "--out", ref, "--seed", "5", "--format", fmt, "--device", "cpu")
     out = tmp_path / "ex"
     args = ["generate", str(model), "-n", n, "--out", str(out), "--seed", "5", "--format", fmt, "--device", "cpu"]
-    killed = kill_when(args, lambda: hidden_matching(out, ".*.part") or len(visible(out)) > 0, extra_s=0.3)
-    if killed:
-        if (out / "manifest.json").exists():
-            # the kill landed after the manifest, which is written last: then the export must really be complete
-            assert export_summary(out) == export_summary(ref), "an interrupted export looks finished"
-        elif fmt == "ndjson":
-            assert visible(out) == set(), visible(out)  # NDJSON parts stay hidden until the end
+    kill_at(args, "generate-mid-export", tmp_path)
+    # killed with two patients written: no manifest (written last), so nothing looks finished
+    assert not (out / "manifest.json").exists()
+    if fmt == "ndjson":
+        assert visible(out) == set(), visible(out)  # NDJSON parts stay hidden until the end
+    else:
+        assert len(visible(out)) == 2, visible(out)  # Bundles are final files, one per patient written
     rerun = args if fmt == "ndjson" else [*args, "--force"]  # Bundles are final files: overwriting needs --force
     run_ok(*rerun)
     assert export_summary(out) == export_summary(ref)
@@ -250,9 +239,9 @@ def test_kill_during_store_build_then_rerun(tmp_path: Path, reference_export: Pa
 
     db = tmp_path / "store.sqlite"
     args = ["serve", "--data", str(reference_export), "--db", str(db), "--port", str(_free_port())]
-    killed = kill_when(args, lambda: hidden_matching(tmp_path, ".store.sqlite.*.tmp"), extra_s=0.2)
-    if killed:
-        assert not db.exists(), "a killed store build left a database at --db"
+    kill_at(args, "store-before-rename", tmp_path)
+    # killed with a full temp store written, before the rename: nothing at --db
+    assert hidden_matching(tmp_path, ".store.sqlite.*.tmp") and not db.exists()
     port = _free_port()
     proc = subprocess.Popen(cmd("serve", "--data", reference_export, "--db", db, "--port", port),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=ENV)

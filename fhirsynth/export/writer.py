@@ -25,6 +25,7 @@ from fhirsynth.export.atomic import AtomicWriter, write_atomic
 from fhirsynth.export.bundles import collection_bundle, document_bundle, transaction_bundle
 from fhirsynth.export.ndjson import DEFAULT_MAX_FILE_BYTES, NdjsonWriter
 from fhirsynth.logs import progress
+from fhirsynth.testpoint import pause_point
 from fhirsynth.timeline.assembler import GeneratorInfo, assemble_patient
 from fhirsynth.timeline.profiles import load_profile
 from fhirsynth.timeline.types import Timeline
@@ -174,6 +175,8 @@ def write_export(
                     size += write_atomic(out_dir / name, orjson.dumps(bundle), gzip_output=gzip).stat().st_size
                     spool.write(name.encode() + b"\n")
                 bar.update(1)
+                if n_patients == 2:
+                    pause_point("generate-mid-export")  # some patients written, the manifest not yet
         extension = {
             "fhirsynth": {
                 "version": generator.fhirsynth_version,

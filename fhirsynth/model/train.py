@@ -44,6 +44,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from fhirsynth.errors import FhirsynthError, InputError, PrivacyBudgetError, UsageError
 from fhirsynth.logs import progress
+from fhirsynth.testpoint import pause_point
 from fhirsynth.model import checkpoint as ck
 from fhirsynth.model.config import (
     DEFAULT_LR,
@@ -469,6 +470,7 @@ def _train(tc, tdir, out, work, dev, tk, mc, delta, dp, seed, on_step, dctx, mai
                     bar.set_postfix(post)
                     if step % tc.checkpoint_every == 0 or step % steps_per_epoch == 0:
                         save_checkpoint()
+                        pause_point("train-after-checkpoint")
                     if step % steps_per_epoch == 0:
                         log.info("epoch %d/%d: step %d, loss %s%s", step // steps_per_epoch, tc.epochs, step,
                                  post["loss"], f", epsilon (RDP) {eps_now:.3f}" if eps_now is not None else "")

@@ -16,6 +16,7 @@ from fhirsynth.errors import StoreError
 from fhirsynth.logs import progress
 from fhirsynth.store.params import PARAMS
 from fhirsynth.store.sqlite import Store
+from fhirsynth.testpoint import pause_point
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +140,7 @@ def build_store(export_dir: str | Path, db_path: str | Path) -> tuple[Store, dic
         conn.execute("PRAGMA journal_mode=DELETE")
         conn.execute("PRAGMA mmap_size=0")
         summary = load_export_dir(store, export_dir)
+        pause_point("store-before-rename")  # a full temp store exists, --db does not yet
         conn.execute("PRAGMA journal_mode=WAL")  # what the server's readers need; persistent in the file
         store.close()
         _fsync(tmp)  # the bulk transaction ran with synchronous=OFF: the bytes are on disk before the rename

@@ -42,6 +42,7 @@ from fhirsynth.timeline.io import (
     REPORT_FILE,
     atomic_write_table,
 )
+from fhirsynth.testpoint import pause_point
 from fhirsynth.timeline.report import IngestReport
 
 log = logging.getLogger(__name__)
@@ -139,6 +140,7 @@ def ingest(
             where = str(files[0].path) if len(files) == 1 else ", ".join(str(p) for p in inputs)
             raise InputError("no FHIR resource found (empty file, Bundle without entries, or nothing readable)",
                              where=where)
+        pause_point("ingest-between-passes")  # spill files written, nothing final yet
         summary = _pass_two(spill, patients, aliases, report, reader, tmp)
         components_dropped = sum(ex.components_dropped for ex in extractors.values())
         result = report.to_dict(
