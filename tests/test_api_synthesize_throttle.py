@@ -27,7 +27,13 @@ def tiny_model(tmp_path_factory) -> Path:
     return train_tiny_model(tmp_path_factory.mktemp("synth-burst"))
 
 
-def test_burst_beyond_queue_is_throttled(tiny_model: Path, tmp_path: Path, fixtures_dir: Path):
+def test_burst_beyond_queue_is_throttled(tiny_model: Path, tmp_path: Path, fixtures_dir: Path, monkeypatch):
+    # the first generation is held at a pause point until the burst has been answered: no timing assumptions
+    marker, release = tmp_path / "generating", tmp_path / "release"
+    monkeypatch.setenv("FHIRSYNTH_PAUSE_AT", "synthesize-generating")
+    monkeypatch.setenv("FHIRSYNTH_PAUSE_MARKER", str(marker))
+    monkeypatch.setenv("FHIRSYNTH_PAUSE_RELEASE", str(release))
+    monkeypatch.setenv("FHIRSYNTH_PAUSE_SECONDS", "120")
     store, _ = build_store(fixtures_dir / "server" / "export", tmp_path / "s.db")
     app = create_app(ServerSettings(db_path=tmp_path / "s.db", model_dir=tiny_model, synthesize_queue=1),
                      store=store)
@@ -41,19 +47,20 @@ def test_burst_beyond_queue_is_throttled(tiny_model: Path, tmp_path: Path, fixtu
 
     async def burst() -> list[httpx.Response]:
         async with httpx.AsyncClient(timeout=120) as http:
-            first = asyncio.create_task(http.post(f"{base}/Patient/$synthesize", params={"count": 100, "seed": 1}))
-            await asyncio.sleep(0.3)  # the first call holds the generator now (100 patients take seconds)
+            first = asyncio.create_task(http.post(f"{base}/Patient/$synthesize", params={"count": 3, "seed": 1}))
+            while not marker.exists():  # the first call holds the generator now, paused inside it
+                assert not first.done(), (await first).text[:300]
+                await asyncio.sleep(0.02)
             rest = [asyncio.create_task(http.post(f"{base}/Patient/$synthesize", params={"count": 1, "seed": s}))
                     for s in range(2, 6)]
-            for _ in range(600):  # the turned-away calls answer at once, while the first is still generating
-                if sum(t.done() for t in rest) >= 3:
-                    break
-                await asyncio.sleep(0.05)
-            assert not first.done(), "the first generation ended before the burst was answered"
+            while sum(t.done() for t in rest) < 3:  # the turned-away calls answer while the first is held
+                await asyncio.sleep(0.02)
+            assert not first.done() and sum(t.done() for t in rest) == 3
+            release.touch()
             return [await first, *[await t for t in rest]]
 
     try:
-        responses = asyncio.run(burst())
+        responses = asyncio.run(asyncio.wait_for(burst(), 120))
         codes = sorted(r.status_code for r in responses)
         # one running, one waiting (synthesize_queue=1), three turned away; nothing else (no 5xx, no timeout)
         assert codes == [201, 201, 429, 429, 429], [(r.status_code, r.text[:200]) for r in responses]

@@ -29,9 +29,9 @@ def server(tmp_path: Path, fixtures_dir: Path):
     srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
-    for _ in range(200):
-        if srv.started:
-            break
+    deadline = time.monotonic() + 30
+    while not srv.started:  # never carry on against a server that is not listening
+        assert thread.is_alive() and time.monotonic() < deadline, "the export server did not start"
         time.sleep(0.02)
     yield f"http://127.0.0.1:{port}", app.state.context
     srv.should_exit = True

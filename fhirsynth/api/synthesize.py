@@ -23,6 +23,7 @@ from fhirsynth.api.errors import ApiError
 from fhirsynth.api.parameters import parameters_items
 from fhirsynth.errors import FhirsynthError, UsageError
 from fhirsynth.store.sqlite import Store
+from fhirsynth.testpoint import pause_point
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +93,7 @@ def synthesize_into(store: Store, model_dir: Path, req: SynthesizeRequest, *, pr
     with store.transaction() as conn:
         start = store.next_counter(conn, "synthesize_index", req.count)
     seed = req.seed if req.seed is not None else 1 + start
+    pause_point("synthesize-generating")  # tests hold a generation here to drive the throttle deterministically
     epsilon, delta = guaranteed_privacy(read_privacy_report(model_dir))
     generator = GeneratorInfo(model_hash=model_hash(model_dir), epsilon=epsilon, delta=delta,
                               fhirsynth_version=__version__)
