@@ -260,17 +260,15 @@ def test_train_missing_timelines_dir(tmp_path: Path) -> None:
     assert_one_line_error(cli("train", missing, "--out", tmp_path / "m"), str(missing))
 
 
-def test_train_huge_epsilon_finishes(tmp_path: Path, tiny: dict[str, Path]) -> None:
-    """A very large epsilon must either train or be refused quickly, not search a noise multiplier forever."""
-    try:
-        # batch 8 of 15 patients: sample rate 0.5 (at rate 1 the search happens to terminate)
-        proc = cli("train", tiny["timelines"], "--out", tmp_path / "m", "--epsilon", "1000", "--epochs", "1",
-                   "--batch-size", "8", "--d-model", "8", "--layers", "1", "--heads", "1", "--max-len", "64",
-                   "--device", "cpu", timeout=30)
-    except subprocess.TimeoutExpired:
-        pytest.fail("train --epsilon 1000 did not finish in 30 s (noise multiplier search does not terminate)")
-    if proc.returncode != 0:
-        assert_one_line_error(proc, "epsilon")
+def test_train_huge_epsilon_is_refused(tmp_path: Path, tiny: dict[str, Path]) -> None:
+    """An epsilon above the meaningful range is refused at once with one line naming --epsilon (before it could
+    start a noise-multiplier search that does not terminate); the timeout only guards against a hang."""
+    proc = cli("train", tiny["timelines"], "--out", tmp_path / "m", "--epsilon", "1000", "--epochs", "1",
+               "--batch-size", "8", "--d-model", "8", "--layers", "1", "--heads", "1", "--max-len", "64",
+               "--device", "cpu", timeout=300)
+    assert proc.returncode == 2
+    assert_one_line_error(proc, "--epsilon", "1000")
+    assert not (tmp_path / "m").exists()
 
 
 GENERATE_FLAG_CASES = [
