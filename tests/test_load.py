@@ -27,7 +27,14 @@ def _outcome(text: str) -> dict:
 class FhirServer:
     """A tiny FHIR transaction endpoint: checks what HAPI would reject, stores resources by Type/id (PUT)."""
 
-    def __init__(self, *, throttle_first: int = 1, token: str | None = None) -> None:
+    def __init__(self, *, throttle_first: int = 1, token: str | None = None, reject_every: int = 0,
+                 non_bundle_200: bool = False) -> None:
+        """reject_every=k: process entry by entry (HTTP 200 with a transaction-response) and reject every k-th
+        entry with 422, as a server without atomic transactions does; non_bundle_200: answer 200 with an
+        OperationOutcome and store nothing."""
+        self.reject_every = reject_every
+        self.non_bundle_200 = non_bundle_200
+        self.entries_seen = 0
         self.store: dict[str, dict] = {}
         self.requests = 0
         self.throttled = 0
@@ -94,6 +101,21 @@ class FhirServer:
                     return 400, _outcome(f"entry[{i}]: conditional reference {ref} not supported")
                 if ref not in full_urls:
                     return 400, _outcome(f"entry[{i}]: unresolvable reference {ref}")
+        if self.non_bundle_200:
+            return 200, _outcome("accepted (nothing stored)")
+        if self.reject_every:
+            out = []
+            with self.lock:
+                for e in entries:
+                    r = e["resource"]
+                    self.entries_seen += 1
+                    if self.entries_seen % self.reject_every == 0:
+                        out.append({"response": {"status": "422 Unprocessable Entity",
+                                                 "outcome": _outcome(f"{r['resourceType']} failed profile check")}})
+                    else:
+                        self.store[f"{r['resourceType']}/{r['id']}"] = r
+                        out.append({"response": {"status": "201 Created"}})
+            return 200, {"resourceType": "Bundle", "type": "transaction-response", "entry": out}
         with self.lock:  # all or nothing
             for e in entries:
                 r = e["resource"]
@@ -181,3 +203,30 @@ def test_gzip_transaction_export_loads(tmp_path):
         report = load_export(out, server.url)
         assert (report.loaded, report.failed) == (3, 0)
         assert sum(1 for k in server.store if k.startswith("Patient/")) == 3
+
+
+def test_rejected_entries_inside_a_200_fail_the_load(export, capsys):
+    """A server that processes entries one by one answers 200 while rejecting some: every rejected entry is a
+    failure naming the resource, the status and the OperationOutcome text, and the command exits non-zero."""
+    sent = sum(len(json.loads((export / o["url"]).read_bytes())["entry"]) for o in read_manifest(export)["output"])
+    with FhirServer(throttle_first=0, reject_every=10) as server:
+        report = load_export(export, server.url, retries=0, concurrency=1)
+        rejected = sent // 10
+        failed_entries = [f for failure in report.failures for f in failure["entries"]]
+        assert len(failed_entries) == rejected  # no silent losses
+        assert all("HTTP 422" in f and "failed profile check" in f for f in failed_entries)
+        assert report.loaded + report.failed == 6 and report.failed >= 1
+        assert sum(n for (_, outcome), n in report.entries.items() if outcome == "failed") == rejected
+        assert sum(n for (_, outcome), n in report.entries.items() if outcome == "created") == len(server.store)
+        assert main(["load", str(export), "--url", server.url, "--retries", "0"]) == 2
+    assert "failed profile check" in capsys.readouterr().err
+    with FhirServer(throttle_first=0, reject_every=1) as server:  # every entry rejected: nothing stored
+        report = load_export(export, server.url, retries=0)
+        assert report.loaded == 0 and report.failed == 6 and not server.store
+
+
+def test_200_without_transaction_response_is_not_success(export):
+    with FhirServer(throttle_first=0, non_bundle_200=True) as server:
+        report = load_export(export, server.url, retries=0)
+        assert report.loaded == 0 and report.failed == 6
+        assert "not a transaction-response Bundle" in report.failures[0]["message"]

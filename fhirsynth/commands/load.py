@@ -33,6 +33,8 @@ def run(args: argparse.Namespace) -> int:
                          token=token, timeout=args.timeout)
     log.info("loaded %d bundle(s), failed %d, %d retries, %.1fs", report.loaded, report.failed, report.retries,
              report.seconds)
+    for rtype, outcomes in report.by_type().items():
+        log.info("  %s: %s", rtype, ", ".join(f"{k} {v}" for k, v in sorted(outcomes.items())))
     if report.failed:
         first = report.failures[0]
         raise LoadError(

@@ -2,7 +2,9 @@
 
 Files come from the export's manifest.json (or, without one, every *.json / *.json.gz in the directory).
 429 and 5xx answers and connection errors are retried with exponential backoff (Retry-After honoured);
-other 4xx answers fail the Bundle at once with the server's OperationOutcome text. Bundles are read lazily by
+other 4xx answers fail the Bundle at once with the server's OperationOutcome text. A 2xx answer counts only
+when it is a transaction-response Bundle with one entry per request entry, each with a 2xx status: a server
+that processes entries one by one may answer 200 while rejecting some, and then nothing may be stored. Bundles are read lazily by
 the workers, so memory does not grow with the export.
 """
 
@@ -13,6 +15,7 @@ import gzip
 import logging
 import random
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from pathlib import Path
@@ -39,10 +42,18 @@ class LoadReport:
     retries: int = 0
     failures: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
+    # per resource type: created / updated / failed entries, as the server's transaction-response says
+    entries: Counter = field(default_factory=Counter)
+
+    def by_type(self) -> dict[str, dict[str, int]]:
+        out: dict[str, dict[str, int]] = {}
+        for (rtype, outcome), n in sorted(self.entries.items()):
+            out.setdefault(rtype, {})[outcome] = n
+        return out
 
     def as_dict(self) -> dict[str, Any]:
         return {"loaded": self.loaded, "failed": self.failed, "retries": self.retries,
-                "failures": self.failures, "seconds": round(self.seconds, 3)}
+                "failures": self.failures, "entries": self.by_type(), "seconds": round(self.seconds, 3)}
 
 
 def bundle_files(export_dir: Path) -> list[Path]:
@@ -106,6 +117,48 @@ def outcome_text(response: httpx.Response) -> str:
     return body[:300] or response.reason_phrase
 
 
+ENTRY_OUTCOMES = {200: "updated", 201: "created", 304: "unchanged"}
+
+
+def _entry_outcome_text(entry: dict) -> str:
+    outcome = (entry.get("response") or {}).get("outcome") or {}
+    texts = [i.get("diagnostics") or (i.get("details") or {}).get("text") or i.get("code")
+             for i in outcome.get("issue") or [] if isinstance(i, dict)]
+    return "; ".join(str(t) for t in texts if t) or "no OperationOutcome"
+
+
+def check_transaction_response(request: dict, body: Any) -> tuple[list[str], Counter]:
+    """Failed entries (messages naming the resource, the status and the server's OperationOutcome) and outcome
+    counts per (resource type, created|updated|unchanged|failed) of a 2xx answer to a transaction Bundle."""
+    req_entries = request.get("entry") or []
+    names = [f"{(e.get('resource') or {}).get('resourceType')}/{(e.get('resource') or {}).get('id')}"
+             for e in req_entries]
+    counts: Counter = Counter()
+    if not isinstance(body, dict) or body.get("resourceType") != "Bundle" \
+            or body.get("type") not in ("transaction-response", "batch-response"):
+        counts.update((n.split("/")[0], "unconfirmed") for n in names)
+        return [f"2xx answer is not a transaction-response Bundle "
+                f"({body.get('resourceType') if isinstance(body, dict) else type(body).__name__}): "
+                "nothing is confirmed stored"], counts
+    entries = body.get("entry") or []
+    if len(entries) != len(req_entries):
+        counts.update((n.split("/")[0], "unconfirmed") for n in names)
+        return [f"transaction-response has {len(entries)} entries for {len(req_entries)} sent"], counts
+    failures = []
+    for name, entry in zip(names, entries):
+        status = str((entry.get("response") or {}).get("status") or "")
+        try:
+            code = int(status.split()[0])
+        except (ValueError, IndexError):
+            code = 0
+        if 200 <= code < 300 or code == 304:
+            counts[(name.split("/")[0], ENTRY_OUTCOMES.get(code, "stored"))] += 1
+        else:
+            counts[(name.split("/")[0], "failed")] += 1
+            failures.append(f"{name}: HTTP {status or '(no status)'}: {_entry_outcome_text(entry)}")
+    return failures, counts
+
+
 def _retry_after(response: httpx.Response | None, attempt: int, base: float) -> float:
     header = response.headers.get("Retry-After") if response is not None else None
     if header:
@@ -135,7 +188,21 @@ async def _post_one(
         try:
             response = await client.post(url, content=body)
             if response.status_code < 300:
-                report.loaded += 1
+                try:
+                    answer = response.json()
+                except ValueError:
+                    answer = None
+                entry_failures, counts = check_transaction_response(orjson.loads(body), answer)
+                report.entries.update(counts)
+                if not entry_failures:
+                    report.loaded += 1
+                    return
+                message = (f"HTTP {response.status_code} but {len(entry_failures)} entr"
+                           f"{'y' if len(entry_failures) == 1 else 'ies'} failed: " + "; ".join(entry_failures[:5]))
+                report.failed += 1
+                report.failures.append({"file": path.name, "status": response.status_code, "message": message,
+                                        "attempts": attempt + 1, "entries": entry_failures})
+                log.error("%s: %s", path.name, message)
                 return
             retryable = response.status_code in RETRY_STATUS
             message = f"HTTP {response.status_code}: {outcome_text(response)}"
