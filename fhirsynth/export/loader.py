@@ -4,8 +4,8 @@ Files come from the export's manifest.json (or, without one, every *.json / *.js
 429 and 5xx answers and connection errors are retried with exponential backoff (Retry-After honoured);
 other 4xx answers fail the Bundle at once with the server's OperationOutcome text. A 2xx answer counts only
 when it is a transaction-response Bundle with one entry per request entry, each with a 2xx status: a server
-that processes entries one by one may answer 200 while rejecting some, and then nothing may be stored. Bundles are read lazily by
-the workers, so memory does not grow with the export.
+that processes entries one by one may answer 200 while rejecting some, and then nothing may be stored.
+Bundles are read lazily by the workers, so memory does not grow with the export.
 """
 
 from __future__ import annotations
