@@ -58,3 +58,14 @@ def test_each_held_out_rule_flags_only_its_violations(cohort):
     child = r["child_height_decrease"]
     assert (child["checked"], child["violations"]) == (2, 1)  # the adult's drop is not a child's
     assert child["patient_rate"] == pytest.approx(1 / 5)
+
+
+def test_codes_absent_from_a_cohort_are_not_checked(tmp_path):
+    from fhirsynth.evaluate.toy import toy_timelines
+    from fhirsynth.timeline.io import write_timelines
+
+    write_timelines(toy_timelines(20), tmp_path / "toy")
+    r = held_out_rules(load_cohort(tmp_path / "toy"))
+    assert r["diastolic_not_below_systolic"]["checked"] > 0  # the toy data records blood pressure only
+    for key in ("bmi_inconsistent_with_weight_height", "child_height_decrease"):
+        assert r[key]["checked"] == 0 and r[key]["rate"] is None

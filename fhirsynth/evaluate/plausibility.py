@@ -145,7 +145,8 @@ def _same_day_values(cohort: Cohort, codes: list[str]) -> pd.DataFrame:
     codes_col = _code(ev["token"])
     sel = ev[codes_col.isin(codes).to_numpy() & np.isfinite(ev["value"].to_numpy(float))]
     if sel.empty:
-        return pd.DataFrame(columns=["pidx", "iday", *codes])
+        return pd.DataFrame({"pidx": np.array([], np.int64), "iday": np.array([], float),
+                             **{c: np.array([], float) for c in codes}})
     wide = (sel.assign(code=_code(sel["token"])).groupby(["pidx", "iday", "code"])["value"].mean()
             .unstack("code").reindex(columns=codes))
     return wide.reset_index()
@@ -166,16 +167,16 @@ def held_out_rules(cohort: Cohort) -> dict:
     implied = body[WEIGHT].to_numpy(float) / np.maximum(height_m, 1e-6) ** 2
     bmi_bad = np.abs(body[BMI].to_numpy(float) - implied) > BMI_TOLERANCE * body[BMI].to_numpy(float)
     heights = _same_day_values(cohort, [HEIGHT]).dropna().sort_values(["pidx", "iday"])
-    birth = cohort.patients["birth_day"].to_numpy()
-    h_pidx = heights["pidx"].to_numpy()
-    age_years = (heights["iday"].to_numpy(float) - birth[h_pidx]) / 365.25
-    drop = -heights.groupby("pidx")[HEIGHT].diff().to_numpy()  # positive when the height fell since last visit
+    h_pidx = heights["pidx"].to_numpy(dtype=np.int64)
+    birth = cohort.patients["birth_day"].reindex(h_pidx).to_numpy(float)
+    age_years = (heights["iday"].to_numpy(float) - birth) / 365.25
+    drop = -heights.groupby("pidx")[HEIGHT].diff().to_numpy(float)  # positive when the height fell since last visit
     prev_child = pd.Series(age_years < CHILD_YEARS).groupby(h_pidx).shift(1).fillna(False).to_numpy(bool)
     checked = np.isfinite(drop) & prev_child
     return {
         "enforced_by_sampler": False,
-        "diastolic_not_below_systolic": rate(bp_bad, bp["pidx"].to_numpy()),
-        "bmi_inconsistent_with_weight_height": {**rate(bmi_bad, body["pidx"].to_numpy()),
+        "diastolic_not_below_systolic": rate(bp_bad, bp["pidx"].to_numpy(dtype=np.int64)),
+        "bmi_inconsistent_with_weight_height": {**rate(bmi_bad, body["pidx"].to_numpy(dtype=np.int64)),
                                                 "tolerance": BMI_TOLERANCE},
         "child_height_decrease": {**rate(drop[checked] > CHILD_HEIGHT_DROP_CM, h_pidx[checked]),
                                   "threshold_cm": CHILD_HEIGHT_DROP_CM, "under_years": CHILD_YEARS},
