@@ -1,5 +1,10 @@
 """Fidelity: how closely a cohort's statistics match the real cohort's (HALO-style code statistics,
-distributions, numeric values, ordering, multivariate Hellinger, classifier detection)."""
+distributions, numeric values, ordering, 1-way and 2-way marginal distances of the flat per-patient table,
+classifier detection), each headline figure against a real-vs-real bootstrap null at the sample sizes at hand.
+
+The Gaussian-copula Hellinger distance is no longer reported: at these sample sizes (hundreds of patients, ~60
+columns) the covariance estimates alone push it to ~0.95 for two samples of one distribution and to 1.0 for any
+generator (issue 20). gaussian_copula_hellinger stays for the benchmarks that tabulate it."""
 
 from __future__ import annotations
 
@@ -225,6 +230,98 @@ def gaussian_copula_hellinger(real: pd.DataFrame, other: pd.DataFrame, ridge: fl
     return float(np.sqrt(h2))
 
 
+# ---------------------------------------------------------------- marginal distances on the flat table
+def bin_codes(ref: np.ndarray, values: np.ndarray, bins: int = 10) -> tuple[np.ndarray, int]:
+    """Bin `values` on quantile edges of `ref` (the real data's): a column with at most `bins` distinct values gets
+    one bin per value (flags, small counts), others `bins` quantile bins (fewer where quantiles tie); values outside
+    the real range fall in the end bins and missing values in a bin of their own. Returns (codes, number of codes)."""
+    ref = np.asarray(ref, float)
+    values = np.asarray(values, float)
+    r = ref[np.isfinite(ref)]
+    uniq = np.unique(r)
+    if len(uniq) <= bins:
+        edges = (uniq[1:] + uniq[:-1]) / 2
+    else:
+        edges = np.unique(np.quantile(r, np.linspace(0, 1, bins + 1)[1:-1]))
+    codes = np.searchsorted(edges, values, side="right")
+    codes[~np.isfinite(values)] = len(edges) + 1
+    return codes.astype(np.int64), len(edges) + 2
+
+
+def _binned(real: pd.DataFrame, other: pd.DataFrame, columns: list[str], bins: int
+            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Both tables as integer bin codes (rows x columns) on the real table's edges, and codes per column."""
+    cr = np.zeros((len(real), len(columns)), np.int64)
+    co = np.zeros((len(other), len(columns)), np.int64)
+    k = np.zeros(len(columns), np.int64)
+    for j, c in enumerate(columns):
+        r = real[c].to_numpy(float)
+        o = other[c].to_numpy(float) if c in other.columns else np.full(len(other), np.nan)
+        cr[:, j], k[j] = bin_codes(r, r, bins)
+        co[:, j], _ = bin_codes(r, o, bins)
+    return cr, co, k
+
+
+def _table_columns(real: pd.DataFrame) -> list[str]:
+    return [c for c in real.columns if real[c].notna().any()]
+
+
+def marginal_distance_1way(real: pd.DataFrame, other: pd.DataFrame, *, bins: int = 10,
+                           columns: list[str] | None = None) -> dict:
+    """Total variation distance between each column's histogram in the two tables (real-data quantile bins),
+    averaged over columns: 0 = same marginals, 1 = disjoint."""
+    cols = _table_columns(real) if columns is None else list(columns)
+    if not cols or len(real) == 0 or len(other) == 0:
+        return {"tvd": None, "n_columns": len(cols), "bins": bins}
+    cr, co, k = _binned(real, other, cols, bins)
+    tvd = []
+    for j in range(len(cols)):
+        p = np.bincount(cr[:, j], minlength=k[j]) / len(cr)
+        q = np.bincount(co[:, j], minlength=k[j]) / len(co)
+        tvd.append(0.5 * float(np.abs(p - q).sum()))
+    worst = int(np.argmax(tvd))
+    return {"tvd": float(np.mean(tvd)), "max_tvd": float(tvd[worst]), "max_column": cols[worst],
+            "n_columns": len(cols), "bins": bins}
+
+
+def column_pairs(n_columns: int, max_pairs: int, seed: int = 0) -> np.ndarray:
+    """All unordered column pairs (i < j), or a fixed random `max_pairs` of them (same for the same inputs)."""
+    iu = np.column_stack(np.triu_indices(n_columns, 1))
+    if len(iu) > max_pairs:
+        keep = np.sort(np.random.default_rng(seed).choice(len(iu), max_pairs, replace=False))
+        iu = iu[keep]
+    return iu
+
+
+def marginal_distance_2way(real: pd.DataFrame, other: pd.DataFrame, *, bins: int = 5, max_pairs: int = 2000,
+                           columns: list[str] | None = None, seed: int = 0) -> dict:
+    """Total variation distance between the joint histograms of each column pair (real-data quantile bins),
+    averaged over pairs (all of them, or `max_pairs` drawn at random): 0 = same pairwise structure, 1 = disjoint.
+    Finite samples of one distribution score above 0 (the noise floor grows with cells over rows): read it against
+    the real-vs-real null of fidelity_report, not against 0."""
+    cols = _table_columns(real) if columns is None else list(columns)
+    pairs = column_pairs(len(cols), max_pairs, seed)
+    if len(pairs) == 0 or len(real) == 0 or len(other) == 0:
+        return {"tvd": None, "n_pairs": int(len(pairs)), "n_columns": len(cols), "bins": bins}
+    cr, co, k = _binned(real, other, cols, bins)
+    kk = int(k.max())
+    cells = kk * kk
+    tvd = np.zeros(len(pairs))
+    chunk = max(1, 2_000_000 // max(len(cr) + len(co), 1))  # bounded memory for the flat index arrays
+    for s in range(0, len(pairs), chunk):
+        pc = pairs[s:s + chunk]
+        off = np.arange(len(pc)) * cells
+        hist = []
+        for codes in (cr, co):
+            flat = (off[None, :] + codes[:, pc[:, 0]] * kk + codes[:, pc[:, 1]]).ravel()
+            hist.append(np.bincount(flat, minlength=len(pc) * cells).reshape(len(pc), cells) / len(codes))
+        tvd[s:s + len(pc)] = 0.5 * np.abs(hist[0] - hist[1]).sum(1)
+    worst = int(np.argmax(tvd))
+    return {"tvd": float(tvd.mean()), "max_tvd": float(tvd[worst]),
+            "max_pair": [cols[pairs[worst, 0]], cols[pairs[worst, 1]]],
+            "n_pairs": int(len(pairs)), "n_columns": len(cols), "bins": bins}
+
+
 def detection_auc(real: pd.DataFrame, other: pd.DataFrame, *, seed: int = 0, folds: int = 5,
                   max_rows: int = 2000) -> dict:
     """Cross-validated AUC of a gradient-boosted classifier telling real rows from other rows (0.5 = cannot)."""
@@ -250,6 +347,254 @@ def detection_auc(real: pd.DataFrame, other: pd.DataFrame, *, seed: int = 0, fol
             "classifier": "HistGradientBoosting"}
 
 
+# ---------------------------------------------------------------- code statistics of resampled cohorts
+def _binary(rows: np.ndarray, cols: np.ndarray, shape: tuple[int, int]) -> sp.csr_matrix:
+    m = sp.csr_matrix((np.ones(len(rows)), (rows, cols)), shape=shape)
+    m.sum_duplicates()
+    m.data[:] = 1.0
+    return m
+
+
+class _CodeStats:
+    """Condition and observation tokens of one cohort per patient and per visit, so that the prevalence,
+    co-occurrence and transition statistics of any multiset of its patients (weights = copies of each patient)
+    are sparse products rather than cohort rebuilds. With unit weights they equal prevalence(), cooccurrence()
+    and transitions() (up to the order of tied tokens in top_visit_tokens)."""
+
+    def __init__(self, cohort: Cohort):
+        ev = cohort.events
+        sel = ev["kind"].astype(str).isin(["condition", "observation"]).to_numpy()
+        tok = ev["token"].astype(str).to_numpy()[sel]
+        self.vocab, j = np.unique(tok, return_inverse=True)
+        self.index = pd.Index(self.vocab)
+        self.kind = np.array([t.split("|", 1)[0] for t in self.vocab], dtype=object)
+        self.n = cohort.n
+        vis = cohort.visits
+        nv = len(vis)
+        self.visit_pid = vis["pidx"].to_numpy().astype(np.int64) if nv else np.zeros(0, np.int64)
+        self.P = _binary(ev["pidx"].to_numpy()[sel], j, (self.n, len(self.vocab)))
+        self.V = _binary(ev["visit"].to_numpy()[sel], j, (nv, len(self.vocab)))
+        per_patient = sp.csr_matrix((np.ones(nv), (self.visit_pid, np.arange(nv))), shape=(self.n, nv))
+        self.C = (per_patient @ self.V).tocsc()  # patients x tokens: visits holding the token
+        self.first = np.flatnonzero(np.r_[self.visit_pid[1:] == self.visit_pid[:-1], False]) if nv else \
+            np.zeros(0, np.int64)
+
+    def weights(self, idx: np.ndarray) -> np.ndarray:
+        return np.bincount(np.asarray(idx, np.int64), minlength=self.n).astype(float)
+
+    def prevalence(self, w: np.ndarray, kind: str) -> pd.Series:
+        v = (self.P.T @ w) / max(float(w.sum()), 1.0)
+        keep = (self.kind == kind) & (v > 0)
+        return pd.Series(v[keep], index=self.vocab[keep])
+
+    def top_visit_tokens(self, w: np.ndarray, k: int) -> list[str]:
+        counts = self.C.T @ w
+        order = np.argsort(-counts, kind="stable")
+        return list(self.vocab[order[counts[order] > 0][:k]])
+
+    def _columns(self, tokens: list[str]) -> sp.csr_matrix:
+        pos = self.index.get_indexer(tokens)
+        m = self.V[:, np.maximum(pos, 0)] if len(self.vocab) else sp.csr_matrix((self.V.shape[0], len(tokens)))
+        if (pos < 0).any():
+            m = (m @ sp.diags((pos >= 0).astype(float))).tocsr()
+        return m
+
+    def cooccurrence(self, w: np.ndarray, tokens: list[str]) -> np.ndarray:
+        wv = w[self.visit_pid]
+        if len(wv) == 0 or wv.sum() == 0:
+            return np.zeros(0)
+        m = self._columns(tokens)
+        c = (m.T.multiply(wv[None, :]).tocsr() @ m).toarray() / wv.sum()
+        return c[np.triu_indices(len(tokens), 1)]
+
+    def transitions(self, w: np.ndarray, tokens: list[str]) -> np.ndarray:
+        a = self.first
+        wa = w[self.visit_pid[a]]
+        if len(a) == 0 or wa.sum() == 0:
+            return np.zeros(0)
+        m = self._columns(tokens)
+        return (m[a].T.multiply(wa[None, :]).tocsr() @ m[a + 1]).toarray().ravel() / wa.sum()
+
+
+def _r2(real: np.ndarray, other: np.ndarray) -> float | None:
+    return r2_identity(real, other) if len(real) and len(real) == len(other) else None
+
+
+# (key, path of the dict holding the figure, figure's key, +1 when higher is closer to real, -1 when lower is)
+NULL_HEADLINES = [
+    ("prevalence_condition", ("prevalence", "condition"), "r2", 1),
+    ("prevalence_observation", ("prevalence", "observation"), "r2", 1),
+    ("cooccurrence", ("cooccurrence",), "r2", 1),
+    ("transitions", ("transitions",), "r2", 1),
+    ("marginal_1way", ("marginal_1way",), "tvd", -1),
+    ("marginal_2way", ("marginal_2way",), "tvd", -1),
+    ("detection", ("detection",), "auc", -1),
+]
+
+
+def _table_rows(table: pd.DataFrame, cohort: Cohort, idx: np.ndarray) -> pd.DataFrame | None:
+    pos = table.index.get_indexer(cohort.patients.index[idx]) if table.index.is_unique else np.array([-1])
+    return None if (pos < 0).any() else table.iloc[pos]
+
+
+def _headlines(rs: _CodeStats, r_idx: np.ndarray, r_tab: pd.DataFrame | None, os_: _CodeStats,
+               o_idx: np.ndarray, o_tab: pd.DataFrame | None, *, tokens: list[str] | None, n_pair_tokens: int,
+               columns: list[str], bins_1way: int, bins_2way: int, max_pairs: int, seed: int
+               ) -> dict[str, float | None]:
+    """The headline figures of the patients r_idx of one cohort (the real role) against o_idx of another (or
+    the same) cohort, each index a multiset of patients; `tokens` None: chosen from the real role's patients."""
+    wr, wo = rs.weights(r_idx), os_.weights(o_idx)
+    out: dict[str, float | None] = {}
+    for kind in ("condition", "observation"):
+        out[f"prevalence_{kind}"] = compare_vectors(rs.prevalence(wr, kind), os_.prevalence(wo, kind))["r2"]
+    tok = rs.top_visit_tokens(wr, n_pair_tokens) if tokens is None else tokens
+    out["cooccurrence"] = _r2(rs.cooccurrence(wr, tok), os_.cooccurrence(wo, tok))
+    out["transitions"] = _r2(rs.transitions(wr, tok), os_.transitions(wo, tok))
+    if r_tab is not None and o_tab is not None:
+        out["marginal_1way"] = marginal_distance_1way(r_tab, o_tab, bins=bins_1way, columns=columns)["tvd"]
+        out["marginal_2way"] = marginal_distance_2way(r_tab, o_tab, bins=bins_2way, max_pairs=max_pairs,
+                                                      columns=columns, seed=seed)["tvd"]
+    return out
+
+
+def null_design(n_real: int, n_other: int, max_detection_rows: int = 2000) -> dict:
+    """How the real-vs-real null of an n_real-vs-n_other comparison draws its two samples of real patients.
+
+    Code statistics and marginal distances: where it is possible (n_other <= n_real / 3), two disjoint samples
+    of sizes a + b <= n_real with 1/a + 1/b = 1/n_real + 1/n_other, the same two-sample noise as the comparison
+    ("split"); otherwise two independent samples with replacement of sizes n_real and n_other ("bootstrap"). On
+    toy cohorts whose true real-vs-other distribution is known, the split was the closer where it fits, and
+    halves (the nearest split) put the marginal distances' null ~25% too far where it does not.
+    Detection: always two disjoint samples of min(n_real, n_other) rows a class where they fit, else halves
+    (repeated patients in both classes bias the cross-validated AUC); detection_noise_ratio =
+    sqrt(rows a class in the comparison / in the null) says how much wider (lenient) its null is then."""
+    if 3 * n_other <= n_real:
+        target = 1.0 / n_real + 1.0 / n_other
+        disc = max(n_real * n_real - 4.0 * n_real / target, 0.0)
+        b = max(1, round((n_real - np.sqrt(disc)) / 2))
+        method, sizes = "split", [n_real - b, b]
+    else:
+        method, sizes = "bootstrap", [n_real, n_other]
+    n_det = min(n_real, n_other, max_detection_rows)
+    n_det_null = min(n_det, n_real // 2)
+    return {"method": method, "sizes": sizes, "detection_rows": n_det_null,
+            "detection_noise_ratio": float(np.sqrt(n_det / n_det_null)) if n_det_null else None}
+
+
+def canonical_order(cohort: Cohort) -> np.ndarray:
+    """Patients ordered by a hash of their content (sex, birth day, each event's token and day), not by their
+    ids or load order: an export ingested back (new ids, other order) resamples the same patients."""
+    ev = cohort.events
+    h = pd.util.hash_pandas_object(pd.DataFrame({"t": ev["token"].astype(str).to_numpy(),
+                                                 "d": ev["iday"].to_numpy()}), index=False).to_numpy()
+    key = np.zeros(cohort.n, np.uint64)
+    np.add.at(key, ev["pidx"].to_numpy(), h)  # order-free sum (wraps around)
+    pats = pd.DataFrame({"s": cohort.patients["sex"].astype(str).to_numpy(),
+                         "b": np.floor(cohort.patients["birth_day"].to_numpy(float))})
+    key ^= pd.util.hash_pandas_object(pats, index=False).to_numpy()
+    return np.argsort(key, kind="stable")
+
+
+def _summary(values: list[float | None]) -> dict | None:
+    v = np.array([x for x in values if x is not None and np.isfinite(x)], float)
+    if len(v) == 0:
+        return None
+    lo, med, hi = np.percentile(v, [2.5, 50, 97.5])
+    return {"median": float(med), "lo": float(lo), "hi": float(hi), "n": int(len(v))}
+
+
+def _interval(values: list[float | None], centre: float | None, lowest: float, highest: float
+              ) -> list[float] | None:
+    """Percentile interval of bootstrap values, shifted so that their median is the observed value (and kept
+    within the figure's range): resampling patients with replacement adds its own noise, which inflates a
+    distance and deflates an R² (on real data the unshifted intervals missed the observed value); the shift
+    keeps the spread and drops that bias."""
+    s = _summary(values)
+    if s is None or centre is None:
+        return None
+    return [max(lowest, centre - (s["median"] - s["lo"])), min(highest, centre + (s["hi"] - s["median"]))]
+
+
+def bootstrap_null(real: Cohort, other: Cohort, out: dict, *, real_table: pd.DataFrame,
+                   other_table: pd.DataFrame, tokens: list[str], n_pair_tokens: int, columns: list[str],
+                   bins_1way: int, bins_2way: int, max_pairs: int, seed: int, null_draws: int, ci_draws: int,
+                   detection_null_draws: int) -> dict:
+    """Attach to each headline figure of `out` (a fidelity_report dict; NULL_HEADLINES) its real-vs-real null
+    (`null`: median and 2.5-97.5% range of the same figure over null_draws pairs of samples of real patients,
+    detection_null_draws for detection, drawn as null_design says, the first in the real role: codes and bins
+    are chosen from it), a bootstrap interval over the other cohort's patients with the real cohort fixed
+    (`ci`, ci_draws resamples; none for detection), and where
+    the figure lies (`vs_null`: "within"; "farther" = less like the real data than another sample of real
+    patients; "closer" = more like the training data than another sample is, a memorisation hint;
+    `within_null` = "within"). Returns the settings used."""
+    n_r, n_o = real.n, other.n
+    if null_draws <= 0:
+        return {"null_draws": 0, "reason": "no null draws asked for"}
+    if n_r < 4 or n_o < 2:
+        return {"null_draws": 0, "reason": f"too few patients for a null (real {n_r}, other {n_o})"}
+    design = null_design(n_r, n_o)
+    a, b = design["sizes"]
+    rs, os_ = _CodeStats(real), _CodeStats(other)
+    kw = {"n_pair_tokens": n_pair_tokens, "columns": columns, "bins_1way": bins_1way, "bins_2way": bins_2way,
+          "max_pairs": max_pairs}
+    rng = np.random.default_rng([seed, 20])
+    nulls: dict[str, list] = {k: [] for k, *_ in NULL_HEADLINES}
+    n_det = design["detection_rows"] if detection_null_draws > 0 and design["detection_rows"] >= 10 else 0
+    for d in range(max(null_draws, detection_null_draws if n_det else 0)):
+        if design["method"] == "split":
+            perm = rng.permutation(n_r)
+            ia, ib = perm[:a], perm[a:a + b]
+        else:
+            ia, ib = rng.integers(0, n_r, a), rng.integers(0, n_r, b)
+        vals = {}
+        if d < null_draws:
+            vals = _headlines(rs, ia, _table_rows(real_table, real, ia), rs, ib,
+                              _table_rows(real_table, real, ib), tokens=None, seed=seed, **kw)
+        if n_det and d < detection_null_draws:
+            perm = rng.permutation(n_r)
+            ta = _table_rows(real_table, real, perm[:n_det])
+            tb = _table_rows(real_table, real, perm[n_det:2 * n_det])
+            if ta is not None and tb is not None:
+                vals["detection"] = detection_auc(ta, tb, seed=seed + 1 + d, max_rows=n_det)["auc"]
+        for k, v in vals.items():
+            nulls[k].append(v)
+    cis: dict[str, list] = {k: [] for k, *_ in NULL_HEADLINES}
+    all_real = np.arange(n_r)
+    canon = canonical_order(other)  # the interval must not depend on the order (or ids) patients come in
+    for _ in range(ci_draws):
+        io = canon[rng.integers(0, n_o, n_o)]
+        vals = _headlines(rs, all_real, real_table, os_, io, _table_rows(other_table, other, io), tokens=tokens,
+                          seed=seed, **kw)
+        for k, v in vals.items():
+            cis[k].append(v)
+    for key, path, fig, sign in NULL_HEADLINES:
+        d = out
+        for p in path:
+            d = d.get(p) if isinstance(d, dict) else None
+        if not isinstance(d, dict):
+            continue
+        null = _summary(nulls[key])
+        v = d.get(fig)
+        d["null"] = null
+        d["ci"] = _interval(cis[key], v, -np.inf if sign > 0 else 0.0, 1.0)
+        if v is None or null is None:
+            d["within_null"], d["vs_null"] = None, None
+            continue
+        pos = "within" if null["lo"] <= v <= null["hi"] else \
+            ("closer" if (v - null["median"]) * sign > 0 else "farther")
+        d["within_null"], d["vs_null"] = pos == "within", pos
+    return {"null_draws": null_draws, "detection_null_draws": detection_null_draws if n_det else 0,
+            "ci_draws": ci_draws, "null_method": design["method"], "null_sizes": design["sizes"],
+            "detection_null_rows": n_det or None,
+            "detection_noise_ratio": design["detection_noise_ratio"] if n_det else None,
+            "null": "real vs real: two disjoint samples of real patients ('split', sizes a + b <= n_real with the "
+                    "comparison's two-sample noise) or two independent samples with replacement of the "
+                    "comparison's sizes ('bootstrap'), the first in the real role; detection: disjoint halves "
+                    "or smaller",
+            "ci": "the other cohort's patients resampled with replacement, real fixed: 2.5-97.5% percentile "
+                  "interval shifted so its median is the observed value; none for detection"}
+
+
 # ---------------------------------------------------------------- orchestration
 def _scatter(real: pd.Series, other: pd.Series, limit: int = 400) -> list[list[float]]:
     keys = real.index.union(other.index)
@@ -261,8 +606,15 @@ def _scatter(real: pd.Series, other: pd.Series, limit: int = 400) -> list[list[f
 
 def fidelity_report(real: Cohort, other: Cohort, *, real_table: pd.DataFrame, other_table: pd.DataFrame,
                     n_pair_tokens: int = 60, n_value_codes: int = 10, n_order_codes: int = 15,
-                    seed: int = 0) -> tuple[dict, dict]:
-    """All fidelity metrics of `other` against `real`; returns (metrics, plot data)."""
+                    seed: int = 0, bins_1way: int = 10, bins_2way: int = 5, max_pairs: int = 2000,
+                    null_draws: int = 40, detection_null_draws: int = 20, ci_draws: int = 20
+                    ) -> tuple[dict, dict]:
+    """All fidelity metrics of `other` against `real`; returns (metrics, plot data).
+
+    The headline figures (prevalence, co-occurrence and transition R², 1-way and 2-way marginal TVD of the flat
+    tables, detection AUC) each get a real-vs-real null, a bootstrap interval and a verdict (bootstrap_null);
+    null_draws=0 skips that, detection_null_draws=0 skips detection's. Cost at 800 real / 600 other patients on
+    one core: ~0.35 s a null or interval draw, ~1 s a detection draw (~35 s in all at the defaults)."""
     out: dict = {}
     plots: dict = {}
     prev = {}
@@ -311,8 +663,16 @@ def fidelity_report(real: Cohort, other: Cohort, *, real_table: pd.DataFrame, ot
         "mean_abs_diff": float(np.abs(orr[common] - oro[common]).mean()) if len(common) else None,
         "sign_agreement": float(((orr[common] - 0.5) * (oro[common] - 0.5) >= 0).mean()) if len(common) else None,
     }
-    out["hellinger_copula"] = gaussian_copula_hellinger(real_table, other_table)
+    columns = _table_columns(real_table)
+    out["marginal_1way"] = marginal_distance_1way(real_table, other_table, bins=bins_1way, columns=columns)
+    out["marginal_2way"] = marginal_distance_2way(real_table, other_table, bins=bins_2way, max_pairs=max_pairs,
+                                                  columns=columns, seed=seed)
     out["detection"] = detection_auc(real_table, other_table, seed=seed)
+    out["bootstrap"] = bootstrap_null(real, other, out, real_table=real_table, other_table=other_table,
+                                      tokens=tokens, n_pair_tokens=n_pair_tokens, columns=columns,
+                                      bins_1way=bins_1way, bins_2way=bins_2way, max_pairs=max_pairs, seed=seed,
+                                      null_draws=null_draws, ci_draws=ci_draws,
+                                      detection_null_draws=detection_null_draws)
     return out, plots
 
 

@@ -30,6 +30,13 @@ def _fmt(v: object) -> str:
     return escape(str(v))
 
 
+def _interval(ci: object) -> str:
+    """[lo, hi] as text, or empty when there is none."""
+    if isinstance(ci, list | tuple) and len(ci) == 2 and all(isinstance(x, int | float) for x in ci):
+        return f"[{_fmt(float(ci[0]))}, {_fmt(float(ci[1]))}]"
+    return ""
+
+
 def _table(headers: list[str], rows: list[list[object]]) -> str:
     head = "".join(f"<th>{escape(h)}</th>" for h in headers)
     body = []
@@ -120,9 +127,9 @@ def render_html(report: dict) -> str:
         out.append(f"<p class='note'><b>Not for release:</b> {escape(meta['release_note'])}.</p>")
 
     out.append("<h2>Summary</h2>")
-    out.append(_table(["group", "metric", "synthetic", "reference", "ideal", "note"],
-                      [[r.get("group"), r.get("metric"), r.get("synthetic"), r.get("reference"), r.get("ideal"),
-                        r.get("note")] for r in report.get("summary", [])]))
+    out.append(_table(["group", "metric", "synthetic", "95% interval", "reference", "ideal", "note"],
+                      [[r.get("group"), r.get("metric"), r.get("synthetic"), _interval(r.get("interval")),
+                        r.get("reference"), r.get("ideal"), r.get("note")] for r in report.get("summary", [])]))
 
     out.append("<h2>Fidelity</h2>" + _key(["synthetic", "holdout"][: len(others)] if others else []))
     out.append("<p class='note'>Scatter plots: each point is one code (or code pair); x = statistic in the real "
@@ -150,12 +157,18 @@ def render_html(report: dict) -> str:
 
     out.append("<h2>Utility (train on synthetic, test on real)</h2>")
     util = report.get("utility", {})
-    out.append(f"<p>Test set: {_fmt(util.get('test_set'))}.</p>")
-    out.append(_table(["task", "description", "TRTR AUROC", "TSTR AUROC", "ratio", "positives (train/test/synth)",
-                       "not computable because"],
-                      [[k, v.get("description"), v.get("trtr_auroc"), v.get("tstr_auroc"), v.get("ratio"),
-                        "/".join(str(x) for x in (v.get("positives") or {}).values()), v.get("reason")]
-                       for k, v in util.items() if isinstance(v, dict)]))
+    us = util.get("summary") or {}
+    out.append(f"<p>Test set: {_fmt(util.get('test_set'))}. Mean TSTR/TRTR ratio over the tasks that do more than "
+               f"measure age: {_fmt(us.get('mean_ratio'))} {_interval(us.get('mean_ratio_ci'))} "
+               f"({escape(', '.join(us.get('tasks_used') or []) or str(us.get('reason') or 'none'))}).</p>")
+    out.append(_table(["task", "positives (train/test/synth)", "TRTR AUROC", "age-only AUROC", "TSTR AUROC", "ratio",
+                       "measures age", "not computable because"],
+                      [[v.get("description") or k, "/".join(str(x) for x in (v.get("positives") or {}).values()),
+                        f"{_fmt(v.get('trtr_auroc'))} {_interval(v.get('trtr_ci'))}",
+                        f"{_fmt(v.get('age_only_auroc'))} {_interval(v.get('age_only_ci'))}",
+                        f"{_fmt(v.get('tstr_auroc'))} {_interval(v.get('tstr_ci'))}", v.get("ratio"),
+                        v.get("measures_age"), v.get("reason")]
+                       for k, v in (util.get("tasks") or {}).items()]))
 
     out.append("<h2>Privacy</h2>")
     pr = report.get("privacy", {})
@@ -165,7 +178,8 @@ def render_html(report: dict) -> str:
                                          for k, v in formal.items()]))
     out.append("<h3>Empirical attacks</h3>")
     attack_rows = []
-    for key in ("mia_likelihood", "mia_distance", "dcr", "copies", "attribute_inference", "canary_audit"):
+    for key in ("mia_likelihood", "mia_record_distance", "mia_distance", "dcr", "copies", "attribute_inference",
+                "canary_audit"):
         for k, v in (pr.get(key) or {}).items():
             attack_rows.append([key, k, json.dumps(v) if isinstance(v, dict | list) else v])
     out.append(_table(["test", "key", "value"], attack_rows))

@@ -113,7 +113,8 @@ HEADLINE_FIDELITY = [
     ("Sex total variation", ("distributions", "sex", "tvd"), 0.0),
     ("Numeric values mean KS (top LOINC)", ("numeric_values_mean_ks",), 0.0),
     ("Ordering |Δ share a-before-b|", ("ordering", "mean_abs_diff"), 0.0),
-    ("Gaussian-copula Hellinger", ("hellinger_copula",), 0.0),
+    ("1-way marginal TVD (flat table)", ("marginal_1way", "tvd"), 0.0),
+    ("2-way marginal TVD (flat table)", ("marginal_2way", "tvd"), 0.0),
     ("Detection AUC", ("detection", "auc"), 0.5),
 ]
 
@@ -122,22 +123,48 @@ def summary_rows(report: dict) -> list[dict]:
     rows = []
     fid = report["fidelity"]
     for label, path, ideal in HEADLINE_FIDELITY:
+        head = _get(fid.get("synthetic", {}), *path[:-1]) or {}
+        null = head.get("null") if isinstance(head, dict) else None
+        note = None
+        if isinstance(null, dict) and all(isinstance(null.get(k), int | float) for k in ("median", "lo", "hi")):
+            # real vs real at these sample sizes: how far another sample of real patients is
+            note = (f"real-vs-real null {null['median']:.3f} [{null['lo']:.3f}, {null['hi']:.3f}]: "
+                    f"{head.get('vs_null')}")
         rows.append({"group": "fidelity", "metric": label, "synthetic": _get(fid.get("synthetic", {}), *path),
-                     "reference": _get(fid.get("holdout", {}), *path), "ideal": ideal})
-    for task in ("condition_onset", "mortality"):
-        t = report["utility"].get(task, {})
-        rows.append({"group": "utility", "metric": f"{task} AUROC (TSTR vs TRTR)", "synthetic": t.get("tstr_auroc"),
-                     "reference": t.get("trtr_auroc"), "ideal": None, "note": t.get("reason")})
+                     "reference": _get(fid.get("holdout", {}), *path), "ideal": ideal,
+                     "interval": head.get("ci") if isinstance(head, dict) else None, "note": note})
+    util = report["utility"]
+    us = util.get("summary") or {}
+    rows.append({"group": "utility", "metric": "Mean TSTR/TRTR AUROC ratio (tasks beyond age)",
+                 "synthetic": us.get("mean_ratio"), "reference": None, "ideal": 1.0,
+                 "interval": us.get("mean_ratio_ci"),
+                 "note": us.get("reason") or f"tasks: {', '.join(us.get('tasks_used') or []) or 'none'}"})
+    for t in (util.get("tasks") or {}).values():
+        note = t.get("reason")
+        if t.get("measures_age"):
+            note = f"measures age: age alone reaches {t.get('age_only_auroc'):.3f}"
+        rows.append({"group": "utility", "metric": f"{t.get('description') or t.get('label')} AUROC (TSTR vs TRTR)",
+                     "synthetic": t.get("tstr_auroc"), "reference": t.get("trtr_auroc"), "ideal": None,
+                     "interval": t.get("tstr_ci"), "note": note})
     pr = report["privacy"]
-    for label, path, ideal in [("MIA likelihood AUC", ("mia_likelihood", "auc"), 0.5),
-                               ("MIA likelihood TPR@1%FPR", ("mia_likelihood", "tpr_at_1pct_fpr"), 0.01),
-                               ("MIA distance AUC", ("mia_distance", "auc"), 0.5),
-                               ("MIA distance TPR@1%FPR", ("mia_distance", "tpr_at_1pct_fpr"), 0.01),
-                               ("DCR share closer to training", ("dcr", "share_closer_to_training"), 0.5),
-                               ("Attribute inference AUC", ("attribute_inference", "synthetic_auc"), None)]:
-        ref = _get(pr, "attribute_inference", "baseline_auc") if label.startswith("Attribute") else None
-        rows.append({"group": "privacy", "metric": label, "synthetic": _get(pr, *path), "reference": ref,
-                     "ideal": ideal, "note": _get(pr, path[0], "reason")})
+    # (label, path of the synthetic value, path of its reference, ideal, path of its 95% interval)
+    for label, path, ref, ideal, ci in [
+        ("MIA likelihood AUC", ("mia_likelihood", "auc"), None, 0.5, None),
+        ("MIA likelihood TPR@1%FPR", ("mia_likelihood", "tpr_at_1pct_fpr"), None, 0.01, None),
+        ("MIA record-distance AUC", ("mia_record_distance", "auc"), None, 0.5, None),
+        ("MIA code-set distance AUC", ("mia_distance", "auc"), None, 0.5, None),
+        ("DCR share closer to training", ("dcr", "share_closer_to_training"), ("dcr", "expected_share"), None,
+         ("dcr", "share_ci95")),
+        ("Near-copy rate", ("copies", "synthetic_near_copy_rate"), ("copies", "baseline_near_copy_rate"), None,
+         ("copies", "synthetic_near_copy_rate_ci95")),
+        ("Code-set copy rate", ("copies", "synthetic_codeset_copy_rate"), ("copies", "holdout_codeset_copy_rate"),
+         None, ("copies", "synthetic_codeset_copy_rate_ci95")),
+        ("Attribute inference success (members)", ("attribute_inference", "member_success"),
+         ("attribute_inference", "nonmember_success"), None, None),
+    ]:
+        rows.append({"group": "privacy", "metric": label, "synthetic": _get(pr, *path),
+                     "reference": _get(pr, *ref) if ref else None, "ideal": ideal,
+                     "interval": _get(pr, *ci) if ci else None, "note": _get(pr, path[0], "reason")})
     rows.append({"group": "privacy", "metric": "Exact trajectory copies", "ideal": 0.0,
                  "synthetic": _get(pr, "copies", "synthetic_trajectory_copy_rate"),
                  "reference": _get(pr, "copies", "holdout_trajectory_copy_rate")})
