@@ -210,3 +210,16 @@ def test_plausibility_clean_toy_data(cohorts):
     rep = plausibility_report({"real": cohorts["real"]}, None)["real"]
     assert all(v["events"] == 0 for v in rep.values() if isinstance(v, dict) and "events" in v)
     assert rep["enforced_by_sampler"] is True and rep["held_out_rules"]["enforced_by_sampler"] is False
+
+
+def test_attack_auc_interval_covers_chance_and_separation():
+    import numpy as np
+
+    from fhirsynth.evaluate.privacy import attack_metrics
+
+    rng = np.random.default_rng(3)
+    same = attack_metrics(rng.normal(size=300), rng.normal(size=300))
+    lo, hi = same["auc_ci95"]
+    assert lo < 0.5 < hi and hi - lo < 0.2
+    apart = attack_metrics(rng.normal(5, 1, 300), rng.normal(size=300))
+    assert apart["auc"] > 0.99 and apart["auc_ci95"][0] > 0.98

@@ -149,16 +149,18 @@ def summary_rows(report: dict) -> list[dict]:
     pr = report["privacy"]
     # (label, path of the synthetic value, path of its reference, ideal, path of its 95% interval)
     for label, path, ref, ideal, ci in [
-        ("MIA likelihood AUC", ("mia_likelihood", "auc"), None, 0.5, None),
+        ("MIA likelihood AUC", ("mia_likelihood", "auc"), None, 0.5, ("mia_likelihood", "auc_ci95")),
         ("MIA likelihood TPR@1%FPR", ("mia_likelihood", "tpr_at_1pct_fpr"), None, 0.01, None),
-        ("MIA record-distance AUC", ("mia_record_distance", "auc"), None, 0.5, None),
-        ("MIA code-set distance AUC", ("mia_distance", "auc"), None, 0.5, None),
+        ("MIA record-distance AUC", ("mia_record_distance", "auc"), None, 0.5, ("mia_record_distance", "auc_ci95")),
+        ("MIA code-set distance AUC", ("mia_distance", "auc"), None, 0.5, ("mia_distance", "auc_ci95")),
         ("DCR share closer to training", ("dcr", "share_closer_to_training"), ("dcr", "expected_share"), None,
          ("dcr", "share_ci95")),
         ("Near-copy rate", ("copies", "synthetic_near_copy_rate"), ("copies", "baseline_near_copy_rate"), None,
          ("copies", "synthetic_near_copy_rate_ci95")),
         ("Code-set copy rate", ("copies", "synthetic_codeset_copy_rate"), ("copies", "holdout_codeset_copy_rate"),
          None, ("copies", "synthetic_codeset_copy_rate_ci95")),
+        ("Attribute inference advantage (members - non-members)", ("attribute_inference", "advantage"), None, 0.0,
+         ("attribute_inference", "advantage_ci95")),
         ("Attribute inference success (members)", ("attribute_inference", "member_success"),
          ("attribute_inference", "nonmember_success"), None, None),
     ]:
