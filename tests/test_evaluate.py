@@ -223,3 +223,16 @@ def test_attack_auc_interval_covers_chance_and_separation():
     assert lo < 0.5 < hi and hi - lo < 0.2
     apart = attack_metrics(rng.normal(5, 1, 300), rng.normal(size=300))
     assert apart["auc"] > 0.99 and apart["auc_ci95"][0] > 0.98
+
+
+def test_ks_interval_brackets_the_statistic_and_separates_a_shift():
+    import numpy as np
+
+    from fhirsynth.evaluate.fidelity import compare_samples
+
+    rng = np.random.default_rng(5)
+    same = compare_samples(rng.normal(size=400), rng.normal(size=300))
+    shifted = compare_samples(rng.normal(size=400), rng.normal(1.0, 1.0, size=300))
+    for r in (same, shifted):
+        assert r["ks_ci95"][0] <= r["ks"] <= r["ks_ci95"][1]
+    assert shifted["ks_ci95"][0] > same["ks_ci95"][1]

@@ -130,9 +130,10 @@ def summary_rows(report: dict) -> list[dict]:
             # real vs real at these sample sizes: how far another sample of real patients is
             note = (f"real-vs-real null {null['median']:.3f} [{null['lo']:.3f}, {null['hi']:.3f}]: "
                     f"{head.get('vs_null')}")
+        interval = (head.get("ci") or head.get(f"{path[-1]}_ci95")) if isinstance(head, dict) else None
         rows.append({"group": "fidelity", "metric": label, "synthetic": _get(fid.get("synthetic", {}), *path),
-                     "reference": _get(fid.get("holdout", {}), *path), "ideal": ideal,
-                     "interval": head.get("ci") if isinstance(head, dict) else None, "note": note})
+                     "reference": _get(fid.get("holdout", {}), *path), "ideal": ideal, "interval": interval,
+                     "note": note})
     util = report["utility"]
     us = util.get("summary") or {}
     rows.append({"group": "utility", "metric": "Mean TSTR/TRTR AUROC ratio (tasks beyond age)",
