@@ -28,10 +28,12 @@ class FhirServer:
     """A tiny FHIR transaction endpoint: checks what HAPI would reject, stores resources by Type/id (PUT)."""
 
     def __init__(self, *, throttle_first: int = 1, token: str | None = None, reject_every: int = 0,
-                 non_bundle_200: bool = False) -> None:
+                 non_bundle_200: bool = False, max_updates: int | None = None) -> None:
         """reject_every=k: process entry by entry (HTTP 200 with a transaction-response) and reject every k-th
         entry with 422, as a server without atomic transactions does; non_bundle_200: answer 200 with an
         OperationOutcome and store nothing."""
+        self.max_updates = max_updates  # like a server's limit on updates per transaction
+        self.transactions = 0
         self.reject_every = reject_every
         self.non_bundle_200 = non_bundle_200
         self.entries_seen = 0
@@ -89,8 +91,11 @@ class FhirServer:
         if bundle.get("resourceType") != "Bundle" or bundle.get("type") != "transaction":
             return 400, _outcome("not a transaction Bundle")
         entries = bundle.get("entry") or []
+        if self.max_updates is not None and len(entries) > self.max_updates:
+            return 400, _outcome("Transaction contains more update operations than allowed")
         full_urls = {e.get("fullUrl") for e in entries}
-        if entries and entries[0]["resource"]["resourceType"] != "Patient":
+        types = [e["resource"]["resourceType"] for e in entries]
+        if "Patient" in types and types[0] != "Patient":
             return 400, _outcome("Patient must come first")
         for i, e in enumerate(entries):
             r, req = e["resource"], e.get("request") or {}
@@ -99,7 +104,7 @@ class FhirServer:
             for ref in iter_references(r):
                 if "?" in ref:
                     return 400, _outcome(f"entry[{i}]: conditional reference {ref} not supported")
-                if ref not in full_urls:
+                if ref not in full_urls and ref not in self.store:  # in this transaction, or stored before
                     return 400, _outcome(f"entry[{i}]: unresolvable reference {ref}")
         if self.non_bundle_200:
             return 200, _outcome("accepted (nothing stored)")
@@ -117,6 +122,7 @@ class FhirServer:
                         out.append({"response": {"status": "201 Created"}})
             return 200, {"resourceType": "Bundle", "type": "transaction-response", "entry": out}
         with self.lock:  # all or nothing
+            self.transactions += 1
             for e in entries:
                 r = e["resource"]
                 self.store[f"{r['resourceType']}/{r['id']}"] = r
@@ -208,10 +214,12 @@ def test_gzip_transaction_export_loads(tmp_path):
 def test_rejected_entries_inside_a_200_fail_the_load(export, capsys):
     """A server that processes entries one by one answers 200 while rejecting some: every rejected entry is a
     failure naming the resource, the status and the OperationOutcome text, and the command exits non-zero."""
-    sent = sum(len(json.loads((export / o["url"]).read_bytes())["entry"]) for o in read_manifest(export)["output"])
     with FhirServer(throttle_first=0, reject_every=10) as server:
         report = load_export(export, server.url, retries=0, concurrency=1)
-        rejected = sent // 10
+        # a failed transaction stops its file (later chunks would point at what it did not store): count what
+        # the server saw
+        rejected = server.entries_seen // 10
+        assert len(server.store) == server.entries_seen - rejected
         failed_entries = [f for failure in report.failures for f in failure["entries"]]
         assert len(failed_entries) == rejected  # no silent losses
         assert all("HTTP 422" in f and "failed profile check" in f for f in failed_entries)
@@ -230,3 +238,30 @@ def test_200_without_transaction_response_is_not_success(export):
         report = load_export(export, server.url, retries=0)
         assert report.loaded == 0 and report.failed == 6
         assert "not a transaction-response Bundle" in report.failures[0]["message"]
+
+
+def test_max_entries_splits_patients_for_a_server_with_an_update_limit(export, capsys):
+    """A server that refuses transactions of more than 10 updates: without splitting every larger patient fails
+    with the server's message; with --max-entries 10 everything loads, references resolve across the chunks
+    (the server checks each one), and a reload adds nothing."""
+    sizes = [len(json.loads((export / o["url"]).read_bytes())["entry"]) for o in read_manifest(export)["output"]]
+    assert max(sizes) > 10
+    expected = sum(read_manifest(export)["extension"]["fhirsynth"]["resources"].values())
+    with FhirServer(throttle_first=0, max_updates=10) as server:
+        whole = load_export(export, server.url, retries=0, max_entries=1000)
+        assert whole.failed == sum(n > 10 for n in sizes)
+        assert all("more update operations than allowed" in f["message"] for f in whole.failures)
+        report = load_export(export, server.url, retries=0, max_entries=10)
+        assert (report.loaded, report.failed) == (6, 0)
+        assert len(server.store) == expected
+        assert server.transactions >= sum(-(-n // 10) for n in sizes)
+        # every Provenance target is stored: as Type/id (an earlier chunk) or its urn:uuid (the same chunk)
+        stored_ids = {key.split("/", 1)[1] for key in server.store}
+        provenance = [r for r in server.store.values() if r["resourceType"] == "Provenance"]
+        targets = [t["reference"] for p in provenance for t in p["target"]]
+        assert provenance and any(not t.startswith("urn:uuid:") for t in targets)  # some point at earlier chunks
+        assert all(t in server.store or t.removeprefix("urn:uuid:") in stored_ids for t in targets)
+        assert main(["load", str(export), "--url", server.url, "--max-entries", "10"]) == 0
+        assert len(server.store) == expected  # PUT with ids: a reload duplicates nothing
+    assert main(["load", str(export), "--url", "http://127.0.0.1:9/fhir", "--max-entries", "0"]) == 2
+    assert "--max-entries" in capsys.readouterr().err

@@ -21,6 +21,10 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--token", default=None,
                    help="bearer token (default: $FHIRSYNTH_TOKEN); sent as Authorization: Bearer ...")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds per request (default 120)")
+    p.add_argument("--max-entries", type=int, default=50,
+                   help="entries per transaction (default 50, the strictest common server limit): a larger patient "
+                        "Bundle is split into consecutive transactions, Patient first and Provenance last, each "
+                        "reference pointing at something already stored or in the same transaction")
     p.set_defaults(func=run)
     return p
 
@@ -30,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
 
     token = args.token or os.environ.get("FHIRSYNTH_TOKEN") or None
     report = load_export(args.export_dir, args.url, concurrency=args.concurrency, retries=args.retries,
-                         token=token, timeout=args.timeout)
+                         token=token, timeout=args.timeout, max_entries=args.max_entries)
     log.info("loaded %d bundle(s), failed %d, %d retries, %.1fs", report.loaded, report.failed, report.retries,
              report.seconds)
     for rtype, outcomes in report.by_type().items():

@@ -25,12 +25,15 @@ import httpx
 import orjson
 
 from fhirsynth.errors import LoadError, UsageError
+from fhirsynth.export.bundles import rewrite_refs
 from fhirsynth.export.writer import MANIFEST
 from fhirsynth.logs import progress
 
 log = logging.getLogger(__name__)
 
 RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
+# Entries per transaction: the strictest common server limit (some servers refuse more than 50 updates at once)
+DEFAULT_MAX_ENTRIES = 50
 MAX_BACKOFF_S = 60.0
 FHIR_JSON = "application/fhir+json"
 
@@ -172,16 +175,36 @@ def _retry_after(response: httpx.Response | None, attempt: int, base: float) -> 
     return min(base * (2**attempt) * (0.5 + random.random()), MAX_BACKOFF_S)
 
 
-async def _post_one(
-    client: httpx.AsyncClient, url: str, path: Path, retries: int, backoff: float, report: LoadReport
-) -> None:
-    try:
-        body = await asyncio.to_thread(_read_bundle, path)
-    except (OSError, ValueError) as exc:
-        report.failed += 1
-        report.failures.append({"file": path.name, "status": None, "message": str(exc)})
-        log.error("%s: %s", path.name, exc)
-        return
+def _entry_rank(entry: dict) -> int:
+    """Order inside a split transaction: Patient, then Encounters, then the rest, Provenance last (it points at
+    everything else), so every reference points at something already stored or in the same chunk."""
+    rtype = (entry.get("resource") or {}).get("resourceType")
+    return {"Patient": 0, "Device": 1, "Encounter": 2, "Provenance": 9}.get(rtype, 5)
+
+
+def split_transaction(doc: dict, max_entries: int) -> list[dict]:
+    """A transaction Bundle as consecutive transactions of at most max_entries entries. A reference to an entry of
+    an earlier chunk (its urn:uuid fullUrl) is rewritten to that entry's `Type/id`, where the earlier PUT stored
+    it; references inside a chunk keep their fullUrl, which the server resolves within the transaction."""
+    entries = sorted(doc.get("entry") or [], key=_entry_rank)  # stable: the writer's order within a rank
+    if len(entries) <= max_entries:
+        return [doc]
+    stored: dict[str, str] = {}
+    chunks = []
+    for i in range(0, len(entries), max_entries):
+        chunk = entries[i: i + max_entries]
+        chunks.append({**doc, "entry": [{**e, "resource": rewrite_refs(e.get("resource"), stored)} for e in chunk]})
+        for e in chunk:
+            req = e.get("request") or {}
+            if e.get("fullUrl") and req.get("method") == "PUT" and req.get("url"):
+                stored[e["fullUrl"]] = req["url"]
+    return chunks
+
+
+async def _post_chunk(client: httpx.AsyncClient, url: str, chunk: dict, retries: int, backoff: float,
+                      report: LoadReport) -> dict | None:
+    """POST one transaction, retrying 429 / 5xx / network errors; None on success, else the failure record."""
+    body = orjson.dumps(chunk)
     attempt = 0
     while True:
         response: httpx.Response | None = None
@@ -192,40 +215,56 @@ async def _post_one(
                     answer = response.json()
                 except ValueError:
                     answer = None
-                entry_failures, counts = check_transaction_response(orjson.loads(body), answer)
+                entry_failures, counts = check_transaction_response(chunk, answer)
                 report.entries.update(counts)
                 if not entry_failures:
-                    report.loaded += 1
-                    return
+                    return None
                 message = (f"HTTP {response.status_code} but {len(entry_failures)} entr"
                            f"{'y' if len(entry_failures) == 1 else 'ies'} failed: " + "; ".join(entry_failures[:5]))
-                report.failed += 1
-                report.failures.append({"file": path.name, "status": response.status_code, "message": message,
-                                        "attempts": attempt + 1, "entries": entry_failures})
-                log.error("%s: %s", path.name, message)
-                return
+                return {"status": response.status_code, "message": message, "attempts": attempt + 1,
+                        "entries": entry_failures}
             retryable = response.status_code in RETRY_STATUS
             message = f"HTTP {response.status_code}: {outcome_text(response)}"
         except httpx.TransportError as exc:
             retryable = True
             message = f"{type(exc).__name__}: {exc}"
         if not retryable or attempt >= retries:
-            report.failed += 1
-            report.failures.append(
-                {"file": path.name, "status": response.status_code if response is not None else None,
-                 "message": message, "attempts": attempt + 1}
-            )
-            log.error("%s: failed after %d attempt(s): %s", path.name, attempt + 1, message)
-            return
+            return {"status": response.status_code if response is not None else None, "message": message,
+                    "attempts": attempt + 1}
         delay = _retry_after(response, attempt, backoff)
-        log.debug("%s: %s; retry %d in %.2fs", path.name, message, attempt + 1, delay)
+        log.debug("%s; retry %d in %.2fs", message, attempt + 1, delay)
         report.retries += 1
         attempt += 1
         await asyncio.sleep(delay)
 
 
+async def _post_one(client: httpx.AsyncClient, url: str, path: Path, retries: int, backoff: float,
+                    report: LoadReport, max_entries: int) -> None:
+    """Load one Bundle file: its transactions in order (one, or the chunks of a split); a failed chunk stops the
+    file (later chunks would point at what it did not store), after its own retries."""
+    try:
+        doc = orjson.loads(await asyncio.to_thread(_read_bundle, path))
+    except (OSError, ValueError) as exc:
+        report.failed += 1
+        report.failures.append({"file": path.name, "status": None, "message": str(exc)})
+        log.error("%s: %s", path.name, exc)
+        return
+    chunks = split_transaction(doc, max_entries)
+    for k, chunk in enumerate(chunks):
+        failure = await _post_chunk(client, url, chunk, retries, backoff, report)
+        if failure is not None:
+            if len(chunks) > 1:
+                failure["message"] = (f"transaction {k + 1} of {len(chunks)} ({len(chunk['entry'])} entries): "
+                                      + failure["message"])
+            report.failed += 1
+            report.failures.append({"file": path.name, **failure})
+            log.error("%s: failed after %d attempt(s): %s", path.name, failure["attempts"], failure["message"])
+            return
+    report.loaded += 1
+
+
 async def _load(files: list[Path], url: str, *, concurrency: int, retries: int, token: str | None,
-                timeout: float, backoff: float) -> LoadReport:
+                timeout: float, backoff: float, max_entries: int) -> LoadReport:
     report = LoadReport()
     headers = {"Content-Type": FHIR_JSON, "Accept": FHIR_JSON}
     if token:
@@ -243,7 +282,7 @@ async def _load(files: list[Path], url: str, *, concurrency: int, retries: int, 
                         path = queue.get_nowait()
                     except asyncio.QueueEmpty:
                         return
-                    await _post_one(client, url, path, retries, backoff, report)
+                    await _post_one(client, url, path, retries, backoff, report, max_entries)
                     bar.update(1)
 
             await asyncio.gather(*(worker() for _ in range(min(concurrency, len(files)))))
@@ -259,6 +298,7 @@ def load_export(
     token: str | None = None,
     timeout: float = 120.0,
     backoff: float = 0.5,
+    max_entries: int = DEFAULT_MAX_ENTRIES,
 ) -> LoadReport:
     """POST every transaction Bundle of export_dir to the FHIR base `url`; returns the report (never raises for
     per-Bundle failures: the caller decides)."""
@@ -266,11 +306,13 @@ def load_export(
         raise UsageError(f"must be at least 1, got {concurrency}", where="--concurrency")
     if retries < 0:
         raise UsageError(f"must be 0 or more, got {retries}", where="--retries")
+    if max_entries < 1:
+        raise UsageError(f"must be at least 1, got {max_entries}", where="--max-entries")
     if not url.startswith(("http://", "https://")):
         raise UsageError(f"expected an http(s) FHIR base URL, got {url!r}", where="--url")
     files = bundle_files(export_dir)
     started = time.perf_counter()
     report = asyncio.run(_load(files, url.rstrip("/"), concurrency=concurrency, retries=retries, token=token,
-                               timeout=timeout, backoff=backoff))
+                               timeout=timeout, backoff=backoff, max_entries=max_entries))
     report.seconds = time.perf_counter() - started
     return report
