@@ -12,7 +12,7 @@ from test_model_helpers import write_dir
 from fhirsynth.errors import InputError, PrivacyBudgetError, UsageError
 from fhirsynth.model.config import DEFAULT_LR, DEFAULT_LR_DP, ModelConfig, TokenizerConfig, TrainConfig
 from fhirsynth.model.train import _noise_multiplier, _quiet_opacus, default_work_dir, epsilons, lr_at, train_model
-from fhirsynth.model.transformer import Transformer, sequence_loss
+from fhirsynth.model.transformer import Transformer, patient_loss
 
 torch.set_num_threads(1)
 TINY = dict(d_model=16, n_layers=1, n_heads=2, d_ff=32)
@@ -44,8 +44,11 @@ def test_spent_epsilon_never_exceeds_target(eps, q, steps):
 
 
 def test_dp_step_without_noise_or_clipping_equals_plain_step():
+    """train.make_private (the wiring train_model uses: our rate, expected batch, accountant hook and secret noise
+    source) with sigma 0 and no effective clipping takes exactly the plain optimizer step on the same batch."""
     from opacus import PrivacyEngine
-    from torch.utils.data import DataLoader, TensorDataset
+
+    from fhirsynth.model.train import SeqDataset, as_batch, make_private
 
     _quiet_opacus()
     torch.manual_seed(0)
@@ -53,22 +56,20 @@ def test_dp_step_without_noise_or_clipping_equals_plain_step():
     plain = Transformer(cfg)
     private = Transformer(cfg)
     private.load_state_dict(plain.state_dict())
-    x = torch.randint(1, 30, (6, 12))
-    x[2, 8:] = 0  # padding is ignored by the loss
-    ages = torch.randint(0, cfg.n_age_ids, (6, 12))
-    opt_plain = torch.optim.SGD(plain.parameters(), lr=0.5)
-    loss = sequence_loss(plain(x[:, :-1], ages[:, :-1]), x[:, 1:]).mean()
-    loss.backward()
-    opt_plain.step()
-
-    loader = DataLoader(TensorDataset(x, ages), batch_size=6)
-    engine = PrivacyEngine()
+    seqs = [(torch.randint(1, 30, (12,)).tolist(), torch.randint(0, cfg.n_age_ids, (12,)).tolist()) for _ in range(6)]
+    ds = SeqDataset(seqs)
     opt = torch.optim.SGD(private.parameters(), lr=0.5)
-    model, opt, loader = engine.make_private(module=private, optimizer=opt, data_loader=loader,
-                                             noise_multiplier=0.0, max_grad_norm=1e6, poisson_sampling=False)
-    batch, batch_ages = next(iter(loader))
-    sequence_loss(model(batch[:, :-1], batch_ages[:, :-1]), batch[:, 1:]).mean().backward()
+    model, opt, loader = make_private(PrivacyEngine(), private, opt, ds, q=1.0, n_estimate=6, sigma=0.0,
+                                      max_grad_norm=1e6, batch_size=6, secure=True, seed=0, dctx=None)
+    batch = as_batch(next(iter(loader)))  # q = 1: every patient is in the batch
+    assert batch.shape[0] == 6
+    loss = patient_loss(model(batch[:, :-1, 0], batch[:, :-1, 1]), batch[:, 1:, 0], cfg.max_len)
+    loss.mean().backward()
     opt.step()
+
+    opt_plain = torch.optim.SGD(plain.parameters(), lr=0.5)
+    patient_loss(plain(batch[:, :-1, 0], batch[:, :-1, 1]), batch[:, 1:, 0], cfg.max_len).mean().backward()
+    opt_plain.step()
     for (name, a), b in zip(plain.named_parameters(), model._module.parameters()):
         assert torch.allclose(a, b, atol=1e-6), name
 
