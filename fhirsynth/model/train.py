@@ -95,7 +95,9 @@ def pad_collate(batch: list[torch.Tensor]) -> torch.Tensor:
 
 
 def _quiet_opacus() -> None:
-    """Opacus warnings that are expected here (we log the secure-RNG choice and check accounting ourselves)."""
+    """Opacus warnings that are expected here: its own secure mode (torchcsprng) stays off because securerng.py
+    draws the noise and sampling from os.urandom by default (--reproducible-noise warns on its own), and the
+    accounting is checked here."""
     for msg in ("Optimal order is the", "Secure RNG turned off", "Full backward hook is firing",
                 "Using a non-full backward hook"):
         warnings.filterwarnings("ignore", message=msg)
@@ -288,6 +290,9 @@ def _train(tc, tdir, out, work, dev, tk, mc, delta, dp, seed, on_step, dctx, mai
     if not timelines:
         raise InputError("no patients in the timelines directory (empty events/patients parquet)", where=str(tdir))
     noise = NoiseSource.reproducible(seed) if tc.reproducible_noise else NoiseSource.secure_source()
+    if dp and tc.reproducible_noise and main:
+        log.warning("--reproducible-noise: the DP noise is replayable from seed %d, so this model has NO privacy "
+                    "guarantee (tests and research only; privacy.json says so)", seed)
     eps_vocab = eps_train = None
     if dp:
         assert tc.epsilon is not None
