@@ -222,3 +222,14 @@ def test_server_limit_is_configurable(medplum_node, tmp_path, capsys):
         assert _count(base, "Patient") == 0
         assert _load(tmp_path / "x", base, max_entries=10) == 0
         assert _counts(base, expected) == expected  # a fresh server: exactly the manifest's counts
+
+
+def test_batch_mode_loads_everything_with_resolving_references(medplum, tmp_path):
+    """--batch (servers without transactions): entries processed one by one, references sent as Type/id, every
+    entry's status checked; the same complete, resolving result as the transactions."""
+    expected = _export(tmp_path / "b", n=10, seed=61, profile="us-core")
+    assert main(["load", str(tmp_path / "b"), "--url", medplum, "--batch", "--max-entries", "50"]) == 0
+    assert _counts(medplum, expected) == expected
+    stored = {f"{r['resourceType']}/{r['id']}": r for t in expected for r in _all(medplum, t)}
+    dangling = sorted({(name, ref) for name, r in stored.items() for ref in iter_references(r) if ref not in stored})
+    assert not dangling, dangling[:10]

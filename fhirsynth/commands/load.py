@@ -25,6 +25,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="entries per transaction (default 50, the strictest common server limit): a larger patient "
                         "Bundle is split into consecutive transactions, Patient first and Provenance last, each "
                         "reference pointing at something already stored or in the same transaction")
+    p.add_argument("--batch", action="store_true",
+                   help="for servers without transaction support: post batch Bundles (entries processed one by one, "
+                        "references as Type/id, every entry's status still checked)")
     p.set_defaults(func=run)
     return p
 
@@ -34,7 +37,8 @@ def run(args: argparse.Namespace) -> int:
 
     token = args.token or os.environ.get("FHIRSYNTH_TOKEN") or None
     report = load_export(args.export_dir, args.url, concurrency=args.concurrency, retries=args.retries,
-                         token=token, timeout=args.timeout, max_entries=args.max_entries)
+                         token=token, timeout=args.timeout, max_entries=args.max_entries,
+                         batch=args.batch)
     log.info("loaded %d bundle(s), failed %d, %d retries, %.1fs", report.loaded, report.failed, report.retries,
              report.seconds)
     for rtype, outcomes in report.by_type().items():

@@ -182,10 +182,23 @@ def _entry_rank(entry: dict) -> int:
     return {"Patient": 0, "Device": 1, "Encounter": 2, "Provenance": 9}.get(rtype, 5)
 
 
-def split_transaction(doc: dict, max_entries: int) -> list[dict]:
+def _as_batch(doc: dict) -> dict:
+    """The transaction as a batch: a batch resolves no fullUrl between its entries, so every reference to an
+    entry (its urn:uuid) becomes the `Type/id` its PUT stores it under; entries stay in dependency order."""
+    entries = sorted(doc.get("entry") or [], key=_entry_rank)
+    urls = {e["fullUrl"]: e["request"]["url"] for e in entries
+            if e.get("fullUrl") and (e.get("request") or {}).get("method") == "PUT" and e["request"].get("url")}
+    return {**doc, "type": "batch", "entry": [{**e, "resource": rewrite_refs(e.get("resource"), urls)}
+                                             for e in entries]}
+
+
+def split_transaction(doc: dict, max_entries: int, *, batch: bool = False) -> list[dict]:
     """A transaction Bundle as consecutive transactions of at most max_entries entries. A reference to an entry of
     an earlier chunk (its urn:uuid fullUrl) is rewritten to that entry's `Type/id`, where the earlier PUT stored
-    it; references inside a chunk keep their fullUrl, which the server resolves within the transaction."""
+    it; references inside a chunk keep their fullUrl, which the server resolves within the transaction.
+    batch=True: batches instead (for servers without transactions), every reference as `Type/id`."""
+    if batch:
+        doc = _as_batch(doc)
     entries = sorted(doc.get("entry") or [], key=_entry_rank)  # stable: the writer's order within a rank
     if len(entries) <= max_entries:
         return [doc]
@@ -239,7 +252,7 @@ async def _post_chunk(client: httpx.AsyncClient, url: str, chunk: dict, retries:
 
 
 async def _post_one(client: httpx.AsyncClient, url: str, path: Path, retries: int, backoff: float,
-                    report: LoadReport, max_entries: int) -> None:
+                    report: LoadReport, max_entries: int, batch: bool) -> None:
     """Load one Bundle file: its transactions in order (one, or the chunks of a split); a failed chunk stops the
     file (later chunks would point at what it did not store), after its own retries."""
     try:
@@ -249,7 +262,7 @@ async def _post_one(client: httpx.AsyncClient, url: str, path: Path, retries: in
         report.failures.append({"file": path.name, "status": None, "message": str(exc)})
         log.error("%s: %s", path.name, exc)
         return
-    chunks = split_transaction(doc, max_entries)
+    chunks = split_transaction(doc, max_entries, batch=batch)
     for k, chunk in enumerate(chunks):
         failure = await _post_chunk(client, url, chunk, retries, backoff, report)
         if failure is not None:
@@ -264,7 +277,7 @@ async def _post_one(client: httpx.AsyncClient, url: str, path: Path, retries: in
 
 
 async def _load(files: list[Path], url: str, *, concurrency: int, retries: int, token: str | None,
-                timeout: float, backoff: float, max_entries: int) -> LoadReport:
+                timeout: float, backoff: float, max_entries: int, batch: bool) -> LoadReport:
     report = LoadReport()
     headers = {"Content-Type": FHIR_JSON, "Accept": FHIR_JSON}
     if token:
@@ -282,7 +295,7 @@ async def _load(files: list[Path], url: str, *, concurrency: int, retries: int, 
                         path = queue.get_nowait()
                     except asyncio.QueueEmpty:
                         return
-                    await _post_one(client, url, path, retries, backoff, report, max_entries)
+                    await _post_one(client, url, path, retries, backoff, report, max_entries, batch)
                     bar.update(1)
 
             await asyncio.gather(*(worker() for _ in range(min(concurrency, len(files)))))
@@ -299,6 +312,7 @@ def load_export(
     timeout: float = 120.0,
     backoff: float = 0.5,
     max_entries: int = DEFAULT_MAX_ENTRIES,
+    batch: bool = False,
 ) -> LoadReport:
     """POST every transaction Bundle of export_dir to the FHIR base `url`; returns the report (never raises for
     per-Bundle failures: the caller decides)."""
@@ -313,6 +327,6 @@ def load_export(
     files = bundle_files(export_dir)
     started = time.perf_counter()
     report = asyncio.run(_load(files, url.rstrip("/"), concurrency=concurrency, retries=retries, token=token,
-                               timeout=timeout, backoff=backoff, max_entries=max_entries))
+                               timeout=timeout, backoff=backoff, max_entries=max_entries, batch=batch))
     report.seconds = time.perf_counter() - started
     return report
