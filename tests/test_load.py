@@ -192,13 +192,31 @@ def test_unreachable_server_is_retried_then_failed(export):
     assert report.failed == 6 and report.loaded == 0 and report.retries == 6
 
 
-def test_refuses_non_transaction_export(tmp_path):
-    out = tmp_path / "nd"
-    write_export(random_timelines(1), out, generator=GEN)
-    with pytest.raises(LoadError, match="--format transaction"):
+def test_refuses_collection_export(tmp_path):
+    out = tmp_path / "col"
+    write_export(random_timelines(1), out, fmt="collection", generator=GEN)
+    with pytest.raises(LoadError, match="--format transaction or ndjson"):
         load_export(out, "http://127.0.0.1:9/fhir")
     assert main(["load", str(out), "--url", "http://127.0.0.1:9/fhir"]) == 2
     assert main(["load", str(out), "--url", "ftp://x"]) == 2
+
+
+@pytest.mark.parametrize("with_manifest", [True, False])
+def test_ndjson_export_loads_type_by_type(tmp_path, with_manifest):
+    """An NDJSON export (ours, or a bare directory of Bulk Data files) loads stage by stage, Patient first and
+    Provenance last, in transactions of at most --max-entries PUTs: the server (which checks every reference
+    against what is stored) accepts everything, and a reload duplicates nothing."""
+    out = tmp_path / "nd"
+    write_export(random_timelines(6, seed=4, edge_cases=True), out, generator=GEN)
+    expected = sum(read_manifest(out)["extension"]["fhirsynth"]["resources"].values())
+    if not with_manifest:
+        (out / "manifest.json").unlink()
+    with FhirServer(throttle_first=0, max_updates=10) as server:
+        report = load_export(out, server.url, retries=0, max_entries=10)
+        assert report.failed == 0 and len(server.store) == expected
+        assert report.loaded == server.transactions >= expected // 10
+        assert main(["load", str(out), "--url", server.url, "--max-entries", "10"]) == 0
+        assert len(server.store) == expected
 
 
 def test_gzip_transaction_export_loads(tmp_path):

@@ -233,3 +233,14 @@ def test_batch_mode_loads_everything_with_resolving_references(medplum, tmp_path
     stored = {f"{r['resourceType']}/{r['id']}": r for t in expected for r in _all(medplum, t)}
     dangling = sorted({(name, ref) for name, r in stored.items() for ref in iter_references(r) if ref not in stored})
     assert not dangling, dangling[:10]
+
+
+def test_ndjson_export_loads_stage_by_stage(medplum, tmp_path):
+    """A Bulk Data NDJSON export loads type by type (Patient first, Provenance last) with strict validation on."""
+    out = tmp_path / "nd"
+    write_export(random_timelines(10, seed=7), out, fmt="ndjson", profile="ips", seed=71, generator=GEN)
+    expected = json.loads((out / "manifest.json").read_text())["extension"]["fhirsynth"]["resources"]
+    assert main(["load", str(out), "--url", medplum, "--max-entries", "50"]) == 0
+    assert _counts(medplum, expected) == expected
+    stored = {f"{r['resourceType']}/{r['id']}": r for t in expected for r in _all(medplum, t)}
+    assert not [ref for r in stored.values() for ref in iter_references(r) if ref not in stored]

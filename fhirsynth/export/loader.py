@@ -26,6 +26,7 @@ import orjson
 
 from fhirsynth.errors import LoadError, UsageError
 from fhirsynth.export.bundles import rewrite_refs
+from fhirsynth.export.ndjson_source import is_ndjson, ndjson_files, stages, transactions
 from fhirsynth.export.writer import MANIFEST
 from fhirsynth.logs import progress
 
@@ -59,33 +60,53 @@ class LoadReport:
                 "failures": self.failures, "entries": self.by_type(), "seconds": round(self.seconds, 3)}
 
 
+def _manifest(export_dir: Path) -> dict | None:
+    manifest = export_dir / MANIFEST
+    if not manifest.is_file():
+        return None
+    try:
+        doc = orjson.loads(manifest.read_bytes())
+    except orjson.JSONDecodeError as exc:
+        raise LoadError(f"invalid manifest.json: {exc.msg}", where=str(manifest)) from exc
+    if not isinstance(doc, dict):
+        raise LoadError("manifest.json is not a JSON object", where=str(manifest))
+    return doc
+
+
 def bundle_files(export_dir: Path) -> list[Path]:
     """The transaction Bundles of an export, in manifest order."""
+    kind, files = load_sources(export_dir)
+    if kind != "bundles":
+        raise LoadError("not a transaction export (it holds NDJSON)", where=str(export_dir))
+    return files
+
+
+def load_sources(export_dir: Path) -> tuple[str, list]:
+    """("bundles", [transaction Bundle files]) or ("ndjson", [NdjsonFile in stage order]) for an export dir: a
+    `generate --format transaction` or `--format ndjson` export, a Bulk Data export (manifest.json with NDJSON
+    outputs), or a directory of *.json(.gz) transaction Bundles or *.ndjson(.gz) files."""
     export_dir = Path(export_dir)
     if not export_dir.is_dir():
         raise UsageError("export directory does not exist", where=str(export_dir))
-    manifest = export_dir / MANIFEST
-    if manifest.is_file():
-        try:
-            doc = orjson.loads(manifest.read_bytes())
-        except orjson.JSONDecodeError as exc:
-            raise LoadError(f"invalid manifest.json: {exc.msg}", where=str(manifest)) from exc
+    doc = _manifest(export_dir)
+    if doc is not None:
         fmt = ((doc.get("extension") or {}).get("fhirsynth") or {}).get("format")
-        if fmt is not None and fmt != "transaction":
-            raise LoadError(
-                f"export format is {fmt!r}; `fhirsynth load` posts transaction Bundles "
-                "(generate with --format transaction)",
-                where=str(manifest),
-            )
-        files = [export_dir / o["url"] for o in doc.get("output", []) if o.get("type") == "Bundle"]
+        outputs = [o for o in doc.get("output") or [] if isinstance(o, dict) and o.get("url")]
+        if fmt is not None and fmt not in ("transaction", "ndjson"):
+            raise LoadError(f"export format is {fmt!r}; `fhirsynth load` posts transaction Bundles or NDJSON "
+                            "(generate with --format transaction or ndjson)", where=str(export_dir / MANIFEST))
+        paths = {export_dir / o["url"]: str(o.get("type") or "") for o in outputs}
+        if paths and all(is_ndjson(p) for p in paths):
+            return "ndjson", ndjson_files(list(paths), {p: t for p, t in paths.items() if t})
+        files = [p for p, t in paths.items() if t == "Bundle"]
     else:
-        files = sorted(
-            p for p in export_dir.iterdir()
-            if not p.name.startswith(".") and p.name.endswith((".json", ".json.gz"))
-        )
+        visible = sorted(p for p in export_dir.iterdir() if not p.name.startswith("."))
+        files = [p for p in visible if p.name.endswith((".json", ".json.gz"))]
+        if not files and any(is_ndjson(p) for p in visible):
+            return "ndjson", ndjson_files([p for p in visible if is_ndjson(p)])
     if not files:
-        raise LoadError("no transaction Bundles found", where=str(export_dir))
-    return files
+        raise LoadError("no transaction Bundles or NDJSON files found", where=str(export_dir))
+    return "bundles", files
 
 
 def _read_bundle(path: Path) -> bytes:
@@ -276,29 +297,42 @@ async def _post_one(client: httpx.AsyncClient, url: str, path: Path, retries: in
     report.loaded += 1
 
 
-async def _load(files: list[Path], url: str, *, concurrency: int, retries: int, token: str | None,
+async def _load(kind: str, sources: list, url: str, *, concurrency: int, retries: int, token: str | None,
                 timeout: float, backoff: float, max_entries: int, batch: bool) -> LoadReport:
+    """Post every unit: Bundle files (each split as needed), or NDJSON stage by stage (a stage starts once the
+    one before it is stored, so references always point at stored resources)."""
     report = LoadReport()
     headers = {"Content-Type": FHIR_JSON, "Accept": FHIR_JSON}
     if token:
         headers["Authorization"] = f"Bearer {token}"
-    queue: asyncio.Queue[Path] = asyncio.Queue()
-    for f in files:
-        queue.put_nowait(f)
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    with progress(total=len(files), unit="bundle", desc="load") as bar:
+    if kind == "bundles":
+        plan = [iter(sources)]
+        total, unit = len(sources), "bundle"
+    else:
+        plan = [transactions(stage, max_entries, batch=batch) for stage in stages(sources)]
+        total, unit = None, "transaction"
+    with progress(total=total, unit=unit, desc="load") as bar:
         async with httpx.AsyncClient(headers=headers, timeout=timeout, limits=limits) as client:
 
-            async def worker() -> None:
-                while True:
-                    try:
-                        path = queue.get_nowait()
-                    except asyncio.QueueEmpty:
-                        return
-                    await _post_one(client, url, path, retries, backoff, report, max_entries, batch)
+            async def worker(units) -> None:  # noqa: ANN001 - an iterator shared by the stage's workers
+                for item in units:  # one event loop thread: next() is never called concurrently
+                    if isinstance(item, Path):
+                        await _post_one(client, url, item, retries, backoff, report, max_entries, batch)
+                    else:
+                        label, chunk = item
+                        failure = await _post_chunk(client, url, chunk, retries, backoff, report)
+                        if failure is None:
+                            report.loaded += 1
+                        else:
+                            report.failed += 1
+                            report.failures.append({"file": label, **failure})
+                            log.error("%s: failed after %d attempt(s): %s", label, failure["attempts"],
+                                      failure["message"])
                     bar.update(1)
 
-            await asyncio.gather(*(worker() for _ in range(min(concurrency, len(files)))))
+            for units in plan:
+                await asyncio.gather(*(worker(units) for _ in range(concurrency)))
     return report
 
 
@@ -324,9 +358,9 @@ def load_export(
         raise UsageError(f"must be at least 1, got {max_entries}", where="--max-entries")
     if not url.startswith(("http://", "https://")):
         raise UsageError(f"expected an http(s) FHIR base URL, got {url!r}", where="--url")
-    files = bundle_files(export_dir)
+    kind, sources = load_sources(export_dir)
     started = time.perf_counter()
-    report = asyncio.run(_load(files, url.rstrip("/"), concurrency=concurrency, retries=retries, token=token,
+    report = asyncio.run(_load(kind, sources, url.rstrip("/"), concurrency=concurrency, retries=retries, token=token,
                                timeout=timeout, backoff=backoff, max_entries=max_entries, batch=batch))
     report.seconds = time.perf_counter() - started
     return report
