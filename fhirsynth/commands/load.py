@@ -1,4 +1,5 @@
-"""`fhirsynth load EXPORT_DIR --url BASE`: POST transaction Bundles into another FHIR server."""
+"""`fhirsynth load EXPORT_DIR --url BASE`: POST transaction Bundles (or NDJSON, type by type) into another FHIR
+server."""
 
 from __future__ import annotations
 
@@ -13,8 +14,9 @@ log = logging.getLogger(__name__)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    p = sub.add_parser("load", help="POST an export's transaction Bundles to a FHIR server")
-    p.add_argument("export_dir", type=Path, metavar="EXPORT_DIR", help="made by `generate --format transaction`")
+    p = sub.add_parser("load", help="POST an export's transaction Bundles (or NDJSON) to a FHIR server")
+    p.add_argument("export_dir", type=Path, metavar="EXPORT_DIR",
+                   help="made by `generate --format transaction` or `--format ndjson`, or any Bulk Data directory")
     p.add_argument("--url", required=True, metavar="FHIR_BASE_URL", help="the server's FHIR base URL")
     p.add_argument("--concurrency", type=int, default=4, help="Bundles in flight at once (default 4)")
     p.add_argument("--retries", type=int, default=5, help="retries per Bundle on 429/5xx/network errors (default 5)")
