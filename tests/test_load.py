@@ -283,3 +283,15 @@ def test_max_entries_splits_patients_for_a_server_with_an_update_limit(export, c
         assert len(server.store) == expected  # PUT with ids: a reload duplicates nothing
     assert main(["load", str(export), "--url", "http://127.0.0.1:9/fhir", "--max-entries", "0"]) == 2
     assert "--max-entries" in capsys.readouterr().err
+
+
+def test_ndjson_load_stops_after_a_failed_stage(tmp_path, capsys):
+    """If the Patients cannot be stored, nothing that points at them is sent: one failure, the rest counted as
+    not attempted, exit 2 saying so."""
+    out = tmp_path / "nd"
+    write_export(random_timelines(3, seed=2), out, generator=GEN)
+    report = load_export(out, "http://127.0.0.1:9/fhir", retries=0)
+    assert report.failed == 1 and report.loaded == 0 and report.not_attempted >= 3
+    assert report.failures[0]["file"].startswith("Patient.ndjson")
+    assert main(["load", str(out), "--url", "http://127.0.0.1:9/fhir", "--retries", "0"]) == 2
+    assert "not sent after it" in capsys.readouterr().err

@@ -47,8 +47,9 @@ def run(args: argparse.Namespace) -> int:
         log.info("  %s: %s", rtype, ", ".join(f"{k} {v}" for k, v in sorted(outcomes.items())))
     if report.failed:
         first = report.failures[0]
+        skipped = f", {report.not_attempted} not sent after it" if report.not_attempted else ""
         raise LoadError(
-            f"{report.failed} of {report.failed + report.loaded} bundle(s) failed; first: {first['message']}",
+            f"{report.failed} of {report.failed + report.loaded} bundle(s) failed{skipped}; first: {first['message']}",
             where=str(args.export_dir / first["file"]),
         )
     return 0

@@ -48,6 +48,7 @@ class LoadReport:
     seconds: float = 0.0
     # per resource type: created / updated / failed entries, as the server's transaction-response says
     entries: Counter = field(default_factory=Counter)
+    not_attempted: int = 0  # NDJSON transactions not sent after an earlier stage failed
 
     def by_type(self) -> dict[str, dict[str, int]]:
         out: dict[str, dict[str, int]] = {}
@@ -56,7 +57,8 @@ class LoadReport:
         return out
 
     def as_dict(self) -> dict[str, Any]:
-        return {"loaded": self.loaded, "failed": self.failed, "retries": self.retries,
+        return {"loaded": self.loaded, "failed": self.failed, "not_attempted": self.not_attempted,
+                "retries": self.retries,
                 "failures": self.failures, "entries": self.by_type(), "seconds": round(self.seconds, 3)}
 
 
@@ -331,8 +333,14 @@ async def _load(kind: str, sources: list, url: str, *, concurrency: int, retries
                                       failure["message"])
                     bar.update(1)
 
-            for units in plan:
+            for k, units in enumerate(plan):
+                failed_before = report.failed
                 await asyncio.gather(*(worker(units) for _ in range(concurrency)))
+                if report.failed > failed_before and k + 1 < len(plan):
+                    # later stages would point at what this one did not store: stop rather than pile up failures
+                    report.not_attempted = sum(1 for later in plan[k + 1:] for _ in later)
+                    log.error("stopped after a failed stage: %d later transaction(s) not sent", report.not_attempted)
+                    break
     return report
 
 
