@@ -28,17 +28,13 @@ class ServerProcess:
 
 
 @contextmanager
-def running_server(serve_args: Sequence[str | Path], env: dict[str, str], *,
-                   start_timeout_s: float = 30) -> Iterator[ServerProcess]:
-    """Start `fhirsynth -q serve ARGS --port P`, wait for /metadata, stop it on exit (stderr kept for checks)."""
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "fhirsynth", "-q", "serve", *map(str, serve_args),
-                             "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
-    server = ServerProcess(f"http://127.0.0.1:{port}", proc)
+def serving(proc: subprocess.Popen, probe_url: str, *, start_timeout_s: float = 30) -> Iterator[None]:
+    """Wait until probe_url answers 200 (the test fails if the process ends or the wait times out, with the
+    process's stderr), and stop the process when the block ends. The process's stderr must be a pipe."""
     deadline = time.monotonic() + start_timeout_s
     while True:
         try:
-            if httpx.get(f"{server.base}/metadata", timeout=2).status_code == 200:
+            if httpx.get(probe_url, timeout=2).status_code == 200:
                 break
         except httpx.TransportError:
             pass
@@ -47,11 +43,26 @@ def running_server(serve_args: Sequence[str | Path], env: dict[str, str], *,
             pytest.fail(f"server did not start: {proc.stderr.read().decode(errors='replace')[-2000:]}")
         time.sleep(0.2)
     try:
-        yield server
+        yield
     finally:
         proc.terminate()
         try:
             proc.wait(10)
         except subprocess.TimeoutExpired:
             proc.kill()
+            proc.wait()
+
+
+@contextmanager
+def running_server(serve_args: Sequence[str | Path], env: dict[str, str], *,
+                   start_timeout_s: float = 30) -> Iterator[ServerProcess]:
+    """Start `fhirsynth -q serve ARGS --port P`, wait for /metadata, stop it on exit (stderr kept for checks)."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "fhirsynth", "-q", "serve", *map(str, serve_args),
+                             "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    server = ServerProcess(f"http://127.0.0.1:{port}", proc)
+    try:
+        with serving(proc, f"{server.base}/metadata", start_timeout_s=start_timeout_s):
+            yield server
+    finally:
         server.stderr = proc.stderr.read().decode(errors="replace")

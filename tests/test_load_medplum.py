@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import time
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -15,7 +14,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from serverproc import free_port
+from serverproc import free_port, serving
 
 from fhirsynth.cli import main
 from fhirsynth.export.bundles import iter_references
@@ -62,26 +61,8 @@ def _running(node: Path, max_entries: int) -> Iterator[str]:
     proc = subprocess.Popen([str(node), str(SERVER), "--port", str(port), "--max-entries", str(max_entries)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if httpx.get(f"{base}/Patient?_summary=count", timeout=2).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"the Medplum server did not start: {proc.stderr.read().decode(errors='replace')[-3000:]}")
-        time.sleep(0.2)
-    try:
+    with serving(proc, f"{base}/Patient?_summary=count", start_timeout_s=60):
         yield base
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 @pytest.fixture()
