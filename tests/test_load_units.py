@@ -1,0 +1,165 @@
+"""The loader's pure parts with exact expectations (written against the survivors of the first mutation run,
+MUTATION.md): reading a transaction-response, the OperationOutcome text, Retry-After, splitting, sources."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from datetime import datetime, timedelta, timezone
+from email.utils import format_datetime
+from pathlib import Path
+
+import httpx
+import pytest
+
+from fhirsynth.errors import LoadError, UsageError
+from fhirsynth.export.loader import (
+    MAX_BACKOFF_S,
+    _retry_after,
+    check_transaction_response,
+    load_sources,
+    outcome_text,
+    split_transaction,
+)
+
+
+def _tx(*names: str) -> dict:
+    entries = []
+    for name in names:
+        rtype, rid = name.split("/")
+        entries.append({"fullUrl": f"urn:uuid:{rid}", "resource": {"resourceType": rtype, "id": rid},
+                        "request": {"method": "PUT", "url": name}})
+    return {"resourceType": "Bundle", "type": "transaction", "entry": entries}
+
+
+def _answer(*statuses: str, kind: str = "transaction-response", outcome: dict | None = None) -> dict:
+    entries = []
+    for s in statuses:
+        response: dict = {"status": s}
+        if outcome is not None and not s.startswith("2"):
+            response["outcome"] = outcome
+        entries.append({"response": response})
+    return {"resourceType": "Bundle", "type": kind, "entry": entries}
+
+
+OUTCOME = {"resourceType": "OperationOutcome",
+           "issue": [{"severity": "error", "code": "invalid", "diagnostics": "gender not in value set"},
+                     {"severity": "error", "code": "required"}]}
+
+
+def test_transaction_response_counts_each_outcome_per_type():
+    failures, counts = check_transaction_response(
+        _tx("Patient/p", "Encounter/e", "Observation/o", "Observation/q"),
+        _answer("201 Created", "200 OK", "304 Not Modified", "200"))
+    assert failures == []
+    assert counts == Counter({("Patient", "created"): 1, ("Encounter", "updated"): 1,
+                              ("Observation", "unchanged"): 1, ("Observation", "updated"): 1})
+
+
+def test_failed_entries_name_resource_status_and_every_issue():
+    failures, counts = check_transaction_response(_tx("Patient/p1", "Condition/c1"),
+                                                  _answer("422 Unprocessable Entity", "201 Created", outcome=OUTCOME))
+    assert failures == ["Patient/p1: HTTP 422 Unprocessable Entity: gender not in value set; required"]
+    assert counts == Counter({("Patient", "failed"): 1, ("Condition", "created"): 1})
+    failures, _ = check_transaction_response(_tx("Patient/p1"), {"resourceType": "Bundle", "type": "batch-response",
+                                                                 "entry": [{"response": {}}]})
+    assert failures == ["Patient/p1: HTTP (no status): no OperationOutcome"]
+
+
+@pytest.mark.parametrize("answer", [
+    {"resourceType": "OperationOutcome", "issue": []},
+    {"resourceType": "Bundle", "type": "searchset", "entry": []},
+    None,
+    ["not", "a", "bundle"],
+])
+def test_an_answer_that_is_no_transaction_response_confirms_nothing(answer):
+    failures, counts = check_transaction_response(_tx("Patient/p", "Encounter/e"), answer)
+    assert len(failures) == 1 and "not a transaction-response Bundle" in failures[0]
+    assert "nothing is confirmed stored" in failures[0]
+    kind = answer.get("resourceType") if isinstance(answer, dict) else type(answer).__name__
+    assert f"({kind})" in failures[0]
+    assert counts == Counter({("Patient", "unconfirmed"): 1, ("Encounter", "unconfirmed"): 1})
+
+
+def test_batch_response_is_read_like_a_transaction_response():
+    failures, counts = check_transaction_response(_tx("Patient/p"), _answer("201 Created", kind="batch-response"))
+    assert failures == [] and counts == Counter({("Patient", "created"): 1})
+
+
+def test_entry_count_mismatch_confirms_nothing():
+    failures, counts = check_transaction_response(_tx("Patient/p", "Encounter/e"), _answer("201 Created"))
+    assert failures == ["transaction-response has 1 entries for 2 sent"]
+    assert counts == Counter({("Patient", "unconfirmed"): 1, ("Encounter", "unconfirmed"): 1})
+
+
+def test_outcome_text_uses_diagnostics_details_code_and_location():
+    doc = {"resourceType": "OperationOutcome", "issue": [
+        {"diagnostics": "bad gender", "expression": ["Patient.gender"]},
+        {"details": {"text": "unknown code"}, "location": ["Bundle.entry[1]", "x"]},
+        {"code": "processing"}, {}]}
+    r = httpx.Response(400, json=doc)
+    assert outcome_text(r) == "bad gender (Patient.gender); unknown code (Bundle.entry[1], x); processing"
+    long_body = " upstream\nbroke " + "x" * 400
+    assert outcome_text(httpx.Response(502, text=long_body)) == ("upstream broke " + "x" * 400)[:300]
+    assert outcome_text(httpx.Response(503, text="")) == "Service Unavailable"
+    assert outcome_text(httpx.Response(400, json={"resourceType": "OperationOutcome", "issue": [{}]})) == \
+        '{"resourceType":"OperationOutcome","issue":[{}]}'
+
+
+def test_retry_after_seconds_date_and_backoff():
+    def resp(value: str | None) -> httpx.Response:
+        return httpx.Response(429, headers={"Retry-After": value} if value is not None else {})
+
+    assert _retry_after(resp("7"), 0, 0.5) == 7.0
+    assert _retry_after(resp("-3"), 0, 0.5) == 0.0
+    assert _retry_after(resp("9999"), 0, 0.5) == MAX_BACKOFF_S
+    soon = format_datetime(datetime.now(timezone.utc) + timedelta(seconds=30), usegmt=True)
+    assert 25 <= _retry_after(resp(soon), 0, 0.5) <= 30
+    for attempt in range(4):  # exponential with jitter in [0.5, 1.5) x base x 2^attempt
+        delay = _retry_after(resp(None), attempt, 0.5)
+        assert 0.25 * 2**attempt <= delay < 0.75 * 2**attempt
+    assert _retry_after(None, 20, 0.5) == MAX_BACKOFF_S
+    assert 0.25 <= _retry_after(resp("soon"), 0, 0.5) < 0.75  # unparseable: backoff
+
+
+def test_split_orders_patient_first_provenance_last_and_rewrites_earlier_references():
+    tx = _tx("Provenance/v", "Observation/o", "Encounter/e", "Patient/p", "Condition/c")
+    tx["entry"][1]["resource"]["subject"] = {"reference": "urn:uuid:p"}
+    tx["entry"][1]["resource"]["encounter"] = {"reference": "urn:uuid:e"}
+    tx["entry"][0]["resource"]["target"] = [{"reference": "urn:uuid:o"}, {"reference": "urn:uuid:p"}]
+    chunks = split_transaction(tx, 2)
+    order = [[e["request"]["url"] for e in c["entry"]] for c in chunks]
+    assert order == [["Patient/p", "Encounter/e"], ["Observation/o", "Condition/c"], ["Provenance/v"]]
+    obs = chunks[1]["entry"][0]["resource"]
+    assert obs["subject"]["reference"] == "Patient/p" and obs["encounter"]["reference"] == "Encounter/e"
+    assert [t["reference"] for t in chunks[2]["entry"][0]["resource"]["target"]] == ["Observation/o", "Patient/p"]
+    assert all(c["type"] == "transaction" for c in chunks)
+    assert split_transaction(tx, 5) == [tx]  # small enough: sent as it is
+    batch = split_transaction(tx, 5, batch=True)
+    assert len(batch) == 1 and batch[0]["type"] == "batch"
+    assert batch[0]["entry"][0]["request"]["url"] == "Patient/p"
+    assert "urn:uuid:" not in json.dumps([e["resource"] for e in batch[0]["entry"]])  # no reference left as one
+
+
+def test_sources_of_each_export_layout(tmp_path: Path):
+    with pytest.raises(UsageError):
+        load_sources(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(LoadError, match="no transaction Bundles or NDJSON"):
+        load_sources(tmp_path / "empty")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "manifest.json").write_text("{nope")
+    with pytest.raises(LoadError, match="invalid manifest.json"):
+        load_sources(bad)
+    nd = tmp_path / "nd"
+    nd.mkdir()
+    (nd / "Observation.ndjson").write_text(json.dumps({"resourceType": "Observation", "id": "o"}) + "\n")
+    (nd / "Patient.ndjson").write_text("\n" + json.dumps({"resourceType": "Patient", "id": "p"}) + "\n")
+    kind, files = load_sources(nd)
+    assert kind == "ndjson" and [f.rtype for f in files] == ["Patient", "Observation"]
+    tx = tmp_path / "tx"
+    tx.mkdir()
+    (tx / "b.json").write_text(json.dumps(_tx("Patient/p")))
+    (tx / ".hidden.json").write_text("{}")
+    assert load_sources(tx) == ("bundles", [tx / "b.json"])
