@@ -27,9 +27,10 @@ REPO = Path(__file__).resolve().parents[1]
 log = logging.getLogger("mutation_test")
 
 GROUPS: dict[str, dict[str, list[str]]] = {
-    "loader": {"mutate": ["fhirsynth/export/loader.py"], "tests": ["tests/test_load.py"]},
+    "loader": {"mutate": ["fhirsynth/export/loader.py"], "tests": ["tests/test_load.py", "tests/test_load_units.py"]},
     "search": {"mutate": ["fhirsynth/store/params.py", "fhirsynth/store/query.py"],
-               "tests": ["tests/test_search_separation.py", "tests/test_api_search.py", "tests/test_store.py"]},
+               "tests": ["tests/test_search_separation.py", "tests/test_api_search.py", "tests/test_api_sort.py",
+                         "tests/test_api_errors.py", "tests/test_store.py"]},
     "dp-releases": {"mutate": ["fhirsynth/model/dpnoise.py", "fhirsynth/model/dpbins.py", "fhirsynth/model/vocab.py"],
                     "tests": ["tests/test_tokenizer.py", "tests/test_dpbins.py", "tests/test_public_codes.py",
                               "tests/test_privacy_guarantee.py"]},
