@@ -26,7 +26,7 @@ import orjson
 
 from fhirsynth.errors import LoadError, UsageError
 from fhirsynth.export.bundles import rewrite_refs
-from fhirsynth.export.ndjson_source import is_ndjson, ndjson_files, stages, transactions
+from fhirsynth.export.ndjson_source import dependency_rank, is_ndjson, ndjson_files, stages, transactions
 from fhirsynth.export.writer import MANIFEST
 from fhirsynth.logs import progress
 
@@ -201,8 +201,7 @@ def _retry_after(response: httpx.Response | None, attempt: int, base: float) -> 
 def _entry_rank(entry: dict) -> int:
     """Order inside a split transaction: Patient, then Encounters, then the rest, Provenance last (it points at
     everything else), so every reference points at something already stored or in the same chunk."""
-    rtype = (entry.get("resource") or {}).get("resourceType")
-    return {"Patient": 0, "Device": 1, "Encounter": 2, "Provenance": 9}.get(rtype, 5)
+    return dependency_rank((entry.get("resource") or {}).get("resourceType"))
 
 
 def _as_batch(doc: dict) -> dict:

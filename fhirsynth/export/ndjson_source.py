@@ -22,6 +22,11 @@ _STAGE = {"Patient": 0, "Practitioner": 1, "Organization": 1, "Location": 1, "De
           "Encounter": 2, "Provenance": 9}
 
 
+def dependency_rank(rtype: str | None) -> int:
+    """Loading order of a resource type: what is referenced comes before what references it."""
+    return _STAGE.get(rtype or "", 5)
+
+
 @dataclass(frozen=True)
 class NdjsonFile:
     path: Path
@@ -29,7 +34,7 @@ class NdjsonFile:
 
     @property
     def stage(self) -> int:
-        return _STAGE.get(self.rtype, 5)
+        return dependency_rank(self.rtype)
 
 
 def is_ndjson(path: Path) -> bool:

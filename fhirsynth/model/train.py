@@ -299,20 +299,19 @@ def _train(tc, tdir, out, work, dev, tk, mc, delta, dp, seed, on_step, dctx, mai
         eps_vocab = tc.epsilon * tc.vocab_epsilon_fraction
         eps_train = tc.epsilon - eps_vocab
 
-    ckdir = work
-    state_path = ckdir / ck.CHECKPOINT_STATE
+    state_path = work / ck.CHECKPOINT_STATE
     resume: dict[str, Any] | None = None
     sig_probe = _signature(tc, mc, tk, len(timelines))  # tc.delta is still the user's (None = auto) here
     if state_path.is_file():
         try:
             resume = torch.load(state_path, map_location="cpu", weights_only=True)
         except Exception as exc:  # noqa: BLE001
-            raise UsageError(f"checkpoint is unreadable ({exc}); delete it to start over", where=str(ckdir)) from None
+            raise UsageError(f"checkpoint is unreadable ({exc}); delete it to start over", where=str(work)) from None
         if resume.get("signature") != sig_probe:
             raise UsageError("a checkpoint of a run with different settings or data exists; rerun with the same "
-                             "arguments to resume, or delete it to start over", where=str(ckdir))
+                             "arguments to resume, or delete it to start over", where=str(work))
         owner[0] = True
-        vocab = Vocab.from_json(tk, ck._read_json(ckdir / ck.VOCAB))
+        vocab = Vocab.from_json(tk, ck._read_json(work / ck.VOCAB))
         vocab_report = resume["vocab_report"]
         tc.delta = float(resume["delta"])
         log.info("resuming from step %d of %d", resume["step"], resume["total_steps"])
@@ -327,8 +326,8 @@ def _train(tc, tdir, out, work, dev, tk, mc, delta, dp, seed, on_step, dctx, mai
             d_vocab = tc.delta * tc.vocab_delta_fraction if dp else None
             vocab, vocab_report = build_vocab(timelines, tk, dp=dp, epsilon=eps_vocab, delta=d_vocab, noise=noise,
                                               sex_release=sex_release)
-            ckdir.mkdir(parents=True, exist_ok=True)
-            ck.atomic_write_json(ckdir / ck.VOCAB, vocab.to_json())
+            work.mkdir(parents=True, exist_ok=True)
+            ck.atomic_write_json(work / ck.VOCAB, vocab.to_json())
         if dctx is not None:  # one DP release on rank 0, the same vocabulary everywhere
             vj, vocab_report, tc.delta = dd.broadcast((vocab.to_json(), vocab_report, tc.delta) if main else None,
                                                       dctx)
