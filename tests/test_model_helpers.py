@@ -98,23 +98,26 @@ def test_generator_is_deterministic_and_sorted():
 
 
 def tiny_model_dir(path: Path, *, n_patients: int = 80, max_len: int = 64, seed: int = 0, d_model: int = 16,
-                   reference_date: str = "2026-01-01") -> Path:
+                   reference_date: str = "2026-01-01", arch: str = "token") -> Path:
     """An UNTRAINED model dir (random weights, exact-count vocabulary) for sampler / constraint tests:
-    near-uniform next-token distributions explore the grammar far more widely than a trained model."""
+    near-uniform next-token distributions explore the grammar far more widely than a trained model.
+    arch: "token" (transformer.py) or "visit" (visitmodel.py)."""
     import torch
 
+    from fhirsynth.model.archs import build_network, visit_sizes
     from fhirsynth.model.checkpoint import write_model_dir
     from fhirsynth.model.config import ModelConfig, TokenizerConfig, to_json, versions
-    from fhirsynth.model.transformer import Transformer
     from fhirsynth.model.vocab import build_vocab
 
     tk = TokenizerConfig(max_len=max_len, reference_date=reference_date)
     vocab, report = build_vocab(make_timelines(n_patients, seed), tk, dp=False, epsilon=None, delta=None,
                                 noise=NoiseSource.reproducible(seed))
-    mc = ModelConfig(vocab_size=vocab.size, d_model=d_model, n_layers=1, n_heads=2, d_ff=2 * d_model,
-                     max_len=max_len)
+    mc = ModelConfig(arch=arch, vocab_size=vocab.size, d_model=d_model, n_layers=1, n_heads=2, d_ff=2 * d_model,
+                     max_len=max_len, max_visits=24, n_components=3)
+    if arch == "visit":
+        mc.visit_sizes = visit_sizes(vocab)
     torch.manual_seed(seed)
-    model = Transformer(mc)
+    model = build_network(mc)
     config = {**versions(), "model": to_json(mc), "tokenizer": to_json(tk), "training": {}}
     write_model_dir(path, state_dict=model.state_dict(), config=config, vocab=vocab.to_json(),
                     privacy={"unit": "patient", "dp": False, "vocabulary": report}, curve=[])

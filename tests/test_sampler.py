@@ -22,9 +22,15 @@ REF_END = datetime(2026, 1, 2, tzinfo=timezone.utc)
 _CONS = load_constraints()
 
 
+@pytest.fixture(scope="module", params=["visit", "token"])
+def model_dir(request, tmp_path_factory):
+    """Both architectures: every constraint and conditioning rule holds for each."""
+    return tiny_model_dir(tmp_path_factory.mktemp("tiny") / "model", arch=request.param)
+
+
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return tiny_model_dir(tmp_path_factory.mktemp("tiny") / "model")
+def token_model_dir(tmp_path_factory):
+    return tiny_model_dir(tmp_path_factory.mktemp("tiny-token") / "model", arch="token")
 
 
 def _age_days(tl, t):
@@ -150,20 +156,20 @@ def test_model_dir_validation(model_dir, tmp_path):
         load_model(tmp_path, "cpu")
 
 
-def test_sequence_nll_per_patient(model_dir):
+def test_sequence_nll_per_patient(token_model_dir):
     from test_model_helpers import make_timelines
 
     tls = make_timelines(7, seed=1)
-    nll = sequence_nll(model_dir, tls, device="cpu")
+    nll = sequence_nll(token_model_dir, tls, device="cpu")
     assert nll.shape == (7,)
     # an untrained model is close to uniform over the vocabulary
     import math
 
-    v = load_model(model_dir, "cpu").vocab.size
+    v = load_model(token_model_dir, "cpu").vocab.size
     assert all(abs(x - math.log(v)) < 1.0 for x in nll)
 
 
-def test_visits_count_back_from_the_end_of_the_record(model_dir):
+def test_visits_count_back_from_the_end_of_the_record(token_model_dir):
     """Newest visit first: the first visit lies one sampled gap before the record's end (the death, else the end
     of the reference date), every later one one sampled gap before the previous, all inside their gap buckets
     and never before birth. Checked on the sampler's own draws for every sequence."""
@@ -172,7 +178,7 @@ def test_visits_count_back_from_the_end_of_the_record(model_dir):
     from fhirsynth.model.sampler import generate
     from fhirsynth.model.tokenizer import day_number
 
-    lm = load_model(model_dir, "cpu")
+    lm = load_model(token_model_dir, "cpu")
     v = lm.vocab
     g = Grammar(v, load_constraints(), lm.model_config.max_len, torch.device("cpu"))
     toks, draws = generate(lm.model, g, 400, torch.Generator().manual_seed(4))
@@ -215,7 +221,7 @@ def test_sex_is_drawn_from_the_released_shares(model_dir, tmp_path):
     assert {t.patient.sex for t in tls} == {"male"}
 
 
-def test_codes_are_not_repeated_beyond_the_recent_visits(model_dir, tmp_path):
+def test_codes_are_not_repeated_beyond_the_recent_visits(token_model_dir, tmp_path):
     """Compressed training sequences keep one occurrence of a code outside the RECENT_VISITS newest visits; the
     sampler holds every sequence to that. The model here always wants short visits and three favourite
     conditions, so without the mask nearly every old visit would repeat one of them."""
@@ -226,8 +232,8 @@ def test_codes_are_not_repeated_beyond_the_recent_visits(model_dir, tmp_path):
     from fhirsynth.model.tokenizer import RECENT_VISITS
 
     d = tmp_path / "repeater"
-    shutil.copytree(model_dir, d)
-    v = load_model(model_dir, "cpu").vocab
+    shutil.copytree(token_model_dir, d)
+    v = load_model(token_model_dir, "cpu").vocab
     sd = torch.load(d / "model.pt", weights_only=True)
     # constant final hidden state e_0; the head turns it into fixed logits: a new visit (its GAP tokens together
     # weigh e^4) and three conditions favoured
@@ -283,7 +289,7 @@ def test_death_is_drawn_from_the_released_shares_per_birth_band(model_dir, tmp_p
     assert not any(t.patient.deceased for t in others)
 
 
-def test_the_model_reads_the_age_of_its_own_draws(model_dir):
+def test_the_model_reads_the_age_of_its_own_draws(token_model_dir):
     """The age id fed beside each sampled token is the record's current age in whole years computed from the
     sampler's exact draws (the birth day, the death, each visit's time), unknown before the birth band, as the
     tokenizer gives it in training."""
@@ -292,7 +298,7 @@ def test_the_model_reads_the_age_of_its_own_draws(model_dir):
     from fhirsynth.model.sampler import generate
     from fhirsynth.model.tokenizer import AGE_UNKNOWN, day_number
 
-    lm = load_model(model_dir, "cpu")
+    lm = load_model(token_model_dir, "cpu")
     v = lm.vocab
     g = Grammar(v, load_constraints(), lm.model_config.max_len, torch.device("cpu"))
     fed: dict[int, torch.Tensor] = {}

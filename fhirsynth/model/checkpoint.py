@@ -21,7 +21,12 @@ from pathlib import Path
 from typing import Any
 
 from fhirsynth.errors import ModelDirError
-from fhirsynth.model.config import FORMAT_VERSION, ModelConfig, TokenizerConfig, from_json
+from fhirsynth.model.config import (
+    FORMAT_VERSION,
+    ModelConfig,
+    TokenizerConfig,
+    from_json,
+)
 
 WEIGHTS = "model.pt"
 CONFIG = "config.json"
@@ -144,7 +149,8 @@ def load_model(model_dir: str | os.PathLike, device: str = "auto") -> LoadedMode
     """Validate and load a model dir; every problem is a ModelDirError naming the file."""
     import torch
 
-    from fhirsynth.model.transformer import Transformer
+    from fhirsynth.model.archs import build_network, visit_sizes
+    from fhirsynth.model.config import ARCHS
     from fhirsynth.model.vocab import Vocab
 
     model_dir = Path(model_dir)
@@ -158,13 +164,18 @@ def load_model(model_dir: str | os.PathLike, device: str = "auto") -> LoadedMode
     if vocab.size != mcfg.vocab_size:
         raise ModelDirError(f"vocab.json has {vocab.size} tokens but config.json says {mcfg.vocab_size}",
                             where=str(model_dir))
+    if mcfg.arch not in ARCHS:
+        raise ModelDirError(f"unknown model architecture {mcfg.arch!r} (this fhirsynth knows {', '.join(ARCHS)}); "
+                            "retrain with this version", where=str(model_dir / CONFIG))
+    if mcfg.arch == "visit" and mcfg.visit_sizes != visit_sizes(vocab):
+        raise ModelDirError("vocab.json does not match the visit model's sizes in config.json", where=str(model_dir))
     dev = resolve_device(device)
     try:
         state = torch.load(model_dir / WEIGHTS, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unpickling/zip failure means a corrupt file
         raise ModelDirError(f"weights file is corrupt or not a state_dict ({type(exc).__name__}: {exc})",
                             where=str(model_dir / WEIGHTS)) from None
-    model = Transformer(mcfg)
+    model = build_network(mcfg)
     try:
         model.load_state_dict(state)
     except (RuntimeError, TypeError, AttributeError) as exc:

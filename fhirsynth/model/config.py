@@ -14,7 +14,9 @@ from fhirsynth import __version__
 # 2: visits newest first (tokenizer.py), the death right after the prefix.
 # 3: an age input beside every token (the record's current age in years, tokenizer.encode_with_ages).
 # 4: a GAP token begins a visit (no VISIT marker token).
-FORMAT_VERSION = 4
+# 5: the visit model (model.arch = "visit", visitmodel.py) beside the token model ("token").
+FORMAT_VERSION = 5
+ARCHS = ("visit", "token")
 
 
 def _today() -> str:
@@ -23,8 +25,10 @@ def _today() -> str:
 
 @dataclass
 class ModelConfig:
-    """Decoder-only transformer shape (nanoGPT-like)."""
+    """Decoder-only transformer shape (nanoGPT-like). arch: "visit" (one position per visit, visitmodel.py) or
+    "token" (one position per token, transformer.py)."""
 
+    arch: str = "visit"
     vocab_size: int = 0
     d_model: int = 128
     # 2, not 4: on the 800-patient US training split (16 epochs, no DP) 2 layers fit the holdout best (NLL per
@@ -37,6 +41,11 @@ class ModelConfig:
     max_len: int = 512
     dropout: float = 0.0
     n_age_ids: int = 128  # age input: years 0..126 and "not known yet" (tokenizer.AGE_UNKNOWN)
+    # visit model: the context in visits (newest kept; the US cohort: median 95, 95th percentile ~300) and the
+    # number of mixture components of a visit's content
+    max_visits: int = 320
+    n_components: int = 12
+    visit_sizes: dict | None = None  # visitmodel.VisitSizes, filled in by training
 
 
 @dataclass

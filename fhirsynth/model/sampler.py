@@ -139,6 +139,12 @@ class _BatchJob:
         self.grammar = Grammar(vocab, load_constraints(), self.lm.model_config.max_len, self.lm.device, cond)
         self.tokenizer = Tokenizer(vocab)
         self.temperature, self.top_p = temperature, top_p
+        self.visit_sampler = None
+        if self.lm.model_config.arch == "visit":
+            from fhirsynth.model.visits import VisitLayout
+            from fhirsynth.model.visitsampler import VisitSampler
+
+            self.visit_sampler = VisitSampler(self.lm.model, VisitLayout(vocab), self.grammar, cond.condition_tokens)
         if sex is not None and cond.condition_tokens and bool(
                 self.grammar.forbid[SEXES.index(sex), list(cond.condition_tokens)].all()):
             raise UsageError(f"condition {condition[0]}|{condition[1]} is not allowed for sex {sex} "
@@ -146,6 +152,8 @@ class _BatchJob:
 
     def run(self, seed: int, b: int, size: int) -> tuple[list[list[int]], list[list[float]]]:
         gen = torch.Generator(device=self.lm.device).manual_seed((seed * 1_000_003 + b) % (2**63))
+        if self.visit_sampler is not None:
+            return self.visit_sampler.generate(size, gen, temperature=self.temperature)
         tokens, draws = generate(self.lm.model, self.grammar, size, gen, temperature=self.temperature,
                                  top_p=self.top_p)
         return tokens.tolist(), draws.tolist()

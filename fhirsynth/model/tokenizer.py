@@ -154,8 +154,10 @@ class Tokenizer:
         got = self.encode_with_ages(tl, stats)
         return None if got is None else got[0]
 
-    def encode_with_ages(self, tl: Timeline, stats: Counter | None = None) -> tuple[list[int], list[int]] | None:
-        """(token ids, age ids) of one patient, or None when the patient has no birth date (counted in stats)."""
+    def encode_with_ages(self, tl: Timeline, stats: Counter | None = None,
+                         compress: bool = True) -> tuple[list[int], list[int]] | None:
+        """(token ids, age ids) of one patient, or None when the patient has no birth date (counted in stats).
+        compress=False keeps every visit whatever the length (the visit model windows visits itself)."""
         stats = stats if stats is not None else Counter()
         v, p = self.vocab, tl.patient
         if p.birth_date is None:
@@ -209,8 +211,9 @@ class Tokenizer:
         elif p.deceased:
             stats["deceased_without_date"] += 1
         oldest = visits[0][0] if visits else None
-        visits = self._fit(visits, budget=v.cfg.max_len - len(prefix) - 1 - (2 if death_days is not None else 0),
-                           stats=stats)
+        if compress:
+            visits = self._fit(visits, budget=v.cfg.max_len - len(prefix) - 1 - (2 if death_days is not None else 0),
+                               stats=stats)
         truncated = oldest is not None and (not visits or visits[0][0] > oldest)
         # the record's end: death, else the end of the reference day (a living record runs up to "today")
         ref_days = (_midnight(v.cfg.ref_date) - birth).total_seconds() / 86400.0 + 1.0

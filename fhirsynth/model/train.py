@@ -44,7 +44,6 @@ from torch.utils.data import DataLoader, Dataset
 
 from fhirsynth.errors import FhirsynthError, InputError, PrivacyBudgetError, UsageError
 from fhirsynth.logs import progress
-from fhirsynth.testpoint import pause_point
 from fhirsynth.model import checkpoint as ck
 from fhirsynth.model.config import (
     DEFAULT_LR,
@@ -56,14 +55,13 @@ from fhirsynth.model.config import (
     versions,
 )
 from fhirsynth.model.dpnoise import NoiseSource
-from fhirsynth.model.tokenizer import Tokenizer
-from fhirsynth.model.transformer import Transformer, patient_loss
 from fhirsynth.model.vocab import (
     Vocab,
     build_vocab,
     release_sex_shares,
     split_preprocessing_epsilon,
 )
+from fhirsynth.testpoint import pause_point
 from fhirsynth.timeline.io import read_timelines
 
 log = logging.getLogger(__name__)
@@ -338,20 +336,19 @@ def _train(tc, tdir, out, work, dev, tk, mc, delta, dp, seed, on_step, dctx, mai
         d_vocab = tc.delta * tc.vocab_delta_fraction
         d_train = tc.delta - d_vocab
 
-    tokenizer = Tokenizer(vocab)
+    from fhirsynth.model.archs import build_arch
+
     stats: Counter = Counter()
-    seqs = [s for s in (tokenizer.encode_with_ages(t, stats) for t in timelines) if s is not None]
+    torch.manual_seed(seed)
+    arch = build_arch(mc, vocab, timelines, stats)
     del timelines
     for k, v in sorted(stats.items()):
-        log.debug("tokenizer: %s = %d", k, v)  # exact counts: the operator's console only, at debug level
-    if not seqs:
-        raise InputError("no patient could be tokenized (all lack a birth date)", where=str(tdir))
-    mc.vocab_size = vocab.size
-
-    torch.manual_seed(seed)
-    model = Transformer(mc).to(dev)
+        log.debug("encoder: %s = %d", k, v)  # exact counts: the operator's console only, at debug level
+    if not len(arch.dataset):
+        raise InputError("no patient could be encoded (all lack a birth date)", where=str(tdir))
+    model = arch.model.to(dev)
     opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
-    ds = SeqDataset(seqs)
+    ds = arch.dataset
     # every size-dependent setting comes from the DP estimate (under --no-dp it is the exact count)
     steps_per_epoch = steps_per_epoch_for(n_estimate, tc.batch_size)
     total_steps = tc.epochs * steps_per_epoch
@@ -374,7 +371,8 @@ def _train(tc, tdir, out, work, dev, tk, mc, delta, dp, seed, on_step, dctx, mai
         engine = PrivacyEngine(accountant="prv", secure_mode=False)
         model, opt, loader = make_private(engine, model, opt, ds, q=q, n_estimate=n_estimate, sigma=sigma,
                                           max_grad_norm=tc.max_grad_norm, batch_size=tc.batch_size,
-                                          secure=not tc.reproducible_noise, seed=seed, dctx=dctx)
+                                          secure=not tc.reproducible_noise, seed=seed, dctx=dctx,
+                                          collate=arch.collate)
         if resume is not None:
             engine.accountant.load_state_dict(resume["accountant"])
     pending_rng = None
@@ -420,7 +418,7 @@ def _train(tc, tdir, out, work, dev, tk, mc, delta, dp, seed, on_step, dctx, mai
                                          optimizer=opt)
             else:
                 ctx = _PlainBatches(ds, tc.batch_size, tc.max_physical_batch, seed, epoch,
-                                    skip=steps_per_epoch - remaining)
+                                    skip=steps_per_epoch - remaining, collate=arch.collate)
             with ctx as batches:
                 acc_loss, acc_n = 0.0, 0
                 # Creating a DataLoader iterator draws a seed from the global RNG. An uninterrupted run does
@@ -436,19 +434,18 @@ def _train(tc, tdir, out, work, dev, tk, mc, delta, dp, seed, on_step, dctx, mai
                 for batch in it:
                     for group in opt.param_groups:  # a function of the step only: resuming needs no state
                         group["lr"] = lr_at(tc, step, total_steps)
-                    batch = as_batch(batch).to(dev)
-                    inp, tgt = batch[:, :-1], batch[:, 1:, 0]
+                    batch = arch.to_device(batch, dev)
+                    nb = arch.batch_size_of(batch)
                     with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=use_amp):
-                        logits = model(inp[..., 0], inp[..., 1])
-                    per_seq = patient_loss(logits, tgt, mc.max_len)
-                    if batch.shape[0] > 0:
+                        per_seq, n_units = arch.loss(model, batch)
+                    if nb > 0:
                         loss = per_seq.mean()
-                        acc_loss += float(per_seq.detach().sum()) * mc.max_len  # the curve: NLL per token
-                        acc_n += int((tgt != 0).sum())
+                        acc_loss += float(per_seq.detach().sum()) * arch.norm  # the curve: NLL per token / visit
+                        acc_n += n_units
                     else:  # empty Poisson batch: still a DP step (noise only), zero-size grad samples
                         loss = per_seq.sum()
-                    if not dp and batch.shape[0] > 0:
-                        loss = loss * (batch.shape[0] / max(batches.logical_size, 1))
+                    if not dp and nb > 0:
+                        loss = loss * (nb / max(batches.logical_size, 1))
                     loss.backward()
                     stepped = _step(opt, dp, batches)
                     if not stepped:
@@ -543,7 +540,9 @@ def _step(opt, dp: bool, batches) -> bool:
 class _PlainBatches:
     """Non-DP batches: a seeded shuffle per epoch, split into physical batches like BatchMemoryManager."""
 
-    def __init__(self, ds: SeqDataset, batch_size: int, physical: int, seed: int, epoch: int, skip: int) -> None:
+    def __init__(self, ds, batch_size: int, physical: int, seed: int, epoch: int, skip: int,
+                 collate=None) -> None:
+        self.collate = collate or pad_collate
         g = torch.Generator().manual_seed(seed * 100003 + epoch)
         perm = torch.randperm(len(ds), generator=g).tolist()
         self.logical = [perm[i: i + batch_size] for i in range(0, len(perm), batch_size)][skip:]
@@ -563,7 +562,7 @@ class _PlainBatches:
             chunks = [idx[i: i + self.physical] for i in range(0, len(idx), self.physical)]
             for j, chunk in enumerate(chunks):
                 self.last_of_logical = j == len(chunks) - 1
-                yield pad_collate([self.ds[i] for i in chunk])
+                yield self.collate([self.ds[i] for i in chunk])
 
 
 def accounted_steps(history: list) -> int:
@@ -571,8 +570,8 @@ def accounted_steps(history: list) -> int:
     return int(sum(h[2] for h in history))
 
 
-def make_private(engine, model, opt, ds: SeqDataset, *, q: float, n_estimate: int, sigma: float,
-                 max_grad_norm: float, batch_size: int, secure: bool, seed: int, dctx) -> tuple:
+def make_private(engine, model, opt, ds, *, q: float, n_estimate: int, sigma: float,
+                 max_grad_norm: float, batch_size: int, secure: bool, seed: int, dctx, collate=None) -> tuple:
     """Opacus make_private with the sampling rate, the expected batch and the accountant's rate all set to the
     ones this run uses: q (from the DP estimate of n) everywhere. Opacus alone would derive the rate from the
     exact dataset size (1 / len(loader), and its sampler's steps as int(1 / q), which can differ from the loop's
@@ -581,11 +580,12 @@ def make_private(engine, model, opt, ds: SeqDataset, *, q: float, n_estimate: in
     from fhirsynth.model import distributed as dd
     from fhirsynth.model import securerng
 
+    collate = collate or pad_collate
     if dctx is None:
-        loader = DataLoader(ds, batch_size=batch_size, collate_fn=pad_collate)
+        loader = DataLoader(ds, batch_size=batch_size, collate_fn=collate)
     else:
         model = dd.wrap_model(model)
-        loader = dd.make_loader(ds, round(1 / q), seed, dctx, pad_collate, secure=secure)
+        loader = dd.make_loader(ds, round(1 / q), seed, dctx, collate, secure=secure)
     model, opt, loader = engine.make_private(
         module=model, optimizer=opt, data_loader=loader, noise_multiplier=sigma,
         max_grad_norm=max_grad_norm, poisson_sampling=dctx is None,

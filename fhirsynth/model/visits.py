@@ -1,0 +1,339 @@
+"""The visit representation: a patient as a static part and a sequence of visits, newest first.
+
+The visit model (visitmodel.py) reads and writes this; it is built on the token grammar's encoder, so events map
+to vocabulary items, values to bins and times to buckets exactly as there (tokenizer.py), only without the
+length compression: a visit costs one position, so a record keeps its repeated vitals, its labs followed over
+years and its chronic care. What a patient is here:
+
+    static:  sex, birth band, race, ethnicity, deceased + death age (years)
+    visits:  newest first (as tokenizer.py explains: a record starts at the present, and running out of context
+             drops the oldest history); each one a gap back in time (GAP bucket), its age (years), an encounter
+             class (or none: events grouped by day), an encounter type and duration, and a SET of content items
+             (conditions and observations), each with one value from its own value space:
+               observation with public / DP value bins: a bin (always: a numeric code is always a quantity);
+               observation without bins: none or a coded answer (a value item that is not a public encounter
+               type: no visit concept as a lab value);
+               condition: none (still active) or its duration bucket (onset -> abatement).
+    END:     no older history (a record longer than max_visits keeps its newest visits and has no END).
+
+A sampled patient is written back as tokens of the same grammar plus the in-bucket draws, and decoded by
+Tokenizer.decode: one decoder for both models.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from fhirsynth.model.tokenizer import AGE_UNKNOWN, Tokenizer
+from fhirsynth.model.vocab import Vocab
+from fhirsynth.timeline.types import Timeline
+
+NONE = 0  # "no value" / "no encounter" in every categorical space below
+
+
+class VisitLayout:
+    """Index spaces of the visit model, all derived from the vocabulary (which is public or DP-released).
+
+    enc:      encounter classes, categorical 1..NE (0 = a day without an encounter)
+    etype:    encounter types (value items), 1..NT (0 = none)
+    content:  condition and observation items, multi-label 0..NC-1
+    values:   0 = none | 1..n_val = value bin | answers | duration buckets (value_id below)
+    features: the multi-hot input of one visit: class, type, encounter duration, content items, (binned item,
+              bin) pairs (so the model sees each code's own value: trajectories), answers, condition durations
+    """
+
+    def __init__(self, vocab: Vocab) -> None:
+        self.vocab = v = vocab
+        base = v.start("item")
+        kinds = [it.kind for it in v.items]
+        self.enc_tokens = [base + i for i, k in enumerate(kinds) if k == "encounter"]
+        self.type_tokens = [base + i for i, k in enumerate(kinds) if k == "value"]
+        self.content_tokens = [base + i for i, k in enumerate(kinds) if k in ("condition", "observation")]
+        # answers: value items that are not public encounter types (those are visit concepts, not results)
+        self.answer_tokens = [base + i for i, it in enumerate(v.items) if it.kind == "value" and not it.public]
+        self.enc_index = {t: j + 1 for j, t in enumerate(self.enc_tokens)}
+        self.type_index = {t: j + 1 for j, t in enumerate(self.type_tokens)}
+        self.content_index = {t: j for j, t in enumerate(self.content_tokens)}
+        self.answer_index = {t: j for j, t in enumerate(self.answer_tokens)}
+        self.NE, self.NT, self.NC, self.NA = (len(self.enc_tokens), len(self.type_tokens), len(self.content_tokens),
+                                              len(self.answer_tokens))
+        self.n_val, self.n_dur, self.n_gap = v.n_val, v.n_dur, v.n_gap
+        self.n_values = 1 + self.n_val + self.NA + self.n_dur
+        # per content item: bins (numeric), condition, or coded observation
+        self.n_bins = np.zeros(self.NC, dtype=np.int64)
+        self.is_condition = np.zeros(self.NC, dtype=bool)
+        allowed = np.zeros((self.NC, self.n_values), dtype=bool)
+        for j, tok in enumerate(self.content_tokens):
+            it = v.item_of(tok)
+            vb = v.item_bins(it)
+            if it.kind == "condition":
+                self.is_condition[j] = True
+                allowed[j, NONE] = True
+                allowed[j, self.dur_value(0): self.dur_value(0) + self.n_dur] = True
+            elif vb is not None:
+                self.n_bins[j] = vb.n_bins
+                allowed[j, 1: 1 + vb.n_bins] = True  # a numeric code always carries a quantity
+            else:
+                allowed[j, NONE] = True
+                allowed[j, 1 + self.n_val: 1 + self.n_val + self.NA] = True
+        self.allowed = allowed
+        # feature offsets
+        off = 0
+        self.f_enc = off; off += self.NE
+        self.f_type = off; off += self.NT
+        self.f_edur = off; off += self.n_dur
+        self.f_item = off; off += self.NC
+        self.f_pair = np.full(self.NC, -1, dtype=np.int64)  # first (item, bin) feature of each binned item
+        for j in range(self.NC):
+            if self.n_bins[j]:
+                self.f_pair[j] = off
+                off += int(self.n_bins[j])
+        self.f_answer = off; off += self.NA
+        self.f_cdur = off; off += self.n_dur
+        self.n_features = off
+        # panels: members of one public panel (e.g. blood pressure) come together (complete panels)
+        groups: dict[tuple, list[int]] = {}
+        for j, tok in enumerate(self.content_tokens):
+            it = v.item_of(tok)
+            if it.kind == "observation" and it.panel_code and it.public:
+                groups.setdefault((it.panel_system, it.panel_code), []).append(j)
+        self.panels = [g for g in groups.values() if len(g) > 1]
+
+    def dur_value(self, d: int) -> int:
+        return 1 + self.n_val + self.NA + d
+
+    def answer_value(self, a: int) -> int:
+        return 1 + self.n_val + a
+
+    def value_feature(self, j: int, value: int) -> int | None:
+        """The input feature of content item j's value, or None (no value)."""
+        if value == NONE:
+            return None
+        if value <= self.n_val:
+            return int(self.f_pair[j]) + value - 1 if self.f_pair[j] >= 0 else None
+        if value <= self.n_val + self.NA:
+            return self.f_answer + value - 1 - self.n_val
+        return self.f_cdur + value - 1 - self.n_val - self.NA
+
+
+@dataclass
+class PatientVisits:
+    """One encoded patient (arrays over visits, newest first)."""
+
+    sex: int
+    band: int
+    race: int
+    eth: int
+    dead: int
+    death_age: int  # years (0 when alive)
+    end_age: int  # age id at the record's end (death, else the reference date)
+    truncated: bool  # older visits exist beyond max_visits (no END target)
+    gap: np.ndarray  # [T] gap bucket
+    age: np.ndarray  # [T] age id of the visit
+    enc: np.ndarray  # [T] 0 | 1 + encounter class
+    etype: np.ndarray  # [T] 0 | 1 + encounter type
+    edur: np.ndarray  # [T] 0 | 1 + duration bucket
+    item_visit: np.ndarray  # [M] visit of each content entry
+    item: np.ndarray  # [M] content index
+    value: np.ndarray  # [M] value id, -1 = not scored (a numeric code recorded without a usable value)
+
+
+def encode_visits(tokenizer: Tokenizer, layout: VisitLayout, tl: Timeline, max_visits: int,
+                  stats: Counter | None = None) -> PatientVisits | None:
+    """A timeline as PatientVisits (None without a birth date), through the token encoder without compression."""
+    stats = stats if stats is not None else Counter()
+    got = tokenizer.encode_with_ages(tl, stats, compress=False)
+    if got is None:
+        return None
+    toks, ages = got
+    v = layout.vocab
+    groups = [v.group_of(t) for t in toks]
+    sex = toks[1] - v.start("sex")
+    band = toks[2] - v.start("by")
+    race = toks[3] - v.start("race")
+    eth = toks[4] - v.start("eth")
+    end_age = ages[4]
+    i, dead, death_age = 5, 0, 0
+    if i < len(toks) and toks[i] == v.DEATH:
+        dead, death_age = 1, toks[i + 1] - v.start("age")
+        i += 2
+    gap, age, enc, etype, edur = [], [], [], [], []
+    iv, item, value = [], [], []
+    truncated = True
+    last_j = -1  # content index of the last content entry (its value follows)
+    last_kind = ""
+    while i < len(toks):
+        g, t = groups[i], toks[i]
+        if g == "end":
+            truncated = False
+            break
+        if g == "gap":
+            if len(gap) == max_visits:
+                break  # older visits do not fit: a window over the newest ones, no END
+            gap.append(t - v.start("gap"))
+            age.append(ages[i])
+            enc.append(NONE)
+            etype.append(NONE)
+            edur.append(NONE)
+            last_kind = ""
+        elif g == "item":
+            it = v.item_of(t)
+            if it.kind == "encounter":
+                enc[-1] = layout.enc_index[t]
+                last_kind = "encounter"
+            elif it.kind == "value":
+                if last_kind == "encounter":
+                    etype[-1] = layout.type_index[t]
+                elif last_kind == "observation" and t in layout.answer_index and not layout.n_bins[last_j]:
+                    value[-1] = layout.answer_value(layout.answer_index[t])
+                else:
+                    stats["answers_not_allowed_dropped"] += 1
+            else:
+                last_j = layout.content_index[t]
+                last_kind = it.kind
+                iv.append(len(gap) - 1)
+                item.append(last_j)
+                # a numeric code without a usable value is kept as an item but its value is not scored
+                value.append(-1 if layout.n_bins[last_j] else NONE)
+        elif g == "dur":
+            d = t - v.start("dur")
+            if last_kind == "encounter":
+                edur[-1] = 1 + d
+            elif last_kind == "condition":
+                value[-1] = layout.dur_value(d)
+        elif g == "val":
+            b = t - v.start("val")
+            if last_kind == "observation" and b < layout.n_bins[last_j]:
+                value[-1] = 1 + b
+        i += 1
+    a = lambda x: np.asarray(x, dtype=np.int64)
+    return PatientVisits(sex, band, race, eth, dead, death_age, end_age, truncated, a(gap), a(age), a(enc),
+                         a(etype), a(edur), a(iv), a(item), a(value))
+
+
+def visit_tokens(layout: VisitLayout, p: PatientVisits) -> list[int]:
+    """The token-grammar sequence of an encoded patient (what the sampler writes for Tokenizer.decode); equal to
+    the uncompressed token encoding except for what encode_visits drops (counted in its stats)."""
+    v = layout.vocab
+    toks = [v.BOS, v.start("sex") + p.sex, v.start("by") + p.band, v.start("race") + p.race, v.start("eth") + p.eth]
+    if p.dead:
+        toks += [v.DEATH, v.start("age") + p.death_age]
+    per_visit: list[list[int]] = [[] for _ in range(len(p.gap))]
+    for t, j, val in zip(p.item_visit.tolist(), p.item.tolist(), p.value.tolist()):
+        per_visit[t].append(layout.content_tokens[j])
+        if val > NONE:
+            if val <= layout.n_val:
+                per_visit[t].append(v.start("val") + val - 1)
+            elif val <= layout.n_val + layout.NA:
+                per_visit[t].append(layout.answer_tokens[val - 1 - layout.n_val])
+            else:
+                per_visit[t].append(v.start("dur") + val - layout.dur_value(0))
+    for t in range(len(p.gap)):
+        toks.append(v.start("gap") + int(p.gap[t]))
+        if p.enc[t]:
+            toks.append(layout.enc_tokens[int(p.enc[t]) - 1])
+            if p.etype[t]:
+                toks.append(layout.type_tokens[int(p.etype[t]) - 1])
+            if p.edur[t]:
+                toks.append(v.start("dur") + int(p.edur[t]) - 1)
+        toks += per_visit[t]
+    if not p.truncated:
+        toks.append(v.END)
+    return toks
+
+
+def visit_features(layout: VisitLayout, p: PatientVisits) -> list[list[int]]:
+    """The active input features of each visit."""
+    feats: list[list[int]] = [[] for _ in range(len(p.gap))]
+    for t in range(len(p.gap)):
+        if p.enc[t]:
+            feats[t].append(layout.f_enc + int(p.enc[t]) - 1)
+        if p.etype[t]:
+            feats[t].append(layout.f_type + int(p.etype[t]) - 1)
+        if p.edur[t]:
+            feats[t].append(layout.f_edur + int(p.edur[t]) - 1)
+    for t, j, val in zip(p.item_visit, p.item, p.value):
+        feats[t].append(layout.f_item + int(j))
+        f = layout.value_feature(int(j), int(val)) if val >= 0 else None
+        if f is not None:
+            feats[t].append(f)
+    return feats
+
+
+class VisitDataset(Dataset):
+    """One item per patient: (PatientVisits, its features), collated by VisitCollate."""
+
+    def __init__(self, patients: list[PatientVisits], layout: VisitLayout) -> None:
+        self.items = [(p, visit_features(layout, p)) for p in patients]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int):
+        return self.items[i]
+
+
+BATCH_KEYS = ("feats", "gap_in", "age_in", "static", "eg_tgt", "gq", "aq", "x_tgt", "enc_tgt", "type_tgt",
+              "edur_tgt", "vi_pos", "vi_item", "vi_val")
+
+
+class VisitCollate:
+    """Patients -> a dict of batch-first tensors. Position 0 is the static part; position t >= 1 is visit t (the
+    t-th newest); the outputs at position t predict visit t + 1 (or END)."""
+
+    def __init__(self, layout: VisitLayout) -> None:
+        self.layout = layout
+
+    def __call__(self, batch: list) -> dict[str, torch.Tensor]:
+        L = self.layout
+        B = len(batch)
+        T = max([len(p.gap) for p, _ in batch], default=0) + 1
+        M = max([len(p.item) for p, _ in batch], default=0) or 1
+        feats = torch.zeros((B, T, L.n_features))
+        gap_in = torch.full((B, T), L.n_gap, dtype=torch.long)  # n_gap = "no gap" (the static position)
+        age_in = torch.full((B, T), AGE_UNKNOWN, dtype=torch.long)
+        static = torch.zeros((B, 6), dtype=torch.long)
+        eg_tgt = torch.full((B, T), -1, dtype=torch.long)
+        gq = torch.zeros((B, T), dtype=torch.long)
+        aq = torch.zeros((B, T), dtype=torch.long)
+        x_tgt = torch.zeros((B, T, L.NC))
+        enc_tgt = torch.full((B, T), -1, dtype=torch.long)
+        type_tgt = torch.full((B, T), -1, dtype=torch.long)
+        edur_tgt = torch.full((B, T), -1, dtype=torch.long)
+        vi_pos = torch.zeros((B, M), dtype=torch.long)
+        vi_item = torch.zeros((B, M), dtype=torch.long)
+        vi_val = torch.full((B, M), -1, dtype=torch.long)
+        for b, (p, fs) in enumerate(batch):
+            n = len(p.gap)
+            static[b] = torch.tensor([p.sex, p.band, p.race, p.eth, p.dead, p.death_age])
+            age_in[b, 0] = p.end_age
+            for t, f in enumerate(fs):
+                feats[b, t + 1, f] = 1.0
+            if n:
+                gap_in[b, 1: n + 1] = torch.from_numpy(p.gap)
+                age_in[b, 1: n + 1] = torch.from_numpy(p.age)
+                eg_tgt[b, :n] = torch.from_numpy(p.gap) + 1
+                gq[b, :n] = torch.from_numpy(p.gap)
+                aq[b, :n] = torch.from_numpy(p.age)
+                enc_tgt[b, :n] = torch.from_numpy(p.enc)
+                type_tgt[b, :n] = torch.from_numpy(p.etype)
+                edur_tgt[b, :n] = torch.from_numpy(p.edur)
+            if not p.truncated:
+                eg_tgt[b, n] = 0  # END
+            m = len(p.item)
+            if m:
+                x_tgt[b, torch.from_numpy(p.item_visit), torch.from_numpy(p.item)] = 1.0
+                vi_pos[b, :m] = torch.from_numpy(p.item_visit)  # visit t is predicted at position t - 1 + 1 - 1
+                vi_item[b, :m] = torch.from_numpy(p.item)
+                vi_val[b, :m] = torch.from_numpy(p.value)
+        return {"feats": feats, "gap_in": gap_in, "age_in": age_in, "static": static, "eg_tgt": eg_tgt, "gq": gq,
+                "aq": aq, "x_tgt": x_tgt, "enc_tgt": enc_tgt, "type_tgt": type_tgt, "edur_tgt": edur_tgt,
+                "vi_pos": vi_pos, "vi_item": vi_item, "vi_val": vi_val}
+
+    def empty(self) -> dict[str, torch.Tensor]:
+        return self([])

@@ -1,0 +1,288 @@
+"""Batched sampling from the visit model: one cached transformer step per visit, not per event.
+
+A patient is drawn as: sex (the released shares, or forced), birth band and day (inside an --age condition),
+race, ethnicity, deceased (the released share of the band) and death age; then visits newest first, each a gap
+back from the later time (never before birth, never after death: the record ends there), its mixture
+component, its items under the clinical constraints (mappings/constraints.toml: sex-specific codes, age
+limits), complete public panels, and every item's value from its own value space (a numeric code always gets a
+quantity inside its bins; durations never run past the record's end).
+The result is written as tokens of the token grammar plus in-bucket draws (tokenizer.py), which
+Tokenizer.decode turns into a Timeline: one decoder for both models.
+A required condition (--condition) that a record did not produce by its end is put into the visit where the
+model gave it the highest probability (the visits after it were drawn without it: documented approximation).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fhirsynth.model.bins import DAYS_PER_YEAR
+from fhirsynth.model.grammar import Grammar
+from fhirsynth.model.tokenizer import AGE_UNKNOWN
+from fhirsynth.model.visitmodel import VisitModel
+from fhirsynth.model.visits import NONE, VisitLayout
+from fhirsynth.model.vocab import SEXES
+
+
+def _draw(probs: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """One categorical draw per row of probs [B, n] (rows with no mass take index 0)."""
+    cum = probs.double().cumsum(dim=1)
+    r = torch.rand((probs.shape[0], 1), generator=gen, dtype=torch.float64, device=probs.device) * cum[:, -1:]
+    return torch.searchsorted(cum, r, right=True).squeeze(1).clamp_(max=probs.shape[1] - 1)
+
+
+def _masked_draw(logits: torch.Tensor, mask: torch.Tensor, gen: torch.Generator, temperature: float) -> torch.Tensor:
+    logits = (logits.float() / temperature).masked_fill(~mask, float("-inf"))
+    return _draw(torch.softmax(logits, dim=-1).nan_to_num(0.0), gen)
+
+
+def _years(days: torch.Tensor) -> torch.Tensor:
+    return torch.div(days, DAYS_PER_YEAR, rounding_mode="floor").clamp(0, AGE_UNKNOWN - 1).long()
+
+
+class VisitSampler:
+    def __init__(self, model: VisitModel, layout: VisitLayout, grammar: Grammar,
+                 condition_tokens: tuple[int, ...] = ()) -> None:
+        self.m, self.L, self.g = model, layout, grammar
+        dev = grammar.device
+        self.dev = dev
+        v = layout.vocab
+        ct = torch.as_tensor(layout.content_tokens, dtype=torch.long, device=dev)
+        self.content_tokens = ct
+        # sex-specific codes: [n_sex + 1, NC]; age limits on content items
+        self.forbid = grammar.forbid[:, ct] if len(layout.content_tokens) else grammar.forbid[:, :0]
+        self.lim_j = torch.as_tensor([layout.content_index[int(c)] for c in grammar.lim_cols.tolist()
+                                      if int(c) in layout.content_index], dtype=torch.long, device=dev)
+        keep = [i for i, c in enumerate(grammar.lim_cols.tolist()) if int(c) in layout.content_index]
+        self.lim_lo, self.lim_hi = grammar.lim_lo[keep], grammar.lim_hi[keep]
+        self.allowed = torch.as_tensor(layout.allowed, device=dev)
+        self.is_cond = torch.as_tensor(layout.is_condition, device=dev)
+        self.n_bins = torch.as_tensor(layout.n_bins, device=dev)
+        # value edges per content item (grammar's per-token tables)
+        self.val_edges = grammar.val_edges[ct]
+        self.dec = grammar.item_dec[ct]
+        self.cond_j = [layout.content_index[t] for t in condition_tokens if t in layout.content_index]
+        self.v = v
+        self.tok_sex, self.tok_by = v.start("sex"), v.start("by")
+        self.tok_race, self.tok_eth = v.start("race"), v.start("eth")
+        self.tok_age, self.tok_gap = v.start("age"), v.start("gap")
+        self.tok_dur, self.tok_val = v.start("dur"), v.start("val")
+
+    @torch.no_grad()
+    def generate(self, batch: int, gen: torch.Generator, *, temperature: float = 1.0
+                 ) -> tuple[list[list[int]], list[list[float]]]:
+        m, L, g, dev, v = self.m, self.L, self.g, self.dev, self.v
+        f64 = torch.float64
+        u = lambda *shape: torch.rand(shape, generator=gen, dtype=f64, device=dev)
+        B = batch
+        # ---- static part
+        if g.cond.sex is not None:
+            sex = torch.full((B,), SEXES.index(g.cond.sex), dtype=torch.long, device=dev)
+        elif g.sex_prior is not None and float(g.sex_prior.sum()) > 0:
+            sex = _draw(g.sex_prior[None].expand(B, -1), gen)
+        else:
+            sex = _draw(torch.tensor([[1.0, 1.0, 0.0, 0.0]], device=dev).expand(B, -1), gen)
+        static = torch.zeros((B, 6), dtype=torch.long, device=dev)
+        static[:, 0] = sex
+        bl, _, _, _ = m.static_logits(static)
+        band = _masked_draw(bl, g.by_ok[None].expand(B, -1), gen, temperature)
+        static[:, 1] = band
+        blo, bhi = g.band_lo[band], g.band_hi[band]
+        birth = torch.minimum(torch.floor(blo + u(B) * (bhi - blo + 1)), bhi)
+        _, rl, _, _ = m.static_logits(static)
+        static[:, 2] = _masked_draw(rl, torch.ones_like(rl, dtype=torch.bool), gen, temperature)
+        _, _, el, dl = m.static_logits(static)
+        static[:, 3] = _masked_draw(el, torch.ones_like(el, dtype=torch.bool), gen, temperature)
+        lived = g.ref_end - birth
+        p_dead = g.death_prior[band].double() if g.death_prior is not None else torch.zeros(B, dtype=f64, device=dev)
+        age_ok = (g.age_lo[None] < lived[:, None]) & (g.age_hi[None] > g.min_death0)
+        dead = (u(B) < p_dead) & age_ok.any(dim=1)
+        dage = _masked_draw(dl, age_ok, gen, temperature)
+        lo = torch.clamp(g.age_lo[dage], min=g.min_death0)
+        hi = torch.maximum(torch.minimum(g.age_hi[dage], lived), lo)
+        death = lo + u(B) * (hi - lo)
+        end = torch.where(dead, death, lived)
+        static[:, 4] = dead.long()
+        static[:, 5] = torch.where(dead, dage, torch.zeros_like(dage))
+        toks: list[list[int]] = []
+        draws: list[list[float]] = []
+        for b in range(B):
+            t = [v.BOS, self.tok_sex + int(sex[b]), self.tok_by + int(band[b]), self.tok_race + int(static[b, 2]),
+                 self.tok_eth + int(static[b, 3])]
+            d = [0.0, 0.0, float(birth[b]), 0.0, 0.0]
+            if bool(dead[b]):
+                t += [v.DEATH, self.tok_age + int(dage[b])]
+                d += [0.0, float(death[b])]
+            toks.append(t)
+            draws.append(d)
+        visits: list[list[tuple[list[int], list[float]]]] = [[] for _ in range(B)]
+        # ---- visits, newest first
+        cache = m.new_cache(B, dev, next(m.parameters()).dtype)
+        x_in = (m.static_embedding(static) + m.gap_in(torch.full((B,), L.n_gap, device=dev))
+                + m.age_in(_years(end)))
+        alive = torch.arange(B, device=dev)
+        cur = end.clone()
+        best_p = torch.full((B,), -1.0, device=dev)
+        best_visit = torch.full((B,), -1, dtype=torch.long, device=dev)
+        has_cond = torch.zeros(B, dtype=torch.bool, device=dev)
+        forbid = self.forbid[sex]  # [B, NC]
+        for pos in range(m.cfg.max_visits):
+            h = m.step(x_in, pos, cache)
+            n = h.shape[0]
+            # END or a gap that stays after birth
+            eg_mask = torch.ones((n, 1 + L.n_gap), dtype=torch.bool, device=dev)
+            eg_mask[:, 1:] = g.gap_lo[None] <= cur[alive][:, None]
+            eg = _masked_draw(m.eg_head(h), eg_mask, gen, temperature)
+            go = eg > 0
+            if not bool(go.any()):
+                break
+            keep = go.nonzero().squeeze(1)
+            if keep.numel() < n:
+                cache.select(keep)
+                h, eg, alive = h[keep], eg[keep], alive[keep]
+                n = keep.numel()
+            gi = eg - 1
+            c0 = cur[alive]
+            lo, hi = g.gap_lo[gi], torch.maximum(torch.minimum(g.gap_hi[gi], c0), g.gap_lo[gi])
+            t_vis = torch.clamp(c0 - (lo + u(n) * (hi - lo)), min=0.0)
+            cur[alive] = t_vis
+            aid = _years(t_vis)
+            c = m.context(h, gi, aid)
+            k = _draw(torch.softmax(m.mix_head(c).float() / temperature, dim=-1), gen)
+            z = m.components(c)[torch.arange(n, device=dev), k]  # [n, d]
+            p_item = torch.sigmoid(m.item_head(z).float() / temperature)
+            p_item = p_item.masked_fill(forbid[alive], 0.0)
+            if self.lim_j.numel():
+                tv = t_vis[:, None]
+                bad = ~((self.lim_lo[None] <= tv) & (tv < self.lim_hi[None]))
+                p_item[:, self.lim_j] = p_item[:, self.lim_j].masked_fill(bad, 0.0)
+            x = torch.rand(p_item.shape, generator=gen, device=dev) < p_item
+            for grp in L.panels:  # complete public panels (both blood pressure components, ...)
+                anyp = x[:, grp].any(dim=1, keepdim=True)
+                x[:, grp] |= anyp & ~forbid[alive][:, grp]
+            if self.cond_j:
+                pc = p_item[:, self.cond_j].max(dim=1).values
+                better = (pc > best_p[alive]) & (pc > 0)  # only where the constraints allow it
+                best_p[alive] = torch.where(better, pc, best_p[alive])
+                best_visit[alive] = torch.where(better, torch.full_like(gi, pos), best_visit[alive])
+                has_cond[alive] |= x[:, self.cond_j].any(dim=1)
+            room = end[alive] - t_vis  # durations never run past the record's end
+            dur_ok = g.dur_lo[None] <= room[:, None]
+            enc = _masked_draw(m.enc_head(z), torch.ones((n, L.NE + 1), dtype=torch.bool, device=dev), gen,
+                               temperature)
+            ety = _masked_draw(m.type_head(z), torch.ones((n, L.NT + 1), dtype=torch.bool, device=dev), gen,
+                               temperature)
+            ed_mask = torch.ones((n, L.n_dur + 1), dtype=torch.bool, device=dev)
+            ed_mask[:, 1:] = dur_ok
+            edur = _masked_draw(m.edur_head(z), ed_mask, gen, temperature)
+            # values of the present items
+            rows, cols = x.nonzero(as_tuple=True)
+            vmask = self.allowed[cols].clone()
+            if rows.numel():
+                d0 = L.dur_value(0)
+                vmask[:, d0: d0 + L.n_dur] &= dur_ok[rows]
+                vals = _masked_draw(m.value_logits(c[rows], cols), vmask, gen, temperature)
+            else:
+                vals = torch.zeros(0, dtype=torch.long, device=dev)
+            feats = self._features(n, enc, ety, edur, rows, cols, vals)
+            x_in = m.visit_in(feats) + m.gap_in(gi) + m.age_in(aid)
+            self._emit(visits, alive, gi, t_vis, enc, ety, edur, rows, cols, vals, end, gen)
+        # ---- a required condition that never came: into its likeliest visit
+        if self.cond_j:
+            tok = int(self.content_tokens[self.cond_j[0]])
+            for b in range(B):
+                vi = int(best_visit[b])
+                if not bool(has_cond[b]) and 0 <= vi < len(visits[b]):
+                    t_list, d_list = visits[b][vi]
+                    t_list.append(tok)
+                    d_list.append(0.0)
+        for b in range(B):
+            for t_list, d_list in visits[b]:
+                toks[b] += t_list
+                draws[b] += d_list
+        return toks, draws
+
+    def _features(self, n, enc, ety, edur, rows, cols, vals) -> torch.Tensor:
+        L = self.L
+        f = torch.zeros((n, L.n_features), device=self.dev)
+        r = torch.arange(n, device=self.dev)
+        has = enc > 0
+        f[r[has], L.f_enc + enc[has] - 1] = 1.0
+        has = ety > 0
+        f[r[has], L.f_type + ety[has] - 1] = 1.0
+        has = edur > 0
+        f[r[has], L.f_edur + edur[has] - 1] = 1.0
+        f[rows, L.f_item + cols] = 1.0
+        pair = torch.as_tensor(L.f_pair, device=self.dev)[cols]
+        is_bin = (vals >= 1) & (vals <= L.n_val) & (pair >= 0)
+        f[rows[is_bin], pair[is_bin] + vals[is_bin] - 1] = 1.0
+        is_ans = (vals > L.n_val) & (vals <= L.n_val + L.NA)
+        f[rows[is_ans], L.f_answer + vals[is_ans] - 1 - L.n_val] = 1.0
+        is_dur = vals > L.n_val + L.NA
+        f[rows[is_dur], L.f_cdur + vals[is_dur] - 1 - L.n_val - L.NA] = 1.0
+        return f
+
+    def _emit(self, visits, alive, gi, t_vis, enc, ety, edur, rows, cols, vals, end, gen) -> None:
+        """Append each row's visit as tokens + draws (tokenizer grammar: GAP, encounter [type] [dur], items)."""
+        L, g, dev = self.L, self.g, self.dev
+        f64 = torch.float64
+        n = alive.shape[0]
+        # in-bucket draws, vectorised: encounter end, condition end, numeric value
+        ue = torch.rand(n, generator=gen, dtype=f64, device=dev)
+        ed = (edur - 1).clamp(min=0)
+        room = end[alive] - t_vis
+        lo, hi = g.dur_lo[ed], torch.maximum(torch.minimum(g.dur_hi[ed], room), g.dur_lo[ed])
+        enc_end = t_vis + lo + ue * (hi - lo)
+        uv = torch.rand(cols.shape[0], generator=gen, dtype=f64, device=dev)
+        is_bin = (vals >= 1) & (vals <= L.n_val)
+        bi = (vals - 1).clamp(0, L.n_val - 1)
+        e = self.val_edges[cols]
+        vlo, vhi = e.gather(1, bi[:, None]).squeeze(1), e.gather(1, (bi + 1)[:, None]).squeeze(1)
+        xv = vlo + uv * (vhi - vlo)
+        scale = torch.pow(torch.tensor(10.0, dtype=f64, device=dev), self.dec[cols].to(f64))
+        xv = torch.round(xv * scale) / scale
+        xv = torch.minimum(torch.maximum(xv, e[:, 0]), e.gather(1, self.n_bins[cols][:, None]).squeeze(1))
+        d0 = L.dur_value(0)
+        is_dur = vals >= d0
+        di = (vals - d0).clamp(0, L.n_dur - 1)
+        crow = rows
+        croom = room[crow]
+        clo, chi = g.dur_lo[di], torch.maximum(torch.minimum(g.dur_hi[di], croom), g.dur_lo[di])
+        cend = t_vis[crow] + clo + uv * (chi - clo)
+        xval = torch.where(is_bin, xv, torch.where(is_dur, cend, torch.zeros_like(xv)))
+        # to python once
+        alive_l, gi_l, tv_l = alive.tolist(), gi.tolist(), t_vis.tolist()
+        enc_l, ety_l, edur_l, ee_l = enc.tolist(), ety.tolist(), edur.tolist(), enc_end.tolist()
+        rows_l, cols_l, vals_l, xval_l = rows.tolist(), cols.tolist(), vals.tolist(), xval.tolist()
+        per_row: list[list[int]] = [[] for _ in range(n)]
+        for i, r in enumerate(rows_l):
+            per_row[r].append(i)
+        ct = L.content_tokens
+        for r in range(n):
+            t_list = [self.tok_gap + gi_l[r]]
+            d_list = [tv_l[r]]
+            if enc_l[r] != NONE:
+                t_list.append(L.enc_tokens[enc_l[r] - 1])
+                d_list.append(0.0)
+                if ety_l[r] != NONE:
+                    t_list.append(L.type_tokens[ety_l[r] - 1])
+                    d_list.append(0.0)
+                if edur_l[r] != NONE:
+                    t_list.append(self.tok_dur + edur_l[r] - 1)
+                    d_list.append(ee_l[r])
+            for i in per_row[r]:
+                t_list.append(ct[cols_l[i]])
+                d_list.append(0.0)
+                val = vals_l[i]
+                if val == NONE:
+                    continue
+                if val <= L.n_val:
+                    t_list.append(self.tok_val + val - 1)
+                elif val < d0:
+                    t_list.append(L.answer_tokens[val - 1 - L.n_val])
+                    d_list.append(0.0)
+                    continue
+                else:
+                    t_list.append(self.tok_dur + val - d0)
+                d_list.append(xval_l[i])
+            visits[alive_l[r]].append((t_list, d_list))

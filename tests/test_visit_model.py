@@ -1,0 +1,151 @@
+"""The visit model: its representation keeps whole records, and its samples have the shape of real records
+(value kinds per code, complete blood-pressure panels, visits inside the lifetime), trained or not."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+from test_model_helpers import LOINC, make_timelines, tiny_model_dir
+
+from fhirsynth.model.checkpoint import load_model
+from fhirsynth.model.config import TokenizerConfig
+from fhirsynth.model.dpnoise import NoiseSource
+from fhirsynth.model.sampler import sample_timelines
+from fhirsynth.model.scoring import sequence_nll
+from fhirsynth.model.tokenizer import Tokenizer
+from fhirsynth.model.visits import VisitCollate, VisitDataset, VisitLayout, encode_visits, visit_tokens
+from fhirsynth.model.vocab import build_vocab
+from fhirsynth.timeline.io import read_timelines
+
+torch.set_num_threads(1)
+BP_PANEL = "85354-9"
+
+
+@pytest.fixture(scope="module")
+def visit_model(tmp_path_factory):
+    return tiny_model_dir(tmp_path_factory.mktemp("visit") / "model", arch="visit")
+
+
+def _vocab(timelines, max_len=4096):
+    tk = TokenizerConfig(max_len=max_len, reference_date="2026-01-01")
+    vocab, _ = build_vocab(timelines, tk, dp=False, epsilon=None, delta=None, noise=NoiseSource.reproducible(0))
+    return vocab
+
+
+def _round_trip(timelines, max_visits=10_000):
+    """(patients whose visit encoding gives back their uncompressed token sequence, patients, stats)."""
+    vocab = _vocab(timelines)
+    tok, layout = Tokenizer(vocab), VisitLayout(vocab)
+    same = n = 0
+    stats: Counter = Counter()
+    for tl in timelines:
+        full = tok.encode_with_ages(tl, stats, compress=False)
+        p = encode_visits(tok, layout, tl, max_visits, stats)
+        if p is None:
+            continue
+        n += 1
+        same += visit_tokens(layout, p) == full[0]
+    return same, n, stats
+
+
+def test_visit_encoding_keeps_every_event_of_the_record():
+    same, n, stats = _round_trip(make_timelines(60, seed=4))
+    assert n == 60 and same == n
+    assert stats["patients_compressed"] == 0  # no length compression: repeated vitals stay
+
+
+@pytest.mark.parametrize("cohort", ["us", "es-ips"])
+def test_visit_encoding_round_trips_the_shared_cohorts(shared_data, tmp_path, cohort):
+    """Whole Synthea records (hundreds of visits, vitals at every one) of both locales, through the shared
+    transaction / document bundles: every visit and entry survives the visit encoding."""
+    from fhirsynth.timeline.adapter import ingest
+
+    bundles = sorted((shared_data / cohort / "bundles").glob("*.json*"))[:12]
+    ingest(bundles, tmp_path / "tl", mapping="ips" if cohort == "es-ips" else "us-core")
+    tls = list(read_timelines(tmp_path / "tl"))
+    same, n, stats = _round_trip(tls)
+    assert n == len(tls) >= 10 and same == n, (same, n, dict(stats))
+
+
+def test_a_long_record_keeps_its_newest_visits_and_no_end():
+    tls = make_timelines(20, seed=2, n_visits=(30, 40))
+    vocab = _vocab(tls)
+    tok, layout = Tokenizer(vocab), VisitLayout(vocab)
+    p = encode_visits(tok, layout, tls[0], 8, Counter())
+    full = encode_visits(tok, layout, tls[0], 10_000, Counter())
+    assert len(p.gap) == 8 and p.truncated and not full.truncated
+    assert (p.gap == full.gap[:8]).all() and (p.age == full.age[:8]).all()  # newest first: the window is the newest
+    batch = VisitCollate(layout)([(p, [])])
+    assert int((batch["eg_tgt"][0] == 0).sum()) == 0  # no END target for a truncated record
+
+
+def _events_by_visit(tl):
+    visits: dict = {}
+    for e in tl.events:
+        visits.setdefault(e.encounter_id or e.time.date(), []).append(e)
+    return visits
+
+
+def test_samples_have_typed_values_complete_panels_and_lifetimes(visit_model):
+    lm = load_model(visit_model, "cpu")
+    v = lm.vocab
+    layout = VisitLayout(v)
+    binned = {(v.item_of(t).system, v.item_of(t).code): v.item_bins(v.item_of(t))
+              for t in layout.content_tokens if v.item_bins(v.item_of(t)) is not None}
+    visit_concepts = {(it.system, it.code) for it in v.items if it.kind == "value" and it.public}
+    tls = list(sample_timelines(visit_model, 400, seed=7, batch_size=200, device="cpu"))
+    n_obs = n_bp = 0
+    for tl in tls:
+        birth = tl.patient.birth_date
+        end = tl.patient.death_date
+        for e in tl.events:
+            assert e.time.date() >= birth
+            if end is not None:
+                assert e.time <= end and (e.end_time is None or e.end_time <= end)
+            if e.kind != "observation":
+                continue
+            n_obs += 1
+            vb = binned.get((e.system, e.code))
+            if vb is not None:  # a numeric code: always a quantity in its unit, inside its range, never coded
+                assert e.value is not None and e.unit == vb.unit and e.value_code is None, e
+                assert vb.edges[0] <= e.value <= vb.edges[-1]
+            assert (e.value_system, e.value_code) not in visit_concepts, e  # no visit concept as a result
+        for evs in _events_by_visit(tl).values():
+            bp = {e.code for e in evs if e.panel_code == BP_PANEL}
+            if bp:
+                n_bp += 1
+                assert bp == {"8480-6", "8462-4"}, bp  # both components or none
+    assert n_obs > 1000 and n_bp > 50  # the untrained model really emits observations and panels
+
+
+def test_visit_nll_scores_each_patient(visit_model):
+    tls = make_timelines(9, seed=1)
+    nll = sequence_nll(visit_model, tls, device="cpu")
+    assert nll.shape == (9,) and np.isfinite(nll).all() and (nll > 0).all()
+    # a patient without a birth date cannot be encoded: NaN, not a crash
+    tls[0].patient.birth_date = None
+    assert np.isnan(sequence_nll(visit_model, tls[:2], device="cpu")[0])
+
+
+def test_training_reduces_the_visit_loss(tmp_path):
+    """A few plain epochs on the random cohort: the per-visit NLL falls well below where it started, and samples
+    take the cohort's shape (a vitals set with a blood-pressure panel at every visit)."""
+    import json
+
+    from fhirsynth.model.config import ModelConfig
+    from fhirsynth.model.train import train_model
+    from fhirsynth.timeline.io import write_timelines
+
+    write_timelines(make_timelines(120, seed=5), tmp_path / "tl")
+    mc = ModelConfig(d_model=32, n_layers=1, n_heads=2, d_ff=64, max_visits=16, n_components=4)
+    train_model(tmp_path / "tl", tmp_path / "m", dp=False, epochs=8, device="cpu", model_config=mc, batch_size=16,
+                tokenizer_config=TokenizerConfig(reference_date="2026-01-01"))
+    curve = json.loads((tmp_path / "m" / "training-curve.json").read_text())
+    assert curve[-1]["loss"] < 0.5 * curve[0]["loss"], (curve[0], curve[-1])
+    tls = list(sample_timelines(tmp_path / "m", 60, seed=1, device="cpu"))
+    with_bp = [any(e.code == "8480-6" for e in evs) for tl in tls for evs in _events_by_visit(tl).values()]
+    assert len(with_bp) > 100 and np.mean(with_bp) > 0.8
+    assert all(any(e.system == LOINC for e in tl.events) for tl in tls if tl.events)
