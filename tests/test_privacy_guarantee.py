@@ -195,10 +195,11 @@ def test_epsilon_is_recomputed_independently_and_parts_add_up(released):
     assert p["epsilon_total"] == pytest.approx(p["epsilon_preprocessing"] + p["epsilon_training"])
     assert p["epsilon_total"] <= p["epsilon_target"] * (1 + 1e-9)
     v = p["vocabulary"]
-    parts = [v["epsilon"], v["sex_marginal"]["epsilon"], v["value_bins"]["epsilon"],
+    parts = [v["epsilon"], v["value_kinds"]["epsilon"], v["sex_marginal"]["epsilon"], v["value_bins"]["epsilon"],
              v["death_by_birth_band"]["epsilon"]]
     assert sum(parts) == pytest.approx(p["epsilon_preprocessing"], rel=1e-12)
-    assert v["delta"] + v["value_bins"]["delta"] == pytest.approx(p["delta_preprocessing"], rel=1e-12)
+    assert v["delta"] + v["value_kinds"]["delta"] + v["value_bins"]["delta"] == pytest.approx(
+        p["delta_preprocessing"], rel=1e-12)
     assert p["delta_preprocessing"] + p["delta_training"] == pytest.approx(p["delta"], rel=1e-12)
 
 

@@ -149,3 +149,48 @@ def test_training_reduces_the_visit_loss(tmp_path):
     with_bp = [any(e.code == "8480-6" for e in evs) for tl in tls for evs in _events_by_visit(tl).values()]
     assert len(with_bp) > 100 and np.mean(with_bp) > 0.8
     assert all(any(e.system == LOINC for e in tl.events) for tl in tls if tl.events)
+
+
+def _kinds_cohort(n: int):
+    """Every patient has a heart rate with a quantity, a smoking status with a coded answer and a BMI percentile
+    recorded without a value; one patient alone has a heart rate without a value."""
+    from datetime import datetime, timezone
+
+    from fhirsynth.timeline.types import Event, PatientInfo, Timeline
+
+    out = []
+    for i in range(n):
+        t = datetime(2020, 1, 1 + i % 28, tzinfo=timezone.utc)
+        evs = [Event(time=t, kind="observation", system=LOINC, code="8867-4", value=70.0, unit="/min",
+                     category="vital-signs"),
+               Event(time=t, kind="observation", system=LOINC, code="72166-2", display="Tobacco smoking status",
+                     value_system="http://snomed.info/sct", value_code="266919005", value_display="Never smoked",
+                     category="social-history"),
+               Event(time=t, kind="observation", system=LOINC, code="59576-9", display="BMI percentile",
+                     category="vital-signs")]
+        if i == 0:
+            evs.append(Event(time=t, kind="observation", system=LOINC, code="8867-4", category="vital-signs"))
+        out.append(Timeline(PatientInfo(f"p{i}", sex="female", birth_date=datetime(1980, 1, 1).date()), evs))
+    return out
+
+
+@pytest.mark.parametrize("dp", [False, True])
+def test_value_kinds_are_released_per_code(dp):
+    from fhirsynth.model.valuekinds import release_value_kinds
+
+    tls = _kinds_cohort(400)
+    tk = TokenizerConfig(reference_date="2026-01-01")
+    vocab, _ = build_vocab(tls, tk, dp=dp, epsilon=4.0 if dp else None, delta=1e-6 if dp else None,
+                           noise=NoiseSource.reproducible(1))
+    kinds = {vocab.items[i].code: k for i, k in vocab.value_kinds.items()}
+    assert kinds["8867-4"] == ["quantity"]  # one patient without a value is not a kind of the code
+    assert kinds["72166-2"] == ["coded"]
+    assert kinds["59576-9"] == ["none"]  # the data records it without a value: no made-up quantity
+    layout = VisitLayout(vocab)
+    j = {vocab.item_of(t).code: layout.content_index[t] for t in layout.content_tokens}
+    assert not layout.allowed[j["59576-9"], 1:].any() and layout.allowed[j["59576-9"], 0]
+    assert not layout.allowed[j["8867-4"], 0]
+    if dp:  # a real release: secret noise by default, the mechanism in the report
+        _, rep = release_value_kinds(tls, vocab, k=8, dp=True, epsilon=1.0, delta=1e-6,
+                                     noise=NoiseSource.reproducible(2))
+        assert rep["sigma"] > 0 and rep["epsilon"] == 1.0

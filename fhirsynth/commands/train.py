@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 # dataclasses only: cheap at CLI start
-from fhirsynth.model.config import DEFAULT_LR, DEFAULT_LR_DP, ModelConfig, TrainConfig
+from fhirsynth.model.config import ARCHS, DEFAULT_LR, DEFAULT_LR_DP, ModelConfig, TrainConfig
 
 
 def _delta(text: str) -> float | None:
@@ -57,7 +57,14 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="share of epsilon spent on the DP code vocabulary (default 0.25)")
     p.add_argument("--max-items-per-patient", type=int, default=64,
                    help="k: distinct codes one patient contributes to the vocabulary counts (default 64)")
-    p.add_argument("--max-len", type=int, default=512, help="context length in tokens (default 512)")
+    p.add_argument("--arch", choices=ARCHS, default=ModelConfig.arch,
+                   help="visit: one transformer position per visit, whole records (default); token: one per token, "
+                        "long records compressed to --max-len tokens")
+    p.add_argument("--max-visits", type=int, default=ModelConfig.max_visits,
+                   help=f"visit model: context in visits, the newest kept (default {ModelConfig.max_visits})")
+    p.add_argument("--components", type=int, default=ModelConfig.n_components,
+                   help=f"visit model: mixture components of a visit's content (default {ModelConfig.n_components})")
+    p.add_argument("--max-len", type=int, default=512, help="token model: context length in tokens (default 512)")
     p.add_argument("--d-model", type=int, default=128)
     p.add_argument("--layers", type=int, default=ModelConfig.n_layers,
                    help=f"transformer layers (default {ModelConfig.n_layers})")
@@ -82,6 +89,9 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--max-len >= 16, --d-model >= 8 and a multiple of --heads, --layers >= 1 required")
     if args.max_items_per_patient < 1:
         raise UsageError("must be >= 1", where="--max-items-per-patient")
+    if args.max_visits < 1 or args.components < 1:
+        raise UsageError("--max-visits and --components must be >= 1", where="--max-visits" if args.max_visits < 1
+                         else "--components")
     tk = TokenizerConfig(max_len=args.max_len, max_items_per_patient=args.max_items_per_patient)
     if args.reference_date:
         try:
@@ -89,7 +99,8 @@ def run(args: argparse.Namespace) -> int:
         except ValueError:
             raise UsageError(f"not a date: {args.reference_date!r}", where="--reference-date") from None
         tk.reference_date = args.reference_date
-    mc = ModelConfig(d_model=args.d_model, n_layers=args.layers, n_heads=args.heads, d_ff=4 * args.d_model)
+    mc = ModelConfig(arch=args.arch, d_model=args.d_model, n_layers=args.layers, n_heads=args.heads,
+                     d_ff=4 * args.d_model, max_visits=args.max_visits, n_components=args.components)
     report = train_model(
         args.timelines, args.out, epsilon=None if args.no_dp else args.epsilon, delta=args.delta,
         dp=not args.no_dp, epochs=args.epochs, device=args.device, seed=args.seed, batch_size=args.batch_size,

@@ -11,7 +11,8 @@ position t predicts visit t + 1:
     independently given k. The mixture is what keeps within-visit co-occurrence: independent Bernoullis alone
     would mix the items of different kinds of visit;
   * the value of each present content item, from its own value space only (visits.VisitLayout.allowed), given
-    the context and the item.
+    the context, the item and the same item's value at its previous visit (so a patient's blood pressure, weight
+    and labs follow a trajectory instead of being drawn afresh from the population at every visit).
 The static part (birth band given sex, race, ethnicity, death age) comes from small heads on its own embeddings;
 sex and the deceased share are drawn from the DP releases of the vocabulary (vocab.py), not from the model.
 
@@ -88,6 +89,7 @@ class VisitModel(nn.Module):
         self.edur_head = nn.Linear(d, sz.n_dur + 1)
         # values
         self.v_item = nn.Embedding(sz.n_content, d)
+        self.v_prev = nn.Embedding(sz.n_features + 1, d)  # the code's value at its previous visit (or none)
         self.v_fc = nn.Linear(d, d)
         self.v_head = nn.Linear(d, sz.n_values)
         self.apply(self._init)
@@ -125,13 +127,13 @@ class VisitModel(nn.Module):
         """c [..., d] -> component states [..., K, d]."""
         return F.gelu(self.comp(c)).view(*c.shape[:-1], self.K, c.shape[-1])
 
-    def value_logits(self, c: torch.Tensor, item: torch.Tensor) -> torch.Tensor:
-        return self.v_head(F.gelu(self.v_fc(c + self.v_item(item))))
+    def value_logits(self, c: torch.Tensor, item: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
+        return self.v_head(F.gelu(self.v_fc(c + self.v_item(item) + self.v_prev(prev))))
 
     # ---- training ----------------------------------------------------------------------------------------
 
     def forward(self, feats, gap_in, age_in, static, eg_tgt, gq, aq, x_tgt, enc_tgt, type_tgt, edur_tgt,
-                vi_pos, vi_item, vi_val, allowed) -> torch.Tensor:
+                vi_pos, vi_item, vi_val, vi_prev, allowed) -> torch.Tensor:
         """The summed NLL of each patient [B] (the batch tensors of visits.VisitCollate; allowed [NC, n_values])."""
         B, T, _ = feats.shape
         pos = torch.arange(T, device=feats.device).unsqueeze(0).expand(B, T)
@@ -164,7 +166,7 @@ class VisitModel(nn.Module):
         nll = nll - (visit_ll * vis).sum(1)
         # values of the present items
         cv = c.gather(1, vi_pos[:, :, None].expand(B, vi_pos.shape[1], c.shape[-1]))  # [B, M, d]
-        vl = self.value_logits(cv, vi_item).masked_fill(~allowed[vi_item], float("-inf"))
+        vl = self.value_logits(cv, vi_item, vi_prev).masked_fill(~allowed[vi_item], float("-inf"))
         vok = (vi_val >= 0) & allowed[vi_item, vi_val.clamp(min=0)]
         vnll = F.cross_entropy(vl.transpose(1, 2), vi_val.clamp(min=0), reduction="none")
         nll = nll + torch.where(vok, vnll, torch.zeros_like(vnll)).sum(1)

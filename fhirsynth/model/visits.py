@@ -10,9 +10,9 @@ years and its chronic care. What a patient is here:
              drops the oldest history); each one a gap back in time (GAP bucket), its age (years), an encounter
              class (or none: events grouped by day), an encounter type and duration, and a SET of content items
              (conditions and observations), each with one value from its own value space:
-               observation with public / DP value bins: a bin (always: a numeric code is always a quantity);
-               observation without bins: none or a coded answer (a value item that is not a public encounter
-               type: no visit concept as a lab value);
+               observation: one of the value kinds released for its code (valuekinds.py): none, a bin of its
+               public / DP value bins (a quantity in its unit), or a coded answer (a value item that is not a
+               public encounter type: no visit concept as a lab value);
                condition: none (still active) or its duration bucket (onset -> abatement).
     END:     no older history (a record longer than max_visits keeps its newest visits and has no END).
 
@@ -75,12 +75,19 @@ class VisitLayout:
                 self.is_condition[j] = True
                 allowed[j, NONE] = True
                 allowed[j, self.dur_value(0): self.dur_value(0) + self.n_dur] = True
-            elif vb is not None:
-                self.n_bins[j] = vb.n_bins
-                allowed[j, 1: 1 + vb.n_bins] = True  # a numeric code always carries a quantity
             else:
-                allowed[j, NONE] = True
-                allowed[j, 1 + self.n_val: 1 + self.n_val + self.NA] = True
+                # the value kinds released for this code (valuekinds.py); without a release: what its bins say
+                kinds = (v.value_kinds or {}).get(tok - base)
+                if kinds is None:
+                    kinds = ["quantity"] if vb is not None else ["none", "coded"]
+                if vb is not None:
+                    self.n_bins[j] = vb.n_bins
+                    if "quantity" in kinds:
+                        allowed[j, 1: 1 + vb.n_bins] = True
+                if "none" in kinds or not allowed[j].any():
+                    allowed[j, NONE] = True
+                if "coded" in kinds:
+                    allowed[j, 1 + self.n_val: 1 + self.n_val + self.NA] = True
         self.allowed = allowed
         # feature offsets
         off = 0
@@ -140,7 +147,9 @@ class PatientVisits:
     edur: np.ndarray  # [T] 0 | 1 + duration bucket
     item_visit: np.ndarray  # [M] visit of each content entry
     item: np.ndarray  # [M] content index
-    value: np.ndarray  # [M] value id, -1 = not scored (a numeric code recorded without a usable value)
+    value: np.ndarray  # [M] value id (NONE: no value; scored only where the code's value kinds allow it)
+    prev: np.ndarray  # [M] the input feature of the same code's value at its last earlier-drawn (newer) visit,
+    #                   or layout.n_features: none (the value head reads it: a patient's values stay coherent)
 
 
 def encode_visits(tokenizer: Tokenizer, layout: VisitLayout, tl: Timeline, max_visits: int,
@@ -198,8 +207,7 @@ def encode_visits(tokenizer: Tokenizer, layout: VisitLayout, tl: Timeline, max_v
                 last_kind = it.kind
                 iv.append(len(gap) - 1)
                 item.append(last_j)
-                # a numeric code without a usable value is kept as an item but its value is not scored
-                value.append(-1 if layout.n_bins[last_j] else NONE)
+                value.append(NONE)  # until a value token follows
         elif g == "dur":
             d = t - v.start("dur")
             if last_kind == "encounter":
@@ -211,9 +219,27 @@ def encode_visits(tokenizer: Tokenizer, layout: VisitLayout, tl: Timeline, max_v
             if last_kind == "observation" and b < layout.n_bins[last_j]:
                 value[-1] = 1 + b
         i += 1
-    a = lambda x: np.asarray(x, dtype=np.int64)
+    a = lambda x: np.asarray(x, dtype=np.int64)  # noqa: E731
     return PatientVisits(sex, band, race, eth, dead, death_age, end_age, truncated, a(gap), a(age), a(enc),
-                         a(etype), a(edur), a(iv), a(item), a(value))
+                         a(etype), a(edur), a(iv), a(item), a(value), a(previous_values(layout, iv, item, value)))
+
+
+def previous_values(layout: VisitLayout, iv: list[int], item: list[int], value: list[int]) -> list[int]:
+    """For each content entry, the value feature of the same code at the nearest visit drawn before it (the
+    newer one: visits are drawn newest first), or n_features; entries of one visit do not see each other."""
+    last: dict[int, int] = {}
+    out: list[int] = []
+    pending: list[tuple[int, int]] = []
+    cur = -1
+    for t, j, val in zip(iv, item, value):
+        if t != cur:
+            for jj, f in pending:
+                last[jj] = f
+            pending, cur = [], t
+        out.append(last.get(j, layout.n_features))
+        f = layout.value_feature(j, val) if val >= 0 else None
+        pending.append((j, layout.n_features if f is None else f))
+    return out
 
 
 def visit_tokens(layout: VisitLayout, p: PatientVisits) -> list[int]:
@@ -279,7 +305,7 @@ class VisitDataset(Dataset):
 
 
 BATCH_KEYS = ("feats", "gap_in", "age_in", "static", "eg_tgt", "gq", "aq", "x_tgt", "enc_tgt", "type_tgt",
-              "edur_tgt", "vi_pos", "vi_item", "vi_val")
+              "edur_tgt", "vi_pos", "vi_item", "vi_val", "vi_prev")
 
 
 class VisitCollate:
@@ -308,6 +334,7 @@ class VisitCollate:
         vi_pos = torch.zeros((B, M), dtype=torch.long)
         vi_item = torch.zeros((B, M), dtype=torch.long)
         vi_val = torch.full((B, M), -1, dtype=torch.long)
+        vi_prev = torch.full((B, M), L.n_features, dtype=torch.long)
         for b, (p, fs) in enumerate(batch):
             n = len(p.gap)
             static[b] = torch.tensor([p.sex, p.band, p.race, p.eth, p.dead, p.death_age])
@@ -328,12 +355,13 @@ class VisitCollate:
             m = len(p.item)
             if m:
                 x_tgt[b, torch.from_numpy(p.item_visit), torch.from_numpy(p.item)] = 1.0
-                vi_pos[b, :m] = torch.from_numpy(p.item_visit)  # visit t is predicted at position t - 1 + 1 - 1
+                vi_pos[b, :m] = torch.from_numpy(p.item_visit)  # visit t is predicted at position t
                 vi_item[b, :m] = torch.from_numpy(p.item)
                 vi_val[b, :m] = torch.from_numpy(p.value)
+                vi_prev[b, :m] = torch.from_numpy(p.prev)
         return {"feats": feats, "gap_in": gap_in, "age_in": age_in, "static": static, "eg_tgt": eg_tgt, "gq": gq,
                 "aq": aq, "x_tgt": x_tgt, "enc_tgt": enc_tgt, "type_tgt": type_tgt, "edur_tgt": edur_tgt,
-                "vi_pos": vi_pos, "vi_item": vi_item, "vi_val": vi_val}
+                "vi_pos": vi_pos, "vi_item": vi_item, "vi_val": vi_val, "vi_prev": vi_prev}
 
     def empty(self) -> dict[str, torch.Tensor]:
         return self([])

@@ -126,6 +126,7 @@ class VisitSampler:
         best_visit = torch.full((B,), -1, dtype=torch.long, device=dev)
         has_cond = torch.zeros(B, dtype=torch.bool, device=dev)
         forbid = self.forbid[sex]  # [B, NC]
+        last_feat = torch.full((B, L.NC), L.n_features, dtype=torch.long, device=dev)  # visits.previous_values
         for pos in range(m.cfg.max_visits):
             h = m.step(x_in, pos, cache)
             n = h.shape[0]
@@ -181,10 +182,12 @@ class VisitSampler:
             if rows.numel():
                 d0 = L.dur_value(0)
                 vmask[:, d0: d0 + L.n_dur] &= dur_ok[rows]
-                vals = _masked_draw(m.value_logits(c[rows], cols), vmask, gen, temperature)
+                prev = last_feat[alive[rows], cols]
+                vals = _masked_draw(m.value_logits(c[rows], cols, prev), vmask, gen, temperature)
             else:
                 vals = torch.zeros(0, dtype=torch.long, device=dev)
-            feats = self._features(n, enc, ety, edur, rows, cols, vals)
+            feats, vfeat = self._features(n, enc, ety, edur, rows, cols, vals)
+            last_feat[alive[rows], cols] = vfeat
             x_in = m.visit_in(feats) + m.gap_in(gi) + m.age_in(aid)
             self._emit(visits, alive, gi, t_vis, enc, ety, edur, rows, cols, vals, end, gen)
         # ---- a required condition that never came: into its likeliest visit
@@ -202,7 +205,7 @@ class VisitSampler:
                 draws[b] += d_list
         return toks, draws
 
-    def _features(self, n, enc, ety, edur, rows, cols, vals) -> torch.Tensor:
+    def _features(self, n, enc, ety, edur, rows, cols, vals) -> tuple[torch.Tensor, torch.Tensor]:
         L = self.L
         f = torch.zeros((n, L.n_features), device=self.dev)
         r = torch.arange(n, device=self.dev)
@@ -220,7 +223,11 @@ class VisitSampler:
         f[rows[is_ans], L.f_answer + vals[is_ans] - 1 - L.n_val] = 1.0
         is_dur = vals > L.n_val + L.NA
         f[rows[is_dur], L.f_cdur + vals[is_dur] - 1 - L.n_val - L.NA] = 1.0
-        return f
+        vfeat = torch.full_like(vals, L.n_features)  # each entry's value feature (visits.VisitLayout.value_feature)
+        vfeat[is_bin] = pair[is_bin] + vals[is_bin] - 1
+        vfeat[is_ans] = L.f_answer + vals[is_ans] - 1 - L.n_val
+        vfeat[is_dur] = L.f_cdur + vals[is_dur] - 1 - L.n_val - L.NA
+        return f, vfeat
 
     def _emit(self, visits, alive, gi, t_vis, enc, ety, edur, rows, cols, vals, end, gen) -> None:
         """Append each row's visit as tokens + draws (tokenizer grammar: GAP, encounter [type] [dur], items)."""

@@ -26,7 +26,9 @@ deceased share per birth band is a Laplace histogram too (release_death_shares),
 from.
 Budget split of the preprocessing epsilon: SEX_EPSILON_FRACTION for the sex shares, VALUE_EPSILON_FRACTION for
 the value bins, DEATH_EPSILON_FRACTION for the death shares, the rest for the items; its delta:
-VALUE_DELTA_FRACTION for the value bins, the rest for the items (the sex shares are pure epsilon-DP). Basic composition: the parts add up to the preprocessing budget.
+VALUE_DELTA_FRACTION for the value bins, the rest for the items (the sex shares are pure epsilon-DP); of the
+items' part, valuekinds.KIND_EPSILON_FRACTION / KIND_DELTA_FRACTION go to the value kinds of the observation items
+(valuekinds.py). Basic composition: the parts add up to the preprocessing budget.
 """
 
 from __future__ import annotations
@@ -246,6 +248,8 @@ class Vocab:
                  private_value_bins: dict[tuple[str, str], ValueBins] | None = None,
                  death_shares: list[float] | None = None) -> None:
         self.cfg = cfg
+        # released (DP) value kinds of each observation item (valuekinds.py): item index -> allowed kinds
+        self.value_kinds: dict[int, list[str]] | None = None
         # released (DP) share of deceased patients per birth band (release_death_shares); None: the model decides
         self.death_shares = death_shares
         # bins of released non-public observation codes (dpbins.py); keyed apart from the public ones, whose
@@ -335,6 +339,7 @@ class Vocab:
             "sex_shares": self.sex_shares,
             "private_value_bins": [vb.to_json() for _, vb in sorted(self.private_value_bins.items())],
             "death_shares": self.death_shares,
+            "value_kinds": None if self.value_kinds is None else [[i, k] for i, k in sorted(self.value_kinds.items())],
             "races": [list(r) for r in RACES],
             "ethnicities": [list(e) for e in ETHNICITIES],
         }
@@ -353,6 +358,11 @@ class Vocab:
             private = {(d["system"], d["code"]): ValueBins.from_json(d) for d in data["private_value_bins"]}
             deaths = data.get("death_shares")
             vocab = cls(cfg, items, bins, shares, private, deaths)
+            kinds = data.get("value_kinds")
+            if kinds is not None:
+                vocab.value_kinds = {int(i): [str(x) for x in k] for i, k in kinds}
+                if any(not 0 <= i < len(items) for i in vocab.value_kinds):
+                    raise ModelDirError("vocab.json value_kinds names an item that does not exist")
             if deaths is not None and (len(deaths) != vocab.n_bands or not all(0 <= x <= 1 for x in deaths)):
                 raise ModelDirError(f"vocab.json death_shares must be {vocab.n_bands} shares in [0, 1]")
         except (KeyError, TypeError) as exc:
@@ -390,6 +400,12 @@ def build_vocab(
         eps_items, eps_sex, eps_values, eps_death = split_preprocessing_epsilon(epsilon)
         d_values = delta * VALUE_DELTA_FRACTION
         d_items = delta - d_values
+    from fhirsynth.model.valuekinds import KIND_DELTA_FRACTION, KIND_EPSILON_FRACTION, release_value_kinds
+
+    eps_kinds = d_kinds = None
+    if dp and eps_items is not None and d_items is not None:
+        eps_kinds, d_kinds = eps_items * KIND_EPSILON_FRACTION, d_items * KIND_DELTA_FRACTION
+        eps_items, d_items = eps_items - eps_kinds, d_items - d_kinds
     sel = select_items(
         timelines, matcher=ItemMatcher(value_bins, panels, public_codes), public=public, k=cfg.max_items_per_patient,
         max_items=cfg.max_vocab_items, dp=dp, epsilon=eps_items, delta=d_items, min_count=cfg.min_count_no_dp,
@@ -403,10 +419,14 @@ def build_vocab(
         epsilon=eps_values, delta=d_values, min_count=cfg.min_count_no_dp, noise=noise)
     vocab = Vocab(cfg, sel.items, value_bins, shares, private_bins)
     vocab.death_shares, death_report = release_death_shares(timelines, vocab, dp=dp, epsilon=eps_death, noise=noise)
+    vocab.value_kinds, kinds_report = release_value_kinds(timelines, vocab, k=cfg.max_value_codes_per_patient * 4,
+                                                          dp=dp, epsilon=eps_kinds, delta=d_kinds, noise=noise)
     report = {**sel.report, "sex_marginal": sex_report, "value_bins": bins_report, "death_by_birth_band": death_report,
+              "value_kinds": kinds_report,
               "epsilon_total": epsilon if dp else None, "delta_total": delta if dp else None,
               "noise_source": noise.description if dp else None,
-              "composition": "basic: items + sex marginal + value bins + deaths (epsilon and delta add up)"}
+              "composition": "basic: items + value kinds + sex marginal + value bins + deaths (epsilon and delta "
+                             "add up)"}
     return vocab, report
 
 

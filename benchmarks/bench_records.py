@@ -1,0 +1,113 @@
+"""Whole records (issue 14): the visit model and the token model against the holdout, beside the ceilings.
+
+    python benchmarks/bench_records.py --work DIR [--data ../shared/data/us/ndjson] [--holdout 200]
+        [--runs visit:inf:1,visit:8:1,visit:8:2,token:inf:1] [--epochs 10] [--n-synthetic 400]
+
+Steps (each cached in --work): ingest the cohort and split it by patient (bench_fidelity.split, seed 7: the
+shared US 800/200 split), train one model per run ARCH:EPSILON:SEED (inf = --no-dp), sample n synthetic
+patients, and compare each with the holdout using records_metrics.compare. Columns printed beside them:
+  * real vs real: the training patients against the holdout (the ceiling of any generator on this split);
+  * encode/decode: the holdout through the visit representation and back (what the representation keeps);
+  * the sampling speed of each model (patients/s, this machine, one process).
+Prints one markdown table for BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from bench_fidelity import DEFAULT_DATA, split  # noqa: E402
+from records_metrics import Records, compare, markdown  # noqa: E402
+
+from fhirsynth.timeline.io import read_timelines  # noqa: E402
+from fhirsynth.timeline.types import Timeline  # noqa: E402
+
+log = logging.getLogger("bench_records")
+
+
+def visit_round_trip(model: Path, timelines: list[Timeline]) -> list[Timeline]:
+    """The timelines through the visit encoding and the shared decoder (values and times drawn in-bucket)."""
+    import torch
+
+    from fhirsynth.model.checkpoint import load_model
+    from fhirsynth.model.grammar import Grammar, replay
+    from fhirsynth.model.tokenizer import Tokenizer
+    from fhirsynth.model.train import pad_collate
+    from fhirsynth.model.visits import VisitLayout, encode_visits, visit_tokens
+
+    lm = load_model(model, "cpu")
+    tok, layout = Tokenizer(lm.vocab), VisitLayout(lm.vocab)
+    seqs = []
+    for tl in timelines:
+        p = encode_visits(tok, layout, tl, lm.model_config.max_visits)
+        if p is not None:
+            seqs.append(visit_tokens(layout, p))
+    g = Grammar(lm.vocab, None, max(len(s) for s in seqs) + 1, torch.device("cpu"))
+    draws = replay(g, pad_collate([torch.tensor(s) for s in seqs]), torch.Generator().manual_seed(0))
+    out = [tok.decode(s, draws[i].tolist(), f"rt-{i}") for i, s in enumerate(seqs)]
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--work", required=True)
+    ap.add_argument("--data", default=str(DEFAULT_DATA))
+    ap.add_argument("--holdout", type=int, default=200)
+    ap.add_argument("--runs", default="visit:inf:1,visit:8:1,visit:8:2")
+    ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--n-synthetic", type=int, default=400)
+    ap.add_argument("--no-ceiling", action="store_true", help="skip the encode/decode column")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+
+    from fhirsynth.model.config import ModelConfig
+    from fhirsynth.model.sampler import sample_timelines
+    from fhirsynth.model.train import train_model
+    from fhirsynth.timeline.adapter import ingest
+
+    src = work / "timelines"
+    if not (src / "events.parquet").is_file():
+        ingest([args.data], src, mapping="us-core")
+    train, holdout = work / "train", work / "holdout"
+    split(src, train, holdout, args.holdout, seed=7)
+    held = Records(list(read_timelines(holdout)))
+    columns: dict[str, dict[str, float]] = {"real vs real": compare(held, Records(list(read_timelines(train))))}
+    first_visit_model = None
+    for run in args.runs.split(","):
+        arch, eps_s, seed_s = run.split(":")
+        eps, seed = float(eps_s), int(seed_s)
+        model = work / f"model-{arch}-eps{eps_s}-ep{args.epochs}-s{seed}"
+        if not (model / "privacy.json").is_file():
+            t = time.perf_counter()
+            train_model(train, model, epsilon=eps if math.isfinite(eps) else 8.0, dp=math.isfinite(eps),
+                        epochs=args.epochs, seed=seed, model_config=ModelConfig(arch=arch))
+            log.info("%s trained in %.0f s", model.name, time.perf_counter() - t)
+        if arch == "visit" and first_visit_model is None:
+            first_visit_model = model
+        t = time.perf_counter()
+        synth = list(sample_timelines(model, args.n_synthetic, seed=seed, device="cpu"))
+        rate = len(synth) / (time.perf_counter() - t)
+        col = compare(held, Records(synth))
+        col["sampling patients/s (1 process)"] = rate
+        columns[f"{arch} ε={eps_s} s{seed}"] = col
+        log.info("%s:\n%s", model.name, markdown({"real vs real": columns["real vs real"], model.name: col}))
+    if first_visit_model is not None and not args.no_ceiling:
+        columns["encode/decode"] = compare(held, Records(visit_round_trip(first_visit_model,
+                                                                           list(read_timelines(holdout)))))
+    print(markdown(columns))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

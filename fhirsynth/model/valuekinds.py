@@ -1,0 +1,85 @@
+"""Which kind of value each observation code carries (none, a quantity, a coded answer): a DP release.
+
+The sampler gives an observation only a value kind that this release allows for its code: a numeric code
+recorded with a quantity always gets one, a code the data records without a value gets none, a coded code gets
+an answer (visits.py). Learned from the data, so it is a release like any other (vocab.py): per patient the set
+of (code, kind) pairs seen, at most k pairs per patient (the most frequent), counts of distinct patients per
+pair, discrete Gaussian noise for L2 sensitivity sqrt(k). The pairs range over the already released vocabulary
+times three kinds, so no set-union threshold is needed: every noisy count is released. Post-processing: a kind
+is allowed when its noisy count reaches KIND_MIN_SHARE of the code's noisy total and a floor of 2 sigma; a code
+with no allowed kind keeps what its bins say (a quantity if it has bins, else none or coded).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from typing import Any
+
+import numpy as np
+
+from fhirsynth.model.dpnoise import NoiseSource, gaussian_sigma
+from fhirsynth.timeline.types import Timeline
+
+KINDS = ("none", "quantity", "coded")
+KIND_MIN_SHARE = 0.05
+# the share of the items' (epsilon, delta) that the value kinds take (build_vocab)
+KIND_EPSILON_FRACTION = 0.15
+KIND_DELTA_FRACTION = 0.1
+
+
+def _kind(ev, has_bins: bool, accepts) -> str:
+    if ev.value is not None and has_bins and accepts(ev.unit):
+        return "quantity"
+    if ev.value is not None:
+        return "quantity" if has_bins else "none"  # a quantity the model cannot hold is no kind of its own
+    return "coded" if ev.value_code is not None else "none"
+
+
+def release_value_kinds(timelines: list[Timeline], vocab, *, k: int, dp: bool, epsilon: float | None,
+                        delta: float | None, noise: NoiseSource) -> tuple[dict[int, list[str]], dict[str, Any]]:
+    """{item index: allowed kinds} for the vocabulary's observation items, and the mechanism's report."""
+    from fhirsynth.model.tokenizer import Tokenizer
+
+    matcher = Tokenizer(vocab).matcher  # the events' items exactly as the encoder maps them
+    obs = [i for i, it in enumerate(vocab.items) if it.kind == "observation"]
+    bins = {i: vocab.item_bins(vocab.items[i]) for i in obs}
+    col = {(i, kind): j for j, (i, kind) in enumerate((i, kd) for i in obs for kd in KINDS)}
+    counts = np.zeros(len(col), dtype=np.int64)
+    for tl in timelines:
+        per: Counter = Counter()
+        for ev in tl.events:
+            if ev.kind != "observation":
+                continue
+            key = matcher.event_key(ev)
+            i = vocab.item_index.get(key) if key is not None else None
+            if i is None or i not in bins:
+                continue
+            vb = bins[i]
+            per[(i, _kind(ev, vb is not None, vb.accepts_unit if vb is not None else lambda u: False))] += 1
+        chosen = [p for p, _ in sorted(per.items(), key=lambda kv: (-kv[1], kv[0]))]
+        for p in (chosen[:k] if dp else chosen):
+            counts[col[p]] += 1
+    if dp:
+        assert epsilon is not None and delta is not None
+        sigma = gaussian_sigma(epsilon, delta, math.sqrt(k))
+        noisy = noise.gaussian(counts, sigma).astype(np.float64)
+        floor = 2.0 * sigma
+        report: dict[str, Any] = {"mechanism": "discrete Gaussian histogram of distinct patients per (observation "
+                                               "item, value kind), at most k pairs per patient",
+                                  "max_pairs_per_patient": k, "sigma": sigma, "epsilon": epsilon, "delta": delta}
+    else:
+        noisy, floor = counts.astype(np.float64), 1.0
+        report = {"mechanism": "exact counts (no DP)", "epsilon": None, "delta": None}
+    allowed: dict[int, list[str]] = {}
+    for i in obs:
+        c = np.array([max(noisy[col[(i, kd)]], 0.0) for kd in KINDS])
+        total = c.sum()
+        ok = [kd for kd, x in zip(KINDS, c) if x >= floor and x >= KIND_MIN_SHARE * total]
+        if bins[i] is None:
+            ok = [kd for kd in ok if kd != "quantity"]
+        if not ok:  # nothing released above the floor: what the item's own bins say
+            ok = ["quantity"] if bins[i] is not None else ["none", "coded"]
+        allowed[i] = ok
+    report["codes_with_each_kind"] = {kd: sum(kd in v for v in allowed.values()) for kd in KINDS}
+    return allowed, report
