@@ -22,7 +22,7 @@ def _untrained_model(path: Path) -> Path:
 
     from fhirsynth.model.checkpoint import write_model_dir
     from fhirsynth.model.config import ModelConfig, TokenizerConfig, to_json, versions
-    from fhirsynth.model.transformer import Transformer
+    from fhirsynth.model.archs import build_network, visit_sizes
     from fhirsynth.model.vocab import Item, Vocab
     from fhirsynth.model.bins import load_value_bins
     from fhirsynth.model.vocab import public_items
@@ -34,9 +34,10 @@ def _untrained_model(path: Path) -> Path:
     tk = TokenizerConfig()
     vocab = Vocab(tk, items, vb)
     mc = ModelConfig(vocab_size=vocab.size)
+    mc.visit_sizes = visit_sizes(vocab)
     torch.manual_seed(0)
     config = {**versions(), "model": to_json(mc), "tokenizer": to_json(tk), "training": {}}
-    write_model_dir(path, state_dict=Transformer(mc).state_dict(), config=config, vocab=vocab.to_json(),
+    write_model_dir(path, state_dict=build_network(mc).state_dict(), config=config, vocab=vocab.to_json(),
                     privacy={"unit": "patient", "dp": False}, curve=[])
     del np
     return path

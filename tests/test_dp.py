@@ -10,7 +10,15 @@ import torch
 from test_model_helpers import write_dir
 
 from fhirsynth.errors import InputError, PrivacyBudgetError, UsageError
-from fhirsynth.model.config import DEFAULT_LR, DEFAULT_LR_DP, ModelConfig, TokenizerConfig, TrainConfig
+from fhirsynth.model.config import (
+    DEFAULT_LR,
+    DEFAULT_LR_DP,
+    DEFAULT_LR_VISIT,
+    ModelConfig,
+    TokenizerConfig,
+    TrainConfig,
+    default_lr,
+)
 from fhirsynth.model.train import _noise_multiplier, _quiet_opacus, default_work_dir, epsilons, lr_at, train_model
 from fhirsynth.model.transformer import Transformer, patient_loss
 
@@ -107,7 +115,9 @@ def test_no_dp_reports_infinite_epsilon(tl_dir, tmp_path):
     assert "exact counts" in rep["vocabulary"]["mechanism"]
     curve = json.loads((tmp_path / "m" / "training-curve.json").read_text())
     assert curve[0]["loss"] > curve[-1]["loss"]
-    assert json.loads((tmp_path / "m" / "config.json").read_text())["training"]["lr"] == DEFAULT_LR != DEFAULT_LR_DP
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert cfg["training"]["lr"] == default_lr(cfg["model"]["arch"], dp=False) == DEFAULT_LR_VISIT
+    assert default_lr("token", dp=False) == DEFAULT_LR != DEFAULT_LR_DP
 
 
 @pytest.fixture(scope="module")

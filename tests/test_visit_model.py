@@ -168,6 +168,8 @@ def _kinds_cohort(n: int):
                      category="social-history"),
                Event(time=t, kind="observation", system=LOINC, code="59576-9", display="BMI percentile",
                      category="vital-signs")]
+        evs.append(Event(time=t, kind="observation", system=LOINC, code="1988-5", display="C reactive protein",
+                         value=float(i % 9) + 0.5, unit="mg/L", category="laboratory"))
         if i == 0:
             evs.append(Event(time=t, kind="observation", system=LOINC, code="8867-4", category="vital-signs"))
         out.append(Timeline(PatientInfo(f"p{i}", sex="female", birth_date=datetime(1980, 1, 1).date()), evs))
@@ -190,7 +192,35 @@ def test_value_kinds_are_released_per_code(dp):
     j = {vocab.item_of(t).code: layout.content_index[t] for t in layout.content_tokens}
     assert not layout.allowed[j["59576-9"], 1:].any() and layout.allowed[j["59576-9"], 0]
     assert not layout.allowed[j["8867-4"], 0]
+    assert kinds["1988-5"] == ["quantity"]
+    assert layout.blocked[j["1988-5"]] == ((LOINC, "1988-5") not in vocab.private_value_bins)
+    # without value bins for it (none released), a numeric code is never sampled rather than sampled bare
+    vocab.private_value_bins.pop((LOINC, "1988-5"), None)
+    bare = VisitLayout(vocab)
+    assert bare.blocked[j["1988-5"]] and not bare.blocked[j["8867-4"]]
     if dp:  # a real release: secret noise by default, the mechanism in the report
         _, rep = release_value_kinds(tls, vocab, k=8, dp=True, epsilon=1.0, delta=1e-6,
                                      noise=NoiseSource.reproducible(2))
         assert rep["sigma"] > 0 and rep["epsilon"] == 1.0
+
+
+def test_an_empty_first_poisson_batch_is_a_noise_only_step():
+    """Opacus builds the first batch, when it is empty, from the shapes and dtypes of the dataset's first item;
+    the visit model's batches then still give a zero-size loss, not a crash (a DP step with noise only)."""
+    from opacus.data_loader import dtype_safe, shape_safe, wrap_collate_with_empty
+
+    from fhirsynth.model.archs import build_arch
+    from fhirsynth.model.config import ModelConfig
+
+    tls = make_timelines(12, seed=3)
+    mc = ModelConfig(d_model=16, n_layers=1, n_heads=2, d_ff=32, max_visits=8, n_components=2)
+    arch = build_arch(mc, _vocab(tls), tls, Counter())
+    first = arch.dataset[0]
+    collate = wrap_collate_with_empty(collate_fn=arch.collate, sample_empty_shapes=[[0, *shape_safe(x)] for x in first],
+                                      dtypes=[dtype_safe(x) for x in first])
+    empty = arch.to_device(collate([]), torch.device("cpu"))
+    per, units = arch.loss(arch.model, empty)
+    assert per.shape == (0,) and units == 0
+    full = arch.to_device(collate([arch.dataset[i] for i in range(4)]), torch.device("cpu"))
+    per, units = arch.loss(arch.model, full)
+    assert per.shape == (4,) and bool(torch.isfinite(per).all()) and units > 4

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 # dataclasses only: cheap at CLI start
-from fhirsynth.model.config import ARCHS, DEFAULT_LR, DEFAULT_LR_DP, ModelConfig, TrainConfig
+from fhirsynth.model.config import ARCHS, DEFAULT_LR, DEFAULT_LR_DP, DEFAULT_LR_VISIT, ModelConfig, TrainConfig
 
 
 def _delta(text: str) -> float | None:
@@ -38,7 +38,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64, help="expected (logical) batch size of Poisson sampling")
     p.add_argument("--max-physical-batch", type=int, default=32, help="memory limit per forward/backward")
     p.add_argument("--lr", type=float, default=None,
-                   help=f"learning rate (default {DEFAULT_LR_DP:g} with DP, {DEFAULT_LR:g} with --no-dp)")
+                   help=f"learning rate (default {DEFAULT_LR_DP:g} with DP; with --no-dp {DEFAULT_LR_VISIT:g} for the visit "
+                        f"model, {DEFAULT_LR:g} for the token model)")
     p.add_argument("--warmup-frac", type=float, default=TrainConfig.warmup_frac,
                    help="share of the steps over which the learning rate rises linearly to --lr "
                         f"(default {TrainConfig.warmup_frac:g})")

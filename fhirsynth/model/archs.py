@@ -72,7 +72,8 @@ def build_arch(mc: ModelConfig, vocab: Vocab, timelines: list[Timeline], stats: 
         mc.visit_sizes = visit_sizes(vocab)
         pats = [p for p in (encode_visits(tokenizer, layout, t, mc.max_visits, stats) for t in timelines)
                 if p is not None]
-        collate = VisitCollate(layout)
+        dataset = VisitDataset(pats, layout)
+        collate = VisitCollate(layout, dataset)
         allowed = torch.as_tensor(layout.allowed)
 
         def loss(model: nn.Module, batch: dict) -> tuple[torch.Tensor, int]:
@@ -84,7 +85,7 @@ def build_arch(mc: ModelConfig, vocab: Vocab, timelines: list[Timeline], stats: 
                 batch = collate([])
             return {k: t.to(dev) for k, t in batch.items()}
 
-        return Arch("visit", VisitDataset(pats, layout), collate, build_network(mc), loss, to_device,
+        return Arch("visit", dataset, collate, build_network(mc), loss, to_device,
                     lambda b: int(b["feats"].shape[0]), "visit", float(mc.max_visits))
     from fhirsynth.model.train import SeqDataset, as_batch, pad_collate
     from fhirsynth.model.transformer import patient_loss

@@ -80,6 +80,16 @@ class TokenizerConfig:
 # nearer the data (0.26 / 0.18 vs 0.28 / 0.27; holdout 0.20). BENCHMARKS.md, fifth session.
 DEFAULT_LR = 3e-3
 DEFAULT_LR_DP = 1e-2
+# The visit model without DP: on 200 US training patients (5 epochs) the holdout NLL per visit was 33.5 at 3e-3,
+# 26.9 at 1e-2 and 27.5 at 3e-2 (BENCHMARKS.md, seventh session).
+DEFAULT_LR_VISIT = 1e-2
+
+
+def default_lr(arch: str, dp: bool) -> float:
+    """The learning rate train_model uses when none is given."""
+    if dp:
+        return DEFAULT_LR_DP
+    return DEFAULT_LR_VISIT if arch == "visit" else DEFAULT_LR
 
 
 @dataclass

@@ -117,7 +117,8 @@ def release_value_bins(
     units: Counter = Counter()
     wanted = set(codes)
     for tl in timelines:
-        for key, (value, unit) in patient_contributions(tl, wanted, m).items():
+        # the contribution bound is a DP device: without DP every code of every patient counts
+        for key, (value, unit) in patient_contributions(tl, wanted, m if dp else len(wanted)).items():
             hist[key][_cell(value)] += 1
             units[(key, unit)] += 1
     if dp:

@@ -45,7 +45,7 @@ def _visit_nll(lm, tok: Tokenizer, timelines: list[Timeline], batch_size: int, s
     out = np.full(len(timelines), np.nan, dtype=np.float64)
     idx = [i for i, p in enumerate(pats) if p is not None]
     ds = VisitDataset([pats[i] for i in idx], layout)
-    collate = VisitCollate(layout)
+    collate = VisitCollate(layout, ds)
     allowed = torch.as_tensor(layout.allowed, device=lm.device)
     for start in range(0, len(idx), batch_size):
         chunk = idx[start: start + batch_size]

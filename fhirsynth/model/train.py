@@ -46,8 +46,7 @@ from fhirsynth.errors import FhirsynthError, InputError, PrivacyBudgetError, Usa
 from fhirsynth.logs import progress
 from fhirsynth.model import checkpoint as ck
 from fhirsynth.model.config import (
-    DEFAULT_LR,
-    DEFAULT_LR_DP,
+    default_lr,
     ModelConfig,
     TokenizerConfig,
     TrainConfig,
@@ -229,7 +228,7 @@ def train_model(
     distributed: one process of a torchrun job (None = when env WORLD_SIZE > 1); see model/distributed.py.
     """
     if lr is None:
-        lr = DEFAULT_LR_DP if dp else DEFAULT_LR
+        lr = default_lr(model_config.arch if model_config else ModelConfig.arch, dp)
     tc = TrainConfig(epsilon=epsilon if dp else None, delta=delta, dp=dp, epochs=epochs, batch_size=batch_size,
                      max_physical_batch=max_physical_batch, max_grad_norm=max_grad_norm, lr=lr, seed=seed,
                      warmup_frac=warmup_frac,

@@ -6,8 +6,10 @@ an answer (visits.py). Learned from the data, so it is a release like any other 
 of (code, kind) pairs seen, at most k pairs per patient (the most frequent), counts of distinct patients per
 pair, discrete Gaussian noise for L2 sensitivity sqrt(k). The pairs range over the already released vocabulary
 times three kinds, so no set-union threshold is needed: every noisy count is released. Post-processing: a kind
-is allowed when its noisy count reaches KIND_MIN_SHARE of the code's noisy total and a floor of 2 sigma; a code
-with no allowed kind keeps what its bins say (a quantity if it has bins, else none or coded).
+is allowed when its noisy count reaches KIND_MIN_SHARE of the code's noisy total and a floor of 3 sigma; a code
+with no allowed kind keeps what its bins say (a quantity if it has bins, else none or coded). A code whose
+only kind is a quantity but which has no value bins (no DP bins were released for it) is never sampled
+(visits.VisitLayout.blocked): a numeric lab without its value would be a record no real system writes.
 """
 
 from __future__ import annotations
@@ -24,15 +26,13 @@ from fhirsynth.timeline.types import Timeline
 KINDS = ("none", "quantity", "coded")
 KIND_MIN_SHARE = 0.05
 # the share of the items' (epsilon, delta) that the value kinds take (build_vocab)
-KIND_EPSILON_FRACTION = 0.15
+KIND_EPSILON_FRACTION = 0.3
 KIND_DELTA_FRACTION = 0.1
 
 
-def _kind(ev, has_bins: bool, accepts) -> str:
-    if ev.value is not None and has_bins and accepts(ev.unit):
-        return "quantity"
+def _kind(ev) -> str:
     if ev.value is not None:
-        return "quantity" if has_bins else "none"  # a quantity the model cannot hold is no kind of its own
+        return "quantity"
     return "coded" if ev.value_code is not None else "none"
 
 
@@ -55,8 +55,7 @@ def release_value_kinds(timelines: list[Timeline], vocab, *, k: int, dp: bool, e
             i = vocab.item_index.get(key) if key is not None else None
             if i is None or i not in bins:
                 continue
-            vb = bins[i]
-            per[(i, _kind(ev, vb is not None, vb.accepts_unit if vb is not None else lambda u: False))] += 1
+            per[(i, _kind(ev))] += 1
         chosen = [p for p, _ in sorted(per.items(), key=lambda kv: (-kv[1], kv[0]))]
         for p in (chosen[:k] if dp else chosen):
             counts[col[p]] += 1
@@ -64,7 +63,7 @@ def release_value_kinds(timelines: list[Timeline], vocab, *, k: int, dp: bool, e
         assert epsilon is not None and delta is not None
         sigma = gaussian_sigma(epsilon, delta, math.sqrt(k))
         noisy = noise.gaussian(counts, sigma).astype(np.float64)
-        floor = 2.0 * sigma
+        floor = 3.0 * sigma  # an empty cell passes with probability 0.13%
         report: dict[str, Any] = {"mechanism": "discrete Gaussian histogram of distinct patients per (observation "
                                                "item, value kind), at most k pairs per patient",
                                   "max_pairs_per_patient": k, "sigma": sigma, "epsilon": epsilon, "delta": delta}
@@ -76,8 +75,6 @@ def release_value_kinds(timelines: list[Timeline], vocab, *, k: int, dp: bool, e
         c = np.array([max(noisy[col[(i, kd)]], 0.0) for kd in KINDS])
         total = c.sum()
         ok = [kd for kd, x in zip(KINDS, c) if x >= floor and x >= KIND_MIN_SHARE * total]
-        if bins[i] is None:
-            ok = [kd for kd in ok if kd != "quantity"]
         if not ok:  # nothing released above the floor: what the item's own bins say
             ok = ["quantity"] if bins[i] is not None else ["none", "coded"]
         allowed[i] = ok

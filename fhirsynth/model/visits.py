@@ -66,6 +66,7 @@ class VisitLayout:
         self.n_values = 1 + self.n_val + self.NA + self.n_dur
         # per content item: bins (numeric), condition, or coded observation
         self.n_bins = np.zeros(self.NC, dtype=np.int64)
+        self.blocked = np.zeros(self.NC, dtype=bool)  # never sampled: no value of a kind the code really carries
         self.is_condition = np.zeros(self.NC, dtype=bool)
         allowed = np.zeros((self.NC, self.n_values), dtype=bool)
         for j, tok in enumerate(self.content_tokens):
@@ -84,10 +85,13 @@ class VisitLayout:
                     self.n_bins[j] = vb.n_bins
                     if "quantity" in kinds:
                         allowed[j, 1: 1 + vb.n_bins] = True
-                if "none" in kinds or not allowed[j].any():
+                if "none" in kinds:
                     allowed[j, NONE] = True
                 if "coded" in kinds:
                     allowed[j, 1 + self.n_val: 1 + self.n_val + self.NA] = True
+                if not allowed[j].any():  # only quantities, and no bins to draw one from
+                    self.blocked[j] = True
+                    allowed[j, NONE] = True  # (training still reads it; the sampler never draws it)
         self.allowed = allowed
         # feature offsets
         off = 0
@@ -292,7 +296,9 @@ def visit_features(layout: VisitLayout, p: PatientVisits) -> list[list[int]]:
 
 
 class VisitDataset(Dataset):
-    """One item per patient: (PatientVisits, its features), collated by VisitCollate."""
+    """One item per patient, as the tensor [i]: Opacus derives an empty Poisson batch's structure from the first
+    item's tensors, so the item is a tensor; VisitCollate looks the patient up in `items` ((PatientVisits, its
+    features))."""
 
     def __init__(self, patients: list[PatientVisits], layout: VisitLayout) -> None:
         self.items = [(p, visit_features(layout, p)) for p in patients]
@@ -300,8 +306,8 @@ class VisitDataset(Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, i: int):
-        return self.items[i]
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return torch.tensor([i], dtype=torch.long)
 
 
 BATCH_KEYS = ("feats", "gap_in", "age_in", "static", "eg_tgt", "gq", "aq", "x_tgt", "enc_tgt", "type_tgt",
@@ -312,11 +318,14 @@ class VisitCollate:
     """Patients -> a dict of batch-first tensors. Position 0 is the static part; position t >= 1 is visit t (the
     t-th newest); the outputs at position t predict visit t + 1 (or END)."""
 
-    def __init__(self, layout: VisitLayout) -> None:
+    def __init__(self, layout: VisitLayout, dataset: VisitDataset | None = None) -> None:
         self.layout = layout
+        self.dataset = dataset
 
     def __call__(self, batch: list) -> dict[str, torch.Tensor]:
+        """batch: VisitDataset items (tensors [i]) or (PatientVisits, features) pairs."""
         L = self.layout
+        batch = [self.dataset.items[int(x[0])] if isinstance(x, torch.Tensor) else x for x in batch]
         B = len(batch)
         T = max([len(p.gap) for p, _ in batch], default=0) + 1
         M = max([len(p.item) for p, _ in batch], default=0) or 1
