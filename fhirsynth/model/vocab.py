@@ -419,7 +419,7 @@ def build_vocab(
         epsilon=eps_values, delta=d_values, min_count=cfg.min_count_no_dp, noise=noise)
     vocab = Vocab(cfg, sel.items, value_bins, shares, private_bins)
     vocab.death_shares, death_report = release_death_shares(timelines, vocab, dp=dp, epsilon=eps_death, noise=noise)
-    vocab.value_kinds, kinds_report = release_value_kinds(timelines, vocab, k=cfg.max_value_codes_per_patient * 2,
+    vocab.value_kinds, kinds_report = release_value_kinds(timelines, vocab, k=cfg.max_items_per_patient,
                                                           dp=dp, epsilon=eps_kinds, delta=d_kinds, noise=noise)
     report = {**sel.report, "sex_marginal": sex_report, "value_bins": bins_report, "death_by_birth_band": death_report,
               "value_kinds": kinds_report,
