@@ -81,8 +81,10 @@ def release_value_kinds(timelines: list[Timeline], vocab, *, k: int, dp: bool, e
         c = np.array([max(noisy[col[(i, kd)]], 0.0) for kd in KINDS])
         total = c.sum()
         ok = [kd for kd, x in zip(KINDS, c) if x >= floor and x >= KIND_MIN_SHARE * total]
-        if not ok:  # nothing above the floor: the kind with the largest noisy count (still post-processing)
+        if not ok and c.max() > 0:  # nothing above the floor: the kind with the largest noisy count
             ok = [KINDS[int(np.argmax(c))]]
+        if not ok:  # no count at all (a public code the data lacks): what the code's bins say
+            ok = ["quantity"] if bins[i] is not None else ["none", "coded"]
         allowed[i] = ok
     report["codes_with_each_kind"] = {kd: sum(kd in v for v in allowed.values()) for kd in KINDS}
     return allowed, report
