@@ -52,6 +52,18 @@ def split(src: Path, train: Path, holdout: Path, n_holdout: int, seed: int) -> N
     log.info("split: %d train, %d holdout", wt.n_patients, wh.n_patients)
 
 
+def prepare_split(work: Path, data: str, n_holdout: int) -> tuple[Path, Path]:
+    """Ingest the cohort into work/timelines once and split it into work/train and work/holdout (seed 7)."""
+    from fhirsynth.timeline.adapter import ingest
+
+    src = work / "timelines"
+    if not (src / "events.parquet").is_file():
+        ingest([data], src, mapping="us-core")
+    train, holdout = work / "train", work / "holdout"
+    split(src, train, holdout, n_holdout, seed=7)
+    return train, holdout
+
+
 def profile(timelines: list[Timeline], ref: datetime) -> dict:
     """Per-code patient shares plus the record-shape numbers."""
     cond: dict[str, int] = {}
@@ -74,20 +86,27 @@ def profile(timelines: list[Timeline], ref: datetime) -> dict:
 
 
 def round_trip(model: Path, timelines: list[Timeline]) -> list[Timeline]:
-    """The timelines passed through the model's encode / decode: the representation's ceiling."""
+    """The timelines passed through the model's encode / decode (token sequences, or visits written as tokens for
+    the visit model) and the shared decoder: the representation's ceiling."""
     import torch
 
     from fhirsynth.model.checkpoint import load_model
     from fhirsynth.model.grammar import Grammar, replay
     from fhirsynth.model.tokenizer import Tokenizer
     from fhirsynth.model.train import pad_collate
+    from fhirsynth.model.visits import VisitLayout, encode_visits, visit_tokens
 
-    vocab = load_model(model, "cpu").vocab
+    lm = load_model(model, "cpu")
+    vocab = lm.vocab
     tok = Tokenizer(vocab)
-    seqs = [tok.encode(tl) for tl in timelines]
-    seqs = [s for s in seqs if s]
+    if lm.model_config.arch == "visit":
+        layout = VisitLayout(vocab)
+        patients = [encode_visits(tok, layout, tl, lm.model_config.max_visits) for tl in timelines]
+        seqs = [visit_tokens(layout, p) for p in patients if p is not None]
+    else:
+        seqs = [s for s in (tok.encode(tl) for tl in timelines) if s]
     batch = pad_collate([torch.tensor(s) for s in seqs])
-    draws = replay(Grammar(vocab, None, vocab.cfg.max_len, torch.device("cpu")), batch,
+    draws = replay(Grammar(vocab, None, max(vocab.cfg.max_len, batch.shape[1]), torch.device("cpu")), batch,
                    torch.Generator().manual_seed(0))
     return [tok.decode(s, draws[i].tolist(), f"rt-{i}") for i, s in enumerate(seqs)]
 
@@ -122,13 +141,8 @@ def main() -> int:
     from fhirsynth.model.config import ModelConfig, TokenizerConfig
     from fhirsynth.model.sampler import sample_timelines
     from fhirsynth.model.train import train_model
-    from fhirsynth.timeline.adapter import ingest
 
-    src = work / "timelines"
-    if not (src / "events.parquet").is_file():
-        ingest([args.data], src, mapping="us-core")
-    train, holdout = work / "train", work / "holdout"
-    split(src, train, holdout, args.holdout, seed=7)
+    train, holdout = prepare_split(work, args.data, args.holdout)
     eps = float(args.epsilon)
     tag = f"eps{args.epsilon}-ep{args.epochs}" + (f"-len{args.max_len}" if args.max_len else "")
     tag += f"-lr{args.lr:g}" if args.lr else ""

@@ -25,36 +25,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from bench_fidelity import DEFAULT_DATA, split  # noqa: E402
+from bench_fidelity import DEFAULT_DATA, prepare_split, round_trip  # noqa: E402
 from records_metrics import Records, compare, markdown  # noqa: E402
 
 from fhirsynth.timeline.io import read_timelines  # noqa: E402
-from fhirsynth.timeline.types import Timeline  # noqa: E402
 
 log = logging.getLogger("bench_records")
-
-
-def visit_round_trip(model: Path, timelines: list[Timeline]) -> list[Timeline]:
-    """The timelines through the visit encoding and the shared decoder (values and times drawn in-bucket)."""
-    import torch
-
-    from fhirsynth.model.checkpoint import load_model
-    from fhirsynth.model.grammar import Grammar, replay
-    from fhirsynth.model.tokenizer import Tokenizer
-    from fhirsynth.model.train import pad_collate
-    from fhirsynth.model.visits import VisitLayout, encode_visits, visit_tokens
-
-    lm = load_model(model, "cpu")
-    tok, layout = Tokenizer(lm.vocab), VisitLayout(lm.vocab)
-    seqs = []
-    for tl in timelines:
-        p = encode_visits(tok, layout, tl, lm.model_config.max_visits)
-        if p is not None:
-            seqs.append(visit_tokens(layout, p))
-    g = Grammar(lm.vocab, None, max(len(s) for s in seqs) + 1, torch.device("cpu"))
-    draws = replay(g, pad_collate([torch.tensor(s) for s in seqs]), torch.Generator().manual_seed(0))
-    out = [tok.decode(s, draws[i].tolist(), f"rt-{i}") for i, s in enumerate(seqs)]
-    return out
 
 
 def main() -> int:
@@ -74,13 +50,8 @@ def main() -> int:
     from fhirsynth.model.config import ModelConfig
     from fhirsynth.model.sampler import sample_timelines
     from fhirsynth.model.train import train_model
-    from fhirsynth.timeline.adapter import ingest
 
-    src = work / "timelines"
-    if not (src / "events.parquet").is_file():
-        ingest([args.data], src, mapping="us-core")
-    train, holdout = work / "train", work / "holdout"
-    split(src, train, holdout, args.holdout, seed=7)
+    train, holdout = prepare_split(work, args.data, args.holdout)
     held = Records(list(read_timelines(holdout)))
     columns: dict[str, dict[str, float]] = {"real vs real": compare(held, Records(list(read_timelines(train))))}
     first_visit_model = None
@@ -103,8 +74,7 @@ def main() -> int:
         columns[f"{arch} ε={eps_s} s{seed}"] = col
         log.info("%s:\n%s", model.name, markdown({"real vs real": columns["real vs real"], model.name: col}))
     if first_visit_model is not None and not args.no_ceiling:
-        columns["encode/decode"] = compare(held, Records(visit_round_trip(first_visit_model,
-                                                                           list(read_timelines(holdout)))))
+        columns["encode/decode"] = compare(held, Records(round_trip(first_visit_model, list(read_timelines(holdout)))))
     print(markdown(columns))
     return 0
 

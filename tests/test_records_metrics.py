@@ -2,31 +2,21 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
 from datetime import date, datetime, timedelta, timezone
-from pathlib import Path
 
 import numpy as np
 import pytest
 
+from bench_module import benchmark_module
+
 from fhirsynth.timeline.types import Event, PatientInfo, Timeline
 
-REPO = Path(__file__).resolve().parents[1]
 LOINC, SNOMED = "http://loinc.org", "http://snomed.info/sct"
 T0 = datetime(2015, 1, 1, 9, tzinfo=timezone.utc)
 
 
-def _module():  # noqa: ANN202 - the benchmark script as a module
-    spec = importlib.util.spec_from_file_location("records_metrics", REPO / "benchmarks" / "records_metrics.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["records_metrics"] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-rm = _module()
+rm = benchmark_module("records_metrics")
 
 
 def _patient(i: int, events: list[Event], deceased: bool = False) -> Timeline:

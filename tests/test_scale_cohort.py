@@ -4,27 +4,16 @@ as duplicates or orphans (otherwise the scale benchmark would measure dedup, not
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
+from bench_module import benchmark_module
 
 from fhirsynth.timeline.adapter import ingest
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _bench():  # noqa: ANN202 - the benchmark script as a module
-    spec = importlib.util.spec_from_file_location("bench_scale", REPO / "benchmarks" / "bench_scale.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["bench_scale"] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
 
 def test_replicated_cohort_is_distinct_patients(fixtures_dir: Path, tmp_path: Path) -> None:
-    bench = _bench()
+    bench = benchmark_module("bench_scale")
     counts = bench.make_cohort(fixtures_dir / "sample", 4, tmp_path / "cohort", 3)
     assert counts["Patient"] == 4 and counts["Observation"] > 100
     one = ingest([tmp_path / "cohort" / "x1"], tmp_path / "one")

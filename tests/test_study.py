@@ -3,7 +3,6 @@ smartnoise-synth itself lives in another venv and is exercised by the study run,
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import subprocess
 import sys
@@ -13,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from bench_module import benchmark_module
 
 from fhirsynth.evaluate.toy import toy_timelines
 from fhirsynth.timeline.io import write_timelines
@@ -22,10 +22,7 @@ SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_study.py"
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_study", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return benchmark_module("bench_study")
 
 
 def test_unknown_baseline_method_is_rejected():
