@@ -262,7 +262,6 @@ class Grammar:
         """Apply the chosen tokens [B]; u [B] uniform(0,1). Returns the in-bucket draws [B] float64: birth day
         number, or days since birth (death, visit time, end time), or the value."""
         v = self.v
-        f64 = torch.float64
         draw = torch.zeros_like(s.cur)
         st = s.st
 
@@ -274,8 +273,7 @@ class Grammar:
         s.sex = torch.where(is_sex, sx, s.sex)
         # birth day inside the band (and inside the age condition); a living record ends at the reference date
         is_by, band = grp("by")
-        blo, bhi = self.band_lo[band], self.band_hi[band]
-        birth = torch.minimum(torch.floor(blo + u * (bhi - blo + 1)), bhi)
+        birth = self.birth_in_band(band, u)
         s.birth = torch.where(is_by, birth, s.birth)
         s.band = torch.where(is_by, band, s.band)
         draw = torch.where(is_by, birth, draw)
@@ -283,34 +281,22 @@ class Grammar:
         s.end = torch.where(is_by, lived, s.end)
         # AGE: the death, which becomes the record's end
         is_age, ai = grp("age")
-        lo = torch.clamp(self.age_lo[ai], min=self.min_death0)
-        hi = torch.maximum(torch.minimum(self.age_hi[ai], lived), lo)
-        x = lo + u * (hi - lo)
+        x = self.death_in_age(ai, lived, u)
         s.end = torch.where(is_age, x, s.end)
         draw = torch.where(is_age, x, draw)
         s.cur = torch.where(is_by | is_age, s.end, s.cur)
         # GAP: the next (older) visit, that many days before the current one, never before birth
         is_gap, gi = grp("gap")
-        lo = self.gap_lo[gi]
-        hi = torch.maximum(torch.minimum(self.gap_hi[gi], s.cur), lo)
-        x = torch.clamp(s.cur - (lo + u * (hi - lo)), min=0.0)
+        x = self.visit_before(s.cur, gi, u)
         draw = torch.where(is_gap, x, draw)
         s.cur = torch.where(is_gap, x, s.cur)
         # DUR: end = start + duration (never before the start, never after the record's end)
         is_dur, di = grp("dur")
-        lo = self.dur_lo[di]
-        hi = torch.maximum(torch.minimum(self.dur_hi[di], s.end - s.cur), lo)
-        end = s.cur + lo + u * (hi - lo)
+        end = self.end_after(s.cur, di, s.end, u)
         draw = torch.where(is_dur, end, draw)
         # VAL: value inside the bin of the last code, rounded, kept inside the physiologic range
         is_val, bi = grp("val")
-        e = self.val_edges[s.last_item]
-        lo = e.gather(1, bi[:, None]).squeeze(1)
-        hi = e.gather(1, (bi + 1)[:, None]).squeeze(1)
-        x = lo + u * (hi - lo)
-        scale = torch.pow(torch.tensor(10.0, dtype=f64, device=x.device), self.item_dec[s.last_item].to(f64))
-        x = torch.round(x * scale) / scale
-        x = torch.minimum(torch.maximum(x, e[:, 0]), e.gather(1, self.item_nbins[s.last_item][:, None]).squeeze(1))
+        x = self.value_in_bin(s.last_item, bi, u)
         draw = torch.where(is_val, x, draw)
         # items
         is_item = tok >= v.start("item")
@@ -321,6 +307,44 @@ class Grammar:
         s.seen[torch.arange(tok.shape[0], device=tok.device), tok] |= self.once[tok]
         s.st = self.nxt[st, tok]
         return draw
+
+    # ---- in-bucket draws (u uniform in [0, 1)); shared with the visit sampler ----------------------------
+
+    def birth_in_band(self, band: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """Birth day number inside the band (and inside the age condition)."""
+        blo, bhi = self.band_lo[band], self.band_hi[band]
+        return torch.minimum(torch.floor(blo + u * (bhi - blo + 1)), bhi)
+
+    def death_in_age(self, ai: torch.Tensor, lived: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """Days from birth to a death in age year ai, before the reference date, not younger than an age
+        condition allows."""
+        lo = torch.clamp(self.age_lo[ai], min=self.min_death0)
+        hi = torch.maximum(torch.minimum(self.age_hi[ai], lived), lo)
+        return lo + u * (hi - lo)
+
+    def visit_before(self, cur: torch.Tensor, gi: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """Days from birth to the visit gap bucket gi before the time cur, never before birth."""
+        lo = self.gap_lo[gi]
+        hi = torch.maximum(torch.minimum(self.gap_hi[gi], cur), lo)
+        return torch.clamp(cur - (lo + u * (hi - lo)), min=0.0)
+
+    def end_after(self, start: torch.Tensor, di: torch.Tensor, record_end: torch.Tensor,
+                  u: torch.Tensor) -> torch.Tensor:
+        """start + a duration in bucket di, never past the record's end."""
+        lo = self.dur_lo[di]
+        hi = torch.maximum(torch.minimum(self.dur_hi[di], record_end - start), lo)
+        return start + lo + u * (hi - lo)
+
+    def value_in_bin(self, item: torch.Tensor, bi: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """A value inside bin bi of the code token item, rounded to its decimals, inside its physiologic range."""
+        e = self.val_edges[item]
+        lo = e.gather(1, bi[:, None]).squeeze(1)
+        hi = e.gather(1, (bi + 1)[:, None]).squeeze(1)
+        x = lo + u * (hi - lo)
+        f64 = torch.float64
+        scale = torch.pow(torch.tensor(10.0, dtype=f64, device=x.device), self.item_dec[item].to(f64))
+        x = torch.round(x * scale) / scale
+        return torch.minimum(torch.maximum(x, e[:, 0]), e.gather(1, self.item_nbins[item][:, None]).squeeze(1))
 
     def check(self, tokens: list[int]) -> str | None:
         """Grammar-only validation of one sequence (no time/clinical masks): None if valid, else why. A sequence

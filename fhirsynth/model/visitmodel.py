@@ -22,6 +22,7 @@ activation batch-first. The per-patient loss is the sum of all its terms divided
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -175,9 +176,8 @@ class VisitModel(nn.Module):
     # ---- sampling ----------------------------------------------------------------------------------------
 
     def new_cache(self, batch: int, device: torch.device, dtype: torch.dtype = torch.float32) -> KVCache:
-        cfg = self.cfg
-        return KVCache(_CacheShape(cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.n_layers, cfg.max_visits + 1),
-                       batch, device, dtype)
+        # positions: the static part and up to max_visits visits
+        return KVCache(dataclasses.replace(self.cfg, max_len=self.cfg.max_visits + 1), batch, device, dtype)
 
     @torch.no_grad()
     def step(self, x_in: torch.Tensor, pos: int, cache: KVCache) -> torch.Tensor:
@@ -190,13 +190,3 @@ class VisitModel(nn.Module):
             x = x + blk.mlp(blk.ln2(x))
         return self.ln_f(x)[:, 0]
 
-
-@dataclass
-class _CacheShape:
-    """What KVCache reads of a config."""
-
-    d_model: int
-    n_heads: int
-    n_kv_heads: int
-    n_layers: int
-    max_len: int

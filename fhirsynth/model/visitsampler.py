@@ -58,10 +58,6 @@ class VisitSampler:
         self.lim_lo, self.lim_hi = grammar.lim_lo[keep], grammar.lim_hi[keep]
         self.allowed = torch.as_tensor(layout.allowed, device=dev)
         self.is_cond = torch.as_tensor(layout.is_condition, device=dev)
-        self.n_bins = torch.as_tensor(layout.n_bins, device=dev)
-        # value edges per content item (grammar's per-token tables)
-        self.val_edges = grammar.val_edges[ct]
-        self.dec = grammar.item_dec[ct]
         self.cond_j = [layout.content_index[t] for t in condition_tokens if t in layout.content_index]
         self.v = v
         self.tok_sex, self.tok_by = v.start("sex"), v.start("by")
@@ -88,8 +84,7 @@ class VisitSampler:
         bl, _, _, _ = m.static_logits(static)
         band = _masked_draw(bl, g.by_ok[None].expand(B, -1), gen, temperature)
         static[:, 1] = band
-        blo, bhi = g.band_lo[band], g.band_hi[band]
-        birth = torch.minimum(torch.floor(blo + u(B) * (bhi - blo + 1)), bhi)
+        birth = g.birth_in_band(band, u(B))
         _, rl, _, _ = m.static_logits(static)
         static[:, 2] = _masked_draw(rl, torch.ones_like(rl, dtype=torch.bool), gen, temperature)
         _, _, el, dl = m.static_logits(static)
@@ -99,9 +94,7 @@ class VisitSampler:
         age_ok = (g.age_lo[None] < lived[:, None]) & (g.age_hi[None] > g.min_death0)
         dead = (u(B) < p_dead) & age_ok.any(dim=1)
         dage = _masked_draw(dl, age_ok, gen, temperature)
-        lo = torch.clamp(g.age_lo[dage], min=g.min_death0)
-        hi = torch.maximum(torch.minimum(g.age_hi[dage], lived), lo)
-        death = lo + u(B) * (hi - lo)
+        death = g.death_in_age(dage, lived, u(B))
         end = torch.where(dead, death, lived)
         static[:, 4] = dead.long()
         static[:, 5] = torch.where(dead, dage, torch.zeros_like(dage))
@@ -144,9 +137,7 @@ class VisitSampler:
                 h, eg, alive = h[keep], eg[keep], alive[keep]
                 n = keep.numel()
             gi = eg - 1
-            c0 = cur[alive]
-            lo, hi = g.gap_lo[gi], torch.maximum(torch.minimum(g.gap_hi[gi], c0), g.gap_lo[gi])
-            t_vis = torch.clamp(c0 - (lo + u(n) * (hi - lo)), min=0.0)
+            t_vis = g.visit_before(cur[alive], gi, u(n))
             cur[alive] = t_vis
             aid = _years(t_vis)
             c = m.context(h, gi, aid)
@@ -237,26 +228,14 @@ class VisitSampler:
         n = alive.shape[0]
         # in-bucket draws, vectorised: encounter end, condition end, numeric value
         ue = torch.rand(n, generator=gen, dtype=f64, device=dev)
-        ed = (edur - 1).clamp(min=0)
-        room = end[alive] - t_vis
-        lo, hi = g.dur_lo[ed], torch.maximum(torch.minimum(g.dur_hi[ed], room), g.dur_lo[ed])
-        enc_end = t_vis + lo + ue * (hi - lo)
+        rec_end = end[alive]
+        enc_end = g.end_after(t_vis, (edur - 1).clamp(min=0), rec_end, ue)
         uv = torch.rand(cols.shape[0], generator=gen, dtype=f64, device=dev)
         is_bin = (vals >= 1) & (vals <= L.n_val)
-        bi = (vals - 1).clamp(0, L.n_val - 1)
-        e = self.val_edges[cols]
-        vlo, vhi = e.gather(1, bi[:, None]).squeeze(1), e.gather(1, (bi + 1)[:, None]).squeeze(1)
-        xv = vlo + uv * (vhi - vlo)
-        scale = torch.pow(torch.tensor(10.0, dtype=f64, device=dev), self.dec[cols].to(f64))
-        xv = torch.round(xv * scale) / scale
-        xv = torch.minimum(torch.maximum(xv, e[:, 0]), e.gather(1, self.n_bins[cols][:, None]).squeeze(1))
+        xv = g.value_in_bin(self.content_tokens[cols], (vals - 1).clamp(0, L.n_val - 1), uv)
         d0 = L.dur_value(0)
         is_dur = vals >= d0
-        di = (vals - d0).clamp(0, L.n_dur - 1)
-        crow = rows
-        croom = room[crow]
-        clo, chi = g.dur_lo[di], torch.maximum(torch.minimum(g.dur_hi[di], croom), g.dur_lo[di])
-        cend = t_vis[crow] + clo + uv * (chi - clo)
+        cend = g.end_after(t_vis[rows], (vals - d0).clamp(0, L.n_dur - 1), rec_end[rows], uv)
         xval = torch.where(is_bin, xv, torch.where(is_dur, cend, torch.zeros_like(xv)))
         # to python once
         alive_l, gi_l, tv_l = alive.tolist(), gi.tolist(), t_vis.tolist()
