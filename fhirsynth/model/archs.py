@@ -61,19 +61,11 @@ def build_arch(mc: ModelConfig, vocab: Vocab, timelines: list[Timeline], stats: 
     tokenizer = Tokenizer(vocab)
     mc.vocab_size = vocab.size
     if mc.arch == "visit":
-        from fhirsynth.model.visits import (
-            VisitCollate,
-            VisitDataset,
-            VisitLayout,
-            encode_visits,
-        )
+        from fhirsynth.model.visits import VisitLayout, visit_dataset
 
         layout = VisitLayout(vocab)
         mc.visit_sizes = visit_sizes(vocab)
-        pats = [p for p in (encode_visits(tokenizer, layout, t, mc.max_visits, stats) for t in timelines)
-                if p is not None]
-        dataset = VisitDataset(pats, layout)
-        collate = VisitCollate(layout, dataset)
+        dataset, collate, _ = visit_dataset(tokenizer, layout, timelines, mc.max_visits, stats)
         allowed = torch.as_tensor(layout.allowed)
 
         def loss(model: nn.Module, batch: dict) -> tuple[torch.Tensor, int]:

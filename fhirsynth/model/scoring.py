@@ -38,14 +38,11 @@ def sequence_nll(model_dir: str | os.PathLike, timelines: list[Timeline], *, bat
 
 
 def _visit_nll(lm, tok: Tokenizer, timelines: list[Timeline], batch_size: int, stats: Counter) -> np.ndarray:
-    from fhirsynth.model.visits import VisitCollate, VisitDataset, VisitLayout, encode_visits
+    from fhirsynth.model.visits import VisitLayout, visit_dataset
 
     layout = VisitLayout(lm.vocab)
-    pats = [encode_visits(tok, layout, t, lm.model_config.max_visits, stats) for t in timelines]
+    ds, collate, idx = visit_dataset(tok, layout, timelines, lm.model_config.max_visits, stats)
     out = np.full(len(timelines), np.nan, dtype=np.float64)
-    idx = [i for i, p in enumerate(pats) if p is not None]
-    ds = VisitDataset([pats[i] for i in idx], layout)
-    collate = VisitCollate(layout, ds)
     allowed = torch.as_tensor(layout.allowed, device=lm.device)
     for start in range(0, len(idx), batch_size):
         chunk = idx[start: start + batch_size]

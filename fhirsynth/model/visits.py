@@ -310,6 +310,16 @@ class VisitDataset(Dataset):
         return torch.tensor([i], dtype=torch.long)
 
 
+def visit_dataset(tokenizer: Tokenizer, layout: VisitLayout, timelines: list[Timeline], max_visits: int,
+                  stats: Counter) -> tuple[VisitDataset, VisitCollate, list[int]]:
+    """The encodable timelines as a dataset with its collate function, and their indices in `timelines` (a
+    patient without a birth date is left out, counted in stats)."""
+    encoded = [encode_visits(tokenizer, layout, t, max_visits, stats) for t in timelines]
+    kept = [i for i, p in enumerate(encoded) if p is not None]
+    dataset = VisitDataset([encoded[i] for i in kept], layout)
+    return dataset, VisitCollate(layout, dataset), kept
+
+
 BATCH_KEYS = ("feats", "gap_in", "age_in", "static", "eg_tgt", "gq", "aq", "x_tgt", "enc_tgt", "type_tgt",
               "edur_tgt", "vi_pos", "vi_item", "vi_val", "vi_prev")
 
