@@ -11,7 +11,7 @@ import pytest
 
 from fhirsynth.cli import main
 from fhirsynth.errors import LoadError
-from fhirsynth.export.bundles import iter_references
+from fhirsynth.export.bundles import iter_references, rewrite_refs
 from fhirsynth.export.loader import load_export
 from fhirsynth.export.writer import read_manifest, write_export
 from fhirsynth.timeline.assembler import GeneratorInfo
@@ -108,6 +108,9 @@ class FhirServer:
                     return 400, _outcome(f"entry[{i}]: unresolvable reference {ref}")
         if self.non_bundle_200:
             return 200, _outcome("accepted (nothing stored)")
+        # as a real server does: references to entries of the transaction now point where they were stored
+        stored_as = {e["fullUrl"]: e["request"]["url"] for e in entries if e.get("fullUrl")}
+        entries = [{**e, "resource": rewrite_refs(e["resource"], stored_as)} for e in entries]
         if self.reject_every:
             out = []
             with self.lock:
@@ -192,13 +195,45 @@ def test_unreachable_server_is_retried_then_failed(export):
     assert report.failed == 6 and report.loaded == 0 and report.retries == 6
 
 
-def test_refuses_collection_export(tmp_path):
-    out = tmp_path / "col"
-    write_export(random_timelines(1), out, fmt="collection", generator=GEN)
-    with pytest.raises(LoadError, match="--format transaction or ndjson"):
-        load_export(out, "http://127.0.0.1:9/fhir")
-    assert main(["load", str(out), "--url", "http://127.0.0.1:9/fhir"]) == 2
-    assert main(["load", str(out), "--url", "ftp://x"]) == 2
+@pytest.mark.parametrize("fmt", ["collection", "document"])
+def test_collection_and_document_exports_load_whole(tmp_path, fmt):
+    """Any data-holding Bundle loads: every resource of a collection or IPS document export is PUT under its own id,
+    its references (urn:uuid fullUrls in the Bundle) resolved to stored resources."""
+    out = tmp_path / fmt
+    write_export(random_timelines(3, seed=9), out, fmt=fmt, profile="ips" if fmt == "document" else "us-core",
+                 generator=GEN)
+    files = sorted(p for p in out.glob("*.json") if p.name != "manifest.json")
+    exported = {f"{e['resource']['resourceType']}/{e['resource']['id']}"
+                for f in files for e in json.loads(f.read_text())["entry"]}
+    with FhirServer(throttle_first=0, max_updates=20) as server:
+        report = load_export(out, server.url, retries=0, max_entries=20)
+        assert (report.loaded, report.failed) == (3, 0)
+        assert set(server.store) == exported
+        assert not [ref for r in server.store.values() for ref in iter_references(r) if ref not in server.store]
+        # one Bundle file given directly, not a directory
+        assert main(["load", str(files[0]), "--url", server.url, "--max-entries", "20"]) == 0
+
+
+def test_bundles_that_hold_no_data_are_refused_with_the_reason(tmp_path, capsys):
+    d = tmp_path / "msgs"
+    d.mkdir()
+    (d / "message.json").write_text(json.dumps({"resourceType": "Bundle", "type": "message", "entry": []}))
+    (d / "history.json").write_text(json.dumps({"resourceType": "Bundle", "type": "history", "entry": []}))
+    (d / "patient.json").write_text(json.dumps({"resourceType": "Patient", "id": "p"}))
+    (d / "delete.json").write_text(json.dumps({"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"request": {"method": "DELETE", "url": "Patient/p"}}]}))
+    (d / "broken.json").write_text("{nope")
+    report = load_export(d, "http://127.0.0.1:9/fhir", retries=0)
+    assert report.loaded == 0 and report.failed == 5
+    reasons = {f["file"]: f["message"] for f in report.failures}
+    assert "'message' Bundle holds no data" in reasons["message.json"]
+    assert "'history' Bundle holds no data" in reasons["history.json"]
+    assert reasons["patient.json"] == "not a FHIR Bundle (resourceType 'Patient')"
+    assert "is a DELETE" in reasons["delete.json"]
+    assert reasons["broken.json"].startswith("invalid JSON")
+    assert main(["load", str(d), "--url", "http://127.0.0.1:9/fhir", "--retries", "0"]) == 2
+    assert "5 of 5 bundle(s) failed" in capsys.readouterr().err
+    assert main(["load", str(d), "--url", "ftp://x"]) == 2
 
 
 @pytest.mark.parametrize("with_manifest", [True, False])

@@ -18,6 +18,7 @@ from serverproc import free_port, serving
 
 from fhirsynth.cli import main
 from fhirsynth.export.bundles import iter_references
+from fhirsynth.export.loader import load_export
 from fhirsynth.export.writer import write_export
 from fhirsynth.timeline.assembler import GeneratorInfo
 from fhirsynth.timeline.samples import random_timelines
@@ -55,10 +56,10 @@ def medplum_node() -> Path:
 
 
 @contextmanager
-def _running(node: Path, max_entries: int) -> Iterator[str]:
+def _running(node: Path, max_entries: int, *flags: str) -> Iterator[str]:
     """Start server.mjs on a free loopback port, wait until it answers, stop it on exit; yields the FHIR base."""
     port = free_port()
-    proc = subprocess.Popen([str(node), str(SERVER), "--port", str(port), "--max-entries", str(max_entries)],
+    proc = subprocess.Popen([str(node), str(SERVER), "--port", str(port), "--max-entries", str(max_entries), *flags],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     base = f"http://127.0.0.1:{port}"
     with serving(proc, f"{base}/Patient?_summary=count", start_timeout_s=60):
@@ -70,6 +71,13 @@ def medplum(medplum_node: Path) -> Iterator[str]:
     """The FHIR base URL of a fresh Medplum server (limit 50 entries per transaction), stopped after the test: each
     test starts from an empty store, so the tests hold in any order."""
     with _running(medplum_node, SERVER_LIMIT) as base:
+        yield base
+
+
+@pytest.fixture()
+def medplum_user(medplum_node: Path) -> Iterator[str]:
+    """A fresh Medplum server as seen by a user without the right to choose ids: a PUT that would create is 404."""
+    with _running(medplum_node, SERVER_LIMIT, "--no-client-ids") as base:
         yield base
 
 
@@ -225,3 +233,90 @@ def test_ndjson_export_loads_stage_by_stage(medplum, tmp_path):
     assert _counts(medplum, expected) == expected
     stored = {f"{r['resourceType']}/{r['id']}": r for t in expected for r in _all(medplum, t)}
     assert not [ref for r in stored.values() for ref in iter_references(r) if ref not in stored]
+
+
+def _resolving(base: str, types) -> dict[str, dict]:
+    """Every stored resource of the types by Type/id, after checking that every reference resolves."""
+    stored = {f"{r['resourceType']}/{r['id']}": r for t in types for r in _all(base, t)}
+    dangling = sorted({(name, ref) for name, r in stored.items() for ref in iter_references(r) if ref not in stored})
+    assert not dangling, dangling[:10]
+    return stored
+
+
+def test_client_ids_fail_loudly_for_a_user_who_may_not_choose_them(medplum_user, tmp_path, capsys):
+    _export(tmp_path / "x", n=2, seed=81, profile="us-core")
+    assert _load(tmp_path / "x", medplum_user) == 2
+    err = capsys.readouterr().err
+    assert "2 of 2 bundle(s) failed" in err and "may not choose ids" in err and "HTTP 404" in err
+
+
+@pytest.mark.parametrize("profile,seed", [("us-core", 91), ("ips", 93)])
+@pytest.mark.parametrize("ids", ["server", "conditional"])
+def test_server_assigned_ids_load_everything_with_resolving_references(medplum_user, tmp_path, ids, profile, seed):
+    """Without the right to choose ids: every resource POSTed, the server's ids used by every later reference
+    (Patient, Encounters, Provenance in other transactions than what they point at), counts per type exact."""
+    out = tmp_path / ids
+    expected = _export(out, n=12, seed=seed, profile=profile)
+    assert max(len(b["entry"]) for b in _bundles(out)) > SERVER_LIMIT  # references cross transactions
+    assert main(["load", str(out), "--url", medplum_user, "--ids", ids]) == 0
+    assert _counts(medplum_user, expected) == expected
+    stored = _resolving(medplum_user, expected)
+    exported = {f"{e['resource']['resourceType']}/{e['resource']['id']}" for b in _bundles(out) for e in b["entry"]}
+    assert not exported & stored.keys()  # the server chose every id
+    provenance = [r for r in stored.values() if r["resourceType"] == "Provenance"]
+    patients = {n for n in stored if n.startswith("Patient/")}
+    # each Provenance points at its own Patient and at as many resources as that Patient's Bundle holds
+    sizes = sorted(len(b["entry"]) - 1 for b in _bundles(out))
+    assert sorted(len(p["target"]) for p in provenance) == sizes
+    assert all(len({t["reference"] for t in p["target"]} & patients) == 1 for p in provenance)
+    # each stored resource carries its export identifier: what conditional mode matches on
+    own = {i["value"] for r in stored.values() for i in r.get("identifier") or []
+           if i.get("system") == "urn:fhirsynth:resource-id"}
+    assert own == {n.split("/")[1] for n in exported if not n.startswith("Provenance/")}
+
+
+def test_conditional_reload_stores_nothing_twice(medplum_user, tmp_path):
+    expected = _export(tmp_path / "c", n=6, seed=95, profile="ips")
+    assert main(["load", str(tmp_path / "c"), "--url", medplum_user, "--ids", "conditional"]) == 0
+    once = _resolving(medplum_user, expected)
+    again = load_export(tmp_path / "c", medplum_user, ids="conditional")
+    assert again.failed == 0 and _resolving(medplum_user, expected) == once  # same ids and versions: no write
+    assert again.by_type() == {t: {"existing": n} for t, n in expected.items()}
+    # server mode reloads duplicate, as documented
+    assert main(["load", str(tmp_path / "c"), "--url", medplum_user, "--ids", "server"]) == 0
+    assert _counts(medplum_user, expected) == {t: 2 * n for t, n in expected.items()}
+
+
+@pytest.mark.parametrize("ids", ["server", "conditional"])
+def test_ndjson_with_server_ids_loads_in_reference_order(medplum_user, tmp_path, ids):
+    out = tmp_path / "nd"
+    write_export(random_timelines(8, seed=17), out, fmt="ndjson", profile="us-core", seed=97, generator=GEN)
+    expected = json.loads((out / "manifest.json").read_text())["extension"]["fhirsynth"]["resources"]
+    assert main(["load", str(out), "--url", medplum_user, "--ids", ids]) == 0
+    assert _counts(medplum_user, expected) == expected
+    _resolving(medplum_user, expected)
+
+
+def test_batch_with_server_ids_stores_what_is_referenced_first(medplum_user, tmp_path):
+    expected = _export(tmp_path / "b", n=6, seed=99, profile="us-core")
+    assert main(["load", str(tmp_path / "b"), "--url", medplum_user, "--batch", "--ids", "server"]) == 0
+    assert _counts(medplum_user, expected) == expected
+    _resolving(medplum_user, expected)
+
+
+def test_one_rejected_entry_in_ten_is_never_a_silent_loss(medplum_node, tmp_path, capsys):
+    """A server that processes entries one by one and refuses every tenth: the load fails, and every resource of
+    the export is stored, named as failed, or counted as not sent."""
+    out = tmp_path / "r"
+    expected = _export(out, n=10, seed=101, profile="us-core")
+    exported = {f"{e['resource']['resourceType']}/{e['resource']['id']}" for b in _bundles(out) for e in b["entry"]}
+    with _running(medplum_node, SERVER_LIMIT, "--reject-every", "10") as base:
+        report = load_export(out, base, batch=True, retries=0)
+        stored = {f"{r['resourceType']}/{r['id']}" for t in expected for r in _all(base, t)}
+    failed = {m.split(":")[0] for f in report.failures for m in f.get("entries", [])}
+    not_sent = sum(f.get("not_sent", 0) for f in report.failures)
+    assert report.failed >= 1 and failed and "fault injection" in report.failures[0]["message"]
+    assert not stored & failed and stored | failed <= exported
+    assert len(stored) + len(failed) + not_sent == len(exported)
+    assert sum(n for (t, outcome), n in report.entries.items() if outcome == "failed") == len(failed)
+    assert main(["load", str(out), "--url", "http://127.0.0.1:9", "--retries", "0"]) == 2

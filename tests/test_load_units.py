@@ -134,7 +134,11 @@ def test_split_orders_patient_first_provenance_last_and_rewrites_earlier_referen
     assert obs["subject"]["reference"] == "Patient/p" and obs["encounter"]["reference"] == "Encounter/e"
     assert [t["reference"] for t in chunks[2]["entry"][0]["resource"]["target"]] == ["Observation/o", "Patient/p"]
     assert all(c["type"] == "transaction" for c in chunks)
-    assert split_transaction(tx, 5) == [tx]  # small enough: sent as it is
+    (whole,) = split_transaction(tx, 5)  # small enough: one transaction, references left to the server
+    assert [e["request"]["url"] for e in whole["entry"]] == ["Patient/p", "Encounter/e", "Observation/o",
+                                                            "Condition/c", "Provenance/v"]
+    assert sorted(map(json.dumps, (e["resource"] for e in whole["entry"]))) == \
+        sorted(map(json.dumps, (e["resource"] for e in tx["entry"])))
     batch = split_transaction(tx, 5, batch=True)
     assert len(batch) == 1 and batch[0]["type"] == "batch"
     assert batch[0]["entry"][0]["request"]["url"] == "Patient/p"

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from fhirsynth.timeline.assembler import HTEST, GeneratorInfo
+from fhirsynth.timeline.assembler import HTEST, GeneratorInfo, own_identifier
 from fhirsynth.timeline.profiles import Profile
 
 LOINC = "http://loinc.org"
@@ -184,6 +184,7 @@ def document_bundle(
         "resourceType": "Device",
         "id": device_id,
         "meta": _bundle_meta(),
+        "identifier": [own_identifier(device_id)],
         "deviceName": [{"name": "fhirsynth synthetic data generator", "type": "manufacturer-name"}],
         "version": [{"value": generator.fhirsynth_version}],
         "note": [{"text": f"model sha256:{generator.model_hash}"}],

@@ -1,6 +1,9 @@
-"""POST an export's transaction Bundles to a FHIR server: bounded concurrency, retries, honest report.
+"""POST an export to a FHIR server: bounded concurrency, retries, honest report.
 
-Files come from the export's manifest.json (or, without one, every *.json / *.json.gz in the directory).
+What it loads: a fhirsynth export (any --format), a Bulk Data NDJSON directory, or a directory (or one file) of
+FHIR Bundles of any data-holding type (transaction, batch, collection, searchset, document), from the manifest.json
+when there is one, else every *.json / *.json.gz / *.ndjson(.gz). Each Bundle becomes transactions of at most
+--max-entries entries in dependency order, with ids as `--ids` says (see loadplan).
 429 and 5xx answers and connection errors are retried with exponential backoff (Retry-After honoured);
 other 4xx answers fail the Bundle at once with the server's OperationOutcome text. A 2xx answer counts only
 when it is a transaction-response Bundle with one entry per request entry, each with a 2xx status: a server
@@ -25,9 +28,27 @@ import httpx
 import orjson
 
 from fhirsynth.errors import LoadError, UsageError
-from fhirsynth.export.bundles import rewrite_refs
-from fhirsynth.export.ndjson_source import dependency_rank, is_ndjson, ndjson_files, stages, transactions
-from fhirsynth.export.writer import MANIFEST
+from fhirsynth.export.loadplan import (
+    ID_MODES,
+    Entry,
+    IdMode,
+    Located,
+    NotLoadable,
+    batch_steps,
+    bundle_entries,
+    chunks,
+    entry_for,
+    prepare,
+    record_locations,
+)
+from fhirsynth.export.ndjson_source import (
+    is_ndjson,
+    ndjson_files,
+    stages,
+    stages_by_references,
+    transactions,
+)
+from fhirsynth.export.writer import FORMATS, MANIFEST
 from fhirsynth.logs import progress
 
 log = logging.getLogger(__name__)
@@ -35,6 +56,9 @@ log = logging.getLogger(__name__)
 RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
 # Entries per transaction: the strictest common server limit (some servers refuse more than 50 updates at once)
 DEFAULT_MAX_ENTRIES = 50
+# --ids conditional: a transaction of conditional creates needs serializable isolation, which servers cap lower
+# (Medplum refuses more than 8 entries: "Transaction requires strict isolation but has too many entries")
+CONDITIONAL_MAX_ENTRIES = 8
 MAX_BACKOFF_S = 60.0
 FHIR_JSON = "application/fhir+json"
 
@@ -49,6 +73,7 @@ class LoadReport:
     # per resource type: created / updated / failed entries, as the server's transaction-response says
     entries: Counter = field(default_factory=Counter)
     not_attempted: int = 0  # NDJSON transactions not sent after an earlier stage failed
+    unconditional: int = 0  # --ids conditional: entries POSTed without If-None-Exist (no identifier to match on)
 
     def by_type(self) -> dict[str, dict[str, int]]:
         out: dict[str, dict[str, int]] = {}
@@ -58,6 +83,7 @@ class LoadReport:
 
     def as_dict(self) -> dict[str, Any]:
         return {"loaded": self.loaded, "failed": self.failed, "not_attempted": self.not_attempted,
+                "unconditional": self.unconditional,
                 "retries": self.retries,
                 "failures": self.failures, "entries": self.by_type(), "seconds": round(self.seconds, 3)}
 
@@ -76,10 +102,10 @@ def _manifest(export_dir: Path) -> dict | None:
 
 
 def bundle_files(export_dir: Path) -> list[Path]:
-    """The transaction Bundles of an export, in manifest order."""
+    """The Bundle files of an export, in manifest order."""
     kind, files = load_sources(export_dir)
     if kind != "bundles":
-        raise LoadError("not a transaction export (it holds NDJSON)", where=str(export_dir))
+        raise LoadError("not a Bundle export (it holds NDJSON)", where=str(export_dir))
     return files
 
 
@@ -88,15 +114,19 @@ def load_sources(export_dir: Path) -> tuple[str, list]:
     `generate --format transaction` or `--format ndjson` export, a Bulk Data export (manifest.json with NDJSON
     outputs), or a directory of *.json(.gz) transaction Bundles or *.ndjson(.gz) files."""
     export_dir = Path(export_dir)
+    if export_dir.is_file():  # one Bundle or one NDJSON file
+        if is_ndjson(export_dir):
+            return "ndjson", ndjson_files([export_dir])
+        return "bundles", [export_dir]
     if not export_dir.is_dir():
-        raise UsageError("export directory does not exist", where=str(export_dir))
+        raise UsageError("no such file or directory", where=str(export_dir))
     doc = _manifest(export_dir)
     if doc is not None:
         fmt = ((doc.get("extension") or {}).get("fhirsynth") or {}).get("format")
         outputs = [o for o in doc.get("output") or [] if isinstance(o, dict) and o.get("url")]
-        if fmt is not None and fmt not in ("transaction", "ndjson"):
-            raise LoadError(f"export format is {fmt!r}; `fhirsynth load` posts transaction Bundles or NDJSON "
-                            "(generate with --format transaction or ndjson)", where=str(export_dir / MANIFEST))
+        if fmt is not None and fmt not in FORMATS:
+            raise LoadError(f"unknown export format {fmt!r} (a fhirsynth export is one of {', '.join(FORMATS)})",
+                            where=str(export_dir / MANIFEST))
         paths = {export_dir / o["url"]: str(o.get("type") or "") for o in outputs}
         if paths and all(is_ndjson(p) for p in paths):
             return "ndjson", ndjson_files(list(paths), {p: t for p, t in paths.items() if t})
@@ -111,17 +141,15 @@ def load_sources(export_dir: Path) -> tuple[str, list]:
     return "bundles", files
 
 
-def _read_bundle(path: Path) -> bytes:
+def _read_bundle(path: Path) -> Any:
+    """The JSON document of a Bundle file (what it holds is checked by loadplan.bundle_entries)."""
     data = path.read_bytes()
     if path.name.endswith(".gz"):
         data = gzip.decompress(data)
     try:
-        doc = orjson.loads(data)
+        return orjson.loads(data)
     except orjson.JSONDecodeError as exc:
-        raise ValueError(f"invalid JSON: {exc.msg} (line {exc.lineno})") from None
-    if not isinstance(doc, dict) or doc.get("resourceType") != "Bundle" or doc.get("type") != "transaction":
-        raise ValueError("not a transaction Bundle")
-    return data
+        raise NotLoadable(f"invalid JSON: {exc.msg} (line {exc.lineno})") from None
 
 
 def outcome_text(response: httpx.Response) -> str:
@@ -144,6 +172,8 @@ def outcome_text(response: httpx.Response) -> str:
 
 
 ENTRY_OUTCOMES = {200: "updated", 201: "created", 304: "unchanged"}
+# a POST answered 200 found a match for its If-None-Exist: nothing was written
+POST_OUTCOMES = {200: "existing", 201: "created"}
 
 
 def _entry_outcome_text(entry: dict) -> str:
@@ -153,12 +183,15 @@ def _entry_outcome_text(entry: dict) -> str:
     return "; ".join(str(t) for t in texts if t) or "no OperationOutcome"
 
 
-def check_transaction_response(request: dict, body: Any) -> tuple[list[str], Counter]:
+def check_transaction_response(request: dict, body: Any, names: list[str] | None = None) -> tuple[list[str], Counter]:
     """Failed entries (messages naming the resource, the status and the server's OperationOutcome) and outcome
-    counts per (resource type, created|updated|unchanged|failed) of a 2xx answer to a transaction Bundle."""
+    counts per (resource type, created|updated|unchanged|existing|failed) of a 2xx answer to a transaction or
+    batch Bundle. `names`: how to name each entry (default: Type/id of its resource)."""
     req_entries = request.get("entry") or []
-    names = [f"{(e.get('resource') or {}).get('resourceType')}/{(e.get('resource') or {}).get('id')}"
-             for e in req_entries]
+    if names is None:
+        names = [f"{(e.get('resource') or {}).get('resourceType')}/{(e.get('resource') or {}).get('id')}"
+                 for e in req_entries]
+    methods = [str((e.get("request") or {}).get("method") or "").upper() for e in req_entries]
     counts: Counter = Counter()
     if not isinstance(body, dict) or body.get("resourceType") != "Bundle" \
             or body.get("type") not in ("transaction-response", "batch-response"):
@@ -171,14 +204,15 @@ def check_transaction_response(request: dict, body: Any) -> tuple[list[str], Cou
         counts.update((n.split("/")[0], "unconfirmed") for n in names)
         return [f"transaction-response has {len(entries)} entries for {len(req_entries)} sent"], counts
     failures = []
-    for name, entry in zip(names, entries):
+    for name, method, entry in zip(names, methods, entries):
         status = str((entry.get("response") or {}).get("status") or "")
         try:
             code = int(status.split()[0])
         except (ValueError, IndexError):
             code = 0
         if 200 <= code < 300 or code == 304:
-            counts[(name.split("/")[0], ENTRY_OUTCOMES.get(code, "stored"))] += 1
+            outcomes = POST_OUTCOMES if method == "POST" else ENTRY_OUTCOMES
+            counts[(name.split("/")[0], outcomes.get(code, "stored"))] += 1
         else:
             counts[(name.split("/")[0], "failed")] += 1
             failures.append(f"{name}: HTTP {status or '(no status)'}: {_entry_outcome_text(entry)}")
@@ -198,108 +232,129 @@ def _retry_after(response: httpx.Response | None, attempt: int, base: float) -> 
     return min(base * (2**attempt) * (0.5 + random.random()), MAX_BACKOFF_S)
 
 
-def _entry_rank(entry: dict) -> int:
-    """Order inside a split transaction: Patient, then Encounters, then the rest, Provenance last (it points at
-    everything else), so every reference points at something already stored or in the same chunk."""
-    return dependency_rank((entry.get("resource") or {}).get("resourceType"))
-
-
-def _as_batch(doc: dict) -> dict:
-    """The transaction as a batch: a batch resolves no fullUrl between its entries, so every reference to an
-    entry (its urn:uuid) becomes the `Type/id` its PUT stores it under; entries stay in dependency order."""
-    entries = sorted(doc.get("entry") or [], key=_entry_rank)
-    urls = {e["fullUrl"]: e["request"]["url"] for e in entries
-            if e.get("fullUrl") and (e.get("request") or {}).get("method") == "PUT" and e["request"].get("url")}
-    return {**doc, "type": "batch", "entry": [{**e, "resource": rewrite_refs(e.get("resource"), urls)}
-                                             for e in entries]}
-
-
 def split_transaction(doc: dict, max_entries: int, *, batch: bool = False) -> list[dict]:
-    """A transaction Bundle as consecutive transactions of at most max_entries entries. A reference to an entry of
-    an earlier chunk (its urn:uuid fullUrl) is rewritten to that entry's `Type/id`, where the earlier PUT stored
-    it; references inside a chunk keep their fullUrl, which the server resolves within the transaction.
-    batch=True: batches instead (for servers without transactions), every reference as `Type/id`."""
-    if batch:
-        doc = _as_batch(doc)
-    entries = sorted(doc.get("entry") or [], key=_entry_rank)  # stable: the writer's order within a rank
-    if len(entries) <= max_entries:
-        return [doc]
-    stored: dict[str, str] = {}
-    chunks = []
-    for i in range(0, len(entries), max_entries):
-        chunk = entries[i: i + max_entries]
-        chunks.append({**doc, "entry": [{**e, "resource": rewrite_refs(e.get("resource"), stored)} for e in chunk]})
-        for e in chunk:
-            req = e.get("request") or {}
-            if e.get("fullUrl") and req.get("method") == "PUT" and req.get("url"):
-                stored[e["fullUrl"]] = req["url"]
-    return chunks
+    """A Bundle as the transactions (or batches) `load --ids client` posts: at most max_entries entries each,
+    Patient first and Provenance last; a reference to an entry of an earlier chunk points at the `Type/id` its PUT
+    stored it under, one inside the chunk at the entry's urn:uuid fullUrl (in a batch: at its `Type/id` too)."""
+    entries = bundle_entries(doc)
+    located = Located()
+    located.add(entries)
+    return [prepare(step, located, "client", batch=batch).bundle
+            for chunk in chunks(entries, max_entries) for step in (batch_steps(chunk, "client") if batch else [chunk])]
 
 
-async def _post_chunk(client: httpx.AsyncClient, url: str, chunk: dict, retries: int, backoff: float,
-                      report: LoadReport) -> dict | None:
-    """POST one transaction, retrying 429 / 5xx / network errors; None on success, else the failure record."""
-    body = orjson.dumps(chunk)
-    attempt = 0
-    while True:
-        response: httpx.Response | None = None
+@dataclass
+class Sender:
+    """Posts prepared chunks with retries and records where the server stored each entry."""
+
+    client: httpx.AsyncClient
+    url: str
+    retries: int
+    backoff: float
+    report: LoadReport
+    located: Located
+    mode: IdMode
+    batch: bool
+    max_entries: int
+
+    async def post(self, bundle: dict, names: list[str]) -> tuple[dict | None, Any]:
+        """POST one transaction or batch, retrying 429 / 5xx / network errors: (None, answer) on success, else
+        (the failure record, None)."""
+        body = orjson.dumps(bundle)
+        attempt = 0
+        while True:
+            response: httpx.Response | None = None
+            try:
+                response = await self.client.post(self.url, content=body)
+                if response.status_code < 300:
+                    try:
+                        answer = response.json()
+                    except ValueError:
+                        answer = None
+                    entry_failures, counts = check_transaction_response(bundle, answer, names)
+                    self.report.entries.update(counts)
+                    if not entry_failures:
+                        return None, answer
+                    message = (f"HTTP {response.status_code} but {len(entry_failures)} entr"
+                               f"{'y' if len(entry_failures) == 1 else 'ies'} failed: "
+                               + "; ".join(entry_failures[:5]))
+                    return {"status": response.status_code, "message": message, "attempts": attempt + 1,
+                            "entries": entry_failures}, None
+                retryable = response.status_code in RETRY_STATUS
+                message = f"HTTP {response.status_code}: {outcome_text(response)}"
+            except httpx.TransportError as exc:
+                retryable = True
+                message = f"{type(exc).__name__}: {exc}"
+            if not retryable or attempt >= self.retries:
+                return {"status": response.status_code if response is not None else None, "message": message,
+                        "attempts": attempt + 1}, None
+            delay = _retry_after(response, attempt, self.backoff)
+            log.debug("%s; retry %d in %.2fs", message, attempt + 1, delay)
+            self.report.retries += 1
+            attempt += 1
+            await asyncio.sleep(delay)
+
+    async def send_chunk(self, chunk: list[Entry]) -> dict | None:
+        """Store one chunk (as one transaction, or as batches in dependency order): None, or the failure."""
+        for step in batch_steps(chunk, self.mode) if self.batch else [chunk]:
+            try:
+                prepared = prepare(step, self.located, self.mode, batch=self.batch)
+            except NotLoadable as exc:
+                return {"status": None, "message": str(exc), "attempts": 0}
+            if prepared.unconditional:
+                self.report.unconditional += prepared.unconditional
+            failure, answer = await self.post(prepared.bundle, [e.name for e in step])
+            if failure is not None:
+                return failure
+            missing = record_locations(prepared, answer, self.located)
+            if missing and self.mode != "client":
+                return {"status": None, "attempts": 1,
+                        "message": f"stored, but {len(missing)} location(s) unknown, so later references cannot "
+                                   f"be resolved: " + "; ".join(missing[:3])}
+        return None
+
+    async def send_file(self, path: Path) -> None:
+        """Load one Bundle file: its chunks in order; a failed chunk stops the file (later chunks would point at
+        what it did not store), after its own retries."""
         try:
-            response = await client.post(url, content=body)
-            if response.status_code < 300:
-                try:
-                    answer = response.json()
-                except ValueError:
-                    answer = None
-                entry_failures, counts = check_transaction_response(chunk, answer)
-                report.entries.update(counts)
-                if not entry_failures:
-                    return None
-                message = (f"HTTP {response.status_code} but {len(entry_failures)} entr"
-                           f"{'y' if len(entry_failures) == 1 else 'ies'} failed: " + "; ".join(entry_failures[:5]))
-                return {"status": response.status_code, "message": message, "attempts": attempt + 1,
-                        "entries": entry_failures}
-            retryable = response.status_code in RETRY_STATUS
-            message = f"HTTP {response.status_code}: {outcome_text(response)}"
-        except httpx.TransportError as exc:
-            retryable = True
-            message = f"{type(exc).__name__}: {exc}"
-        if not retryable or attempt >= retries:
-            return {"status": response.status_code if response is not None else None, "message": message,
-                    "attempts": attempt + 1}
-        delay = _retry_after(response, attempt, backoff)
-        log.debug("%s; retry %d in %.2fs", message, attempt + 1, delay)
-        report.retries += 1
-        attempt += 1
-        await asyncio.sleep(delay)
-
-
-async def _post_one(client: httpx.AsyncClient, url: str, path: Path, retries: int, backoff: float,
-                    report: LoadReport, max_entries: int, batch: bool) -> None:
-    """Load one Bundle file: its transactions in order (one, or the chunks of a split); a failed chunk stops the
-    file (later chunks would point at what it did not store), after its own retries."""
-    try:
-        doc = orjson.loads(await asyncio.to_thread(_read_bundle, path))
-    except (OSError, ValueError) as exc:
-        report.failed += 1
-        report.failures.append({"file": path.name, "status": None, "message": str(exc)})
-        log.error("%s: %s", path.name, exc)
-        return
-    chunks = split_transaction(doc, max_entries, batch=batch)
-    for k, chunk in enumerate(chunks):
-        failure = await _post_chunk(client, url, chunk, retries, backoff, report)
-        if failure is not None:
-            if len(chunks) > 1:
-                failure["message"] = (f"transaction {k + 1} of {len(chunks)} ({len(chunk['entry'])} entries): "
-                                      + failure["message"])
-            report.failed += 1
-            report.failures.append({"file": path.name, **failure})
-            log.error("%s: failed after %d attempt(s): %s", path.name, failure["attempts"], failure["message"])
+            entries = bundle_entries(await asyncio.to_thread(_read_bundle, path))
+        except (OSError, NotLoadable) as exc:
+            self.report.failed += 1
+            self.report.failures.append({"file": path.name, "status": None, "message": str(exc)})
+            log.error("%s: %s", path.name, exc)
             return
-    report.loaded += 1
+        self.located.add(entries)
+        parts = chunks(entries, self.max_entries, self.mode)
+        for k, chunk in enumerate(parts):
+            failure = await self.send_chunk(chunk)
+            if failure is not None:
+                if len(parts) > 1:
+                    failure["message"] = (f"transaction {k + 1} of {len(parts)} ({len(chunk)} entries): "
+                                          + failure["message"])
+                    failure["not_sent"] = sum(len(c) for c in parts[k + 1:])  # later chunks of the file
+                    if failure["not_sent"]:
+                        failure["message"] += f"; {failure['not_sent']} later entries of the file not sent"
+                self.fail(path.name, failure)
+                return
+        self.report.loaded += 1
+
+    async def send_ndjson(self, label: str, resources: list[dict]) -> None:
+        entries = [entry_for(r) for r in resources]
+        self.located.add(entries)
+        failure = await self.send_chunk(entries)
+        if failure is None:
+            self.report.loaded += 1
+        else:
+            self.fail(label, failure)
+
+    def fail(self, label: str, failure: dict) -> None:
+        self.report.failed += 1
+        self.report.failures.append({"file": label, **failure})
+        log.error("%s: failed after %d attempt(s): %s", label, failure["attempts"], failure["message"])
 
 
 async def _load(kind: str, sources: list, url: str, *, concurrency: int, retries: int, token: str | None,
-                timeout: float, backoff: float, max_entries: int, batch: bool) -> LoadReport:
+                timeout: float, backoff: float, max_entries: int, batch: bool, mode: IdMode) -> LoadReport:
     """Post every unit: Bundle files (each split as needed), or NDJSON stage by stage (a stage starts once the
     one before it is stored, so references always point at stored resources)."""
     report = LoadReport()
@@ -311,25 +366,22 @@ async def _load(kind: str, sources: list, url: str, *, concurrency: int, retries
         plan = [iter(sources)]
         total, unit = len(sources), "bundle"
     else:
-        plan = [transactions(stage, max_entries, batch=batch) for stage in stages(sources)]
+        # server-assigned ids: a type loads after every type it refers to, as the data says
+        grouped = stages(sources) if mode == "client" else stages_by_references(sources)
+        plan = [transactions(stage, max_entries) for stage in grouped]
         total, unit = None, "transaction"
     with progress(total=total, unit=unit, desc="load") as bar:
         async with httpx.AsyncClient(headers=headers, timeout=timeout, limits=limits) as client:
+            located = Located(export_types=frozenset(f.rtype for f in sources)
+                              if kind == "ndjson" and mode != "client" else frozenset())
+            sender = Sender(client, url, retries, backoff, report, located, mode, batch, max_entries)
 
             async def worker(units) -> None:  # noqa: ANN001 - an iterator shared by the stage's workers
                 for item in units:  # one event loop thread: next() is never called concurrently
                     if isinstance(item, Path):
-                        await _post_one(client, url, item, retries, backoff, report, max_entries, batch)
+                        await sender.send_file(item)
                     else:
-                        label, chunk = item
-                        failure = await _post_chunk(client, url, chunk, retries, backoff, report)
-                        if failure is None:
-                            report.loaded += 1
-                        else:
-                            report.failed += 1
-                            report.failures.append({"file": label, **failure})
-                            log.error("%s: failed after %d attempt(s): %s", label, failure["attempts"],
-                                      failure["message"])
+                        await sender.send_ndjson(*item)
                     bar.update(1)
 
             for k, units in enumerate(plan):
@@ -352,8 +404,9 @@ def load_export(
     token: str | None = None,
     timeout: float = 120.0,
     backoff: float = 0.5,
-    max_entries: int = DEFAULT_MAX_ENTRIES,
+    max_entries: int | None = None,
     batch: bool = False,
+    ids: IdMode = "client",
 ) -> LoadReport:
     """POST every transaction Bundle of export_dir to the FHIR base `url`; returns the report (never raises for
     per-Bundle failures: the caller decides)."""
@@ -361,13 +414,18 @@ def load_export(
         raise UsageError(f"must be at least 1, got {concurrency}", where="--concurrency")
     if retries < 0:
         raise UsageError(f"must be 0 or more, got {retries}", where="--retries")
+    if max_entries is None:
+        max_entries = CONDITIONAL_MAX_ENTRIES if ids == "conditional" and not batch else DEFAULT_MAX_ENTRIES
     if max_entries < 1:
         raise UsageError(f"must be at least 1, got {max_entries}", where="--max-entries")
+    if ids not in ID_MODES:
+        raise UsageError(f"unknown id mode {ids!r} (choose from {', '.join(ID_MODES)})", where="--ids")
     if not url.startswith(("http://", "https://")):
         raise UsageError(f"expected an http(s) FHIR base URL, got {url!r}", where="--url")
     kind, sources = load_sources(export_dir)
     started = time.perf_counter()
     report = asyncio.run(_load(kind, sources, url.rstrip("/"), concurrency=concurrency, retries=retries, token=token,
-                               timeout=timeout, backoff=backoff, max_entries=max_entries, batch=batch))
+                               timeout=timeout, backoff=backoff, max_entries=max_entries, batch=batch,
+                               mode=ids))
     report.seconds = time.perf_counter() - started
     return report

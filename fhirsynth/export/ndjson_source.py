@@ -16,6 +16,7 @@ from pathlib import Path
 import orjson
 
 from fhirsynth.errors import LoadError
+from fhirsynth.export.bundles import iter_references
 
 # stage of a type: referenced types before the types that reference them; Provenance points at everything
 _STAGE = {"Patient": 0, "Practitioner": 1, "Organization": 1, "Location": 1, "Device": 1, "Medication": 1,
@@ -63,35 +64,68 @@ def ndjson_files(paths: list[Path], types: dict[Path, str] | None = None) -> lis
 
 
 def stages(files: list[NdjsonFile]) -> list[list[NdjsonFile]]:
+    """The files grouped by stage (static dependency rank of their type)."""
     out: dict[int, list[NdjsonFile]] = {}
     for f in files:
         out.setdefault(f.stage, []).append(f)
     return [out[k] for k in sorted(out)]
 
 
-def transactions(files: list[NdjsonFile], max_entries: int, *, batch: bool = False) -> Iterator[tuple[str, dict]]:
-    """(label, transaction Bundle) of at most max_entries PUT entries, streamed from the files of one stage."""
+def referenced_types(path: Path) -> set[str]:
+    """Resource types that the resources of one NDJSON file refer to by `Type/id` (a base URL or version dropped)."""
+    found: set[str] = set()
+    for _, r in _resources(path):
+        for ref in iter_references(r):
+            parts = ref.split("/_history/")[0].split("/")
+            if len(parts) >= 2 and parts[-2][:1].isupper() and not ref.startswith(("urn:", "#")):
+                found.add(parts[-2])
+    return found
+
+
+def stages_by_references(files: list[NdjsonFile]) -> list[list[NdjsonFile]]:
+    """The files grouped so that every type loads after the types its resources refer to, read from the data
+    (server-assigned ids need the referenced resource stored first). A cycle between types is broken by the
+    static dependency rank; references within one type stay in one stage."""
+    types = {f.rtype for f in files}
+    needs = {t: set() for t in types}
     for f in files:
-        entries: list[dict] = []
+        needs[f.rtype] |= (referenced_types(f.path) & types) - {f.rtype}
+    layers: list[set[str]] = []
+    left = set(types)
+    while left:
+        ready = {t for t in left if not (needs[t] & left)}
+        if not ready:  # a cycle: the lowest static rank goes first
+            low = min(dependency_rank(t) for t in left)
+            ready = {t for t in left if dependency_rank(t) == low}
+        layers.append(ready)
+        left -= ready
+    return [[f for f in files if f.rtype in layer] for layer in layers]
+
+
+def _resources(path: Path) -> Iterator[tuple[int, dict]]:
+    """(line number, resource) of every non-blank line; LoadError naming the line for anything else."""
+    with _open(path) as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                r = orjson.loads(line)
+            except orjson.JSONDecodeError as exc:
+                raise LoadError(f"invalid JSON: {exc.msg}", where=f"{path}:{lineno}") from None
+            if not isinstance(r, dict) or not r.get("resourceType") or not r.get("id"):
+                raise LoadError("not a FHIR resource with an id", where=f"{path}:{lineno}")
+            yield lineno, r
+
+
+def transactions(files: list[NdjsonFile], max_entries: int) -> Iterator[tuple[str, list[dict]]]:
+    """(label, at most max_entries resources) streamed from the files of one stage."""
+    for f in files:
+        resources: list[dict] = []
         first = 1
-        with _open(f.path) as fh:
-            for lineno, line in enumerate(fh, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    r = orjson.loads(line)
-                except orjson.JSONDecodeError as exc:
-                    raise LoadError(f"invalid JSON: {exc.msg}", where=f"{f.path}:{lineno}") from None
-                if not isinstance(r, dict) or not r.get("resourceType") or not r.get("id"):
-                    raise LoadError("not a FHIR resource with an id", where=f"{f.path}:{lineno}")
-                entries.append({"resource": r,
-                                "request": {"method": "PUT", "url": f"{r['resourceType']}/{r['id']}"}})
-                if len(entries) == max_entries:
-                    yield f"{f.path.name}:{first}-{lineno}", _bundle(entries, batch)
-                    entries, first = [], lineno + 1
-        if entries:
-            yield f"{f.path.name}:{first}-end", _bundle(entries, batch)
-
-
-def _bundle(entries: list[dict], batch: bool) -> dict:
-    return {"resourceType": "Bundle", "type": "batch" if batch else "transaction", "entry": entries}
+        for lineno, r in _resources(f.path):
+            resources.append(r)
+            if len(resources) == max_entries:
+                yield f"{f.path.name}:{first}-{lineno}", resources
+                resources, first = [], lineno + 1
+        if resources:
+            yield f"{f.path.name}:{first}-end", resources

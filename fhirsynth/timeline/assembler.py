@@ -48,6 +48,9 @@ ISO3166 = "urn:iso:std:iso:3166"
 BCP47 = "urn:ietf:bcp:47"
 V2_0203 = "http://terminology.hl7.org/CodeSystem/v2-0203"
 MODEL_HASH_SYSTEM = "urn:fhirsynth:model-sha256"
+# Every emitted resource that has an identifier element carries its own id in this system: a stable business
+# identifier, so `load --ids conditional` can find what an earlier load stored without the right to choose ids.
+RESOURCE_ID_SYSTEM = "urn:fhirsynth:resource-id"
 
 _OMB_RACE = frozenset({"1002-5", "2028-9", "2054-5", "2076-8", "2106-3"})
 _OMB_ETHNICITY = frozenset({"2135-2", "2186-5"})
@@ -107,6 +110,10 @@ def fhir_datetime(dt: datetime, precision: str = "second") -> str:
     if dt.tzinfo is None:
         dt = dt.replace(tzinfo=timezone.utc)
     return dt.isoformat()
+
+
+def own_identifier(rid: str) -> dict[str, str]:
+    return {"system": RESOURCE_ID_SYSTEM, "value": rid}
 
 
 def _meta(profile: str | None) -> dict[str, Any]:
@@ -268,7 +275,8 @@ def _patient(a: _Assembly, rng: random.Random) -> dict[str, Any]:
                 "type": {"coding": [{"system": V2_0203, "code": "MR", "display": "Medical record number"}]},
                 "system": IDENTIFIER_SYSTEM,
                 "value": ident.mrn,
-            }
+            },
+            own_identifier(a.pid),
         ],
         "name": [{"use": "official", "family": ident.family, "given": ident.given}],
         "telecom": [{"system": "phone", "value": ident.phone, "use": "home"}],
@@ -338,6 +346,7 @@ def _encounter(a: _Assembly, ev: Event) -> dict[str, Any]:
         "resourceType": "Encounter",
         "id": rid,
         "meta": _meta(a.profile.profiles.get("Encounter")),
+        "identifier": [own_identifier(rid)],
         "status": ev.status if ev.status in _ENC_STATUS else "finished",
         "class": _coding(ev.system, ev.code, ev.display),
     }
@@ -368,10 +377,12 @@ def _condition(a: _Assembly, ev: Event) -> dict[str, Any]:
         cat = {"coding": [{"system": USCORE_CONDITION_CATEGORY, "code": category}]}
     else:
         cat = {"coding": [{"code": _code(category) or "unknown"}], "text": category}
+    rid = a.new_id()
     res: dict[str, Any] = {
         "resourceType": "Condition",
-        "id": a.new_id(),
+        "id": rid,
         "meta": _meta(a.profile.condition_profile(category)),
+        "identifier": [own_identifier(rid)],
         "clinicalStatus": {"coding": [{"system": CONDITION_CLINICAL, "code": status}]},
         "verificationStatus": {"coding": [{"system": CONDITION_VER, "code": "confirmed"}]},
     }
@@ -400,10 +411,12 @@ def _obs_base(a: _Assembly, ev: Event, system: str | None, code: str | None, dis
     category = ev.category
     # A profile that requires a category cannot be claimed without one.
     profile = a.profile.observation_profile(system or "", code or "", category) if category else None
+    rid = a.new_id()
     res: dict[str, Any] = {
         "resourceType": "Observation",
-        "id": a.new_id(),
+        "id": rid,
         "meta": _meta(profile),
+        "identifier": [own_identifier(rid)],
         "status": ev.status if ev.status in _OBS_STATUS else "final",
     }
     cat = _obs_category(category)

@@ -1,7 +1,7 @@
 // A real FHIR R4 server for fhirsynth's load tests: Medplum's FHIR router (@medplum/fhir-router) over its
 // in-memory repository, behind Node's http module.
 //
-//   node server.mjs [--port N] [--max-entries N] [--modules DIR]
+//   node server.mjs [--port N] [--max-entries N] [--modules DIR] [--no-client-ids] [--reject-every N]
 //
 // --port (env PORT, default 0 = any free port) on 127.0.0.1; the FHIR base URL is the root: POST / with a
 // transaction or batch Bundle, GET /{type}?params (search, _summary=count), GET /{type}/{id}, PUT /{type}/{id}, ...
@@ -15,6 +15,11 @@
 // --max-entries (env MEDPLUM_MAX_ENTRIES, default 50): a transaction with more entries is refused (400) with
 // "Transaction contains more update operations than allowed". Medplum's router itself also refuses transactions
 // with more than 50 updates (a constant in BatchProcessor), so a limit above 50 does not lift that one.
+//
+// --no-client-ids: as for a user without the right to choose ids, a PUT that would create a resource is refused
+// (404); PUT of a stored resource and POST still work.
+// --reject-every N: fault injection, every N-th resource the repository validates is refused (400), so a batch
+// stores the others and answers 200 with the failures in its batch-response.
 //
 // --modules (env MEDPLUM_NODE_MODULES, default <repo>/.cache/medplum/node_modules): where setup_medplum.sh installed
 // the @medplum packages.
@@ -31,6 +36,8 @@ const { values: args } = parseArgs({
   options: {
     port: { type: 'string', default: process.env.PORT ?? '0' },
     'max-entries': { type: 'string', default: process.env.MEDPLUM_MAX_ENTRIES ?? '50' },
+    'no-client-ids': { type: 'boolean', default: false },
+    'reject-every': { type: 'string', default: '0' },
     modules: {
       type: 'string',
       default: process.env.MEDPLUM_NODE_MODULES ?? path.join(here, '..', '..', '.cache', 'medplum', 'node_modules'),
@@ -39,8 +46,10 @@ const { values: args } = parseArgs({
 });
 const port = Number(args.port);
 const maxEntries = Number(args['max-entries']);
-if (!Number.isInteger(port) || port < 0 || !Number.isInteger(maxEntries) || maxEntries < 1) {
-  console.error('usage: server.mjs [--port N] [--max-entries N>=1] [--modules DIR]');
+const rejectEvery = Number(args['reject-every']);
+if (!Number.isInteger(port) || port < 0 || !Number.isInteger(maxEntries) || maxEntries < 1
+    || !Number.isInteger(rejectEvery) || rejectEvery < 0) {
+  console.error('usage: server.mjs [--port N] [--max-entries N>=1] [--modules DIR] [--no-client-ids] [--reject-every N>=0]');
   process.exit(64);
 }
 
@@ -195,21 +204,89 @@ function bindingIssues(resource, expression = resource.resourceType, issues = []
 
 const prevalidated = new AsyncLocalStorage();
 
+let validated = 0;
+
 function validate(resource) {
   // Throws an OperationOutcomeError carrying every issue when one has severity "error".
+  validated += 1;
+  if (rejectEvery && validated % rejectEvery === 0) {
+    throw new core.OperationOutcomeError({
+      resourceType: 'OperationOutcome',
+      issue: [{ severity: 'error', code: 'business-rule', details: { text: `rejected by fault injection (resource ${validated})` } }],
+    });
+  }
   core.validateResource(resource);
   const issues = bindingIssues(resource);
   if (issues.length) throw new core.OperationOutcomeError({ resourceType: 'OperationOutcome', issue: issues });
 }
 
+// An index of identifier tokens, as Medplum's server has in its database: the in-memory repository answers every
+// search by a scan of all resources of the type, which makes conditional creates (If-None-Exist:
+// identifier=system|value) quadratic in the store's size. A search with exactly one identifier filter is answered
+// from the index with the same result; every other search goes to the repository.
+const identifierIndex = new Map(); // "Type|system|value" and "Type||value" -> Set(id)
+
+function indexIdentifiers(resource) {
+  for (const ident of resource?.identifier ?? []) {
+    if (ident?.value === undefined) continue;
+    for (const key of [`${resource.resourceType}|${ident.system ?? ''}|${ident.value}`, `${resource.resourceType}||${ident.value}`]) {
+      if (!identifierIndex.has(key)) identifierIndex.set(key, new Set());
+      identifierIndex.get(key).add(resource.id);
+    }
+  }
+}
+
+function identifierLookup(searchRequest) {
+  const filters = searchRequest.filters ?? [];
+  if (filters.length !== 1 || filters[0].code !== 'identifier' || filters[0].operator !== 'eq'
+      || searchRequest.sortRules?.length || searchRequest.include || searchRequest.revInclude
+      || String(filters[0].value).includes(',')) {
+    return undefined;
+  }
+  const value = String(filters[0].value);
+  const key = value.includes('|') ? `${searchRequest.resourceType}|${value}` : `${searchRequest.resourceType}||${value}`;
+  return [...(identifierIndex.get(key) ?? [])];
+}
+
 class ValidatingRepository extends MemoryRepository {
-  async createResource(resource, options, update = false) {
+  // Every write (create, update, conditional create) goes through createResourceSync in the in-memory repository.
+  createResourceSync(resource, options, update = false) {
     if (!prevalidated.getStore()) validate(resource);
-    return super.createResource(resource, options, update);
+    const stored = super.createResourceSync(resource, options, update);
+    indexIdentifiers(stored);
+    return stored;
+  }
+
+  searchSync(searchRequest) {
+    const ids = identifierLookup(searchRequest);
+    if (!ids) return super.searchSync(searchRequest);
+    const raw = String(searchRequest.filters[0].value);
+    const [system, value] = raw.includes('|') ? raw.split('|') : [undefined, raw];
+    const byId = this.resources.get(searchRequest.resourceType);
+    const found = ids.map((id) => byId?.get(id)).filter((r) => r?.identifier?.some(
+      (i) => i.value === value && (system === undefined || (i.system ?? '') === system)));
+    let entry = found.map((r) => ({ search: { mode: 'match' }, resource: core.deepClone(r) }));
+    if (searchRequest.offset !== undefined) entry = entry.slice(searchRequest.offset);
+    if (searchRequest.count !== undefined) entry = entry.slice(0, searchRequest.count);
+    return { resourceType: 'Bundle', type: 'searchset', entry: entry.length ? entry : undefined, total: found.length };
+  }
+
+  async exists(type, id) {
+    try {
+      await this.readResource(type, id);
+      return true;
+    } catch {
+      return false;
+    }
   }
 
   async updateResource(resource, options) {
-    if (!prevalidated.getStore()) validate(resource);
+    if (args['no-client-ids'] && !(await this.exists(resource.resourceType, resource.id))) {
+      throw new core.OperationOutcomeError({
+        ...outcome('not-found', `${resource.resourceType}/${resource.id} does not exist, and this user may not choose ids (PUT cannot create)`),
+        id: 'not-found', // what core.getStatus reads: 404
+      });
+    }
     return super.updateResource(resource, options);
   }
 }
