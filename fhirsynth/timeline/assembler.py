@@ -409,8 +409,13 @@ def _obs_category(category: str | None) -> list[dict[str, Any]] | None:
 
 def _obs_base(a: _Assembly, ev: Event, system: str | None, code: str | None, display: str | None) -> dict[str, Any]:
     category = ev.category
-    # A profile that requires a category cannot be claimed without one.
+    # A profile that requires a category cannot be claimed without one. A vital-signs profile needs an effective
+    # dateTime to the day at least (vs-1): not claimed for a year- or month-precise time, nor for an interval
+    # (validators disagree on whether vs-1 holds for a Period).
     profile = a.profile.observation_profile(system or "", code or "", category) if category else None
+    interval = ev.end_time is not None and ev.end_time >= ev.time
+    if category == "vital-signs" and (ev.time_precision in ("year", "month") or interval):
+        profile = None
     rid = a.new_id()
     res: dict[str, Any] = {
         "resourceType": "Observation",
@@ -427,7 +432,9 @@ def _obs_base(a: _Assembly, ev: Event, system: str | None, code: str | None, dis
     enc = a.encounter_ref(ev)
     if enc:
         res["encounter"] = enc
-    if ev.end_time is not None and ev.end_time >= ev.time:  # an interval measurement
+    if profile in a.profile.performer_required:
+        res["performer"] = [{"extension": [{"url": DATA_ABSENT_EXT, "valueCode": "unknown"}]}]
+    if interval:  # an interval measurement
         res["effectivePeriod"] = {"start": fhir_datetime(ev.time, ev.time_precision),
                                   "end": fhir_datetime(ev.end_time, ev.time_precision)}
     else:

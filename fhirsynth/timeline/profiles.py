@@ -47,6 +47,9 @@ class Profile:
     observation_profiles: dict[str, str] = field(default_factory=dict)  # category -> URL
     observation_code_profiles: dict[str, str] = field(default_factory=dict)  # "system|code" -> URL
     condition_category_required: bool = False  # US Core: Condition.category 1..*
+    # profiles that require Observation.performer (IPS results): a synthetic record has no performer to name, so
+    # the element says so with the data-absent-reason extension, as IPS asks for required data that is unknown
+    performer_required: frozenset[str] = frozenset()
 
     def observation_profile(self, system: str, code: str, category: str | None) -> str | None:
         url = self.observation_code_profiles.get(f"{system}|{code}")
@@ -115,9 +118,11 @@ _BUILTIN: dict[str, Profile] = {
             "vital-signs": _VITALS,
         },
         observation_code_profiles={
-            f"{LOINC}|72166-2": _IPS + "Observation-tobacco-use-uv-ips",
-            f"{LOINC}|74013-4": _IPS + "Observation-alcohol-use-uv-ips",
+            f"{LOINC}|72166-2": _IPS + "Observation-tobaccouse-uv-ips",
+            f"{LOINC}|74013-4": _IPS + "Observation-alcoholuse-uv-ips",
         },
+        performer_required=frozenset({_IPS + "Observation-results-laboratory-pathology-uv-ips",
+                                      _IPS + "Observation-results-radiology-uv-ips"}),
     ),
 }
 
