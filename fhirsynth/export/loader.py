@@ -252,7 +252,7 @@ class Sender:
     retries: int
     backoff: float
     report: LoadReport
-    located: Located
+    located: Located  # NDJSON with server-assigned ids: where every resource of the export went
     mode: IdMode
     batch: bool
     max_entries: int
@@ -294,11 +294,11 @@ class Sender:
             attempt += 1
             await asyncio.sleep(delay)
 
-    async def send_chunk(self, chunk: list[Entry]) -> dict | None:
+    async def send_chunk(self, chunk: list[Entry], located: Located) -> dict | None:
         """Store one chunk (as one transaction, or as batches in dependency order): None, or the failure."""
         for step in batch_steps(chunk, self.mode) if self.batch else [chunk]:
             try:
-                prepared = prepare(step, self.located, self.mode, batch=self.batch)
+                prepared = prepare(step, located, self.mode, batch=self.batch)
             except NotLoadable as exc:
                 return {"status": None, "message": str(exc), "attempts": 0}
             if prepared.unconditional:
@@ -306,7 +306,7 @@ class Sender:
             failure, answer = await self.post(prepared.bundle, [e.name for e in step])
             if failure is not None:
                 return failure
-            missing = record_locations(prepared, answer, self.located)
+            missing = record_locations(prepared, answer, located)
             if missing and self.mode != "client":
                 return {"status": None, "attempts": 1,
                         "message": f"stored, but {len(missing)} location(s) unknown, so later references cannot "
@@ -323,10 +323,11 @@ class Sender:
             self.report.failures.append({"file": path.name, "status": None, "message": str(exc)})
             log.error("%s: %s", path.name, exc)
             return
-        self.located.add(entries)
+        located = Located()  # per file: a file is one patient, what it refers to is in it or already on the server
+        located.add(entries)
         parts = chunks(entries, self.max_entries, self.mode)
         for k, chunk in enumerate(parts):
-            failure = await self.send_chunk(chunk)
+            failure = await self.send_chunk(chunk, located)
             if failure is not None:
                 if len(parts) > 1:
                     failure["message"] = (f"transaction {k + 1} of {len(parts)} ({len(chunk)} entries): "
@@ -340,8 +341,11 @@ class Sender:
 
     async def send_ndjson(self, label: str, resources: list[dict]) -> None:
         entries = [entry_for(r) for r in resources]
-        self.located.add(entries)
-        failure = await self.send_chunk(entries)
+        # client ids: a `Type/id` reference is right as it is, so nothing is remembered across transactions and
+        # memory does not grow with the export; server-assigned ids: every stored id is remembered for later types
+        located = self.located if self.mode != "client" else Located()
+        located.add(entries)
+        failure = await self.send_chunk(entries, located)
         if failure is None:
             self.report.loaded += 1
         else:
