@@ -4,6 +4,7 @@ every stored resource and Medplum's limit of 50 updates per transaction."""
 
 from __future__ import annotations
 
+import gzip
 import json
 import shutil
 import subprocess
@@ -320,3 +321,28 @@ def test_one_rejected_entry_in_ten_is_never_a_silent_loss(medplum_node, tmp_path
     assert len(stored) + len(failed) + not_sent == len(exported)
     assert sum(n for (t, outcome), n in report.entries.items() if outcome == "failed") == len(failed)
     assert main(["load", str(out), "--url", "http://127.0.0.1:9", "--retries", "0"]) == 2
+
+
+@pytest.mark.shared
+@pytest.mark.parametrize("mode", ["client", "server", "conditional"])
+def test_real_synthea_transactions_load_in_every_id_mode(shared_data, medplum, tmp_path, mode):
+    """Another generator's transaction Bundles (6,000+ POST entries a patient, urn:uuid references): every resource
+    stored, every reference pointing at a stored resource, in every id mode."""
+    src = tmp_path / "src"
+    src.mkdir()
+    expected: Counter = Counter()
+    ids: set[str] = set()  # the same Practitioner or Organization may stand in both patients' Bundles
+    for path in sorted((shared_data / "us" / "bundles").glob("*.json.gz"))[:2]:
+        shutil.copy(path, src / path.name)
+        doc = json.loads(gzip.decompress(path.read_bytes()))
+        expected.update(e["resource"]["resourceType"] for e in doc["entry"])
+        ids |= {f"{e['resource']['resourceType']}/{e['resource']['id']}" for e in doc["entry"]}
+    report = load_export(src, medplum, ids=mode)
+    assert report.failed == 0 and report.loaded == 2
+    assert sum(report.entries.values()) == sum(expected.values())  # an outcome for every entry
+    stored = _resolving(medplum, expected)
+    found = sum(n for (_, outcome), n in report.entries.items() if outcome == "existing")
+    assert len(stored) == {"client": len(ids), "server": sum(expected.values()),
+                           "conditional": sum(expected.values()) - found}[mode]
+    if mode == "conditional":
+        assert found > 0  # the shared Practitioners and Organizations, matched on their identifiers

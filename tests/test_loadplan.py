@@ -200,3 +200,21 @@ def test_ndjson_stages_follow_the_references_in_the_data(tmp_path: Path):
     ]
     layers = [sorted(f.rtype for f in layer) for layer in stages_by_references(files)]
     assert layers == [["Patient", "Practitioner"], ["Claim"], ["ExplanationOfBenefit"]]
+
+
+def test_a_sources_own_conditional_creates_are_kept_with_server_ids_in_small_transactions():
+    doc = {"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"fullUrl": f"urn:uuid:o{i}", "resource": {"resourceType": "Organization", "identifier": [
+            {"system": "urn:npi", "value": str(i)}]},
+         "request": {"method": "POST", "url": "Organization", "ifNoneExist": f"identifier=urn:npi|{i}"}}
+        for i in range(10)] + [
+        {"fullUrl": f"urn:uuid:x{i}", "resource": {"resourceType": "Observation", "status": "final",
+                                                   "code": {"text": "x"}},
+         "request": {"method": "POST", "url": "Observation"}} for i in range(30)]}
+    entries = bundle_entries(doc)
+    assert entries[0].if_none_exist == "identifier=urn:npi|0" and entries[-1].if_none_exist is None
+    parts = chunks(entries, 50, "server")
+    assert [len(c) for c in parts] == [8, 8, 24]  # conditional creates 8 at a time, then the rest
+    sent = prepare(parts[0], Located(), "server", batch=False).bundle["entry"]
+    assert sent[0]["request"] == {"method": "POST", "url": "Organization", "ifNoneExist": "identifier=urn:npi|0"}
+    assert [len(c) for c in chunks(entries, 50, "client")] == [40]  # PUT by id needs no isolation

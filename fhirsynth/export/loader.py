@@ -29,6 +29,7 @@ import orjson
 
 from fhirsynth.errors import LoadError, UsageError
 from fhirsynth.export.loadplan import (
+    CONDITIONAL_MAX_ENTRIES,
     ID_MODES,
     Entry,
     IdMode,
@@ -56,9 +57,6 @@ log = logging.getLogger(__name__)
 RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
 # Entries per transaction: the strictest common server limit (some servers refuse more than 50 updates at once)
 DEFAULT_MAX_ENTRIES = 50
-# --ids conditional: a transaction of conditional creates needs serializable isolation, which servers cap lower
-# (Medplum refuses more than 8 entries: "Transaction requires strict isolation but has too many entries")
-CONDITIONAL_MAX_ENTRIES = 8
 MAX_BACKOFF_S = 60.0
 FHIR_JSON = "application/fhir+json"
 

@@ -27,6 +27,9 @@ from fhirsynth.timeline.assembler import RESOURCE_ID_SYSTEM
 IdMode = Literal["client", "server", "conditional"]
 ID_MODES: tuple[IdMode, ...] = ("client", "server", "conditional")
 URN = "urn:uuid:"
+# a transaction of conditional creates needs serializable isolation, which servers cap lower than other
+# transactions (Medplum refuses more than 8 entries: "Transaction requires strict isolation but has too many entries")
+CONDITIONAL_MAX_ENTRIES = 8
 # Bundle types whose entries are data to store; message and history Bundles are not.
 LOADABLE_TYPES = ("transaction", "batch", "collection", "searchset", "document")
 PROVENANCE_AGENT_TYPE = "http://terminology.hl7.org/CodeSystem/provenance-participant-type|assembler"
@@ -44,6 +47,7 @@ class Entry:
     full_url: str
     resource: dict[str, Any]
     aliases: tuple[str, ...] = ()
+    if_none_exist: str | None = None  # the source transaction's own conditional create, kept with server ids
 
     @property
     def rtype(self) -> str:
@@ -100,7 +104,9 @@ def bundle_entries(doc: Any) -> list[Entry]:
         resource = raw.get("resource")
         if not isinstance(resource, dict) or not resource.get("resourceType"):
             raise NotLoadable(f"Bundle.entry[{i}] has no resource")
-        entries.append(entry_for(resource, raw.get("fullUrl")))
+        entry = entry_for(resource, raw.get("fullUrl"))
+        entry.if_none_exist = (raw.get("request") or {}).get("ifNoneExist") or None
+        entries.append(entry)
     names = {alias: e.full_url for e in entries for alias in e.aliases}
     if names:
         for e in entries:
@@ -149,13 +155,23 @@ def dependency_order(entries: list[Entry]) -> list[Entry]:
 def chunks(entries: list[Entry], max_entries: int, mode: IdMode = "client") -> list[list[Entry]]:
     """Entries in dependency order (see dependency_order), at most max_entries each. Conditional mode sends
     Provenance in a chunk of its own: its If-None-Exist names the Patient by the id the server gave it, which is
-    known only once the Patient is stored."""
+    known only once the Patient is stored. With server ids, a source's own conditional creates go in chunks of at
+    most CONDITIONAL_MAX_ENTRIES: servers cap transactions that need serializable isolation lower."""
     ordered = dependency_order(entries)
     tail: list[Entry] = []
     if mode == "conditional":
         tail = [e for e in ordered if e.rtype == "Provenance"]
         ordered = [e for e in ordered if e.rtype != "Provenance"]
-    out = [ordered[i: i + max_entries] for i in range(0, len(ordered), max_entries)]
+    out: list[list[Entry]] = []
+    strict = False  # the open chunk holds a conditional create
+    for e in ordered:
+        e_strict = mode == "server" and e.if_none_exist is not None
+        limit = min(max_entries, CONDITIONAL_MAX_ENTRIES) if (strict or e_strict) else max_entries
+        if not out or len(out[-1]) >= limit:
+            out.append([])
+            strict = False
+        out[-1].append(e)
+        strict = strict or e_strict
     out += [tail[i: i + max_entries] for i in range(0, len(tail), max_entries)]
     return out or [[]]
 
@@ -244,12 +260,14 @@ def prepare(chunk: list[Entry], located: Located, mode: IdMode, *, batch: bool) 
         else:
             resource = {k: v for k, v in resource.items() if k != "id"}
             entry["request"] = {"method": "POST", "url": e.rtype}
+            if mode == "server" and e.if_none_exist:
+                entry["request"]["ifNoneExist"] = e.if_none_exist
             if mode == "conditional":
                 target = next((mapping.get(t.get("reference"), t.get("reference"))
                                for t in resource.get("target") or [] if isinstance(t, dict)
                                and str(mapping.get(t.get("reference"), t.get("reference"))).startswith("Patient/")),
                               None)
-                query = conditional_query(resource, target)
+                query = conditional_query(resource, target) or e.if_none_exist
                 if query:
                     entry["request"]["ifNoneExist"] = query
                 else:
