@@ -27,7 +27,8 @@ REPO = Path(__file__).resolve().parents[1]
 log = logging.getLogger("mutation_test")
 
 GROUPS: dict[str, dict[str, list[str]]] = {
-    "loader": {"mutate": ["fhirsynth/export/loader.py"], "tests": ["tests/test_load.py", "tests/test_load_units.py"]},
+    "loader": {"mutate": ["fhirsynth/export/loader.py", "fhirsynth/export/loadplan.py"],
+               "tests": ["tests/test_load.py", "tests/test_load_units.py", "tests/test_loadplan.py"]},
     "search": {"mutate": ["fhirsynth/store/params.py", "fhirsynth/store/query.py"],
                "tests": ["tests/test_search_separation.py", "tests/test_api_search.py", "tests/test_api_sort.py",
                          "tests/test_api_errors.py", "tests/test_store.py"]},
