@@ -1,10 +1,8 @@
 """Whole-records fidelity (issue 14): does a cohort look like the real one patient by patient, visit by visit?
 
-    python benchmarks/records_metrics.py --real HOLDOUT --other SYNTHETIC [--train TRAIN]
-
---real and --train are timelines dirs; --other is a timelines dir or an NDJSON export dir (`fhirsynth generate`),
-ingested first with the us-core mapping as `fhirsynth evaluate` does. With --train the table gets a second
-column, train against holdout: what two real samples of one population reach (the ceiling).
+In the package (not only in benchmarks/) because `fhirsynth demo` reports the same numbers for its small cohort
+that benchmarks/bench_records.py measured on the 800-patient benchmark, so the two can be read side by side.
+CLI: benchmarks/records_metrics.py.
 
 A "code" is (kind, system, code) of a condition or observation event. A "visit" is the events of a patient sharing
 an encounter_id, or, for events without one, a calendar day (UTC). records_table(real, other) computes, with
@@ -31,28 +29,19 @@ R² = fhirsynth.evaluate.fidelity.r2_identity (other as a predictor of real, y =
 
 from __future__ import annotations
 
-import argparse
 import logging
 import math
-import sys
-import tempfile
-import time
 from datetime import datetime, timezone
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 from scipy import stats
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from fhirsynth.evaluate.fidelity import r2_identity
+from fhirsynth.timeline.types import Timeline
 
-from fhirsynth.evaluate.fidelity import r2_identity  # noqa: E402
-from fhirsynth.timeline.io import read_timelines  # noqa: E402
-from fhirsynth.timeline.types import Timeline  # noqa: E402
-
-log = logging.getLogger("records_metrics")
+log = logging.getLogger(__name__)
 
 CODE_KINDS = ("condition", "observation")
 MIN_PREVALENCE = 0.01
@@ -291,22 +280,7 @@ def records_table(real: list[Timeline], other: list[Timeline]) -> dict[str, floa
     return compare(Records(real), Records(other))
 
 
-# ---------------------------------------------------------------- CLI
-def load(path: Path, work: Path) -> list[Timeline]:
-    """A timelines dir, or an NDJSON export dir ingested (us-core mapping) into work first."""
-    from fhirsynth.evaluate.report import (
-        _ingest_export,
-        is_export_dir,
-        is_timelines_dir,
-    )
-
-    if not is_timelines_dir(path):
-        if not is_export_dir(path):
-            raise SystemExit(f"{path}: neither a timelines dir (events.parquet) nor an export dir (*.ndjson)")
-        path = _ingest_export(path, work / path.name)
-    return list(read_timelines(path))
-
-
+# ---------------------------------------------------------------- table
 def _fmt(x: float) -> str:
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "–"
@@ -323,32 +297,3 @@ def markdown(columns: dict[str, dict[str, float]]) -> str:
     lines = ["| metric | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     lines += [f"| {k} | " + " | ".join(_fmt(columns[n].get(k, math.nan)) for n in names) + " |" for k in keys]
     return "\n".join(lines)
-
-
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--real", required=True, type=Path, help="held-out real timelines dir")
-    ap.add_argument("--other", required=True, type=Path, help="synthetic timelines dir or NDJSON export dir")
-    ap.add_argument("--train", type=Path, help="training timelines dir: adds the real-vs-real (ceiling) column")
-    args = ap.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="records-metrics-") as tmp:
-        work = Path(tmp)
-        real = Records(load(args.real, work))
-        other = Records(load(args.other, work))
-        log.info("loaded %d real, %d other patients in %.1fs", real.n, other.n, time.perf_counter() - t0)
-        t = time.perf_counter()
-        columns = {"other": compare(real, other)}
-        log.info("other vs real in %.1fs", time.perf_counter() - t)
-        if args.train:
-            t = time.perf_counter()
-            columns["real-vs-real"] = compare(real, Records(load(args.train, work)))
-            log.info("train vs real (load + metrics) in %.1fs", time.perf_counter() - t)
-    log.info("total %.1fs", time.perf_counter() - t0)
-    print(markdown(columns))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
