@@ -10,8 +10,12 @@ from __future__ import annotations
 import argparse
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fhirsynth.errors import UsageError
+
+if TYPE_CHECKING:
+    from fhirsynth.timeline.types import Timeline
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +149,7 @@ def _train(timelines: Path, model_dir: Path, *, dp: bool, epsilon: float | None,
                        seed=seed, **extra)
 
 
-def _generate_export(model_dir: Path, export_dir: Path, n: int, seed: int) -> list:
+def _generate_export(model_dir: Path, export_dir: Path, n: int, seed: int) -> list[Timeline]:
     """Sample n patients, write them as the NDJSON export the server serves; the timelines are kept for metrics."""
     from fhirsynth.export.writer import write_export
     from fhirsynth.model.checkpoint import guaranteed_privacy, model_hash, read_privacy_report
@@ -163,7 +167,7 @@ def _generate_export(model_dir: Path, export_dir: Path, n: int, seed: int) -> li
     return timelines
 
 
-def _generate_timelines(model_dir: Path, out_dir: Path, n: int, seed: int) -> list:
+def _generate_timelines(model_dir: Path, out_dir: Path, n: int, seed: int) -> list[Timeline]:
     """The reference model's patients as a timelines dir: only measured, never served, so no FHIR export."""
     from fhirsynth.model.sampler import sample_timelines
     from fhirsynth.timeline.io import TimelineWriter
@@ -176,8 +180,8 @@ def _generate_timelines(model_dir: Path, out_dir: Path, n: int, seed: int) -> li
 
 
 def _evaluate_and_explain(args: argparse.Namespace, out: Path, train_dir: Path, holdout_dir: Path,
-                          export_dir: Path, model_dir: Path, synthetic: list, ref_synth_dir: Path, ref_dir: Path,
-                          reference: list | None, n_train: int, n_hold: int) -> None:
+                          export_dir: Path, model_dir: Path, synthetic: list[Timeline], ref_synth_dir: Path,
+                          ref_dir: Path, reference: list[Timeline] | None, n_train: int, n_hold: int) -> None:
     from fhirsynth.demo.benchmark import load_benchmark
     from fhirsynth.demo.explain import DemoRun, preface, write_preface
     from fhirsynth.evaluate.report import evaluate
