@@ -17,6 +17,9 @@ RUN pip install --index-url "$TORCH_INDEX" "$TORCH_SPEC"
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY fhirsynth ./fhirsynth
+# fhirsynth/data/mappings and fhirsynth/data/sample link to these: the wheel carries them as package data
+COPY mappings ./mappings
+COPY fixtures/sample ./fixtures/sample
 RUN pip install .
 
 # ---- runtime stage: slim, non-root ---------------------------------------------------------------------------

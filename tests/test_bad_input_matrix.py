@@ -84,7 +84,6 @@ SKIPPING_INPUTS = [
     ("invalid-utf8-on-line-2.ndjson", "invalid_json", "invalid-utf8-on-line-2.ndjson:2", 2),
     ("wrong-resource-type.ndjson", "unmapped_type", "wrong-resource-type.ndjson:2", 2),
     ("resource-type-not-a-string.ndjson", "not_fhir_resource", "resource-type-not-a-string.ndjson:2", 1),
-    ("json-array-instead-of-object.json", "not_fhir_resource", "json-array-instead-of-object.json", 0),
     ("reference-to-missing-patient.ndjson", "subject_not_found", "reference-to-missing-patient.ndjson:2", 2),
     ("unknown-code-system.ndjson", "code_system_not_accepted", "unknown-code-system.ndjson:2", 2),
     ("huge-and-nan-values.ndjson", "invalid_json", "huge-and-nan-values.ndjson:6", 5),
@@ -166,6 +165,55 @@ def test_ingest_input_without_resources_is_an_error(tmp_path: Path, name: str) -
     proc = cli("ingest", src, "--out", tmp_path / "tl")
     assert_one_line_error(proc, str(src))
     assert not (tmp_path / "tl" / "events.parquet").exists()
+
+
+# Input that has JSON but no usable resource (nothing FHIR, nothing parseable): exit 2 without --strict too, naming
+# the file and each skip reason, and no timelines (an empty timelines dir would only fail in the next command).
+UNUSABLE_INPUTS = {
+    "not-fhir.json": ('{"name": "not FHIR", "items": [1, 2]}', ["not_fhir_resource"]),
+    "invalid.json": ('{"resourceType": "Patient", "id": ', ["invalid_json"]),
+    "garbage.ndjson": ('garbage\n{"no": "resourceType"}\n<xml/>\n', ["invalid_json x2", "not_fhir_resource x1"]),
+}
+
+
+@pytest.mark.parametrize("name", list(UNUSABLE_INPUTS))
+def test_ingest_input_without_usable_resource_is_an_error(tmp_path: Path, name: str) -> None:
+    text, reasons = UNUSABLE_INPUTS[name]
+    src = tmp_path / name
+    src.write_text(text)
+    proc = cli("ingest", src, "--out", tmp_path / "tl")
+    assert_one_line_error(proc, str(src), "no usable FHIR resource", "0 patients", *reasons)
+    assert not (tmp_path / "tl" / "events.parquet").exists()
+    report = json.loads((tmp_path / "tl" / "ingest-report.json").read_text())
+    assert report["outputs_written"] is False and report["totals"]["used"] == 0
+    assert_balanced(report)
+
+
+def test_ingest_json_array_of_resources_is_an_error(tmp_path: Path) -> None:
+    """A JSON array is not a FHIR shape (a Bundle or NDJSON is): its Patient is not silently used, and nothing else
+    is left, so exit 2."""
+    src = BAD_INGEST / "json-array-instead-of-object.json"
+    assert_one_line_error(cli("ingest", src, "--out", tmp_path / "tl"), str(src), "not_fhir_resource")
+
+
+def test_ingest_directory_of_unusable_files_names_them(tmp_path: Path) -> None:
+    src = tmp_path / "in"
+    src.mkdir()
+    (src / "a.json").write_text('{"not": "fhir"}')
+    (src / "b.ndjson").write_text("{{{\n")
+    line = assert_one_line_error(cli("ingest", src, "--out", tmp_path / "tl"), str(src), "no usable FHIR resource")
+    assert "a.json" in line and "b.ndjson" in line, line
+
+
+def test_ingest_partly_bad_input_succeeds_and_reports_skips(tmp_path: Path) -> None:
+    """Without --strict a partial skip is not an error: exit 0, the log line and the report count the skips."""
+    src = BAD_INGEST / "invalid-utf8-on-line-2.ndjson"
+    proc = subprocess.run([sys.executable, "-m", "fhirsynth", "ingest", str(src), "--out", str(tmp_path / "tl")],
+                          capture_output=True, text=True, timeout=60, env=ENV)
+    assert proc.returncode == 0, proc.stderr
+    assert "invalid_json 1" in proc.stderr + proc.stdout, proc.stderr
+    assert json.loads((tmp_path / "tl" / "ingest-report.json").read_text())["skipped"]["invalid_json"]["count"] == 1
+    assert (tmp_path / "tl" / "events.parquet").is_file()
 
 
 def test_ingest_empty_file_beside_valid_input_is_fine(tmp_path: Path) -> None:

@@ -179,9 +179,20 @@ BROKEN = [
 ]
 
 
+# fixtures with nothing usable at all: ingest is an error (no timelines to train on), the report still says why
+NOTHING_USABLE = {"invalid-json-truncated-bundle.json", "patient-without-id.ndjson"}
+
+
 @pytest.mark.parametrize(("name", "reasons"), BROKEN)
 def test_broken_fixture_gives_its_reason(ing: Path, tmp_path: Path, name: str, reasons: dict[str, int]) -> None:
-    report = ingest([ing / "broken" / name], tmp_path, max_examples=1)
+    if name in NOTHING_USABLE:
+        with pytest.raises(InputError, match="no usable FHIR resource") as err:
+            ingest([ing / "broken" / name], tmp_path, max_examples=1)
+        assert all(reason in str(err.value) for reason in reasons) and name in str(err.value)
+        report = json.loads((tmp_path / "ingest-report.json").read_text())
+        assert report["outputs_written"] is False and not (tmp_path / "events.parquet").exists()
+    else:
+        report = ingest([ing / "broken" / name], tmp_path, max_examples=1)
     _assert_balanced(report)
     assert {k: v["count"] for k, v in report["skipped"].items()} == reasons
     for reason in reasons:

@@ -1,4 +1,4 @@
-"""benchmarks/records_metrics.py (issue 14's whole-records table) on hand-built timelines with known answers."""
+"""fhirsynth/records_metrics.py (issue 14's whole-records table) on hand-built timelines with known answers."""
 
 from __future__ import annotations
 
@@ -8,15 +8,11 @@ from datetime import date, datetime, timedelta, timezone
 import numpy as np
 import pytest
 
-from bench_module import benchmark_module
-
+from fhirsynth import records_metrics as rm
 from fhirsynth.timeline.types import Event, PatientInfo, Timeline
 
 LOINC, SNOMED = "http://loinc.org", "http://snomed.info/sct"
 T0 = datetime(2015, 1, 1, 9, tzinfo=timezone.utc)
-
-
-rm = benchmark_module("records_metrics")
 
 
 def _patient(i: int, events: list[Event], deceased: bool = False) -> Timeline:

@@ -10,7 +10,9 @@ from typing import Any
 from fhirsynth.errors import MappingError
 from fhirsynth.mapping.model import EVENT_KINDS, ElementPath, Mapping, PatientMapping, ResourceMapping
 
-MAPPINGS_DIR = Path(__file__).resolve().parents[2] / "mappings"
+# package data: in a source checkout fhirsynth/data/mappings is a link to the top-level mappings/, and the wheel
+# carries the files themselves, so a plain `pip install` finds them
+MAPPINGS_DIR = Path(__file__).resolve().parents[1] / "data" / "mappings"
 BUILTIN: dict[str, str] = {"us-core": "us-core.toml", "ips": "ips.toml"}
 SUPPORTED_VERSIONS = (1,)
 
@@ -56,7 +58,7 @@ _PATIENT_KEYS: dict[str, str] = {
 
 
 def builtin_dir() -> Path:
-    """Where the shipped mappings are: $FHIRSYNTH_MAPPINGS_DIR, the source tree, or ./mappings (container)."""
+    """Where the shipped mappings are: $FHIRSYNTH_MAPPINGS_DIR, the package's copy, or ./mappings (container)."""
     env = os.environ.get("FHIRSYNTH_MAPPINGS_DIR")
     candidates = [Path(env)] if env else []
     candidates += [MAPPINGS_DIR, Path.cwd() / "mappings"]

@@ -158,7 +158,8 @@ def ingest(
             elapsed_s=round(_time.monotonic() - started, 3),
             read_and_map_s=round(pass_one_s, 3),
         )
-        failed = strict and report.n_skipped > 0
+        unusable = _unusable(result)
+        failed = unusable is not None or (strict and report.n_skipped > 0)
         result["outputs_written"] = not failed
         if not failed:
             os.replace(tmp / EVENTS_FILE, out / EVENTS_FILE)
@@ -167,6 +168,10 @@ def ingest(
         log.debug("ingest: %.1fs read+map, %.1fs join+write", pass_one_s, result["elapsed_s"] - pass_one_s)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    if unusable is not None:
+        # without --strict too: timelines without a patient only make the next command fail, far from the cause
+        raise InputError(f"{unusable}; see {out / REPORT_FILE}",
+                         where=str(files[0].path) if len(files) == 1 else ", ".join(str(p) for p in inputs))
     if failed:
         reasons = ", ".join(f"{k}={v['count']}" for k, v in result["skipped"].items())
         raise StrictModeError(
@@ -174,6 +179,21 @@ def ingest(
             where=str(files[0].path) if len(files) == 1 else None,
         )
     return result
+
+
+def _unusable(result: dict[str, Any]) -> str | None:
+    """Why the input gave no patient at all (every resource skipped), with each skip reason's first example, or
+    None when it gave at least one."""
+    if result["totals"]["used"] > 0 and result["patients"]["kept"] > 0:
+        return None
+    reasons = []
+    for reason, info in result["skipped"].items():
+        first = info["examples"][0] if info["examples"] else {}
+        example = ": ".join(x for x in (first.get("where"), first.get("detail", "")[:120]) if x)
+        reasons.append(f"{reason} x{info['count']}" + (f" (e.g. {example})" if example else ""))
+    message = (f"no usable FHIR resource: {result['totals']['read']} read, {result['patients']['kept']} patients "
+               f"kept" + (f"; skipped: {'; '.join(reasons)}" if reasons else ""))
+    return " ".join(message.split())  # one line, whatever the details hold
 
 
 def _remove_stale_spills(out: Path) -> None:

@@ -28,7 +28,7 @@ from fhirsynth.errors import MappingError, UsageError
 log = logging.getLogger(__name__)
 
 PROFILES: tuple[str, ...] = ("us-core", "ips")
-_MAPPINGS_DIR = Path(__file__).resolve().parents[2] / "mappings"
+_MAPPINGS_DIR = Path(__file__).resolve().parents[1] / "data" / "mappings"  # package data (see mapping.loader)
 
 _USC = "http://hl7.org/fhir/us/core/StructureDefinition/"
 _IPS = "http://hl7.org/fhir/uv/ips/StructureDefinition/"
