@@ -11,16 +11,17 @@ from collections.abc import Mapping, Sequence
 from html import escape
 
 from fhirsynth.evaluate import plots
-from fhirsynth.evaluate.summary import claimed_epsilon
+from fhirsynth.evaluate.summary import claimed_epsilon, summary_rows
 from fhirsynth.evaluate.verdict import AREAS, FAR, KINDS, NEAR, WITHIN, area_verdicts
 
 CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em auto;max-width:1200px;color:#222;
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em auto;max-width:1320px;color:#222;
 padding:0 1em;line-height:1.4}
 h1{font-size:1.6em}h2{border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:1.6em}
-table{border-collapse:collapse;margin:.6em 0;font-size:.9em}td,th{border:1px solid #ddd;padding:3px 8px;
+table{border-collapse:collapse;margin:.6em 0;font-size:.9em;max-width:100%}td,th{border:1px solid #ddd;padding:3px 8px;
 text-align:left;vertical-align:top}th{background:#f4f4f4}td.n{text-align:right;font-variant-numeric:tabular-nums}
-.note{color:#666;font-size:.85em}.preface{background:#f3f6fb;border-left:4px solid #4c6ef5;padding:.5em 1em}
+.note{color:#666;font-size:.85em}td.v{overflow-wrap:anywhere}td.n,th.a{white-space:nowrap}
+.ci{display:block;color:#666;font-size:.8em}.preface{background:#f3f6fb;border-left:4px solid #4c6ef5;padding:.5em 1em}
 .within{background:#dafbe1}.near{background:#fff3bf}.far{background:#ffd8d6}
 .word{font-weight:600;font-size:.8em;text-transform:uppercase;margin-left:.4em}
 .within .word{color:#116329}.near .word{color:#7a5b00}.far .word{color:#a40e26}
@@ -86,13 +87,13 @@ def _value_html(v: object, depth: int = 0) -> str:
 
 
 def _verdict_cell(value: object, verdict: dict | None, interval: object = None) -> str:
-    text = _fmt(value) + (f" <span class='note'>{_interval(interval)}</span>" if _interval(interval) else "")
+    ci = f"<span class='ci'>{_interval(interval)}</span>" if _interval(interval) else ""
     if not verdict:
-        return f"<td class='n'>{text}</td>"
+        return f"<td class='n'>{_fmt(value)}{ci}</td>"
     word = verdict["word"]
     title = (f"{word}: vs {verdict['basis']} {_fmt(verdict['basis_value'])}, gap {verdict['gap']:+.3f}"
              + (" (within sampling noise)" if verdict.get("noise") else ""))
-    return f"<td class='n {word}' title='{escape(title)}'>{text}<span class='word'>{word}</span></td>"
+    return f"<td class='n {word}' title='{escape(title)}'>{_fmt(value)}<span class='word'>{word}</span>{ci}</td>"
 
 
 def _area_cell(area: dict) -> str:
@@ -109,7 +110,7 @@ def verdict_section(columns: Mapping[str, Sequence[dict]]) -> str:
     """One row per area, one column per generator: its worst verdict and the counts behind it."""
     per_col = {name: area_verdicts(rows) for name, rows in columns.items()}
     head = "".join(f"<th>{escape(n)}</th>" for n in columns)
-    body = "".join(f"<tr><th>{a}</th><td class='note'>{escape(AREA_TEXT[a])}</td>"
+    body = "".join(f"<tr><th class='a'>{a}</th><td class='note'>{escape(AREA_TEXT[a])}</td>"
                    + "".join(_area_cell(per_col[n][a]) for n in columns) + "</tr>" for a in AREAS)
     return (f"<table><thead><tr><th>area</th><th>question</th>{head}</tr></thead><tbody>{body}</tbody></table>"
             "<p class='note'>An area's verdict is its worst row: one far metric makes the area far. "
@@ -138,7 +139,13 @@ def rules_section() -> str:
 def holdout_callout(rows: Sequence[dict]) -> str:
     """Said once: which rows a holdout would fill and why."""
     needs_value = [r["metric"] for r in rows if r.get("holdout_use") == "value" and r.get("synthetic") is None]
-    needs_ref = [r["metric"] for r in rows if r.get("holdout_use") == "reference" and r.get("reference") is None]
+    needs_ref = []
+    for group in dict.fromkeys(r.get("group") for r in rows):
+        in_group = [r for r in rows if r.get("group") == group]
+        missing = [r["metric"] for r in in_group if r.get("holdout_use") == "reference" and r.get("reference") is None]
+        if missing:  # by area, and "all N rows" rather than a wall of names where the whole area lacks it
+            listed = f"all {len(missing)} rows" if len(missing) == len(in_group) else ", ".join(missing)
+            needs_ref.append(f"{group}: {listed}")
     parts = ["<div class='callout'><p><b>No holdout was given</b> (<code>fhirsynth evaluate --holdout DIR</code>: "
              "real patients kept out of training).</p><ul>"]
     if needs_value:
@@ -152,7 +159,14 @@ def holdout_callout(rows: Sequence[dict]) -> str:
     return "".join(parts)
 
 
-def summary_table(columns: Mapping[str, Sequence[dict]]) -> str:
+def _note(note: object, has_holdout: bool) -> str:
+    # without a holdout the callout says once which rows need it; repeating it on every row is noise
+    if not note or (not has_holdout and str(note).startswith("needs --")):
+        return ""
+    return _fmt(note)
+
+
+def summary_table(columns: Mapping[str, Sequence[dict]], has_holdout: bool = True) -> str:
     """Metric rows grouped by area: first column's value (with its interval), the holdout reference, every other
     column, the ideal, other figures and a note. Cells are coloured and worded by their verdict."""
     names = list(columns)
@@ -167,7 +181,8 @@ def summary_table(columns: Mapping[str, Sequence[dict]]) -> str:
         if r.get("group") != group:
             group = r.get("group")
             out.append(f"<tr><th colspan='{6 + len(names) - 1}'>{escape(str(group))}</th></tr>")
-        extras = "; ".join(f"{escape(str(k))}: {_fmt(v)}" for k, v in (r.get("extras") or {}).items())
+        extras = "; ".join(f"{escape(str(k))}: {_fmt(v)}" for k, v in (r.get("extras") or {}).items()
+                           if v is not None)
         cells = [f"<td>{escape(str(r.get('metric')))}</td>", _verdict_cell(r.get("synthetic"), r.get("verdict"),
                                                                            r.get("interval")),
                  f"<td class='n'>{_fmt(r.get('reference'))}</td>"]
@@ -175,7 +190,7 @@ def summary_table(columns: Mapping[str, Sequence[dict]]) -> str:
             other = by_col[n].get(r["metric"], {})
             cells.append(_verdict_cell(other.get("synthetic"), other.get("verdict")))
         cells += [f"<td class='n'>{_fmt(r.get('ideal'))}</td>", f"<td>{extras}</td>",
-                  f"<td class='note'>{_fmt(r.get('note')) if r.get('note') else ''}</td>"]
+                  f"<td class='note'>{_note(r.get('note'), has_holdout)}</td>"]
         out.append("<tr>" + "".join(cells) + "</tr>")
     out.append("</tbody></table>")
     return "".join(out)
@@ -276,7 +291,7 @@ def render_html(report: dict, preface: Sequence[str] = ()) -> str:
     out.append("<h2>Verdict</h2>" + verdict_section(columns) + rules_section())
     if not meta.get("holdout"):
         out.append(holdout_callout(report.get("summary", [])))
-    out.append("<h2>Summary</h2>" + summary_table(columns))
+    out.append("<h2>Summary</h2>" + summary_table(columns, has_holdout=bool(meta.get("holdout"))))
     epsilons = {"synthetic": column_epsilon(meta.get("synthetic", {}), report.get("privacy")),
                 **{k: column_epsilon(v.get("meta", {})) for k, v in compare.items()}}
     out.append(curve_section(columns, epsilons))
@@ -308,14 +323,14 @@ def render_html(report: dict, preface: Sequence[str] = ()) -> str:
     out.append("<h2>Privacy</h2>")
     pr = report.get("privacy", {})
     out.append("<h3>Formal guarantee</h3>")
-    out.append("<table><tbody>" + "".join(f"<tr><th>{escape(str(k))}</th><td>{_value_html(v)}</td></tr>"
+    out.append("<table><tbody>" + "".join(f"<tr><th>{escape(str(k))}</th><td class='v'>{_value_html(v)}</td></tr>"
                                           for k, v in (pr.get("formal") or {}).items()) + "</tbody></table>")
     out.append("<h3>Empirical attacks</h3><table><thead><tr><th>test</th><th>key</th><th>value</th></tr></thead>"
                "<tbody>")
     for key in ("mia_likelihood", "mia_record_distance", "mia_distance", "dcr", "copies", "attribute_inference",
                 "canary_audit"):
         for k, v in (pr.get(key) or {}).items():
-            out.append(f"<tr><td>{escape(key)}</td><td>{escape(str(k))}</td><td>{_value_html(v)}</td></tr>")
+            out.append(f"<tr><td>{escape(key)}</td><td>{escape(str(k))}</td><td class='v'>{_value_html(v)}</td></tr>")
     out.append("</tbody></table>")
 
     out.append("<h2>Plausibility and validity</h2>")
@@ -346,14 +361,19 @@ def render_html(report: dict, preface: Sequence[str] = ()) -> str:
     return "\n".join(out)
 
 
-def render_study_html(columns: Mapping[str, Mapping], title: str = "fhirsynth study") -> str:
+def render_study_html(columns: Mapping[str, Mapping], title: str = "fhirsynth study",
+                      epsilons: Mapping[str, float | None] | None = None) -> str:
     """Several reports side by side (benchmarks/bench_study.py): verdicts, the summary table and the
-    privacy-utility curve, drawn by the same code as a single report."""
-    cols = {n: list(r.get("summary", [])) for n, r in columns.items() if r.get("summary")}
+    privacy-utility curve, drawn by the same code as a single report. epsilons: per column, where the reports do
+    not say (default: from each report's meta or formal guarantee)."""
+    # summaries are rebuilt from the metrics, so reports written before verdicts existed render the same way
+    cols = {n: summary_rows(r) if "fidelity" in r else list(r.get("summary", [])) for n, r in columns.items()}
+    cols = {n: rows for n, rows in cols.items() if rows}
     if not cols:
         raise ValueError("no report with a summary to render")
-    epsilons = {n: column_epsilon(r.get("meta", {}).get("synthetic", {}), r.get("privacy"))
-                for n, r in columns.items() if n in cols}
+    eps = {n: column_epsilon(r.get("meta", {}).get("synthetic", {}), r.get("privacy"))
+           for n, r in columns.items() if n in cols}
+    epsilons = {**eps, **{n: e for n, e in (epsilons or {}).items() if e is not None}}
     return "\n".join([
         f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{escape(title)}</title>"
         f"<style>{CSS}</style></head><body><h1>{escape(title)}</h1>",

@@ -206,7 +206,9 @@ def _evaluate(real_dir: str | Path, synthetic: str | Path, *, holdout: str | Pat
                 raise UsageError("--compare has no patients", where=str(peer_in))
             peer_report = _run_all(real, peer, hold, real_path=real_path, holdout_path=holdout_path,
                                    model_path=None, export_dir=peer_export, synth_input=peer_in, seed=seed,
-                                   timings={}, validity_sample=validity_sample)
+                                   timings={}, validity_sample=validity_sample,
+                                   holdout_fidelity=(report["fidelity"]["holdout"], report["plots"]["holdout"])
+                                   if hold is not None else None)
             report["compare"][label] = {"meta": {**peer_report["meta"]["synthetic"],
                                                  "epsilon": export_epsilon(peer_export)},
                                         "summary": summary_rows(peer_report)}
@@ -237,7 +239,7 @@ def _epsilon(formal: dict, export_dir: Path | None) -> float | str | None:
 
 def _run_all(real: Cohort, synth: Cohort, hold: Cohort | None, *, real_path: Path, holdout_path: Path | None,
              model_path: Path | None, export_dir: Path | None, synth_input: Path, seed: int, timings: dict,
-             validity_sample: int = 200) -> dict:
+             validity_sample: int = 200, holdout_fidelity: tuple[dict, dict] | None = None) -> dict:
     meta = {"generated": datetime.now(timezone.utc).isoformat(timespec="seconds"), "fhirsynth_version": __version__,
             "real": {"path": str(real_path), "patients": real.n, "events": len(real.events)},
             "synthetic": {"path": str(synth_input), "export": export_dir is not None, "patients": synth.n,
@@ -257,6 +259,9 @@ def _run_all(real: Cohort, synth: Cohort, hold: Cohort | None, *, real_path: Pat
     fidelity, plots = {}, {}
     others = {"synthetic": synth, **({"holdout": hold} if hold is not None else {})}
     for name, other in others.items():
+        if name == "holdout" and holdout_fidelity is not None:
+            fidelity[name], plots[name] = holdout_fidelity  # same real, holdout and seed: same result
+            continue
         fidelity[name], plots[name] = fidelity_report(real, other, real_table=tables["real"],
                                                       other_table=tables[name], seed=seed)
     timings["fidelity"] = time.perf_counter() - t
