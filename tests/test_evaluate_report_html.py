@@ -45,8 +45,13 @@ def held(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("reporthtml")
     real, hold = _toy(root, "real", 80, 61), _toy(root, "holdout", 40, 62)
     synth = _export(root, "synthetic", 100, 63, 8.0)
-    report = evaluate(real, synth, holdout=hold, out_dir=root / "report", validity_sample=5,
-                      compare=[("peer-eps3", _export(root, "eps3", 30, 64, 3.0))], preface=PREFACE)
+    peer = _export(root, "eps3", 30, 64, 3.0)
+    (root / "preface.txt").write_text("\n\n".join(PREFACE) + "\n", encoding="utf-8")
+    # through the CLI, so --compare LABEL=DIR and --preface-file are exercised too
+    assert main(["evaluate", "--real", str(real), "--synthetic", str(synth), "--holdout", str(hold),
+                 "--out", str(root / "report"), "--validity-sample", "5", "--compare", f"peer-eps3={peer}",
+                 "--preface-file", str(root / "preface.txt")]) == 0
+    report = json.loads((root / "report" / "report.json").read_text(encoding="utf-8"))
     return {"root": root, "report": report, "html": (root / "report" / "report.html").read_text(encoding="utf-8"),
             "path": root / "report" / "report.html"}
 
