@@ -28,7 +28,7 @@ text-align:left;vertical-align:top}th{background:#f4f4f4}td.n{text-align:right;f
 .plots{display:flex;flex-wrap:wrap;gap:14px}img.fig{max-width:100%;height:auto;border:1px solid #eee}
 .callout{background:#fff8e6;border:1px solid #f0d58a;padding:.5em 1em}
 pre{background:#f7f7f7;padding:1em;overflow:auto;font-size:.75em;max-height:40em}
-dl{margin:0}dt{font-weight:600;display:inline}dd{display:inline;margin:0 .8em 0 .3em}
+table.kv{margin:0;font-size:1em}table.kv th{background:#fafafa;font-weight:600;white-space:nowrap;overflow-wrap:normal}
 """
 AREA_TEXT = {
     "fidelity": "do the synthetic patients look like the real ones (prevalences, co-occurrences, distributions, "
@@ -75,15 +75,26 @@ def _table(headers: list[str], rows: list[list[object]]) -> str:
 
 
 def _value_html(v: object, depth: int = 0) -> str:
-    """A nested value (dicts, lists) as readable HTML instead of a JSON dump."""
+    """A nested value as readable HTML instead of a JSON dump: dicts as nested key/value tables, deeper dicts and
+    lists as 'key: value' text."""
     if isinstance(v, dict):
         if depth >= 2:
-            return escape(json.dumps(v))
-        return "<dl>" + "".join(f"<dt>{escape(str(k))}</dt><dd>{_value_html(x, depth + 1)}</dd>"
-                                for k, x in v.items()) + "</dl>"
+            return escape(", ".join(f"{k}: {_plain(x)}" for k, x in v.items())) or "–"
+        return ("<table class='kv'><tbody>" + "".join(
+            f"<tr><th>{escape(str(k))}</th><td class='v'>{_value_html(x, depth + 1)}</td></tr>" for k, x in v.items())
+            + "</tbody></table>")
     if isinstance(v, list):
-        return ", ".join(_value_html(x, depth + 1) for x in v) or "–"
+        return escape(", ".join(_plain(x) for x in v)) or "–"
     return _fmt(v)
+
+
+def _plain(v: object) -> str:
+    """Unescaped short text of a value (the caller escapes)."""
+    if isinstance(v, dict | list):
+        return json.dumps(v)
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
 
 
 def _verdict_cell(value: object, verdict: dict | None, interval: object = None) -> str:
@@ -219,21 +230,23 @@ def curve_section(columns: Mapping[str, Sequence[dict]], epsilons: Mapping[str, 
     known = {n: e for n, e in epsilons.items() if e is not None and n in columns}
     if len(set(known.values())) < 2:
         return ""
-    points, reference, ideal = {}, {}, {}
+    points: dict[str, list[tuple[str, float, float | None]]] = {}
+    reference, ideal = {}, {}
     for metric in CURVE_METRICS:
         pts = []
         for n, e in known.items():
             row = next((r for r in columns[n] if r.get("metric") == metric), None)
             if row is not None:
-                pts.append((e, row.get("synthetic")))
+                pts.append((n, e, row.get("synthetic")))
                 reference.setdefault(metric, row.get("reference"))
                 ideal.setdefault(metric, row.get("ideal"))
         points[metric] = pts
-    if not any(v is not None for pts in points.values() for _, v in pts):
+    if not any(v is not None for pts in points.values() for *_, v in pts):
         return ""
     labels = ", ".join(f"{escape(n)} (ε={_fmt(e)})" for n, e in known.items())
-    return ("<h2>Privacy-utility curve</h2><p class='note'>Each point is one generator: " + labels
-            + ". A smaller ε is a stronger privacy guarantee.</p>" + plots.curve(points, reference, ideal))
+    return ("<h2>Privacy-utility curve</h2><p class='note'>Each marker is one generator: " + labels
+            + ". A smaller ε is a stronger privacy guarantee; the grey line joins them in order of ε.</p>"
+            + plots.curve(points, reference, ideal))
 
 
 def _cohort_table(meta: Mapping, compare: Mapping[str, Mapping]) -> str:

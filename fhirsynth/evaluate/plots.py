@@ -96,29 +96,46 @@ def histogram(samples: Mapping[str, Sequence[float]], title: str, xlabel: str) -
     return embed(fig, f"{title}: histogram of {xlabel}")
 
 
-def curve(points: Mapping[str, Sequence[tuple[float, float | None]]], reference: Mapping[str, float | None],
+def curve(points: Mapping[str, Sequence[tuple[str, float, float | None]]], reference: Mapping[str, float | None],
           ideal: Mapping[str, float | None]) -> str:
-    """Privacy-utility curve: one panel per metric, the metric against epsilon (log axis; ε = ∞, no DP, drawn at
-    the right edge), with the holdout reference and the ideal as horizontal lines."""
-    metrics = [m for m, pts in points.items() if any(v is not None for _, v in pts)]
-    fig = Figure(figsize=(min(4.2 * len(metrics), 12.6), 3.4 * math.ceil(len(metrics) / 3)))
-    finite = [e for pts in points.values() for e, _ in pts if math.isfinite(e)]
+    """Privacy-utility curve: one panel per metric, each generator (column, epsilon, value) a coloured marker
+    against epsilon (log axis; ε = ∞, no DP, drawn at the right edge), a grey line through them in order of
+    epsilon, the holdout reference and the ideal as horizontal lines; one legend for the figure."""
+    metrics = [m for m, pts in points.items() if any(v is not None for *_, v in pts)]
+    names = list(dict.fromkeys(n for m in metrics for n, *_ in points[m]))
+    finite = [e for m in metrics for _, e, _ in points[m] if math.isfinite(e)]
     inf_at = max(finite) * 4 if finite else 10.0  # where "no DP" sits on the log axis
+    ncols = min(len(metrics), 3)
+    nrows = math.ceil(len(metrics) / 3)
+    fig = Figure(figsize=(4.2 * ncols, 3.2 * nrows + 0.5))
+    handles: dict[str, object] = {}
     for i, m in enumerate(metrics):
-        ax = fig.add_subplot(math.ceil(len(metrics) / 3), min(len(metrics), 3), i + 1)
-        pts = sorted((inf_at if math.isinf(e) else e, v) for e, v in points[m] if v is not None)
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", color=COLORS["synthetic"], label="generator")
+        ax = fig.add_subplot(nrows, ncols, i + 1)
+        pts = sorted((inf_at if math.isinf(e) else e, v, n) for n, e, v in points[m] if v is not None)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], color="#bbb", lw=1, zorder=1)
+        for x, v, n in pts:
+            handles[n] = ax.scatter([x], [v], s=40, color=color(n, names.index(n)), zorder=2, label=n)
         if reference.get(m) is not None:
-            ax.axhline(reference[m], ls="--", color=COLORS["holdout"], label="holdout (reference)")
+            handles["holdout (reference)"] = ax.axhline(reference[m], ls="--", color=COLORS["holdout"],
+                                                        label="holdout (reference)")
         if ideal.get(m) is not None:
-            ax.axhline(ideal[m], ls=":", color="#888", label="ideal")
+            handles["ideal"] = ax.axhline(ideal[m], ls=":", color="#888", label="ideal")
         ax.set_xscale("log")
-        ticks = sorted({p[0] for p in pts})
-        ax.set_xticks(ticks, ["∞" if t == inf_at and any(math.isinf(e) for e, _ in points[m]) else f"{t:g}"
-                              for t in ticks])
+        ticks = _spread(sorted({p[0] for p in pts}))
+        ax.set_xticks(ticks, ["∞" if t == inf_at else f"{t:.3g}" for t in ticks])
         ax.minorticks_off()
-        ax.set(title=m, xlabel="ε (privacy budget; ∞ = no DP)", ylabel=m.split(" (")[0])
+        ax.set(title=m, xlabel="ε (∞ = no DP)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
+    fig.legend(list(handles.values()), list(handles), loc="upper center", ncol=min(len(handles), 5), fontsize=8,
+               frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.45 / fig.get_figheight()))
     return embed(fig, "privacy-utility curve: " + ", ".join(metrics) + " against epsilon")
+
+
+def _spread(ticks: list[float], min_ratio: float = 1.25) -> list[float]:
+    """Ticks at least min_ratio apart on the log axis, so labels of near-equal epsilon do not overlap."""
+    out: list[float] = []
+    for t in ticks:
+        if not out or t / out[-1] >= min_ratio:
+            out.append(t)
+    return out
