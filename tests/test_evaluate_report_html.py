@@ -273,3 +273,19 @@ def test_readme_states_the_rule_the_code_applies():
         row = re.search(rf"^\| {kind} \|[^|]*\| gap ≤ ([0-9.]+) \| gap ≤ ([0-9.]+) \|$", section, re.M)
         assert row, f"README has no row for kind {kind}"
         assert (float(row[1]), float(row[2])) == (rule.within, rule.near), kind
+
+
+def test_plots_switch_to_log_axes_when_values_span_decades():
+    import numpy as np
+
+    from fhirsynth.evaluate import plots
+
+    rng = np.random.default_rng(0)
+    spread = {"real": rng.lognormal(3, 2, 300).tolist(), "synthetic": rng.lognormal(3, 2, 200).tolist()}
+    narrow = {"real": rng.uniform(20, 80, 300).tolist(), "synthetic": rng.uniform(20, 80, 200).tolist()}
+    assert "(log x axis)" in plots.histogram(spread, "Gaps", "days")
+    assert "(log x axis)" not in plots.histogram(narrow, "Ages", "years")
+    pairs = 10 ** rng.uniform(-4, 0, (50, 2))  # four decades
+    pairs[0] = [0.3, 0.0]  # a code the other cohort lacks still gets drawn
+    assert "(log axes)" in plots.scatter({"synthetic": pairs.tolist()}, "Prevalence", "real", "synthetic")
+    assert "(log axes)" not in plots.scatter({"synthetic": rng.uniform(0.2, 0.8, (50, 2)).tolist()}, "P", "r", "s")

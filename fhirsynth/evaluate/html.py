@@ -258,6 +258,8 @@ def _cohort_table(meta: Mapping, compare: Mapping[str, Mapping]) -> str:
     for label, c in compare.items():
         m = c.get("meta", {})
         rows.append([f"{label} (compared: {m.get('path')})", m.get("patients"), m.get("events"), column_epsilon(m)])
+    for row in rows:  # "8", "0.5", "∞": an epsilon reads better without padding zeros
+        row[3] = "∞" if row[3] == math.inf else (f"{row[3]:g}" if isinstance(row[3], float) else row[3])
     return _table(["cohort", "patients", "events", "ε"], rows)
 
 

@@ -62,7 +62,7 @@ def scatter(series: Mapping[str, Sequence[Sequence[float]]], title: str, xlabel:
     ax.set(title=title, xlabel=xlabel + (" (log scale)" if log else ""), ylabel=ylabel)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="upper left")
-    return embed(fig, f"{title}: {xlabel} against {ylabel}")
+    return embed(fig, f"{title}: {xlabel} against {ylabel}" + (" (log axes)" if log else ""))
 
 
 def histogram(samples: Mapping[str, Sequence[float]], title: str, xlabel: str) -> str:
@@ -93,7 +93,7 @@ def histogram(samples: Mapping[str, Sequence[float]], title: str, xlabel: str) -
     ax.set(title=title, xlabel=xlabel + (" (log scale)" if log else ""), ylabel="share of values per bin")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    return embed(fig, f"{title}: histogram of {xlabel}")
+    return embed(fig, f"{title}: histogram of {xlabel}" + (" (log x axis)" if log else ""))
 
 
 def curve(points: Mapping[str, Sequence[tuple[str, float, float | None]]], reference: Mapping[str, float | None],
