@@ -16,7 +16,8 @@ epsilon = inf row, run as the same mechanism at --baseline-inf-eps (default 1e4;
 --baseline-only rebuilds just the baseline table from the synthetic-eps* dirs already in --work (no training).
 
 Prints a markdown table (and writes it to --out) for BENCHMARKS.md; under the baseline table, every metric where
-a baseline beats fhirsynth at the same epsilon is listed ("fhirsynth loses").
+a baseline beats fhirsynth at the same epsilon is listed ("fhirsynth loses"). Also writes --work/study.html: the
+verdicts, summary table and privacy-utility curve drawn by the same code as `fhirsynth evaluate`'s report.html.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ sys.path.insert(0, str(REPO))
 
 from fhirsynth.evaluate.cohort import load_cohort  # noqa: E402
 from fhirsynth.evaluate.fidelity import detection_auc, gaussian_copula_hellinger, r2_identity  # noqa: E402
+from fhirsynth.evaluate.html import render_study_html  # noqa: E402
 from fhirsynth.evaluate.report import evaluate  # noqa: E402
 from fhirsynth.evaluate.tables import feature_spec, flatten  # noqa: E402
 from fhirsynth.timeline.io import TimelineWriter, read_timelines  # noqa: E402
@@ -341,7 +343,22 @@ def main() -> int:
         args.out.write_text(md)
     (work / "study.json").write_text(json.dumps({k: v.get("summary", v) for k, v in columns.items()}, indent=1,
                                                 default=str))
+    write_study_html(work, {f"ε={e:g}" if math.isfinite(e) else "ε=∞ (no DP)": e for e in epsilons}, columns)
     return 0
+
+
+def write_study_html(work: Path, epsilons: dict[str, float], columns: dict[str, dict]) -> Path | None:
+    """work/study.html from the finished columns (the epsilon runs first, then the replay calibration column)."""
+    shown = {n: columns[n] for n in epsilons if "summary" in columns.get(n, {})}
+    if "replay (memorisation)" in columns:
+        shown["replay (memorisation)"] = columns["replay (memorisation)"]
+    if not shown:
+        return None
+    path = work / "study.html"
+    path.write_text(render_study_html(shown, "fhirsynth study: several privacy budgets",
+                                      epsilons={n: e for n, e in epsilons.items() if n in shown}), encoding="utf-8")
+    log.info("wrote %s", path)
+    return path
 
 
 def summarize(work: Path) -> str:
@@ -356,9 +373,13 @@ def summarize(work: Path) -> str:
         columns["replay (memorisation)"] = rep
     def eps_key(p: Path) -> float:
         return float(p.parent.name.removeprefix("report-eps"))
+    epsilons = {}
     for path in sorted(work.glob("report-eps*/report.json"), key=eps_key):
         eps = eps_key(path)
-        columns["ε=∞ (no DP)" if math.isinf(eps) else f"ε={eps:g}"] = json.loads(path.read_text())
+        name = "ε=∞ (no DP)" if math.isinf(eps) else f"ε={eps:g}"
+        columns[name] = json.loads(path.read_text())
+        epsilons[name] = eps
+    write_study_html(work, epsilons, columns)
     return "## Study: fhirsynth at several privacy budgets\n\n" + markdown(columns, [f"reports under {work}"])
 
 

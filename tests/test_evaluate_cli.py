@@ -45,9 +45,11 @@ def test_cli_writes_json_and_self_contained_html(dirs, capsys):
     metrics = {row["metric"] for row in report["summary"]}
     assert {"Condition prevalence R²", "Detection AUC", "DCR share closer to training"} <= metrics
     html = (out / "report.html").read_text()
-    assert html.startswith("<!DOCTYPE html>") and "<svg" in html
-    # self-contained: nothing is fetched (namespace URIs in xmlns and code systems in text are not fetches)
-    assert not re.search(r"<script|<link|<img|<iframe|\bsrc\s*=|\bhref\s*=|url\(|@import", html, re.I)
+    assert html.startswith("<!DOCTYPE html>") and "data:image/png;base64," in html
+    # self-contained: nothing is fetched; every src is an inline data URI (code systems in text are not fetches)
+    assert not re.search(r"<script|<link|<iframe|\bhref\s*=|url\(|@import", html, re.I)
+    srcs = re.findall(r"\bsrc\s*=\s*(\S{0,24})", html, re.I)
+    assert srcs and all(s.startswith('"data:image/png;base64,') for s in srcs), srcs[:3]
     assert "Condition prevalence" in html
     # a timelines dir as --synthetic still gets a FHIR validity rate, from a bounded sample
     validity = report["plausibility"]["fhir_validity_synthetic"]

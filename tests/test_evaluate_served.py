@@ -43,7 +43,8 @@ def test_serves_synthetic_values_never_the_reference_column(report_dir):
         assert "reference" not in m
         row = rows[m["name"]["valueString"]]
         assert m["synthetic"]["valueDecimal"] == pytest.approx(row["synthetic"], abs=1e-6)
-        assert m["computedFrom"]["valueString"] == ("synthetic" if row["group"] == "plausibility" else "real")
+        synthetic_only = row["group"] in ("plausibility", "validity")
+        assert m["computedFrom"]["valueString"] == ("synthetic" if synthetic_only else "real")
     # no attachment of the report (distributions of the real data), and the note says what is not DP
     assert not any("valueAttachment" in p for p in body["parameter"])
     note = next(p for p in body["parameter"] if p["name"] == "metricsNote")["valueString"]
@@ -53,3 +54,4 @@ def test_serves_synthetic_values_never_the_reference_column(report_dir):
 def test_unknown_groups_count_as_real():
     assert privacy_api.computed_from({"group": "something-new"}) == "real"
     assert privacy_api.computed_from({"group": "plausibility"}) == "synthetic"
+    assert privacy_api.computed_from({"group": "validity"}) == "synthetic"

@@ -64,8 +64,9 @@ def _attachment(name: str, raw: bytes, title: str) -> dict[str, Any]:
 
 
 # Summary rows whose synthetic value is computed from the synthetic data alone (see evaluate/report.py
-# summary_rows): the plausibility group. Anything not listed counts as computed from real data.
-_SYNTHETIC_ONLY_GROUPS = frozenset({"plausibility"})
+# summary_rows): plausibility rates and the FHIR validity of the synthetic resources. Anything not listed counts
+# as computed from real data.
+_SYNTHETIC_ONLY_GROUPS = frozenset({"plausibility", "validity"})
 
 
 def _is_number(v: Any) -> bool:

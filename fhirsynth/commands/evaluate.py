@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 from pathlib import Path
 
 from fhirsynth.errors import UsageError
@@ -37,6 +38,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--validity-sample", type=int, default=200, metavar="N",
                    help="patients of a timelines dir assembled into FHIR and validated (per_type cap 1000; "
                         "0 skips; an export dir's own resources are validated instead; default 200)")
+    p.add_argument("--compare", action="append", default=[], metavar="[LABEL=]DIR",
+                   help="another generator's synthetic timelines or export dir (a peer, a second model), evaluated "
+                        "the same way and shown as its own column named LABEL (default: the dir's name); repeatable")
+    p.add_argument("--preface-file", type=Path, metavar="TEXT_FILE",
+                   help="plain text shown under the report's title; paragraphs separated by blank lines")
     p.add_argument("--no-html", action="store_true", help="write report.json only")
     p.set_defaults(func=run)
     return p
@@ -59,9 +65,32 @@ def run(args: argparse.Namespace) -> int:
         audit_kwargs["k_guesses"] = args.audit_guesses
     if args.audit_epochs is not None:
         audit_kwargs["train_kwargs"] = {"epochs": args.audit_epochs}
+    compare = [parse_compare(c) for c in args.compare]
+    preface = read_preface(args.preface_file) if args.preface_file else []
     report = evaluate(args.real, args.synthetic, holdout=args.holdout, model=args.model, out_dir=args.out,
                       seed=args.seed, audit_canaries=args.audit_canaries, audit_kwargs=audit_kwargs,
-                      html=not args.no_html, validity_sample=args.validity_sample)
+                      html=not args.no_html, validity_sample=args.validity_sample, compare=compare, preface=preface)
     files = REPORT_JSON if args.no_html else f"{REPORT_JSON} and {REPORT_HTML}"
     log.info("evaluation done in %.1fs: %s in %s", report["meta"]["timings_s"]["total"], files, args.out)
     return 0
+
+
+def parse_compare(value: str) -> tuple[str, Path]:
+    """LABEL=DIR, or DIR labelled by its name. A DIR that exists is taken whole even if its name has '='."""
+    label, sep, path = value.partition("=")
+    if not sep or Path(value).exists():
+        path = value
+        label = Path(value).name or value
+    return label.strip(), Path(path)
+
+
+def read_preface(path: Path) -> list[str]:
+    """Paragraphs of a plain-text file (separated by blank lines; lines within a paragraph joined by spaces)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise UsageError(f"--preface-file cannot be read: {reason}", where=str(path)) from exc
+    paragraphs = [" ".join(line.strip() for line in block.splitlines() if line.strip())
+                  for block in re.split(r"\n[ \t]*\n", text.replace("\r\n", "\n"))]
+    return [p for p in paragraphs if p]

@@ -1,21 +1,44 @@
-"""report.html: one self-contained file (inline CSS and hand-made SVG plots; no scripts, fonts or URLs)."""
+"""report.html: one self-contained file (inline CSS, figures as base64 PNG; no scripts, fonts or fetched URLs).
+
+The page leads with a verdict per area, then the summary table (each metric beside the holdout reference and any
+compared generator, coloured and worded within / near / far, see verdict.py), then the figures and the details."""
 
 from __future__ import annotations
 
 import json
+import math
+from collections.abc import Mapping, Sequence
 from html import escape
 
-import numpy as np
+from fhirsynth.evaluate import plots
+from fhirsynth.evaluate.summary import claimed_epsilon, summary_rows
+from fhirsynth.evaluate.verdict import AREAS, FAR, KINDS, NEAR, WITHIN, area_verdicts
 
-COLORS = {"synthetic": "#d95f02", "holdout": "#1b9e77", "real": "#7570b3"}
 CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em auto;max-width:1100px;color:#222}
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em auto;max-width:1320px;color:#222;
+padding:0 1em;line-height:1.4}
 h1{font-size:1.6em}h2{border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:1.6em}
-table{border-collapse:collapse;margin:.6em 0;font-size:.9em}td,th{border:1px solid #ddd;padding:3px 8px;text-align:left}
-th{background:#f4f4f4}td.n{text-align:right;font-variant-numeric:tabular-nums}.note{color:#777;font-size:.85em}
-.plots{display:flex;flex-wrap:wrap;gap:14px}.plot{font-size:.8em}.key span{padding:0 .6em}
+table{border-collapse:collapse;margin:.6em 0;font-size:.9em;max-width:100%}td,th{border:1px solid #ddd;padding:3px 8px;
+text-align:left;vertical-align:top}th{background:#f4f4f4}td.n{text-align:right;font-variant-numeric:tabular-nums}
+.note{color:#666;font-size:.85em}td.v{overflow-wrap:anywhere}td.n,th.a{white-space:nowrap}
+.ci{display:block;color:#666;font-size:.8em}.preface{background:#f3f6fb;border-left:4px solid #4c6ef5;padding:.5em 1em}
+.within{background:#dafbe1}.near{background:#fff3bf}.far{background:#ffd8d6}
+.word{font-weight:600;font-size:.8em;text-transform:uppercase;margin-left:.4em}
+.within .word{color:#116329}.near .word{color:#7a5b00}.far .word{color:#a40e26}
+.plots{display:flex;flex-wrap:wrap;gap:14px}img.fig{max-width:100%;height:auto;border:1px solid #eee}
+.callout{background:#fff8e6;border:1px solid #f0d58a;padding:.5em 1em}
 pre{background:#f7f7f7;padding:1em;overflow:auto;font-size:.75em;max-height:40em}
+table.kv{margin:0;font-size:1em}table.kv th{background:#fafafa;font-weight:600;white-space:nowrap;overflow-wrap:normal}
 """
+AREA_TEXT = {
+    "fidelity": "do the synthetic patients look like the real ones (prevalences, co-occurrences, distributions, "
+                "whether a classifier can tell them apart)?",
+    "utility": "does a model trained on synthetic data predict real outcomes as well as one trained on real data?",
+    "privacy": "can an attacker tell who was in the training data, or find copies of real patients?",
+    "plausibility": "are there impossible events (before birth, after death, out-of-range values) beyond what the "
+                    "real data has?",
+    "validity": "are the generated FHIR resources valid against the FHIR R4 schema?",
+}
 
 
 def _fmt(v: object) -> str:
@@ -26,6 +49,8 @@ def _fmt(v: object) -> str:
     if isinstance(v, float):
         if v == 0:
             return "0"
+        if math.isinf(v):
+            return "∞"
         return f"{v:.3g}" if abs(v) < 1e-3 or abs(v) >= 1e4 else f"{v:.3f}"
     return escape(str(v))
 
@@ -46,108 +71,248 @@ def _table(headers: list[str], rows: list[list[object]]) -> str:
             cls = ' class="n"' if isinstance(v, int | float) and not isinstance(v, bool) else ""
             cells.append(f"<td{cls}>{_fmt(v)}</td>")
         body.append("<tr>" + "".join(cells) + "</tr>")
-    return f"<table><tr>{head}</tr>{''.join(body)}</table>"
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
 
 
-def svg_scatter(series: dict[str, list[list[float]]], title: str, size: int = 300) -> str:
-    """Real (x) vs other (y) statistic per key; the diagonal is a perfect match."""
-    pad = 34
-    pts = [p for s in series.values() for p in s]
-    hi = max([max(p) for p in pts], default=1.0) or 1.0
-    scale = (size - 2 * pad) / hi
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{size}" height="{size}" role="img">',
-             f'<title>{escape(title)}</title>',
-             f'<rect x="{pad}" y="{pad}" width="{size - 2 * pad}" height="{size - 2 * pad}" '
-             'fill="none" stroke="#999"/>',
-             f'<line x1="{pad}" y1="{size - pad}" x2="{size - pad}" y2="{pad}" stroke="#bbb" stroke-dasharray="4"/>',
-             f'<text x="{size / 2}" y="{size - 8}" text-anchor="middle" font-size="11">real</text>',
-             f'<text x="10" y="{size / 2}" font-size="11" transform="rotate(-90 10 {size / 2})" '
-             f'text-anchor="middle">other</text>',
-             f'<text x="{pad}" y="{size - pad + 13}" font-size="9">0</text>',
-             f'<text x="{size - pad}" y="{size - pad + 13}" font-size="9" text-anchor="end">{hi:.3g}</text>']
-    for name, s in series.items():
-        color = COLORS.get(name, "#333")
-        for x, y in s:
-            parts.append(f'<circle cx="{pad + x * scale:.1f}" cy="{size - pad - y * scale:.1f}" r="2" '
-                         f'fill="{color}" fill-opacity="0.6"/>')
-    parts.append("</svg>")
-    return f'<div class="plot"><b>{escape(title)}</b><br>{"".join(parts)}</div>'
+def _value_html(v: object, depth: int = 0) -> str:
+    """A nested value as readable HTML instead of a JSON dump: dicts as nested key/value tables, deeper dicts and
+    lists as 'key: value' text."""
+    if isinstance(v, dict):
+        if depth >= 2:
+            return escape(", ".join(f"{k}: {_plain(x)}" for k, x in v.items())) or "–"
+        return ("<table class='kv'><tbody>" + "".join(
+            f"<tr><th>{escape(str(k))}</th><td class='v'>{_value_html(x, depth + 1)}</td></tr>" for k, x in v.items())
+            + "</tbody></table>")
+    if isinstance(v, list):
+        return escape(", ".join(_plain(x) for x in v)) or "–"
+    return _fmt(v)
 
 
-def svg_hist(samples: dict[str, list[float]], title: str, width: int = 340, height: int = 200) -> str:
-    """Overlaid density step lines on common bins (clipped to the 1st-99th percentile of all values)."""
-    allv = np.concatenate([np.asarray(v, float) for v in samples.values() if len(v)] or [np.zeros(1)])
-    lo, hi = np.percentile(allv, [1, 99]) if len(allv) > 1 else (0.0, 1.0)
-    if hi <= lo:
-        hi = lo + 1.0
-    edges = np.linspace(lo, hi, 31)
-    dens = {k: np.histogram(np.clip(np.asarray(v, float), lo, hi), bins=edges, density=True)[0]
-            for k, v in samples.items() if len(v)}
-    top = max([d.max() for d in dens.values()], default=1.0) or 1.0
-    pad = 28
-    sx = (width - 2 * pad) / (hi - lo)
-    sy = (height - 2 * pad) / top
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img">',
-             f'<title>{escape(title)}</title>',
-             f'<line x1="{pad}" y1="{height - pad}" x2="{width - pad}" y2="{height - pad}" stroke="#999"/>',
-             f'<text x="{pad}" y="{height - 10}" font-size="9">{lo:.3g}</text>',
-             f'<text x="{width - pad}" y="{height - 10}" font-size="9" text-anchor="end">{hi:.3g}</text>']
-    for name, d in dens.items():
+def _plain(v: object) -> str:
+    """Unescaped short text of a value (the caller escapes)."""
+    if isinstance(v, dict | list):
+        return json.dumps(v)
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def _verdict_cell(value: object, verdict: dict | None, interval: object = None) -> str:
+    ci = f"<span class='ci'>{_interval(interval)}</span>" if _interval(interval) else ""
+    if not verdict:
+        return f"<td class='n'>{_fmt(value)}{ci}</td>"
+    word = verdict["word"]
+    title = (f"{word}: vs {verdict['basis']} {_fmt(verdict['basis_value'])}, gap {verdict['gap']:+.3f}"
+             + (" (within sampling noise)" if verdict.get("noise") else ""))
+    return f"<td class='n {word}' title='{escape(title)}'>{_fmt(value)}<span class='word'>{word}</span>{ci}</td>"
+
+
+def _area_cell(area: dict) -> str:
+    word = area.get("word")
+    counts = f"{area[WITHIN]} within, {area[NEAR]} near, {area[FAR]} far"
+    if area.get("not_judged"):
+        counts += f"; {area['not_judged']} not judged"
+    if word is None:
+        return f"<td>no verdict <span class='note'>({counts})</span></td>"
+    return f"<td class='{word}'><span class='word'>{word}</span> <span class='note'>({counts})</span></td>"
+
+
+def verdict_section(columns: Mapping[str, Sequence[dict]]) -> str:
+    """One row per area, one column per generator: its worst verdict and the counts behind it."""
+    per_col = {name: area_verdicts(rows) for name, rows in columns.items()}
+    head = "".join(f"<th>{escape(n)}</th>" for n in columns)
+    body = "".join(f"<tr><th class='a'>{a}</th><td class='note'>{escape(AREA_TEXT[a])}</td>"
+                   + "".join(_area_cell(per_col[n][a]) for n in columns) + "</tr>" for a in AREAS)
+    return (f"<table><thead><tr><th>area</th><th>question</th>{head}</tr></thead><tbody>{body}</tbody></table>"
+            "<p class='note'>An area's verdict is its worst row: one far metric makes the area far. "
+            "The summary below says which rows.</p>")
+
+
+def rules_section() -> str:
+    rows = "".join(f"<tr><td>{escape(k)}</td><td>{escape(r.description)}</td><td class='n'>≤ {r.within:g}</td>"
+                   f"<td class='n'>≤ {r.near:g}</td></tr>" for k, r in KINDS.items())
+    return ("<details><summary>How within / near / far is decided</summary>"
+            "<p>Each metric is compared with its <b>reference</b>: the same metric for the holdout (real patients the "
+            "generator never saw) against the training data, i.e. what a perfect generator reaches with data of this "
+            "size. Where there is no holdout value the verdict uses a stated fallback (the real-vs-real null median "
+            "for fidelity, chance level for attacks, the real data's own rate for plausibility and validity, a model "
+            "trained on real data for utility); hover a cell to see which. The <i>gap</i> is how much farther from "
+            "ideal the synthetic value is than the reference (negative: better than the reference). "
+            "<span class='within'>within</span>: gap ≤ the first tolerance, or the difference is within sampling "
+            "noise (the reference lies inside the synthetic value's 95% interval, or the synthetic value is no farther "
+            "from ideal than the worse end of the real-vs-real null range); <span class='near'>near</span>: gap ≤ "
+            "the second tolerance; <span class='far'>far</span>: beyond. Rows without a reference or fallback get no "
+            "verdict.</p>"
+            f"<table><thead><tr><th>kind</th><th>metrics</th><th>within: gap</th><th>near: gap</th></tr></thead>"
+            f"<tbody>{rows}</tbody></table></details>")
+
+
+def holdout_callout(rows: Sequence[dict]) -> str:
+    """Said once: which rows a holdout would fill and why."""
+    needs_value = [r["metric"] for r in rows if r.get("holdout_use") == "value" and r.get("synthetic") is None]
+    needs_ref = []
+    for group in dict.fromkeys(r.get("group") for r in rows):
+        in_group = [r for r in rows if r.get("group") == group]
+        missing = [r["metric"] for r in in_group if r.get("holdout_use") == "reference" and r.get("reference") is None]
+        if missing:  # by area, and "all N rows" rather than a wall of names where the whole area lacks it
+            listed = f"all {len(missing)} rows" if len(missing) == len(in_group) else ", ".join(missing)
+            needs_ref.append(f"{group}: {listed}")
+    parts = ["<div class='callout'><p><b>No holdout was given</b> (<code>fhirsynth evaluate --holdout DIR</code>: "
+             "real patients kept out of training).</p><ul>"]
+    if needs_value:
+        parts.append(f"<li>Not computed, because membership attacks need real non-members to compare with: "
+                     f"{escape('; '.join(needs_value))}.</li>")
+    if needs_ref:
+        parts.append(f"<li>No reference value, because the reference is the holdout measured the same way: "
+                     f"{escape('; '.join(needs_ref))}. Their verdicts use the fallback named in each cell, "
+                     "or none.</li>")
+    parts.append("</ul></div>")
+    return "".join(parts)
+
+
+def _note(note: object, has_holdout: bool) -> str:
+    # without a holdout the callout says once which rows need it; repeating it on every row is noise
+    if not note or (not has_holdout and str(note).startswith("needs --")):
+        return ""
+    return _fmt(note)
+
+
+def summary_table(columns: Mapping[str, Sequence[dict]], has_holdout: bool = True) -> str:
+    """Metric rows grouped by area: first column's value (with its interval), the holdout reference, every other
+    column, the ideal, other figures and a note. Cells are coloured and worded by their verdict."""
+    names = list(columns)
+    first = list(columns[names[0]])
+    by_col = {n: {r["metric"]: r for r in columns[n]} for n in names[1:]}
+    head = (f"<th>metric</th><th>{escape(names[0])} <span class='note'>[95% interval]</span></th>"
+            "<th>reference (holdout)</th>" + "".join(f"<th>{escape(n)}</th>" for n in names[1:])
+            + "<th>ideal</th><th>other figures</th><th>note</th>")
+    out = [f"<table><thead><tr>{head}</tr></thead><tbody>"]
+    group = None
+    for r in first:
+        if r.get("group") != group:
+            group = r.get("group")
+            out.append(f"<tr><th colspan='{6 + len(names) - 1}'>{escape(str(group))}</th></tr>")
+        extras = "; ".join(f"{escape(str(k))}: {_fmt(v)}" for k, v in (r.get("extras") or {}).items()
+                           if v is not None)
+        cells = [f"<td>{escape(str(r.get('metric')))}</td>", _verdict_cell(r.get("synthetic"), r.get("verdict"),
+                                                                           r.get("interval")),
+                 f"<td class='n'>{_fmt(r.get('reference'))}</td>"]
+        for n in names[1:]:
+            other = by_col[n].get(r["metric"], {})
+            cells.append(_verdict_cell(other.get("synthetic"), other.get("verdict")))
+        cells += [f"<td class='n'>{_fmt(r.get('ideal'))}</td>", f"<td>{extras}</td>",
+                  f"<td class='note'>{_note(r.get('note'), has_holdout)}</td>"]
+        out.append("<tr>" + "".join(cells) + "</tr>")
+    out.append("</tbody></table>")
+    return "".join(out)
+
+
+# metric rows drawn on the privacy-utility curve (when several epsilon are given)
+CURVE_METRICS = ("Mean TSTR/TRTR AUROC ratio (tasks beyond age)", "Condition prevalence R²", "Detection AUC",
+                 "2-way marginal TVD (flat table)", "MIA record-distance AUC", "DCR share closer to training")
+
+
+def column_epsilon(meta: Mapping, privacy: Mapping | None = None) -> float | None:
+    """A column's epsilon (inf for no DP) from its meta, else from its privacy report's formal guarantee."""
+    eps = meta.get("epsilon")
+    if eps == "inf":
+        return math.inf
+    if isinstance(eps, int | float) and not isinstance(eps, bool):
+        return float(eps)
+    formal = (privacy or {}).get("formal") or {}
+    if formal.get("dp") is False:
+        return math.inf
+    return claimed_epsilon(formal) if formal else None
+
+
+def curve_section(columns: Mapping[str, Sequence[dict]], epsilons: Mapping[str, float | None]) -> str:
+    """The privacy-utility curve, or '' when fewer than two distinct epsilon are known."""
+    known = {n: e for n, e in epsilons.items() if e is not None and n in columns}
+    if len(set(known.values())) < 2:
+        return ""
+    points: dict[str, list[tuple[str, float, float | None]]] = {}
+    reference, ideal = {}, {}
+    for metric in CURVE_METRICS:
         pts = []
-        for i, h in enumerate(d):
-            x0, x1 = pad + (edges[i] - lo) * sx, pad + (edges[i + 1] - lo) * sx
-            y = height - pad - h * sy
-            pts += [f"{x0:.1f},{y:.1f}", f"{x1:.1f},{y:.1f}"]
-        parts.append(f'<polyline points="{" ".join(pts)}" fill="none" stroke="{COLORS.get(name, "#333")}" '
-                     f'stroke-width="1.5"/>')
-    parts.append("</svg>")
-    return f'<div class="plot"><b>{escape(title)}</b><br>{"".join(parts)}</div>'
+        for n, e in known.items():
+            row = next((r for r in columns[n] if r.get("metric") == metric), None)
+            if row is not None:
+                pts.append((n, e, row.get("synthetic")))
+                reference.setdefault(metric, row.get("reference"))
+                ideal.setdefault(metric, row.get("ideal"))
+        points[metric] = pts
+    if not any(v is not None for pts in points.values() for *_, v in pts):
+        return ""
+    labels = ", ".join(f"{escape(n)} (ε={_fmt(e)})" for n, e in known.items())
+    return ("<h2>Privacy-utility curve</h2><p class='note'>Each marker is one generator: " + labels
+            + ". A smaller ε is a stronger privacy guarantee; the grey line joins them in order of ε.</p>"
+            + plots.curve(points, reference, ideal))
 
 
-def _key(names: list[str]) -> str:
-    return '<p class="key">' + "".join(
-        f'<span style="color:{COLORS.get(n, "#333")}">● {escape(n)}</span>' for n in names) + "</p>"
-
-
-def render_html(report: dict) -> str:
-    meta = report.get("meta", {})
-    plots = report.get("plots", {})
-    others = list(plots)
-    out = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>fhirsynth evaluation</title>"
-           f"<style>{CSS}</style></head><body>", "<h1>fhirsynth evaluation report</h1>"]
-    rows = [["real (training)", meta.get("real", {}).get("patients"), meta.get("real", {}).get("events")],
-            ["synthetic", meta.get("synthetic", {}).get("patients"), meta.get("synthetic", {}).get("events")]]
+def _cohort_table(meta: Mapping, compare: Mapping[str, Mapping]) -> str:
+    rows = [["real (training)", meta.get("real", {}).get("patients"), meta.get("real", {}).get("events"), None],
+            ["synthetic", meta.get("synthetic", {}).get("patients"), meta.get("synthetic", {}).get("events"),
+             column_epsilon(meta.get("synthetic", {}))]]
     if meta.get("holdout"):
-        rows.append(["holdout (reference)", meta["holdout"]["patients"], meta["holdout"]["events"]])
-    out.append(f"<p>Generated {_fmt(meta.get('generated'))} by fhirsynth {_fmt(meta.get('fhirsynth_version'))}. "
-               "The <i>reference</i> column is the holdout compared with the real data the same way: what a perfect "
-               "generator would reach with data of that size. A visit is one patient-day with events.</p>")
-    out.append(_table(["cohort", "patients", "events"], rows))
-    if meta.get("release_note"):
-        out.append(f"<p class='note'><b>Not for release:</b> {escape(meta['release_note'])}.</p>")
+        rows.append(["holdout (reference)", meta["holdout"]["patients"], meta["holdout"]["events"], None])
+    for label, c in compare.items():
+        m = c.get("meta", {})
+        rows.append([f"{label} (compared: {m.get('path')})", m.get("patients"), m.get("events"), column_epsilon(m)])
+    for row in rows:  # "8", "0.5", "∞": an epsilon reads better without padding zeros
+        row[3] = "∞" if row[3] == math.inf else (f"{row[3]:g}" if isinstance(row[3], float) else row[3])
+    return _table(["cohort", "patients", "events", "ε"], rows)
 
-    out.append("<h2>Summary</h2>")
-    out.append(_table(["group", "metric", "synthetic", "95% interval", "reference", "ideal", "note"],
-                      [[r.get("group"), r.get("metric"), r.get("synthetic"), _interval(r.get("interval")),
-                        r.get("reference"), r.get("ideal"), r.get("note")] for r in report.get("summary", [])]))
 
-    out.append("<h2>Fidelity</h2>" + _key(["synthetic", "holdout"][: len(others)] if others else []))
-    out.append("<p class='note'>Scatter plots: each point is one code (or code pair); x = statistic in the real "
-               "data, y = in the other cohort. Points on the dashed diagonal match.</p><div class='plots'>")
-    for key, title in [("prevalence_condition", "Condition prevalence (share of patients)"),
-                       ("prevalence_observation", "Observation-code prevalence"),
-                       ("cooccurrence", "Within-visit co-occurrence"),
-                       ("transitions", "Consecutive-visit transitions")]:
-        out.append(svg_scatter({o: plots[o].get(key, []) for o in others}, title))
+def _fidelity_plots(plots_data: Mapping[str, Mapping]) -> str:
+    others = list(plots_data)
+    out = ["<p class='note'>Each point is one code (or code pair): x = the statistic in the real data, y = in the "
+           "other cohort; points on the dashed diagonal match. Axes switch to a symmetric log scale when values span "
+           "decades.</p><div class='plots'>"]
+    for key, title, what in [("prevalence_condition", "Condition prevalence", "share of patients"),
+                             ("prevalence_observation", "Observation-code prevalence", "share of patients"),
+                             ("cooccurrence", "Within-visit co-occurrence", "share of visits"),
+                             ("transitions", "Consecutive-visit transitions", "share of visit pairs")]:
+        series = {o: plots_data[o].get(key, []) for o in others}
+        if any(series.values()):
+            out.append(plots.scatter(series, title, f"real ({what})", f"other cohort ({what})"))
     out.append("</div><div class='plots'>")
-    first = plots.get(others[0], {}).get("distributions", {}) if others else {}
+    first = plots_data.get(others[0], {}).get("distributions", {}) if others else {}
     for name in first:
         samples = {"real": first[name]["real"]}
         for o in others:
-            samples[o] = plots[o]["distributions"][name]["other"]
-        out.append(svg_hist(samples, name.replace("_", " ")))
-    out.append("</div>" + _key(["real"] + others))
-    for o in others:
+            samples[o] = plots_data[o].get("distributions", {}).get(name, {}).get("other", [])
+        label = name.replace("_", " ")
+        out.append(plots.histogram(samples, label.capitalize(), label))
+    out.append("</div>")
+    return "".join(out)
+
+
+def render_html(report: dict, preface: Sequence[str] = ()) -> str:
+    meta = report.get("meta", {})
+    compare = report.get("compare") or {}
+    columns = {"synthetic": report.get("summary", []), **{k: v.get("summary", []) for k, v in compare.items()}}
+    out = ["<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
+           "<meta name='viewport' content='width=device-width, initial-scale=1'><title>fhirsynth evaluation</title>"
+           f"<style>{CSS}</style></head><body>", "<h1>fhirsynth evaluation report</h1>"]
+    preface = list(preface) or list(meta.get("preface") or [])
+    if preface:
+        out.append("<div class='preface'>" + "".join(f"<p>{escape(p)}</p>" for p in preface) + "</div>")
+    out.append(f"<p>Generated {_fmt(meta.get('generated'))} by fhirsynth {_fmt(meta.get('fhirsynth_version'))}. "
+               "A visit is one patient-day with events.</p>")
+    out.append(_cohort_table(meta, compare))
+    if meta.get("release_note"):
+        out.append(f"<p class='note'><b>Not for release:</b> {escape(meta['release_note'])}.</p>")
+
+    out.append("<h2>Verdict</h2>" + verdict_section(columns) + rules_section())
+    if not meta.get("holdout"):
+        out.append(holdout_callout(report.get("summary", [])))
+    out.append("<h2>Summary</h2>" + summary_table(columns, has_holdout=bool(meta.get("holdout"))))
+    epsilons = {"synthetic": column_epsilon(meta.get("synthetic", {}), report.get("privacy")),
+                **{k: column_epsilon(v.get("meta", {})) for k, v in compare.items()}}
+    out.append(curve_section(columns, epsilons))
+
+    out.append("<h2>Fidelity</h2>" + _fidelity_plots(report.get("plots", {})))
+    for o in report.get("plots", {}):
         vals = report.get("fidelity", {}).get(o, {}).get("numeric_values", {})
         out.append(f"<h3>Numeric observation values: {escape(o)} vs real</h3>")
         out.append(_table(["code", "name", "KS", "Wasserstein", "W / sd(real)", "mean real", "mean other", "n other"],
@@ -172,19 +337,18 @@ def render_html(report: dict) -> str:
 
     out.append("<h2>Privacy</h2>")
     pr = report.get("privacy", {})
-    formal = pr.get("formal", {})
     out.append("<h3>Formal guarantee</h3>")
-    out.append(_table(["key", "value"], [[k, json.dumps(v) if isinstance(v, dict | list) else v]
-                                         for k, v in formal.items()]))
-    out.append("<h3>Empirical attacks</h3>")
-    attack_rows = []
+    out.append("<table><tbody>" + "".join(f"<tr><th>{escape(str(k))}</th><td class='v'>{_value_html(v)}</td></tr>"
+                                          for k, v in (pr.get("formal") or {}).items()) + "</tbody></table>")
+    out.append("<h3>Empirical attacks</h3><table><thead><tr><th>test</th><th>key</th><th>value</th></tr></thead>"
+               "<tbody>")
     for key in ("mia_likelihood", "mia_record_distance", "mia_distance", "dcr", "copies", "attribute_inference",
                 "canary_audit"):
         for k, v in (pr.get(key) or {}).items():
-            attack_rows.append([key, k, json.dumps(v) if isinstance(v, dict | list) else v])
-    out.append(_table(["test", "key", "value"], attack_rows))
+            out.append(f"<tr><td>{escape(key)}</td><td>{escape(str(k))}</td><td class='v'>{_value_html(v)}</td></tr>")
+    out.append("</tbody></table>")
 
-    out.append("<h2>Plausibility</h2>")
+    out.append("<h2>Plausibility and validity</h2>")
     pl = report.get("plausibility", {})
     cohorts = [c for c in ("real", "synthetic", "holdout") if c in pl]
     checks = [c for c, v in pl.get("real", {}).items() if isinstance(v, dict) and "event_rate" in v]
@@ -210,3 +374,23 @@ def render_html(report: dict) -> str:
     out.append(escape(json.dumps(body, indent=1)))
     out.append("</pre></details></body></html>")
     return "\n".join(out)
+
+
+def render_study_html(columns: Mapping[str, Mapping], title: str = "fhirsynth study",
+                      epsilons: Mapping[str, float | None] | None = None) -> str:
+    """Several reports side by side (benchmarks/bench_study.py): verdicts, the summary table and the
+    privacy-utility curve, drawn by the same code as a single report. epsilons: per column, where the reports do
+    not say (default: from each report's meta or formal guarantee)."""
+    # summaries are rebuilt from the metrics, so reports written before verdicts existed render the same way
+    cols = {n: summary_rows(r) if "fidelity" in r else list(r.get("summary", [])) for n, r in columns.items()}
+    cols = {n: rows for n, rows in cols.items() if rows}
+    if not cols:
+        raise ValueError("no report with a summary to render")
+    eps = {n: column_epsilon(r.get("meta", {}).get("synthetic", {}), r.get("privacy"))
+           for n, r in columns.items() if n in cols}
+    epsilons = {**eps, **{n: e for n, e in (epsilons or {}).items() if e is not None}}
+    return "\n".join([
+        f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{escape(title)}</title>"
+        f"<style>{CSS}</style></head><body><h1>{escape(title)}</h1>",
+        "<h2>Verdict</h2>" + verdict_section(cols) + rules_section(),
+        curve_section(cols, epsilons), "<h2>Summary</h2>" + summary_table(cols), "</body></html>"])
