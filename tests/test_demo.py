@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import json
 import os
 import subprocess
@@ -48,3 +49,10 @@ def test_demo_holds_out_trains_both_models_evaluates_and_explains(tmp_path: Path
     assert bench is not None and f"On the {bench.n_train}-patient benchmark" in preface
     assert f"{bench.at_epsilon(8.0, 'prevalence_r2').mean:.2f}" in preface
     assert paragraphs[0] in proc.stderr  # logged too
+    # and it leads both reports
+    assert report["meta"]["preface"] == paragraphs
+    page = (out / "report" / "report.html").read_text()
+    assert html.escape(paragraphs[0], quote=False) in page or html.escape(paragraphs[0]) in page
+    ref_page = (out / "reference-report" / "report.html").read_text()
+    assert html.escape(paragraphs[-1], quote=False) in ref_page or html.escape(paragraphs[-1]) in ref_page
+

@@ -184,7 +184,7 @@ def _evaluate_and_explain(args: argparse.Namespace, out: Path, train_dir: Path, 
                           ref_dir: Path, reference: list[Timeline] | None, n_train: int, n_hold: int) -> None:
     from fhirsynth.demo.benchmark import load_benchmark
     from fhirsynth.demo.explain import DemoRun, preface, write_preface
-    from fhirsynth.evaluate.report import evaluate
+    from fhirsynth.evaluate.report import add_preface, evaluate
     from fhirsynth.records_metrics import Records, compare
     from fhirsynth.timeline.io import read_timelines
 
@@ -207,6 +207,9 @@ def _evaluate_and_explain(args: argparse.Namespace, out: Path, train_dir: Path, 
         report_rows=_prevalence_rows(dp_report, ref_report))
     paragraphs = preface(run, load_benchmark())
     write_preface(paragraphs, out / PREFACE_FILE)
+    add_preface(dp_report, out / "report", paragraphs)  # the explanation leads both reports
+    if ref_report is not None:
+        add_preface(ref_report, out / "reference-report", paragraphs)
     for para in paragraphs:
         log.info("    %s", para)
     log.info("    open %s (DP model) and %s (reference)", (out / "report" / "report.html").resolve(),

@@ -229,6 +229,17 @@ def _evaluate(real_dir: str | Path, synthetic: str | Path, *, holdout: str | Pat
     return report
 
 
+def add_preface(report: dict, out_dir: str | Path, preface: Sequence[str]) -> None:
+    """Put paragraphs at the top of a written report (report.json's meta and report.html), without re-measuring:
+    for text that can only be written once the numbers are known (the demo's explanation)."""
+    from fhirsynth.evaluate.html import render_html
+
+    out = Path(out_dir)
+    report["meta"]["preface"] = [str(p) for p in preface]
+    atomic_write_text(out / REPORT_JSON, json.dumps(report, indent=1, allow_nan=False))
+    atomic_write_text(out / REPORT_HTML, render_html(report, preface=preface))
+
+
 def _epsilon(formal: dict, export_dir: Path | None) -> float | str | None:
     """The generator's epsilon: the model's claim, "inf" for a model trained without DP, else the export's."""
     if formal.get("dp") is False:
