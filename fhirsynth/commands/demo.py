@@ -19,6 +19,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+REFERENCE_LABEL = "no DP (reference)"  # the reference model's column in the report
+
 # package data (a link to fixtures/sample in a source checkout), so the demo runs after a plain `pip install`
 SAMPLE_DIR = Path(__file__).resolve().parents[1] / "data" / "sample"
 PREFACE_FILE = "report-preface.txt"
@@ -189,13 +191,10 @@ def _evaluate_and_explain(args: argparse.Namespace, out: Path, train_dir: Path, 
     from fhirsynth.timeline.io import read_timelines
 
     log.info("6/%d evaluate against the %d held-out patients -> %s", STEPS, n_hold, out / "report")
+    # the reference model is a second column of the same report, beside the DP model and the holdout reference
+    peers = [(REFERENCE_LABEL, ref_synth_dir)] if reference is not None else []
     dp_report = evaluate(train_dir, export_dir, holdout=holdout_dir, model=model_dir, out_dir=out / "report",
-                         seed=args.seed)
-    ref_report = None
-    if reference is not None:
-        log.info("    and the reference model -> %s", out / "reference-report")
-        ref_report = evaluate(train_dir, ref_synth_dir, holdout=holdout_dir, model=ref_dir,
-                              out_dir=out / "reference-report", seed=args.seed)
+                         seed=args.seed, compare=peers)
 
     log.info("7/%d what the numbers mean -> %s", STEPS, out / PREFACE_FILE)
     held = Records(list(read_timelines(holdout_dir)))
@@ -204,26 +203,23 @@ def _evaluate_and_explain(args: argparse.Namespace, out: Path, train_dir: Path, 
         dp=compare(held, Records(synthetic)), real_vs_real=compare(held, Records(list(read_timelines(train_dir)))),
         reference=compare(held, Records(reference)) if reference is not None else None,
         reference_epochs=args.reference_epochs or None,
-        report_rows=_prevalence_rows(dp_report, ref_report))
+        report_rows=_prevalence_rows(dp_report))
     paragraphs = preface(run, load_benchmark())
     write_preface(paragraphs, out / PREFACE_FILE)
-    add_preface(dp_report, out / "report", paragraphs)  # the explanation leads both reports
-    if ref_report is not None:
-        add_preface(ref_report, out / "reference-report", paragraphs)
+    add_preface(dp_report, out / "report", paragraphs)  # the explanation leads the report
     for para in paragraphs:
         log.info("    %s", para)
-    log.info("    open %s (DP model) and %s (reference)", (out / "report" / "report.html").resolve(),
-             (out / "reference-report" / "report.html").resolve())
+    log.info("    open %s", (out / "report" / "report.html").resolve())
 
 
-def _prevalence_rows(dp_report: dict, ref_report: dict | None
-                     ) -> dict[str, tuple[float | None, float | None, float | None]]:
+def _prevalence_rows(report: dict) -> dict[str, tuple[float | None, float | None, float | None]]:
     """The report's own prevalence rows (found by name: the report's layout is its own business): DP model,
-    reference model, and the report's reference column (held-out vs training patients)."""
-    def rows(rep: dict | None) -> dict[str, dict]:
-        return {r["metric"]: r for r in (rep or {}).get("summary", []) if "prevalence" in r.get("metric", "").lower()}
+    reference model (its compare column), and the report's reference column (held-out vs training patients)."""
+    def rows(summary: list[dict]) -> dict[str, dict]:
+        return {r["metric"]: r for r in summary if "prevalence" in r.get("metric", "").lower()}
 
-    dp, ref = rows(dp_report), rows(ref_report)
+    dp = rows(report.get("summary", []))
+    ref = rows(((report.get("compare") or {}).get(REFERENCE_LABEL) or {}).get("summary", []))
     return {name: (row.get("synthetic"), ref.get(name, {}).get("synthetic"), row.get("reference"))
             for name, row in dp.items()}
 
