@@ -330,3 +330,38 @@ def test_ndjson_load_stops_after_a_failed_stage(tmp_path, capsys):
     assert report.failures[0]["file"].startswith("Patient.ndjson")
     assert main(["load", str(out), "--url", "http://127.0.0.1:9/fhir", "--retries", "0"]) == 2
     assert "not sent after it" in capsys.readouterr().err
+
+
+def test_a_failed_transaction_says_which_one_how_many_entries_failed_and_what_was_not_sent(tmp_path):
+    out = tmp_path / "one"
+    write_export(random_timelines(1, seed=4), out, fmt="transaction", generator=GEN)
+    (bundle,) = [p for p in out.glob("*.json") if p.name != "manifest.json"]
+    size = len(json.loads(bundle.read_text())["entry"])
+    assert size > 12
+    with FhirServer(throttle_first=0, reject_every=2) as server:  # entries 2 and 4 of the first transaction
+        report = load_export(out, server.url, retries=3, max_entries=4, concurrency=1)
+    (failure,) = report.failures
+    assert failure["status"] == 200 and failure["attempts"] == 1  # a rejected entry is not retried
+    assert failure["not_sent"] == size - 4
+    assert failure["message"].startswith(f"transaction 1 of {-(-size // 4)} (4 entries): HTTP 200 but 2 entries "
+                                         "failed: ")
+    assert failure["message"].endswith(f"; {size - 4} later entries of the file not sent")
+    assert len(failure["entries"]) == 2 and "; ".join(failure["entries"]) in failure["message"]
+    with FhirServer(throttle_first=0, reject_every=4) as server:  # one entry: singular
+        report = load_export(out, server.url, retries=0, max_entries=4)
+    assert "HTTP 200 but 1 entry failed: " in report.failures[0]["message"]
+
+
+def test_an_entry_that_cannot_be_sent_fails_before_any_request(tmp_path):
+    d = tmp_path / "fwd"
+    d.mkdir()
+    # a batch with server-assigned ids cannot point at an entry of the same batch
+    (d / "b.json").write_text(json.dumps({"resourceType": "Bundle", "type": "collection", "entry": [
+        {"fullUrl": "urn:uuid:o", "resource": {"resourceType": "Observation", "subject": {"reference": "urn:uuid:q"}}},
+        {"fullUrl": "urn:uuid:q", "resource": {"resourceType": "Observation"}}]}))
+    with FhirServer(throttle_first=0) as server:
+        report = load_export(d, server.url, retries=0, batch=True, ids="server")
+        assert server.requests == 0
+    (failure,) = report.failures
+    assert failure["status"] is None and failure["attempts"] == 0
+    assert failure["message"].startswith("Observation/(new) refers to urn:uuid:q, which is not stored yet")

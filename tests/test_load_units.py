@@ -15,6 +15,7 @@ import pytest
 from fhirsynth.errors import LoadError, UsageError
 from fhirsynth.export.loader import (
     MAX_BACKOFF_S,
+    LoadReport,
     _retry_after,
     check_transaction_response,
     load_sources,
@@ -167,3 +168,23 @@ def test_sources_of_each_export_layout(tmp_path: Path):
     (tx / "b.json").write_text(json.dumps(_tx("Patient/p")))
     (tx / ".hidden.json").write_text("{}")
     assert load_sources(tx) == ("bundles", [tx / "b.json"])
+
+
+def test_posts_count_as_created_or_existing_and_other_2xx_as_stored():
+    tx = _tx("Patient/p", "Encounter/e", "Observation/o", "Observation/q", "Condition/c", "Condition/d")
+    for entry, method in zip(tx["entry"], ["POST", "post", "PUT", None, "POST", "PUT"]):
+        entry["request"] = {"method": method, "url": entry["resource"]["resourceType"]} if method else {}
+    failures, counts = check_transaction_response(
+        tx, _answer("201 Created", "200 OK", "200 OK", "202 Accepted", "300 Multiple Choices", "304"),
+        names=["Patient/new", "Encounter/new", "Observation/o", "Observation/q", "Condition/x", "Condition/d"])
+    assert failures == ["Condition/x: HTTP 300 Multiple Choices: no OperationOutcome"]
+    assert counts == Counter({("Patient", "created"): 1, ("Encounter", "existing"): 1, ("Observation", "updated"): 1,
+                              ("Observation", "stored"): 1, ("Condition", "failed"): 1,
+                              ("Condition", "unchanged"): 1})
+    report = LoadReport()
+    report.entries.update(counts)
+    assert report.by_type() == {"Condition": {"failed": 1, "unchanged": 1}, "Encounter": {"existing": 1},
+                                "Observation": {"stored": 1, "updated": 1}, "Patient": {"created": 1}}
+    outcome = {"issue": [{"details": {"text": "from details"}}, {"code": "invalid"}]}
+    failures, _ = check_transaction_response(_tx("Patient/p"), _answer("400 Bad Request", outcome=outcome))
+    assert failures == ["Patient/p: HTTP 400 Bad Request: from details; invalid"]

@@ -218,3 +218,78 @@ def test_a_sources_own_conditional_creates_are_kept_with_server_ids_in_small_tra
     sent = prepare(parts[0], Located(), "server", batch=False).bundle["entry"]
     assert sent[0]["request"] == {"method": "POST", "url": "Organization", "ifNoneExist": "identifier=urn:npi|0"}
     assert [len(c) for c in chunks(entries, 50, "client")] == [40]  # PUT by id needs no isolation
+
+
+def test_local_name_leaves_what_is_no_type_and_id():
+    assert local_name("Patient") == "Patient"
+    assert local_name("abc/def") == "abc/def"  # lower case: not a resource type
+
+
+def test_a_searchset_outcome_first_still_leaves_every_match():
+    doc = _searchset()
+    doc["entry"].insert(0, doc["entry"].pop())  # the OperationOutcome first
+    assert [e.name for e in bundle_entries(doc)] == ["Observation/o1", "Observation/o2", "Patient/p1"]
+
+
+@pytest.mark.parametrize("btype", ["transaction", "batch"])
+def test_requests_that_store_nothing_are_named(btype):
+    doc = {"resourceType": "Bundle", "type": btype, "entry": [
+        {"resource": {"resourceType": "Patient", "id": "p"}, "request": {"method": "PUT", "url": "Patient/p"}},
+        {"resource": {"resourceType": "Patient", "id": "q"}, "request": {"url": "Patient/q"}}]}
+    with pytest.raises(NotLoadable) as err:
+        bundle_entries(doc)
+    assert str(err.value) == ("Bundle.entry[1] is a request without a method: `load` only stores resources (PUT or "
+                              "POST entries)")
+    doc["type"] = "message"
+    with pytest.raises(NotLoadable) as err:
+        bundle_entries(doc)
+    assert str(err.value) == ("a 'message' Bundle holds no data to store; `load` takes transaction, batch, "
+                              "collection, searchset, document Bundles or NDJSON")
+
+
+def test_references_resolve_by_exact_name_by_local_name_or_stay():
+    no_id = entry_for({"resourceType": "Patient"}, "http://other/fhir/Patient/1")  # no id: only its fullUrl
+    with_id = entry_for({"resourceType": "Encounter", "id": "e"}, "urn:uuid:e")
+    located = Located()
+    located.add([no_id, with_id])
+    assert located.resolve("http://other/fhir/Patient/1", set(), batch=False) == "http://other/fhir/Patient/1"
+    assert located.resolve("http://other/fhir/Patient/1", {no_id.full_url}, batch=False) == no_id.full_url
+    assert located.resolve("https://h/Encounter/e/_history/2", {"urn:uuid:e"}, batch=False) == "urn:uuid:e"
+    # known but not stored and not in the transaction: sent as it was written
+    assert located.resolve("Encounter/e", set(), batch=False) == "Encounter/e"
+    assert located.resolve("urn:uuid:e", set(), batch=False) == "urn:uuid:e"
+    located.stored["urn:uuid:e"] = "Encounter/E9"
+    assert located.resolve("Encounter/e", set(), batch=False) == "Encounter/E9"
+    assert located.resolve("urn:uuid:e", {"urn:uuid:e"}, batch=True) == "Encounter/E9"  # a batch: where stored
+    assert located.resolve("Practitioner/x", set(), batch=False) == "Practitioner/x"  # not in the load
+
+
+def test_where_the_server_put_each_entry_is_read_from_location_resource_or_put_url():
+    entries = [entry_for({"resourceType": "Patient", "id": "a"}, "urn:uuid:a"),
+               entry_for({"resourceType": "Patient", "id": "b"}, "urn:uuid:b"),
+               entry_for({"resourceType": "Patient", "id": "c"}, "urn:uuid:c"),
+               entry_for({"resourceType": "Patient"}, "urn:uuid:d")]
+    located = Located()
+    located.add(entries)
+    prepared = prepare(entries, located, "client", batch=False)
+    located.stored.clear()
+    answer = {"entry": [
+        {"response": {"status": "201 Created", "location": "https://srv/fhir/Patient/A1/_history/3"}},
+        {"response": {"status": "200 OK"}, "resource": {"resourceType": "Patient", "id": "B1"}},
+        {"response": {"status": "200 OK"}},  # nothing said: a PUT is where it was put
+        {"response": {"status": "201 Created"}},  # a POST without location: unknown
+    ]}
+    missing = record_locations(prepared, answer, located)
+    assert located.stored == {"urn:uuid:a": "Patient/A1", "urn:uuid:b": "Patient/B1", "urn:uuid:c": "Patient/c"}
+    assert missing == ["Patient/(new): the server's answer says neither its location nor its id"]
+
+
+def test_conditional_mode_needs_both_system_and_value_and_sends_several_provenance_chunks():
+    assert conditional_query({"resourceType": "Patient", "identifier": [
+        {"value": "no-system"}, {"system": "s"}, "junk", {"system": "urn:mrn", "value": "7"}]}) == \
+        "identifier=urn:mrn|7"
+    assert conditional_query({"resourceType": "Patient", "identifier": [{"value": "v"}]}) is None
+    provs = [entry_for({"resourceType": "Provenance", "id": f"v{i}"}, f"urn:uuid:v{i}") for i in range(3)]
+    parts = chunks([*provs, entry_for({"resourceType": "Patient", "id": "p"}, "urn:uuid:p")], 2, "conditional")
+    assert [[e.name for e in c] for c in parts] == [["Patient/p"], ["Provenance/v0", "Provenance/v1"],
+                                                   ["Provenance/v2"]]
