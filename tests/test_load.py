@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 
 from fhirsynth.cli import main
-from fhirsynth.errors import LoadError
 from fhirsynth.export.bundles import iter_references, rewrite_refs
 from fhirsynth.export.loader import load_export
 from fhirsynth.export.writer import read_manifest, write_export

@@ -16,7 +16,7 @@ from fhirsynth.model.dpnoise import NoiseSource
 from fhirsynth.model.sampler import sample_timelines
 from fhirsynth.model.scoring import sequence_nll
 from fhirsynth.model.tokenizer import Tokenizer
-from fhirsynth.model.visits import VisitCollate, VisitDataset, VisitLayout, encode_visits, visit_tokens
+from fhirsynth.model.visits import VisitCollate, VisitLayout, encode_visits, visit_tokens
 from fhirsynth.model.vocab import build_vocab
 from fhirsynth.timeline.io import read_timelines
 
