@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from fhirsynth.cli import main
+from fhirsynth.errors import UsageError
 from fhirsynth.export.bundles import iter_references, rewrite_refs
 from fhirsynth.export.loader import load_export
 from fhirsynth.export.writer import read_manifest, write_export
@@ -364,3 +365,17 @@ def test_an_entry_that_cannot_be_sent_fails_before_any_request(tmp_path):
     (failure,) = report.failures
     assert failure["status"] is None and failure["attempts"] == 0
     assert failure["message"].startswith("Observation/(new) refers to urn:uuid:q, which is not stored yet")
+
+
+@pytest.mark.parametrize("kwargs,where,text", [
+    ({"concurrency": 0}, "--concurrency", "must be at least 1, got 0"),
+    ({"retries": -1}, "--retries", "must be 0 or more, got -1"),
+    ({"max_entries": 0}, "--max-entries", "must be at least 1, got 0"),
+    ({"ids": "mine"}, "--ids", "unknown id mode 'mine' (choose from client, server, conditional)"),
+    ({"url": "ftp://x"}, "--url", "expected an http(s) FHIR base URL, got 'ftp://x'"),
+])
+def test_bad_options_name_the_option_and_the_value(export, kwargs, where, text):
+    kwargs = {"url": "http://127.0.0.1:9/fhir", **kwargs}
+    with pytest.raises(UsageError) as err:
+        load_export(export, kwargs.pop("url"), **kwargs)
+    assert err.value.where == where and text in str(err.value)
