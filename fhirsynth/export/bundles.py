@@ -232,6 +232,19 @@ def document_bundle(
     return bundle
 
 
+def reference_parts(ref: str) -> tuple[str, str] | None:
+    """(type, id) of a literal reference or location, relative or absolute, a `/_history/v` suffix dropped; None
+    for a urn, a fragment or anything that does not end in `Type/id`."""
+    if ref.startswith(("urn:", "#")):
+        return None
+    parts = ref.split("/")
+    if "_history" in parts:
+        parts = parts[: parts.index("_history")]
+    if len(parts) >= 2 and parts[-2][:1].isupper():
+        return parts[-2], parts[-1]
+    return None
+
+
 def iter_references(node: Any):
     """Every literal reference string inside a resource (for integrity checks)."""
     if isinstance(node, dict):

@@ -20,7 +20,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from fhirsynth.export.bundles import iter_references, rewrite_refs
+from fhirsynth.export.bundles import iter_references, reference_parts, rewrite_refs
 from fhirsynth.export.ndjson_source import dependency_rank
 from fhirsynth.timeline.assembler import RESOURCE_ID_SYSTEM
 
@@ -60,14 +60,8 @@ class Entry:
 
 def local_name(ref: str) -> str:
     """`Type/id` of a reference or location: drops a base URL and a `/_history/v` suffix; others unchanged."""
-    if ref.startswith((URN, "#")):
-        return ref
-    parts = ref.split("/")
-    if "_history" in parts:
-        parts = parts[: parts.index("_history")]
-    if len(parts) >= 2 and parts[-2][:1].isupper():
-        return f"{parts[-2]}/{parts[-1]}"
-    return ref
+    parts = reference_parts(ref)
+    return f"{parts[0]}/{parts[1]}" if parts else ref
 
 
 def entry_for(resource: dict[str, Any], full_url: str | None = None) -> Entry:
@@ -249,8 +243,7 @@ def prepare(chunk: list[Entry], located: Located, mode: IdMode, *, batch: bool) 
                                   + (" (a batch resolves no reference between its entries, so with server-assigned "
                                      "ids it must be stored by an earlier batch)" if batch else
                                      " (a reference cycle between transactions?)"))
-            if mode != "client" and sent == ref and local_name(ref).split("/")[0] in located.export_types \
-                    and not ref.startswith(URN):
+            if mode != "client" and sent == ref and (reference_parts(ref) or ("",))[0] in located.export_types:
                 raise NotLoadable(f"{e.name} refers to {ref}, which this export holds but has not stored yet; "
                                   "with server-assigned ids the referenced type must load first (or use --ids client)")
         resource = rewrite_refs(e.resource, {k: v for k, v in mapping.items() if k != v})
@@ -263,10 +256,9 @@ def prepare(chunk: list[Entry], located: Located, mode: IdMode, *, batch: bool) 
             if mode == "server" and e.if_none_exist:
                 entry["request"]["ifNoneExist"] = e.if_none_exist
             if mode == "conditional":
-                target = next((mapping.get(t.get("reference"), t.get("reference"))
-                               for t in resource.get("target") or [] if isinstance(t, dict)
-                               and str(mapping.get(t.get("reference"), t.get("reference"))).startswith("Patient/")),
-                              None)
+                # the resource's references are rewritten already: a stored Patient is `Patient/<server id>`
+                target = next((t["reference"] for t in resource.get("target") or []
+                               if isinstance(t, dict) and str(t.get("reference")).startswith("Patient/")), None)
                 query = conditional_query(resource, target) or e.if_none_exist
                 if query:
                     entry["request"]["ifNoneExist"] = query

@@ -16,7 +16,7 @@ from pathlib import Path
 import orjson
 
 from fhirsynth.errors import LoadError
-from fhirsynth.export.bundles import iter_references
+from fhirsynth.export.bundles import iter_references, reference_parts
 
 # stage of a type: referenced types before the types that reference them; Provenance points at everything
 _STAGE = {"Patient": 0, "Practitioner": 1, "Organization": 1, "Location": 1, "Device": 1, "Medication": 1,
@@ -73,13 +73,8 @@ def stages(files: list[NdjsonFile]) -> list[list[NdjsonFile]]:
 
 def referenced_types(path: Path) -> set[str]:
     """Resource types that the resources of one NDJSON file refer to by `Type/id` (a base URL or version dropped)."""
-    found: set[str] = set()
-    for _, r in _resources(path):
-        for ref in iter_references(r):
-            parts = ref.split("/_history/")[0].split("/")
-            if len(parts) >= 2 and parts[-2][:1].isupper() and not ref.startswith(("urn:", "#")):
-                found.add(parts[-2])
-    return found
+    return {parts[0] for _, r in _resources(path) for ref in iter_references(r)
+            if (parts := reference_parts(ref)) is not None}
 
 
 def stages_by_references(files: list[NdjsonFile]) -> list[list[NdjsonFile]]:

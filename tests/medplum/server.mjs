@@ -243,9 +243,10 @@ function identifierLookup(searchRequest) {
       || String(filters[0].value).includes(',')) {
     return undefined;
   }
-  const value = String(filters[0].value);
-  const key = value.includes('|') ? `${searchRequest.resourceType}|${value}` : `${searchRequest.resourceType}||${value}`;
-  return [...(identifierIndex.get(key) ?? [])];
+  const raw = String(filters[0].value);
+  const [system, value] = raw.includes('|') ? raw.split('|') : [undefined, raw];
+  const key = `${searchRequest.resourceType}|${system ?? ''}|${value}`;
+  return { ids: [...(identifierIndex.get(key) ?? [])], system, value };
 }
 
 class ValidatingRepository extends MemoryRepository {
@@ -258,17 +259,16 @@ class ValidatingRepository extends MemoryRepository {
   }
 
   searchSync(searchRequest) {
-    const ids = identifierLookup(searchRequest);
-    if (!ids) return super.searchSync(searchRequest);
-    const raw = String(searchRequest.filters[0].value);
-    const [system, value] = raw.includes('|') ? raw.split('|') : [undefined, raw];
+    const found = identifierLookup(searchRequest);
+    if (!found) return super.searchSync(searchRequest);
+    const { ids, system, value } = found;
     const byId = this.resources.get(searchRequest.resourceType);
-    const found = ids.map((id) => byId?.get(id)).filter((r) => r?.identifier?.some(
+    const matches = ids.map((id) => byId?.get(id)).filter((r) => r?.identifier?.some(
       (i) => i.value === value && (system === undefined || (i.system ?? '') === system)));
-    let entry = found.map((r) => ({ search: { mode: 'match' }, resource: core.deepClone(r) }));
+    let entry = matches.map((r) => ({ search: { mode: 'match' }, resource: core.deepClone(r) }));
     if (searchRequest.offset !== undefined) entry = entry.slice(searchRequest.offset);
     if (searchRequest.count !== undefined) entry = entry.slice(0, searchRequest.count);
-    return { resourceType: 'Bundle', type: 'searchset', entry: entry.length ? entry : undefined, total: found.length };
+    return { resourceType: 'Bundle', type: 'searchset', entry: entry.length ? entry : undefined, total: matches.length };
   }
 
   async exists(type, id) {
