@@ -10,8 +10,10 @@ from dataclasses import dataclass, field
 from datetime import date, datetime
 from typing import Literal
 
-EventKind = Literal["condition", "observation", "encounter"]
-EVENT_KINDS: tuple[str, ...] = ("condition", "observation", "encounter")
+EventKind = Literal["condition", "observation", "encounter", "medication", "immunization", "procedure", "allergy"]
+EVENT_KINDS: tuple[str, ...] = ("condition", "observation", "encounter", "medication", "immunization", "procedure", "allergy")
+# The code system of AllergyIntolerance.criticality, kept in value_system/value_code of an allergy event.
+CRITICALITY_SYSTEM = "http://hl7.org/fhir/allergy-intolerance-criticality"
 
 
 @dataclass(slots=True)
@@ -25,6 +27,19 @@ class Event:
                  category = observation-category code (vital-signs, laboratory, ...); status = Observation.status.
     encounter:   system/code = Encounter.class; value_* = first Encounter.type coding; time/end_time = period;
                  encounter_id = the encounter's own id; status = Encounter.status.
+    medication:  system/code = the medication code (MedicationRequest/MedicationStatement medicationCodeableConcept,
+                 or the code of the referenced Medication); time = authoredOn (a statement: effective start);
+                 end_time = end of the course (effectivePeriod.end, dispenseRequest.validityPeriod.end);
+                 status = status; category = the medication request category code, if any;
+                 value_* = the reason: reasonCode, else the code of the Condition in reasonReference.
+    immunization: system/code = vaccineCode; time = occurrence; status = status (completed, not-done).
+    procedure:   system/code = Procedure.code; time/end_time = performed (dateTime, or period start/end);
+                 status = status; category = Procedure.category code, if any; value_* = the reason, as for
+                 medication.
+    allergy:     system/code = AllergyIntolerance.code; time = onset (else recordedDate); end_time = None;
+                 status = clinicalStatus code; category = the first category (food, medication, environment,
+                 biologic); value_system/value_code = CRITICALITY_SYSTEM / criticality (low, high,
+                 unable-to-assess), if any.
     """
 
     time: datetime
@@ -71,6 +86,6 @@ class Timeline:
 
     def sorted(self) -> Timeline:
         """Events in time order; ties keep encounters first so visits open before their contents."""
-        order = {"encounter": 0, "condition": 1, "observation": 2}
-        self.events.sort(key=lambda e: (e.time, order.get(e.kind, 3)))
+        order = {"encounter": 0, "condition": 1, "allergy": 2, "observation": 3, "procedure": 4, "immunization": 5, "medication": 6}
+        self.events.sort(key=lambda e: (e.time, order.get(e.kind, 7)))
         return self
