@@ -15,7 +15,10 @@ from fhirsynth.timeline.adapter import ingest
 def test_shipped_mappings_load(name: str) -> None:
     m = load_mapping(name)
     assert m.version == 1 and m.name == name
-    assert {r.kind for r in m.resources.values()} == {"condition", "observation", "encounter"}
+    assert {r.kind for r in m.resources.values()} == {"condition", "observation", "encounter", "medication",
+                                                      "immunization", "procedure", "allergy"}
+    assert m.resources["MedicationRequest"].medication_reference == ("medicationReference",)
+    assert m.resources["Procedure"].reason_reference == ("reasonReference",)
     obs = m.resources["Observation"]
     assert obs.systems[0] == "http://loinc.org" and obs.components == "expand"
     assert "entered-in-error" in obs.skip_status

@@ -42,6 +42,12 @@ _RESOURCE_KEYS: dict[str, tuple[str, bool]] = {
     "encounter": ("path", False),
     "encounter_self": ("bool", False),
     "components": ("components", False),
+    "value_code": ("path", False),
+    "value_code_system": ("str", False),
+    "reason_code": ("path", False),
+    "reason_reference": ("path", False),
+    "reason_systems": ("strs", False),
+    "medication_reference": ("path", False),
 }
 _PATIENT_KEYS: dict[str, str] = {
     "gender": "path",
@@ -219,6 +225,8 @@ def _parse_resource(rtype: str, table: dict[str, Any], chk: _Checker) -> Resourc
             chk.bad(f"[{rtype}].{key}", "missing (required)")
     if kwargs.get("components") == "expand" and kwargs.get("kind", "observation") != "observation":
         chk.bad(f"[{rtype}].components", "component expansion is only defined for observations")
+    if "value_code_system" in kwargs and "value_code" not in kwargs:
+        chk.bad(f"[{rtype}].value_code_system", "needs value_code (the element whose code it qualifies)")
     if len(chk.problems) != before:
         return None
     for key in ("skip_status", "skip_verification"):

@@ -9,10 +9,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+# The kinds are the timeline contract's (timeline/types.py), so a mapping can name every kind the model learns.
+from fhirsynth.timeline.types import EVENT_KINDS
+
+__all__ = ["EVENT_KINDS", "ElementPath", "Mapping", "PatientMapping", "ResourceMapping"]
+
 # An element path such as "effectivePeriod.start", pre-split into keys. Lists along the way take their first item.
 ElementPath = tuple[str, ...]
 
-EVENT_KINDS: tuple[str, ...] = ("condition", "observation", "encounter")
 
 
 @dataclass(frozen=True, slots=True)
@@ -20,7 +24,7 @@ class ResourceMapping:
     """How one FHIR resource type becomes events (one table of the TOML file)."""
 
     resource_type: str
-    kind: str  # condition | observation | encounter
+    kind: str  # one of timeline.types.EVENT_KINDS
     patient: tuple[ElementPath, ...]  # candidate references to the Patient, first present wins
     time: tuple[ElementPath, ...]  # candidate start times in preference order
     end_time: tuple[ElementPath, ...] = ()
@@ -41,6 +45,17 @@ class ResourceMapping:
     encounter: ElementPath | None = None  # reference to the Encounter
     encounter_self: bool = False  # the resource IS the encounter: encounter_id = its own id
     components: str = "ignore"  # "expand": one event per component, panel_* = the parent code
+    # A plain code element (AllergyIntolerance.criticality) kept as value_system/value_code.
+    value_code: ElementPath | None = None
+    value_code_system: str | None = None
+    # The reason (MedicationRequest, Procedure): reasonCode, else the code of the Condition in reasonReference,
+    # resolved within the patient's data; both end in value_system/value_code/value_display.
+    reason_code: ElementPath | None = None
+    reason_reference: ElementPath | None = None
+    reason_systems: tuple[str, ...] = ()  # preferred systems of a reasonCode; empty = first coding
+    # A Reference to a Medication (contained, or in the same Bundle / export) whose code is used when `code` has
+    # none (MedicationRequest.medicationReference).
+    medication_reference: ElementPath | None = None
 
 
 @dataclass(frozen=True, slots=True)

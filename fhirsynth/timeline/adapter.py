@@ -33,7 +33,14 @@ from fhirsynth.errors import InputError, StrictModeError
 from fhirsynth.fhir.readers import ResourceReader, discover_inputs
 from fhirsynth.logs import progress
 from fhirsynth.mapping import Mapping, load_mapping
-from fhirsynth.timeline.extract import HEAD_FIELDS, EventExtractor, extract_patient, patient_aliases
+from fhirsynth.timeline.extract import (
+    HEAD_FIELDS,
+    MEDICATION_REF,
+    REASON_REF,
+    EventExtractor,
+    extract_patient,
+    patient_aliases,
+)
 from fhirsynth.timeline.io import (
     EVENT_SCHEMA,
     EVENTS_FILE,
@@ -130,7 +137,7 @@ def ingest(
             gc_was_enabled = gc.isenabled()
             gc.disable()
             try:
-                patients, aliases, spill = _pass_one(reader, m, extractors, report, tmp)
+                patients, aliases, spill, medications = _pass_one(reader, m, extractors, report, tmp)
             finally:
                 if gc_was_enabled:
                     gc.enable()
@@ -141,7 +148,9 @@ def ingest(
             raise InputError("no FHIR resource found (empty file, Bundle without entries, or nothing readable)",
                              where=where)
         pause_point("ingest-between-passes")  # spill files written, nothing final yet
-        summary = _pass_two(spill, patients, aliases, report, reader, tmp)
+        refs = _References(spill, aliases, medications, extractors, report, reader)
+        summary = _pass_two(spill, patients, aliases, report, reader, tmp, refs)
+        refs.report_unused_medications()
         components_dropped = sum(ex.components_dropped for ex in extractors.values())
         result = report.to_dict(
             fhirsynth_version=__version__,
@@ -152,6 +161,7 @@ def ingest(
             bundle_entries_without_resource=reader.entries_without_resource,
             components_dropped=components_dropped,
             values_dropped=sum(ex.values_dropped for ex in extractors.values()),
+            reasons_unresolved=refs.reasons_unresolved,
             events=summary["events"],
             patients=summary["patients"],
             strict=strict,
@@ -222,8 +232,12 @@ def _pass_one(
     extractors: dict[str, EventExtractor],
     report: IngestReport,
     tmp: Path,
-) -> tuple[dict[str, tuple], dict[str, str], _Spill]:
+) -> tuple[dict[str, tuple], dict[str, str], _Spill, dict[str, tuple]]:
     patients: dict[str, tuple] = {}
+    # Medication resources, when a table reads medicationReference: "Medication/id" -> (code, where); each is
+    # counted used once an event takes its code, else skipped as medication_not_referenced (after pass 2)
+    medications: dict[str, tuple] = {}
+    want_medications = any(rm.medication_reference is not None for rm in m.resources.values())
     aliases: dict[str, str] = {}
     spill = _Spill(tmp)
     buf = spill.buf
@@ -239,6 +253,8 @@ def _pass_one(
         if ex is None:
             if rtype == "Patient":
                 _add_patient(reader.where(fidx, line, entry), res, pm, patients, aliases, report)
+            elif rtype == "Medication" and want_medications:
+                _add_medication(reader.where(fidx, line, entry), res, medications, report)
             else:
                 report.skip(rtype, "unmapped_type", reader.where(fidx, line, entry),
                             _rid(res), "no table for this type in the mapping")
@@ -260,7 +276,7 @@ def _pass_one(
             spill.flush()
             buf = spill.buf
     spill.flush()
-    return patients, aliases, spill
+    return patients, aliases, spill, medications
 
 
 def _rid(res: dict) -> str | None:
@@ -285,6 +301,97 @@ def _add_patient(where, res, pm, patients, aliases, report) -> None:  # noqa: AN
     patients[pid] = row
     for key in keys:
         aliases.setdefault(key, pid)
+
+
+def _add_medication(where: str, res: dict, medications: dict[str, tuple], report: IngestReport) -> None:
+    mid = res.get("id")
+    if type(mid) is not str or not mid:
+        report.skip("Medication", "no_id", where, None, "Medication without id or fullUrl")
+        return
+    key = f"Medication/{mid}"
+    if key in medications:
+        report.skip("Medication", "duplicate_id", where, key, "first occurrence kept")
+        return
+    medications[key] = (res.get("code"), where)
+
+
+class _References:
+    """Resolves, in pass 2, what pass 1 could only note: the Medication of a medicationReference and the
+    Condition of a reasonReference (the latter within the same patient's data only)."""
+
+    def __init__(self, spill: _Spill, aliases: dict[str, str], medications: dict[str, tuple],
+                 extractors: dict[str, EventExtractor], report: IngestReport, reader: ResourceReader) -> None:
+        self.medications = medications
+        self.used_medications: set[str] = set()
+        self.extractors = extractors
+        self.report = report
+        self.reader = reader
+        self.reasons_unresolved = 0
+        self.conditions = self._conditions(spill, aliases) if any(
+            ex.g_reason_ref is not None for ex in extractors.values()) else {}
+
+    @staticmethod
+    def _conditions(spill: _Spill, aliases: dict[str, str]) -> dict[str, tuple]:
+        """"Condition/id" -> (patient id, system, code, display) of every condition event (first one wins)."""
+        out: dict[str, tuple] = {}
+        for path in spill.files:
+            t = spill.read(path, ["rtype", "source_id", "patient_key", "system", "code", "display"])
+            t = t.filter(pc.equal(t.column("rtype"), "Condition"))
+            for sid, pkey, system, code, display in zip(*(t.column(c).to_pylist() for c in t.column_names[1:]),
+                                                       strict=True):
+                if sid is not None and sid not in out:
+                    out[sid] = (aliases.get(pkey), system, code, display)
+        return out
+
+    def resolve(self, t: pa.Table, pid: pa.Array) -> pa.Table:
+        """`t` (spill rows with their patient ids) with every marker replaced; unresolvable medications skipped."""
+        med = pc.fill_null(pc.equal(t.column("system"), MEDICATION_REF), False)
+        rsn = pc.fill_null(pc.equal(t.column("value_system"), REASON_REF), False)
+        if not (pc.any(med).as_py() or pc.any(rsn).as_py()):
+            return t
+        cols = {n: t.column(n).to_pylist() for n in ("system", "code", "display", "value_system", "value_code",
+                                                     "value_display", "rtype")}
+        pids = pid.to_pylist()
+        keep = [True] * len(t)
+        for i in np.flatnonzero(med.to_numpy(zero_copy_only=False)):
+            key = cols["code"][i]
+            hit = self.medications.get(key)
+            if hit is None:
+                keep[i] = False
+                self._skip(t, i, "medication_not_found", f"{key} is not among the input Medications")
+                continue
+            coding = self.extractors[cols["rtype"][i]].medication_coding(hit[0])
+            if type(coding) is tuple:
+                keep[i] = False
+                self._skip(t, i, coding[0], f"{key}: {coding[1]}")
+                continue
+            self.used_medications.add(key)
+            cols["system"][i], cols["code"][i] = coding.get("system"), coding["code"]
+            cols["display"][i] = coding.get("display") or (hit[0].get("text") if type(hit[0]) is dict else None)
+        for i in np.flatnonzero(rsn.to_numpy(zero_copy_only=False)):
+            hit = self.conditions.get(cols["value_code"][i])
+            if hit is None or hit[0] != pids[i]:
+                # an unresolved reason is no reason, not a skip (the event itself is complete)
+                self.reasons_unresolved += 1
+                hit = (None, None, None, None)
+            cols["value_system"][i], cols["value_code"][i], cols["value_display"][i] = hit[1:]
+        for name, values in cols.items():
+            if name != "rtype":
+                t = t.set_column(t.schema.get_field_index(name), name, pa.array(values, type=pa.string()))
+        if not all(keep):
+            t = t.filter(pa.array(keep))
+        return t
+
+    def _skip(self, t: pa.Table, i: int, reason: str, detail: str) -> None:
+        row = {c: t.column(c)[i].as_py() for c in ("rtype", "source_id", "file_idx", "line", "entry")}
+        self.report.skip(row["rtype"], reason, self.reader.where(row["file_idx"], row["line"], row["entry"]),
+                         row["source_id"], detail)
+
+    def report_unused_medications(self) -> None:
+        for key, (_, where) in self.medications.items():
+            if key not in self.used_medications:
+                self.report.skip("Medication", "medication_not_referenced", where, key,
+                                 "no mapped resource takes its code")
 
 
 def _duplicate_seqs(spill: _Spill) -> np.ndarray:
@@ -340,7 +447,7 @@ def _report_rows(t: pa.Table, reason: str, detail: str, report: IngestReport, re
         report.skip(rtype, reason, reader.where(fidx, line, entry), sid, detail.format(patient=pkey))
 
 
-def _pass_two(spill, patients, aliases, report, reader, tmp: Path) -> dict[str, Any]:  # noqa: ANN001
+def _pass_two(spill, patients, aliases, report, reader, tmp: Path, refs: _References) -> dict[str, Any]:  # noqa: ANN001
     dup = pa.array(_duplicate_seqs(spill), type=pa.int64())
     keys = pa.array(list(aliases.keys()), type=pa.string())
     vals = pa.array(list(aliases.values()), type=pa.string())
@@ -365,6 +472,12 @@ def _pass_two(spill, patients, aliases, report, reader, tmp: Path) -> dict[str, 
                 t, pid = t.filter(keep), pid.filter(keep)
             if not len(t):
                 continue
+            n = len(t)
+            t = refs.resolve(t, pid)
+            if len(t) != n:  # unresolvable medications were dropped (and reported)
+                if not len(t):
+                    continue
+                pid = pc.take(vals, pc.index_in(t.column("patient_key"), value_set=keys))
             t = t.drop_columns(["patient_key"]).add_column(0, "patient_id", pid)
             for name in ("time", "end_time"):
                 t = t.set_column(t.schema.get_field_index(name), name, t.column(name).cast(_TS))

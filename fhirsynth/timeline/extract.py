@@ -23,6 +23,11 @@ HEAD_FIELDS: tuple[str, ...] = (
 )
 Skip = tuple[str, str]  # (reason, detail)
 _NO_VALUE = (None, None, None, None, None)
+# Spill-stage markers for references resolved once every resource is read (adapter pass 2), never written out:
+# a medication whose code is in a referenced Medication has system MEDICATION_REF and the reference key as code;
+# a reason given by reasonReference has value_system REASON_REF and the Condition's reference key as value_code.
+MEDICATION_REF = "fhirsynth:unresolved-medication-reference"
+REASON_REF = "fhirsynth:unresolved-reason-reference"
 
 
 def get_path(obj: Any, path: ElementPath) -> Any:
@@ -104,6 +109,13 @@ def getter(path: ElementPath | None) -> Callable[[Any], Any] | None:
     return lambda obj: get_path(obj, path)
 
 
+def _list_getter(path: ElementPath | None) -> Callable[[Any], Any] | None:
+    """Like getter, but a one-key path returns the whole list it names."""
+    if path is not None and len(path) == 1:
+        return methodcaller("get", path[0])
+    return getter(path)
+
+
 class EventExtractor:
     """Callable: (resource, bundle refs) -> list of HEAD_FIELDS tuples, or a (reason, detail) skip.
 
@@ -132,6 +144,12 @@ class EventExtractor:
         self.g_vc = getter(rm.value_concept)
         self.g_vs = getter(rm.value_string)
         self.expand = rm.components == "expand"
+        self.g_medref = getter(rm.medication_reference)
+        self.g_value_code = getter(rm.value_code)
+        # whole lists (get_path would take their first item): every reasonCode / reasonReference counts
+        self.g_reason_code = _list_getter(rm.reason_code)
+        self.g_reason_ref = _list_getter(rm.reason_reference)
+        self.reason_rank = {s: i for i, s in enumerate(rm.reason_systems)} or None
         self.extract = self._compile()
 
     # -- pieces -----------------------------------------------------------------------------------------
@@ -209,6 +227,8 @@ class EventExtractor:
             cats = [cats] if cats is not None else []
         wanted = self.cat_systems
         for cat in cats:
+            if type(cat) is str and cat:
+                return cat  # a code element (AllergyIntolerance.category), not a CodeableConcept
             for c in _codings(cat):
                 if type(c) is dict and c.get("code") and (wanted is None or c.get("system") in wanted):
                     return c["code"]
@@ -224,6 +244,57 @@ class EventExtractor:
         if refs is None and text.count("/") == 1 and "?" not in text:
             return text[text.index("/") + 1 :]
         return ref_id(ref_key(text, refs))
+
+    def _medication(self, res: dict, refs: dict | None) -> dict | Skip:
+        """The coding of the Medication in medicationReference: a contained one now, any other one as a
+        MEDICATION_REF placeholder the adapter resolves once all resources are read."""
+        ref = self.g_medref(res)  # type: ignore[misc]
+        text = ref.get("reference") if type(ref) is dict else None
+        where = ".".join(self.rm.medication_reference or ())
+        if type(text) is not str or not text:
+            return ("no_code", f"neither {'.'.join(self.rm.code)} nor a {where} reference")
+        if text.startswith("#"):
+            for item in res.get("contained") or []:
+                if type(item) is dict and item.get("resourceType") == "Medication" and item.get("id") == text[1:]:
+                    return self.medication_coding(item.get("code"))
+            return ("medication_not_found", f"{where} {text}: no contained Medication with that id")
+        return {"system": MEDICATION_REF, "code": ref_key(text, refs)}
+
+    def medication_coding(self, concept: Any) -> dict | Skip:
+        """The accepted coding of a Medication.code, or why there is none."""
+        codings = _codings(concept)
+        coding = pick_coding(codings, self.rank)
+        if coding is not None:
+            return coding
+        if pick_coding(codings, None) is None:
+            return ("no_code", "the referenced Medication.code has no coding with a code")
+        seen = sorted({str(c.get("system")) for c in codings if type(c) is dict})
+        return ("code_system_not_accepted", f"referenced Medication: systems {', '.join(seen)}")
+
+    def _extra_value(self, res: dict, refs: dict | None) -> tuple:
+        """value_* of the kinds without a measured value: a plain code (criticality) or the reason."""
+        rm = self.rm
+        if self.g_value_code is not None:
+            code = self.g_value_code(res)
+            if type(code) is str and code:
+                return None, None, rm.value_code_system, code, None
+        if self.g_reason_code is not None:
+            concepts = self.g_reason_code(res)
+            concepts = concepts if type(concepts) is list else [concepts]
+            codings = [c for concept in concepts for c in _codings(concept)]
+            c = pick_coding(codings, self.reason_rank) or pick_coding(codings, None)
+            if c is not None:
+                return None, None, c.get("system"), c["code"], c.get("display") or _concept_text(concepts)
+            text = _concept_text(concepts)
+            if text:
+                return None, None, None, None, text  # a text-only reason (Synthea's Procedure.reasonCode)
+        if self.g_reason_ref is not None:
+            refs_list = self.g_reason_ref(res)
+            for ref in refs_list if type(refs_list) is list else [refs_list]:
+                text = ref.get("reference") if type(ref) is dict else None
+                if type(text) is str and text and not text.startswith("#"):
+                    return None, None, REASON_REF, ref_key(text, refs), None
+        return _NO_VALUE
 
     # -- the whole resource -----------------------------------------------------------------------------
     def __call__(self, res: dict, refs: dict | None, tail: tuple = ()) -> list[tuple] | Skip:
@@ -249,6 +320,8 @@ class EventExtractor:
         g_end, encounter_self, g_encounter, slow_encounter = (
             self.g_end, rm.encounter_self, self.g_encounter, self._encounter)
         keep_display, kind, expand, g_vq, value_of = rm.display, self.kind, self.expand, self.g_vq, self._value
+        medication = self._medication if self.g_medref is not None else None
+        extra_value = self._extra_value if (rm.value_code or rm.reason_code or rm.reason_reference) else None
         # single-key paths are read with a direct res.get(key): ~6x cheaper than calling a getter
         k_status, k_verification, k_patient0, k_code, k_time0, k_category, k_encounter, k_vq, k_vc = (
             p[0] if p is not None and len(p) == 1 else None
@@ -284,10 +357,15 @@ class EventExtractor:
                     return pkey
 
             concept = res.get(k_code) if k_code is not None else g_code(res)
-            codings = concept.get("coding", concept) if type(concept) is dict else None  # a bare Coding: itself
-            coding = codings[0] if type(codings) is list and len(codings) == 1 else codings
+            if concept is None and medication is not None:
+                concept = coding = medication(res, refs)  # already checked against the accepted systems
+                if type(coding) is tuple:
+                    return coding
+            else:
+                codings = concept.get("coding", concept) if type(concept) is dict else None  # a bare Coding
+                coding = codings[0] if type(codings) is list and len(codings) == 1 else codings
             if (type(coding) is not dict or not coding.get("code")
-                    or (rank is not None and coding.get("system") not in rank)):
+                    or (rank is not None and coding.get("system") not in rank and coding is not concept)):
                 codings = _codings(concept)
                 coding = pick_coding(codings, rank)
                 if coding is None:
@@ -369,6 +447,10 @@ class EventExtractor:
                                  end_time, status, None, None, None, precision, *tail))
                     return rows
 
+            if extra_value is not None:
+                v = extra_value(res, refs)
+                return [(pkey, time, kind, system, code, display, v[0], v[1], v[2], v[3], v[4], category, enc,
+                         end_time, status, None, None, None, precision, *tail)]
             q = None
             if g_vq is not None:  # inline fast path for a plain numeric valueQuantity
                 q = res.get(k_vq) if k_vq is not None else g_vq(res)

@@ -38,6 +38,10 @@ REASONS: dict[str, str] = {
     "entered_in_error": "status or verificationStatus entered-in-error",
     "status_excluded": "a status the mapping filters out (e.g. refuted, cancelled)",
     "category_not_accepted": "a category outside the mapping's accepted categories",
+    "medication_not_found": "the medicationReference names a Medication that is neither contained nor among the "
+                            "input resources",
+    "medication_not_referenced": "a Medication no mapped resource references (its code is used only through a "
+                                 "MedicationRequest / MedicationStatement)",
 }
 
 
