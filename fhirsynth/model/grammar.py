@@ -28,13 +28,14 @@ from fhirsynth.model.bins import DAYS_PER_YEAR, DUR_EDGES, GAP_EDGES
 from fhirsynth.model.constraints import Constraints
 from fhirsynth.model.tokenizer import AGE_UNKNOWN, RECENT_VISITS, day_number
 from fhirsynth.model.vocab import SEXES, Vocab
+from fhirsynth.timeline.types import CRITICALITY_SYSTEM
 
 (ST_START, ST_SEX, ST_BY, ST_RACE, ST_ETH, ST_BODY0, ST_DEATH, ST_BODY1, ST_VFIRST, ST_AENC,
- ST_AENCCAT, ST_ACOND, ST_AOBS, ST_ADONE, ST_FIN) = range(15)
-N_STATES = 15
+ ST_AENCCAT, ST_ACOND, ST_AOBS, ST_ADONE, ST_FIN, ST_AALG) = range(16)
+N_STATES = 16  # ST_AALG: after an allergy, whose only value is a criticality
 # Fewest tokens needed to finish a sequence from each state (the length mask).
 _NEED = {ST_START: 6, ST_SEX: 5, ST_BY: 4, ST_RACE: 3, ST_ETH: 2, ST_BODY0: 1, ST_DEATH: 2, ST_BODY1: 1,
-         ST_VFIRST: 2, ST_AENC: 1, ST_AENCCAT: 1, ST_ACOND: 1, ST_AOBS: 1, ST_ADONE: 1, ST_FIN: 0}
+         ST_VFIRST: 2, ST_AENC: 1, ST_AENCCAT: 1, ST_ACOND: 1, ST_AOBS: 1, ST_ADONE: 1, ST_FIN: 0, ST_AALG: 1}
 
 
 @dataclass
@@ -91,10 +92,19 @@ class Grammar:
         cond_t = [base + i for i, k in enumerate(kinds) if k == "condition"]
         obs = [base + i for i, k in enumerate(kinds) if k == "observation"]
         vals = [base + i for i, k in enumerate(kinds) if k == "value"]
+        # issue 18's kinds reuse the entry states (tokenizer.py): a course / performed period takes a DUR like a
+        # condition, an allergy only a criticality VALUE item (ST_AALG), a vaccine nothing
+        durable = [base + i for i, k in enumerate(kinds) if k in ("medication", "procedure")]
+        allergy = [base + i for i, k in enumerate(kinds) if k == "allergy"]
+        crit = [base + i for i, it in enumerate(v.items) if it.kind == "value" and it.system == CRITICALITY_SYSTEM]
+        vaccine = [base + i for i, k in enumerate(kinds) if k == "immunization"]
 
         def body(s: int) -> None:
             allow(s, cond_t, ST_ACOND)
             allow(s, obs, ST_AOBS)
+            allow(s, durable, ST_ACOND)
+            allow(s, allergy, ST_AALG)
+            allow(s, vaccine, ST_ADONE)
             allow(s, v.rng("gap"), ST_VFIRST)
             allow(s, [v.END], ST_FIN)
 
@@ -111,8 +121,12 @@ class Grammar:
         allow(ST_VFIRST, enc, ST_AENC)
         allow(ST_VFIRST, cond_t, ST_ACOND)
         allow(ST_VFIRST, obs, ST_AOBS)
-        for s in (ST_AENC, ST_AENCCAT, ST_ACOND, ST_AOBS, ST_ADONE):
+        allow(ST_VFIRST, durable, ST_ACOND)
+        allow(ST_VFIRST, allergy, ST_AALG)
+        allow(ST_VFIRST, vaccine, ST_ADONE)
+        for s in (ST_AENC, ST_AENCCAT, ST_ACOND, ST_AOBS, ST_ADONE, ST_AALG):
             body(s)
+        allow(ST_AALG, crit, ST_ADONE)
         allow(ST_AENC, vals, ST_AENCCAT)
         allow(ST_AENC, v.rng("dur"), ST_ADONE)
         allow(ST_AENCCAT, v.rng("dur"), ST_ADONE)
@@ -195,7 +209,7 @@ class Grammar:
         self.static = t(static.reshape(N_STATES * self.n_sex_rows, V))
         self.cond_tokens = t(np.array(self.cond.condition_tokens, dtype=np.int64))
         once = np.zeros(V, dtype=bool)  # codes that appear at most once beyond the recent visits
-        once[cond_t + obs] = True
+        once[cond_t + obs + durable + allergy + vaccine] = True
         self.once = t(once)
 
     # ---- state --------------------------------------------------------------------------------------------

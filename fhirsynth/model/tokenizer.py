@@ -11,6 +11,10 @@ Sequence grammar (one patient = one sequence = one training example), NEWEST VIS
     entry := ENC_item [VALUE_item] [DUR_d]     (only first in a visit)
            | COND_item [DUR_d]                 DUR = onset -> abatement (so abatement never precedes onset)
            | OBS_item [VAL_b | VALUE_item]     VAL_b = bin b of the code's public reference-range bins
+           | MED_item [DUR_d] | PROC_item [DUR_d]   DUR = the course / the performed period; the item carries
+                                               the reason (vocab.REASON_KINDS)
+           | IMM_item                          given at the visit's time (so never before birth or after death)
+           | ALLERGY_item [VALUE_item]         VALUE = the criticality
     END   := no older history in the record. A sequence whose oldest visit compression dropped has no END: it stops
              where the context does. Otherwise END would also mean "out of context" (3/4 of the US cohort's
              sequences), and the model, seeing END close to every visit boundary, stopped records early (measured:
@@ -62,11 +66,19 @@ from collections import Counter
 from datetime import date, datetime, timedelta, timezone
 
 from fhirsynth.model.bins import DAYS_PER_YEAR, DUR_EDGES, GAP_EDGES, bucket_of
-from fhirsynth.model.vocab import ETHNICITIES, RACES, SEXES, ItemMatcher, Vocab, sex_index
+from fhirsynth.model.vocab import ETHNICITIES, RACES, REASON_KINDS, SEXES, ItemMatcher, Vocab, sex_index
 from fhirsynth.timeline.types import Event, PatientInfo, Timeline
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
-_KIND_ORDER = {"encounter": 0, "condition": 1, "observation": 2}
+# Entry order inside a visit; the compression rules below name kinds 0 (encounter), 1 and 2; the kinds of issue
+# 18 come after them, so a record without them is encoded exactly as before.
+_KIND_ORDER = {"encounter": 0, "condition": 1, "observation": 2, "allergy": 3, "procedure": 4, "immunization": 5,
+               "medication": 6}
+# Kinds with a DUR token (end_time - time) and the kinds whose coded value is a VALUE item.
+DUR_KINDS = ("encounter", "condition", "medication", "procedure")
+# What a decoded event's status is when the record does not say (FHIR required value sets).
+_STATUS = {"condition": "active", "observation": "final", "medication": "active", "immunization": "completed",
+           "procedure": "completed", "allergy": "active"}
 # The newest visits that compression keeps whole longest; in older ones a code appears at most once once a
 # sequence is compressed (its newest occurrence), which the sampler enforces (grammar.py).
 RECENT_VISITS = 3
@@ -136,12 +148,14 @@ class Tokenizer:
                     extra.append(vt)
                 else:
                     stats["values_out_of_vocabulary"] += 1
-        elif ev.kind == "encounter":
+        elif ev.kind in ("encounter", "allergy"):
             if ev.value_code is not None:
                 vt = v.item_token(self.matcher.value_key(ev))
                 if vt is not None:
                     extra.append(vt)
-        if ev.kind in ("encounter", "condition") and ev.end_time is not None:
+                elif ev.kind == "allergy":
+                    stats["values_out_of_vocabulary"] += 1
+        if ev.kind in DUR_KINDS and ev.end_time is not None:
             dur = (_as_utc(ev.end_time) - _as_utc(ev.time)).total_seconds() / 86400.0
             if dur >= 0:
                 extra.append(v.start("dur") + bucket_of(dur, DUR_EDGES))
@@ -365,10 +379,11 @@ class Tokenizer:
                 if it.kind == "encounter":
                     enc_id = f"{patient_id}-enc-{n_visit}"
                     ev.encounter_id, ev.status = enc_id, "finished"
-                elif it.kind == "condition":
-                    ev.encounter_id, ev.status = enc_id, "active"
                 else:
-                    ev.encounter_id, ev.status = enc_id, "final"
+                    ev.encounter_id, ev.status = enc_id, _STATUS.get(it.kind, "final")
+                if it.kind in REASON_KINDS:  # the item's panel fields hold the reason (vocab.REASON_KINDS)
+                    ev.value_system, ev.value_code, ev.value_display = it.panel_system, it.panel_code, it.panel_display
+                    ev.panel_system = ev.panel_code = ev.panel_display = None
                 events.append(ev)
                 last, last_item = ev, it
             elif g == "dur":
@@ -377,6 +392,8 @@ class Tokenizer:
                 last.end_time = birth + timedelta(days=float(draw))
                 if last.kind == "condition":
                     last.status = "resolved"
+                elif last.kind == "medication":
+                    last.status = "completed"  # a course with an end
             elif g == "val":
                 if last is None:
                     raise ValueError("value bin without an observation")

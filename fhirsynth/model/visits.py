@@ -9,11 +9,16 @@ years and its chronic care. What a patient is here:
     visits:  newest first (as tokenizer.py explains: a record starts at the present, and running out of context
              drops the oldest history); each one a gap back in time (GAP bucket), its age (years), an encounter
              class (or none: events grouped by day), an encounter type and duration, and a SET of content items
-             (conditions and observations), each with one value from its own value space:
+             (conditions, observations, medications, immunizations, procedures, allergies), each with one value
+             from its own value space:
                observation: one of the value kinds released for its code (valuekinds.py): none, a bin of its
                public / DP value bins (a quantity in its unit), or a coded answer (a value item that is not a
                public encounter type: no visit concept as a lab value);
-               condition: none (still active) or its duration bucket (onset -> abatement).
+               condition: none (still active) or its duration bucket (onset -> abatement);
+               medication, procedure: none or the duration bucket of the course / performed period (the item
+               itself carries the reason, vocab.REASON_KINDS);
+               immunization: none (given at the visit's time);
+               allergy: none or a criticality (a value item of CRITICALITY_SYSTEM).
     END:     no older history (a record longer than max_visits keeps its newest visits and has no END).
 
 A sampled patient is written back as tokens of the same grammar plus the in-bucket draws, and decoded by
@@ -30,8 +35,9 @@ import torch
 from torch.utils.data import Dataset
 
 from fhirsynth.model.tokenizer import AGE_UNKNOWN, Tokenizer
-from fhirsynth.model.vocab import Vocab
-from fhirsynth.timeline.types import Timeline
+from fhirsynth.model.tokenizer import DUR_KINDS
+from fhirsynth.model.vocab import CONTENT_KINDS, Vocab
+from fhirsynth.timeline.types import CRITICALITY_SYSTEM, Timeline
 
 NONE = 0  # "no value" / "no encounter" in every categorical space below
 
@@ -53,7 +59,7 @@ class VisitLayout:
         kinds = [it.kind for it in v.items]
         self.enc_tokens = [base + i for i, k in enumerate(kinds) if k == "encounter"]
         self.type_tokens = [base + i for i, k in enumerate(kinds) if k == "value"]
-        self.content_tokens = [base + i for i, k in enumerate(kinds) if k in ("condition", "observation")]
+        self.content_tokens = [base + i for i, k in enumerate(kinds) if k in CONTENT_KINDS]
         # answers: value items that are not public encounter types (those are visit concepts, not results)
         self.answer_tokens = [base + i for i, it in enumerate(v.items) if it.kind == "value" and not it.public]
         self.enc_index = {t: j + 1 for j, t in enumerate(self.enc_tokens)}
@@ -69,13 +75,19 @@ class VisitLayout:
         self.blocked = np.zeros(self.NC, dtype=bool)  # never sampled: no value of a kind the code really carries
         self.is_condition = np.zeros(self.NC, dtype=bool)
         allowed = np.zeros((self.NC, self.n_values), dtype=bool)
+        # criticality answers: the only coded values an allergy may take
+        crit = [a for a, t in enumerate(self.answer_tokens) if v.item_of(t).system == CRITICALITY_SYSTEM]
         for j, tok in enumerate(self.content_tokens):
             it = v.item_of(tok)
             vb = v.item_bins(it)
-            if it.kind == "condition":
-                self.is_condition[j] = True
+            if it.kind in DUR_KINDS:  # condition, medication, procedure: none or a duration
+                self.is_condition[j] = it.kind == "condition"
                 allowed[j, NONE] = True
                 allowed[j, self.dur_value(0): self.dur_value(0) + self.n_dur] = True
+            elif it.kind in ("immunization", "allergy"):
+                allowed[j, NONE] = True
+                if it.kind == "allergy":
+                    allowed[j, [self.answer_value(a) for a in crit]] = True
             else:
                 # the value kinds released for this code (valuekinds.py); without a release: what its bins say
                 kinds = (v.value_kinds or {}).get(tok - base)
@@ -204,6 +216,9 @@ def encode_visits(tokenizer: Tokenizer, layout: VisitLayout, tl: Timeline, max_v
                     etype[-1] = layout.type_index[t]
                 elif last_kind == "observation" and t in layout.answer_index and not layout.n_bins[last_j]:
                     value[-1] = layout.answer_value(layout.answer_index[t])
+                elif (last_kind == "allergy" and t in layout.answer_index
+                      and layout.allowed[last_j, layout.answer_value(layout.answer_index[t])]):
+                    value[-1] = layout.answer_value(layout.answer_index[t])  # its criticality
                 else:
                     stats["answers_not_allowed_dropped"] += 1
             else:
@@ -216,7 +231,7 @@ def encode_visits(tokenizer: Tokenizer, layout: VisitLayout, tl: Timeline, max_v
             d = t - v.start("dur")
             if last_kind == "encounter":
                 edur[-1] = 1 + d
-            elif last_kind == "condition":
+            elif last_kind in DUR_KINDS:
                 value[-1] = layout.dur_value(d)
         elif g == "val":
             b = t - v.start("val")

@@ -1,7 +1,9 @@
 """The token vocabulary: fixed public tokens plus code "items", the data-dependent part chosen under DP.
 
 Items are what the model can say about a patient: an encounter class, a condition code, an observation code
-(with its category and panel), or a categorical value (valueCodeableConcept / encounter type). Every string of
+(with its category and panel), a medication, immunization, procedure or allergy code (with its category, and for
+medications and procedures their reason: see REASON_KINDS), or a categorical value (valueCodeableConcept /
+encounter type / allergy criticality). Every string of
 an item is released in vocab.json, so an item enters the vocabulary only if
   * it is public (an observation of mappings/reference-ranges.toml, or an encounter class, encounter type or
     condition of mappings/public-codes.toml; written with the public display, never the data's), or
@@ -47,7 +49,13 @@ from fhirsynth.model.config import TokenizerConfig
 from fhirsynth.model.dpnoise import NoiseSource, gaussian_sigma, set_union_threshold
 from fhirsynth.timeline.types import Event, Timeline
 
-ITEM_KINDS = ("encounter", "condition", "observation", "value")
+ITEM_KINDS = ("encounter", "condition", "observation", "medication", "immunization", "procedure", "allergy", "value")
+# The kinds a visit holds as content, beside its encounter (the event kinds of timeline/types.py but encounters).
+CONTENT_KINDS = ("condition", "observation", "medication", "immunization", "procedure", "allergy")
+# Kinds whose item carries the event's reason (value_system / value_code / value_display: a condition code, or a
+# text-only reason) in its panel_system / panel_code / panel_display fields: "this drug for this disease" is one
+# item, chosen under the same DP set union as every item, so a drug and its indication are learnt together.
+REASON_KINDS = ("medication", "procedure")
 SEXES = ("male", "female", "other", "unknown")
 
 
@@ -135,8 +143,13 @@ class ItemMatcher:
         self.public_types = codes.get("encounter_type", {})
 
     def event_key(self, ev: Event) -> ItemKey | None:
-        if ev.system is None or ev.code is None or ev.kind not in ("encounter", "condition", "observation"):
+        if ev.system is None or ev.code is None or ev.kind not in ITEM_KINDS or ev.kind == "value":
             return None
+        if ev.kind in REASON_KINDS:
+            return (ev.kind, ev.system, ev.code, ev.display, ev.category,
+                    ev.value_system, ev.value_code, ev.value_display)
+        if ev.kind in ("immunization", "allergy"):
+            return (ev.kind, ev.system, ev.code, ev.display, ev.category, None, None, None)
         if ev.kind == "observation":
             vb = self.value_bins.get((ev.system, ev.code))
             panel = self.public_panels.get((ev.panel_system, ev.panel_code)) if ev.panel_code else None
@@ -157,7 +170,8 @@ class ItemMatcher:
                 None, None, None, None)
 
     def value_key(self, ev: Event) -> ItemKey | None:
-        if ev.kind in ("observation", "encounter") and ev.value_system and ev.value_code:
+        """The value item of an observation's coded value, an encounter's type or an allergy's criticality."""
+        if ev.kind in ("observation", "encounter", "allergy") and ev.value_system and ev.value_code:
             public = self.public_types.get((ev.value_system, ev.value_code)) if ev.kind == "encounter" else None
             return ("value", ev.value_system, ev.value_code, public if public is not None else ev.value_display,
                     None, None, None, None)
