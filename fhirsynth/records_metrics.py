@@ -297,3 +297,89 @@ def markdown(columns: dict[str, dict[str, float]]) -> str:
     lines = ["| metric | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     lines += [f"| {k} | " + " | ".join(_fmt(columns[n].get(k, math.nan)) for n in names) + " |" for k in keys]
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- the rest of the patient (issue 18)
+# Medications, immunizations, procedures and allergies: per-kind code prevalence, drug-for-disease co-occurrence
+# and vaccine timing. Kept apart from compare() so its columns (issue 14's table) stay what they were.
+REST_KINDS = ("medication", "immunization", "procedure", "allergy")
+TOP_COOC = 20  # conditions and medications of real in the drug-for-disease pairs
+# Age bands of a vaccine (years at the immunization): infancy schedule, childhood, school age, adolescence,
+# adults, older adults.
+VACCINE_AGE_EDGES = (0.0, 1.0, 2.0, 5.0, 12.0, 18.0, 65.0, math.inf)
+
+
+def kind_prevalence(rec: Records, kind: str) -> pd.Series:
+    """Share of patients holding each code (token) of one event kind."""
+    ev = rec.events[rec.events["kind"] == kind]
+    return ev.drop_duplicates(["pidx", "token"])["token"].value_counts() / max(rec.n, 1)
+
+
+def kind_prevalence_r2(real: Records, other: Records, kind: str,
+                       min_prevalence: float = MIN_PREVALENCE) -> tuple[float, int]:
+    """(R² of other's per-code patient prevalence against real's, over real's codes of `kind` held by at least
+    min_prevalence of its patients; the number of those codes). NaN with fewer than two codes."""
+    pr = kind_prevalence(real, kind)
+    pr = pr[pr >= min_prevalence]
+    po = kind_prevalence(other, kind).reindex(pr.index, fill_value=0.0)
+    return _r2(pr.to_numpy(float), po.to_numpy(float)), int(len(pr))
+
+
+def _top(rec: Records, kind: str, n: int) -> list[str]:
+    p = kind_prevalence(rec, kind)
+    return sorted(p.index, key=lambda t: (-p[t], t))[:n]
+
+
+def condition_medication_shares(rec: Records, conditions: list[str], medications: list[str]) -> np.ndarray:
+    """[len(conditions) x len(medications)] share of patients holding both the condition and the medication."""
+    if not conditions or not medications:
+        return np.zeros((len(conditions), len(medications)))
+    pats = pd.RangeIndex(rec.n)
+    c = _membership(rec.events, "pidx", pats, conditions)
+    m = _membership(rec.events, "pidx", pats, medications)
+    return (c.T @ m).toarray() / max(rec.n, 1)
+
+
+def condition_medication_cooc_r2(real: Records, other: Records, top: int = TOP_COOC) -> tuple[float, int]:
+    """Drug for disease: R² of the share of patients with both a condition and a medication, over every pair of
+    real's `top` most common conditions and `top` most common medications (pairs neither cohort has count as
+    zeros on both sides and so add nothing to either sum of squares; the number of pairs is returned)."""
+    conds, meds = _top(real, "condition", top), _top(real, "medication", top)
+    r = condition_medication_shares(real, conds, meds).ravel()
+    o = condition_medication_shares(other, conds, meds).ravel()
+    return _r2(r, o), int(r.size)
+
+
+def vaccine_age_shares(rec: Records) -> np.ndarray:
+    """Share of immunization events in each VACCINE_AGE_EDGES band of the patient's age at the event."""
+    ev = rec.events[rec.events["kind"] == "immunization"]
+    if not len(ev):
+        return np.zeros(len(VACCINE_AGE_EDGES) - 1)
+    age = (ev["ts"].to_numpy() - rec.patients["birth_ts"].to_numpy()[ev["pidx"].to_numpy()]) / _YEAR_S
+    age = age[~np.isnan(age)]
+    counts, _ = np.histogram(np.clip(age, 0.0, None), bins=np.array(VACCINE_AGE_EDGES))
+    return counts / max(counts.sum(), 1)
+
+
+def vaccine_age_band_labels() -> list[str]:
+    e = VACCINE_AGE_EDGES
+    return [f"{e[i]:g}-{e[i + 1]:g}y" if math.isfinite(e[i + 1]) else f"{e[i]:g}y+" for i in range(len(e) - 1)]
+
+
+def rest_compare(real: Records, other: Records) -> dict[str, float]:
+    """The issue-18 columns: per-kind prevalence R², drug-for-disease co-occurrence R², vaccine timing."""
+    out: dict[str, float] = {}
+    for kind in REST_KINDS:
+        r2, n = kind_prevalence_r2(real, other, kind)
+        out[f"{kind}_prevalence_r2"], out[f"{kind}_codes"] = r2, float(n)
+        # share of other's patients with any event of the kind (compare the column of real against itself)
+        out[f"{kind}_patient_share"] = other.events.loc[other.events["kind"] == kind, "pidx"].nunique() / max(
+            other.n, 1)
+    out["condition_medication_cooc_r2"], n_pairs = condition_medication_cooc_r2(real, other)
+    out["condition_medication_pairs"] = float(n_pairs)
+    vr, vo = vaccine_age_shares(real), vaccine_age_shares(other)
+    diff = np.abs(vr - vo) * 100.0
+    out["vaccine_age_band_max_diff_points"] = float(diff.max()) if len(diff) else math.nan
+    for label, share in zip(vaccine_age_band_labels(), vo, strict=True):
+        out[f"vaccine_share_{label}"] = float(share)
+    return out

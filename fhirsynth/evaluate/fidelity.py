@@ -55,6 +55,61 @@ def prevalence(cohort: Cohort, kind: str) -> pd.Series:
     return per / max(cohort.n, 1)
 
 
+# issue 18: the kinds beyond conditions and observations; reported only for a real cohort that has them, so the
+# report of a cohort without them is what it was.
+REST_KINDS = ("medication", "immunization", "procedure", "allergy")
+TOP_DRUG_DISEASE = 20
+VACCINE_AGE_EDGES = (0.0, 1.0, 2.0, 5.0, 12.0, 18.0, 65.0, np.inf)  # years (records_metrics.VACCINE_AGE_EDGES)
+
+
+def _top_by_prevalence(cohort: Cohort, kind: str, k: int) -> list[str]:
+    p = prevalence(cohort, kind)
+    return sorted(p.index, key=lambda t: (-p[t], t))[:k]
+
+
+def drug_for_disease(cohort: Cohort, conditions: list[str], medications: list[str]) -> pd.Series:
+    """Share of patients holding both condition c and medication m, for every (c, m) pair ("c ~ m")."""
+    def member(tokens: list[str]) -> sp.csr_matrix:
+        ev = cohort.events[cohort.events["token"].astype(str).isin(tokens)]
+        col = pd.Series(np.arange(len(tokens)), index=tokens)
+        return _binary(ev["pidx"].to_numpy(), col.loc[ev["token"].astype(str).to_numpy()].to_numpy(),
+                       (cohort.n, len(tokens)))
+
+    both = (member(conditions).T @ member(medications)).toarray() / max(cohort.n, 1) if conditions and medications \
+        else np.zeros((len(conditions), len(medications)))
+    return pd.Series(both.ravel(), index=[f"{c} ~ {m}" for c in conditions for m in medications], dtype=float)
+
+
+def vaccine_age_shares(cohort: Cohort) -> pd.Series:
+    """Share of immunization events in each age band (years at the event)."""
+    ev = cohort.events[cohort.events["kind"] == "immunization"]
+    age = (ev["day"].to_numpy() - cohort.patients["birth_day"].to_numpy()[ev["pidx"].to_numpy()]) / 365.25
+    counts, _ = np.histogram(np.clip(age[np.isfinite(age)], 0, None), bins=np.array(VACCINE_AGE_EDGES))
+    e = VACCINE_AGE_EDGES
+    labels = [f"{e[i]:g}-{e[i + 1]:g}y" if np.isfinite(e[i + 1]) else f"{e[i]:g}y+" for i in range(len(e) - 1)]
+    return pd.Series(counts / max(counts.sum(), 1), index=labels, dtype=float)
+
+
+def rest_of_patient(real: Cohort, other: Cohort) -> dict | None:
+    """Medications, immunizations, procedures, allergies: per-kind prevalence, drug for disease (patients with
+    both a condition and a medication, real's 20 most common of each), vaccines by age band. None when real
+    has none of these kinds."""
+    kinds = [k for k in REST_KINDS if (real.events["kind"] == k).any()]
+    if not kinds:
+        return None
+    out: dict = {"prevalence": {k: compare_vectors(prevalence(real, k), prevalence(other, k)) for k in kinds}}
+    if "medication" in kinds:
+        conds = _top_by_prevalence(real, "condition", TOP_DRUG_DISEASE)
+        meds = _top_by_prevalence(real, "medication", TOP_DRUG_DISEASE)
+        r, o = drug_for_disease(real, conds, meds), drug_for_disease(other, conds, meds)
+        out["drug_for_disease"] = {"r2": _r2(r.to_numpy(), o.to_numpy()), "n_pairs": len(r)}
+    if "immunization" in kinds:
+        vr, vo = vaccine_age_shares(real), vaccine_age_shares(other)
+        out["vaccine_age_bands"] = {"real": vr.round(4).to_dict(), "other": vo.round(4).to_dict(),
+                                    "max_diff_points": float((vr - vo).abs().max() * 100.0)}
+    return out
+
+
 def top_visit_tokens(cohort: Cohort, k: int) -> list[str]:
     ev = cohort.events[cohort.events["kind"].isin(["condition", "observation"])]
     counts = ev.drop_duplicates(["visit", "token"])["token"].astype(str).value_counts()
@@ -633,6 +688,9 @@ def fidelity_report(real: Cohort, other: Cohort, *, real_table: pd.DataFrame, ot
         prev[kind] = compare_vectors(pr, po)
         plots[f"prevalence_{kind}"] = _scatter(pr, po)
     out["prevalence"] = prev
+    rest = rest_of_patient(real, other)
+    if rest is not None:
+        out["rest_of_patient"] = rest
     tokens = top_visit_tokens(real, n_pair_tokens)
     cr, co = cooccurrence(real, tokens), cooccurrence(other, tokens)
     out["cooccurrence"] = {**compare_vectors(cr, co), "n_tokens": len(tokens)}

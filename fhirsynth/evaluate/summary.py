@@ -41,9 +41,22 @@ def _fallback(name: str, value: object) -> dict | None:
     return {"name": name, "value": value} if isinstance(value, int | float) and not isinstance(value, bool) else None
 
 
+# issue 18's rows, shown only where the real cohort has these kinds (fidelity.rest_of_patient)
+REST_FIDELITY = [
+    ("Medication prevalence R²", ("rest_of_patient", "prevalence", "medication", "r2"), 1.0, "agreement"),
+    ("Immunization prevalence R²", ("rest_of_patient", "prevalence", "immunization", "r2"), 1.0, "agreement"),
+    ("Procedure prevalence R²", ("rest_of_patient", "prevalence", "procedure", "r2"), 1.0, "agreement"),
+    ("Allergy prevalence R²", ("rest_of_patient", "prevalence", "allergy", "r2"), 1.0, "agreement"),
+    ("Drug-for-disease co-occurrence R²", ("rest_of_patient", "drug_for_disease", "r2"), 1.0, "agreement"),
+    ("Vaccine age-band max |Δ share| (points)", ("rest_of_patient", "vaccine_age_bands", "max_diff_points"), 0.0,
+     "distance"),
+]
+
+
 def _fidelity_rows(fid: dict) -> list[dict]:
     rows = []
-    for label, path, ideal, kind in HEADLINE_FIDELITY:
+    rest = [r for r in REST_FIDELITY if get(fid.get("synthetic", {}), *r[1][:-1]) is not None]
+    for label, path, ideal, kind in HEADLINE_FIDELITY + rest:
         head = get(fid.get("synthetic", {}), *path[:-1])
         head = head if isinstance(head, dict) else {}
         null = head.get("null")
