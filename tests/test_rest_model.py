@@ -15,6 +15,7 @@ from test_model_helpers import SNOMED, make_timelines
 
 from fhirsynth.model.archs import build_network, visit_sizes
 from fhirsynth.model.checkpoint import write_model_dir
+from fhirsynth.model.constraints import load_constraints
 from fhirsynth.model.config import ModelConfig, TokenizerConfig, to_json, versions
 from fhirsynth.model.dpnoise import NoiseSource
 from fhirsynth.model.sampler import sample_timelines
@@ -119,6 +120,9 @@ def test_samples_of_the_new_kinds_follow_the_contract_and_constraints(tmp_path: 
     kinds = Counter(e.kind for tl in tls for e in tl.events)
     assert all(kinds[k] > 0 for k in ("medication", "immunization", "procedure", "allergy")), kinds
     ref_end = datetime(2026, 1, 2, tzinfo=timezone.utc)
+    limits = load_constraints().age_limits
+    assert limits[(CVX, "113")][0] == 7 and limits[(CVX, "140")][0] == 0.5
+    given: Counter = Counter()
     for tl in tls:
         birth = datetime.combine(tl.patient.birth_date, datetime.min.time(), tzinfo=timezone.utc)
         end = tl.patient.death_date or ref_end
@@ -135,3 +139,7 @@ def test_samples_of_the_new_kinds_follow_the_contract_and_constraints(tmp_path: 
                 assert e.category in ("food", "medication")
             elif e.kind == "immunization":
                 assert e.system == CVX and e.end_time is None and e.status == "completed"
+                lo, hi = limits.get((CVX, e.code), (0.0, 130.0))  # the schedule's minimum age (constraints.toml)
+                assert lo <= (e.time - birth).days / 365.25 < hi, (e.code, (e.time - birth).days / 365.25)
+                given[e.code] += 1
+    assert given["113"] and given["140"]  # the age-limited vaccines were drawn, inside their limits
