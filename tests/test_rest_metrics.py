@@ -98,3 +98,19 @@ def test_evaluate_reports_the_rest_of_the_patient_only_where_real_has_it(tmp_pat
     # a real cohort without these kinds: no section at all (the report of such cohorts is unchanged)
     write_timelines([_tl("c", ("condition", SCT, "A", 3))], tmp_path / "plain")
     assert rest_of_patient(load_cohort(tmp_path / "plain"), other) is None
+
+
+def test_plausibility_flags_a_course_running_past_the_death(tmp_path) -> None:
+    from fhirsynth.evaluate.cohort import load_cohort
+    from fhirsynth.evaluate.plausibility import plausibility_report
+    from fhirsynth.timeline.io import write_timelines
+
+    dead = _tl("d", ("medication", RX, "X", 30), ("medication", RX, "Y", 30))
+    dead.patient.death_date = _at(30.5)
+    dead.events[0].end_time = _at(31)  # half a year after the death
+    dead.events[1].end_time = _at(30.2)  # ends before it
+    write_timelines([dead, _tl("a", ("medication", RX, "X", 10))], tmp_path / "c")
+    rep = plausibility_report({"synthetic": load_cohort(tmp_path / "c")}, None)["synthetic"]
+    assert rep["course_end_after_death"]["events"] == 1
+    assert rep["course_end_after_death"]["event_rate"] == 0.5  # of the 2 courses with an end
+    assert rep["events_after_death"]["events"] == 0  # both started before it

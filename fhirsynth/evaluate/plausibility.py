@@ -104,6 +104,9 @@ def temporal_and_range(cohort: Cohort, ranges: dict[str, tuple[float, float]], f
     cond = (ev["kind"] == "condition").to_numpy()
     end = ev["end_day"].to_numpy()
     abate_before = cond & (end < day)
+    # a medication course (or a procedure's period) that runs on after the death (issue 18)
+    course = ev["kind"].isin(["medication", "procedure"]).to_numpy() & np.isfinite(end)
+    course_after_death = course & (end > death + 1.0)
     codes = _code(ev["token"])
     lo = codes.map({k: v[0] for k, v in ranges.items()}).to_numpy(float)
     hi = codes.map({k: v[1] for k, v in ranges.items()}).to_numpy(float)
@@ -125,6 +128,7 @@ def temporal_and_range(cohort: Cohort, ranges: dict[str, tuple[float, float]], f
         "events_before_birth": rate(before_birth, n_ev),
         "events_after_death": rate(after_death, n_ev),
         "abatement_before_onset": rate(abate_before, int(cond.sum())),
+        "course_end_after_death": rate(course_after_death, int(course.sum())),
         "physiologic_range": {**rate(out_range, int(checked.sum())), "values_checked": int(checked.sum())},
         "sex_specific_code": rate(sex_bad, n_ev),
     }
