@@ -1,0 +1,96 @@
+"""The rest of the patient (issue 18): medications, immunizations, procedures and allergies, synthetic vs holdout.
+
+    python benchmarks/bench_rest.py --work DIR [--data ../shared/data/us-full/ndjson] [--holdout 100]
+        [--epochs 4] [--n-synthetic 200] [--epsilon inf] [--seed 1]
+
+Steps (each cached in --work): ingest the cohort (us-core mapping) and split it by patient (demo.split, seed 7:
+the shared us-full cohort gives 400 / 100), train one visit model (--epsilon inf = no DP), sample
+--n-synthetic patients and compare them with the holdout using records_metrics.rest_compare:
+  <kind>_prevalence_r2            per-code patient prevalence over the holdout's codes held by >= 1% (goal 0.95);
+  condition_medication_cooc_r2    share of patients with both, the holdout's 20 most common conditions x 20 most
+                                  common medications (goal 0.85);
+  vaccine_age_band_max_diff_points  largest |share difference| of immunizations over the age bands, in
+                                  percentage points (goal <= 5).
+Beside it the ceiling: the training patients against the holdout (real vs real). Prints a markdown table and
+writes the columns as JSON to WORK/bench-rest.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from fhirsynth.records_metrics import Records, markdown, rest_compare  # noqa: E402
+from fhirsynth.timeline.io import read_timelines  # noqa: E402
+
+log = logging.getLogger("bench_rest")
+DEFAULT_DATA = REPO.parent / "shared" / "data" / "us-full" / "ndjson"
+
+
+def prepare(work: Path, data: str, n_holdout: int) -> tuple[Path, Path]:
+    """Ingest once into WORK/timelines, split into WORK/train and WORK/holdout (seed 7)."""
+    from fhirsynth.demo.split import split_holdout
+    from fhirsynth.timeline.adapter import ingest
+
+    src = work / "timelines"
+    if not (src / "events.parquet").is_file():
+        report = ingest([data], src, mapping="us-core")
+        log.info("ingest: %s", {k: (v["read"], v["used"]) for k, v in report["resource_types"].items()})
+    train, holdout = work / "train", work / "holdout"
+    if not (holdout / "events.parquet").is_file():
+        n = sum(1 for _ in read_timelines(src))
+        n_train, n_hold = split_holdout(src, train, holdout, n_holdout / n, seed=7)
+        log.info("split: %d train / %d holdout", n_train, n_hold)
+    return train, holdout
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--work", required=True)
+    ap.add_argument("--data", default=str(DEFAULT_DATA))
+    ap.add_argument("--holdout", type=int, default=100)
+    ap.add_argument("--epochs", type=int, default=4)
+    ap.add_argument("--n-synthetic", type=int, default=200)
+    ap.add_argument("--epsilon", default="inf", help="inf = no DP")
+    ap.add_argument("--seed", type=int, default=1)
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+
+    from fhirsynth.model.config import ModelConfig
+    from fhirsynth.model.sampler import sample_timelines
+    from fhirsynth.model.train import train_model
+
+    train, holdout = prepare(work, args.data, args.holdout)
+    held = Records(list(read_timelines(holdout)))
+    columns = {"real vs real (train vs holdout)": rest_compare(held, Records(list(read_timelines(train))))}
+    eps = float(args.epsilon)
+    model = work / f"model-visit-eps{args.epsilon}-ep{args.epochs}-s{args.seed}"
+    if not (model / "privacy.json").is_file():
+        t = time.perf_counter()
+        train_model(train, model, epsilon=eps if math.isfinite(eps) else 8.0, dp=math.isfinite(eps),
+                    epochs=args.epochs, seed=args.seed, model_config=ModelConfig(arch="visit"))
+        log.info("%s trained in %.0f s", model.name, time.perf_counter() - t)
+    t = time.perf_counter()
+    synth = list(sample_timelines(model, args.n_synthetic, seed=args.seed, device="cpu"))
+    log.info("sampled %d patients in %.0f s", len(synth), time.perf_counter() - t)
+    columns[f"visit ε={args.epsilon} {args.epochs} epochs"] = rest_compare(held, Records(synth))
+    print(markdown(columns))
+    doc = {"benchmark": "benchmarks/bench_rest.py", "command": " ".join(sys.argv[1:]), "n_holdout": held.n,
+           "columns": {name: {k: (v if math.isfinite(v) else None) for k, v in col.items()}
+                       for name, col in columns.items()}}
+    (work / "bench-rest.json").write_text(json.dumps(doc, indent=1, ensure_ascii=False) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
