@@ -109,3 +109,20 @@ def test_us_full_books(shared_data: Path, tmp_path: Path) -> None:
     kinds = report["events"]["by_kind"]
     assert (kinds["medication"], kinds["immunization"], kinds["procedure"], kinds["allergy"]) == (
         16059, 30247, 119729, 848)
+
+
+@pytest.mark.shared
+def test_es_ips_bundles_new_types_used_with_reasons(shared_data: Path, tmp_path: Path) -> None:
+    bundles = sorted((shared_data / "es-ips" / "bundles").glob("*.json.gz"))[:6]
+    if not bundles:
+        pytest.skip("es-ips bundles not present")
+    report = ingest(bundles, tmp_path, mapping="ips")
+    _balanced(report)
+    for rtype in ("MedicationRequest", "Immunization", "Procedure", "AllergyIntolerance"):
+        c = report["resource_types"].get(rtype)
+        if c is not None:
+            assert c["used"] == c["read"], (rtype, c)
+    meds = [e for tl in read_timelines(tmp_path) for e in tl.events if e.kind == "medication"]
+    assert meds and report["reasons_unresolved"] == 0
+    # Bundle-local urn:uuid reasonReferences resolve to the patient's Condition codes
+    assert any(e.value_system == "http://snomed.info/sct" and e.value_code for e in meds)
