@@ -641,6 +641,7 @@ def _allergy(a: _Assembly, ev: Event) -> dict[str, Any]:
     if enc:
         res["encounter"] = enc
     res["onsetDateTime"] = fhir_datetime(ev.time, ev.time_precision)
+    res["recordedDate"] = res["onsetDateTime"]  # what the `date` search parameter finds (AllergyIntolerance.recordedDate)
     return res
 
 
