@@ -123,11 +123,17 @@ def test_reason_without_matching_condition_is_a_reason_code():
 
 
 def test_ips_medication_statement_period_and_status_mapping():
-    tl = _one("medication", system=RXNORM, code="314076", end_time=T0 + timedelta(days=30), status="cancelled")
+    tl = _one("medication", system=RXNORM, code="314076", end_time=T0 + timedelta(days=30), status="cancelled",
+              category="community")
     ms = _only(_assemble([tl], "ips")[0], "MedicationStatement")
     assert ms["status"] == "not-taken"  # a cancelled request was never taken
+    assert ms["category"] == {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/medication-statement-category",
+                                          "code": "community"}]}
     assert ms["effectivePeriod"] == {"start": T0.isoformat(), "end": (T0 + timedelta(days=30)).isoformat()}
     assert "context" in ms and "encounter" not in ms
+    tl = _one("medication", system=RXNORM, code="314076", category="discharge")  # a request-only category
+    ms = _only(_assemble([tl], "ips")[0], "MedicationStatement")
+    assert "category" not in ms and ms["status"] == "active" and ms["effectiveDateTime"] == T0.isoformat()
 
 
 def test_immunization_and_allergy_fields():

@@ -70,6 +70,7 @@ SNOMED = "http://snomed.info/sct"
 ALLERGY_CLINICAL = "http://terminology.hl7.org/CodeSystem/allergyintolerance-clinical"
 ALLERGY_VER = "http://terminology.hl7.org/CodeSystem/allergyintolerance-verification"
 MEDREQ_CATEGORY = "http://terminology.hl7.org/CodeSystem/medicationrequest-category"
+MEDSTMT_CATEGORY = "http://terminology.hl7.org/CodeSystem/medication-statement-category"
 # Required value sets of the new kinds' status elements (FHIR R4); anything else falls back to a default.
 _MEDREQ_STATUS = frozenset(
     {"active", "on-hold", "cancelled", "completed", "entered-in-error", "stopped", "draft", "unknown"}
@@ -87,6 +88,7 @@ _ALLERGY_CLINICAL = frozenset({"active", "inactive", "resolved"})
 _ALLERGY_CATEGORY = frozenset({"food", "medication", "environment", "biologic"})
 _CRITICALITY = frozenset({"low", "high", "unable-to-assess"})
 _MEDREQ_CATEGORIES = frozenset({"inpatient", "outpatient", "community", "discharge"})
+_MEDSTMT_CATEGORIES = frozenset({"inpatient", "outpatient", "community", "patientspecified"})
 # Blood pressure panels must carry both components (US Core / vitals profile); a missing one is marked absent.
 _BP_PANEL = ("http://loinc.org", "85354-9")
 _BP_COMPONENTS = (("8480-6", "Systolic blood pressure"), ("8462-4", "Diastolic blood pressure"))
@@ -582,6 +584,8 @@ def _medication_statement(a: _Assembly, ev: Event) -> dict[str, Any]:
     res = _base(a, "MedicationStatement")
     status = _REQ_TO_STMT.get(ev.status or "", ev.status)
     res["status"] = status if status in _MEDSTMT_STATUS else ("completed" if ev.end_time else "active")
+    if ev.category in _MEDSTMT_CATEGORIES:  # the request categories a statement has too (not discharge)
+        res["category"] = {"coding": [{"system": MEDSTMT_CATEGORY, "code": ev.category}]}
     res["medicationCodeableConcept"] = _concept(ev.system, ev.code, ev.display)
     res["subject"] = {"reference": a.pref}
     enc = a.encounter_ref(ev)
