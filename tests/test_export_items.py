@@ -80,3 +80,12 @@ def test_items_load_with_server_assigned_ids(medplum_user, tmp_path, ids):  # no
     stored = _resolving(medplum_user, expected)
     reasons = [r["reasonReference"][0]["reference"] for r in stored.values() if "reasonReference" in r]
     assert reasons and all(ref.startswith("Condition/") and ref in stored for ref in reasons)
+
+
+def test_ndjson_stages_put_items_after_what_they_reference():
+    from fhirsynth.export.ndjson_source import dependency_rank
+
+    for rtype in ("MedicationRequest", "MedicationStatement", "Procedure"):  # reasonReference -> Condition
+        assert dependency_rank(rtype) > dependency_rank("Condition") > dependency_rank("Encounter")
+    for rtype in ("MedicationRequest", "MedicationStatement", "Procedure", "Immunization", "AllergyIntolerance"):
+        assert dependency_rank("Encounter") < dependency_rank(rtype) < dependency_rank("Provenance")
