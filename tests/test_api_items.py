@@ -143,10 +143,10 @@ def test_everything_holds_the_items(fhir, export, server):
     assert got["AllergyIntolerance"] >= 1
 
 
-def test_bulk_export_with_type_covering_the_items(server, export):
-    wanted = ("Patient", *ITEMS)
+def _bulk(server: str, path: str, params: dict) -> Counter:
+    """Kick off a Bulk Data export, poll it to the end, download every file; resources per type."""
     with httpx.Client(timeout=10) as http:
-        r = http.get(f"{server}/$export", params={"_type": ",".join(wanted)},
+        r = http.get(f"{server}/{path}", params=params,
                      headers={"Prefer": "respond-async", "Accept": "application/fhir+json"})
         assert r.status_code == 202, r.text
         poll = r.headers["content-location"]
@@ -160,9 +160,21 @@ def test_bulk_export_with_type_covering_the_items(server, export):
             lines = [json.loads(x) for x in http.get(out["url"]).text.splitlines() if x]
             assert {x["resourceType"] for x in lines} == {out["type"]}
             counts[out["type"]] += len(lines)
+    return counts
+
+
+def test_bulk_export_with_type_covering_the_items(server, export):
+    wanted = ("Patient", *ITEMS)
+    counts = _bulk(server, "$export", {"_type": ",".join(wanted)})
     assert set(counts) == set(wanted)
     for rtype in wanted:
         assert counts[rtype] == len(_ndjson(export, rtype)), rtype
+    # Patient-level export holds the items (the patient compartment); _typeFilter narrows a new type
+    counts = _bulk(server, "Patient/$export", {"_type": "MedicationRequest,Procedure",
+                                               "_typeFilter": "MedicationRequest?status=active"})
+    assert counts["MedicationRequest"] == sum(r["status"] == "active" for r in _ndjson(export, "MedicationRequest"))
+    assert counts["Procedure"] == len(_ndjson(export, "Procedure")) and set(counts) <= {"MedicationRequest",
+                                                                                        "Procedure"}
 
 
 def test_medication_statements_of_an_ips_export(tmp_path):
