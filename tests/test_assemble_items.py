@@ -201,3 +201,12 @@ def test_transaction_orders_reasons_after_conditions():
             for ref in iter_references(e["resource"]):
                 if ref in pos and e["resource"]["resourceType"] != "Provenance":
                     assert pos[ref] < i, (e["resource"]["resourceType"], ref)
+
+
+def test_text_only_reason_stays_text():
+    """A reason with no code (reasonCode.text only, as the es-ips cohort writes some) is kept as text."""
+    tl = _one("procedure", system=SNOMED, code="133899007", value_display="knee_injury")
+    for profile in ("us-core", "ips"):
+        proc = _only(_assemble([tl], profile)[0], "Procedure")
+        assert proc["reasonCode"] == [{"text": "knee_injury"}] and "reasonReference" not in proc
+        assert validate_resource(proc) == []

@@ -527,8 +527,11 @@ def _dar_reference() -> dict[str, Any]:
 
 
 def _reason(a: _Assembly, ev: Event, res: dict[str, Any]) -> None:
-    """The event's reason (value_*): a reference to the patient's Condition with that code, else reasonCode."""
+    """The event's reason (value_*): a reference to the patient's Condition with that code, else reasonCode (a
+    text-only reason, as some sources write it, stays text-only)."""
     if not ev.value_code:
+        if ev.value_display:
+            res["reasonCode"] = [{"text": ev.value_display}]
         return
     ref = a.condition_ref(ev.value_system, ev.value_code, ev.time)
     if ref is not None:
