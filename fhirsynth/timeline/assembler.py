@@ -1,11 +1,11 @@
 """Timelines -> FHIR R4 resources (plain dicts, the inverse of the ingest mappings).
 
-One call per patient returns Patient, Encounters, Conditions, Observations, the medications (MedicationRequest, or
-MedicationStatement where the profile says so), Immunizations, Procedures, AllergyIntolerances and one Provenance, all with
-deterministic ids (uuid5 from seed and patient index), `Type/id` references that resolve within the patient,
-profile URLs from fhirsynth.timeline.profiles, and the HL7 HTEST code in meta.security and meta.tag so no
-system mistakes them for real records. Plain dicts on this path: it runs at >50k resources/s; the tests run
-every resource through fhirsynth.fhir.validate.
+One call per patient returns Patient, Encounters, Conditions, Observations, the medications (MedicationRequest,
+or MedicationStatement where the profile says so), Immunizations, Procedures, AllergyIntolerances and one
+Provenance, all with deterministic ids (uuid5 from seed and patient index), `Type/id` references that resolve
+within the patient, profile URLs from fhirsynth.timeline.profiles, and the HL7 HTEST code in meta.security and
+meta.tag so no system mistakes them for real records. Plain dicts on this path: it runs at >50k resources/s;
+the tests run every resource through fhirsynth.fhir.validate.
 """
 
 from __future__ import annotations
@@ -648,7 +648,7 @@ def _allergy(a: _Assembly, ev: Event) -> dict[str, Any]:
     if enc:
         res["encounter"] = enc
     res["onsetDateTime"] = fhir_datetime(ev.time, ev.time_precision)
-    res["recordedDate"] = res["onsetDateTime"]  # what the `date` search parameter finds (AllergyIntolerance.recordedDate)
+    res["recordedDate"] = res["onsetDateTime"]  # what R4's `date` search parameter finds (recordedDate)
     return res
 
 
