@@ -120,3 +120,43 @@ def test_real_es_ips_cohort_reassembled_holds_its_profiles(shared_data, validate
     assert sum(report["checked"].values()) >= MIN_RESOURCES
     errors = _errors(report, validator_limits)
     assert not errors, Counter((e["profile"].rsplit("/", 1)[1], e["text"], e["expression"]) for e in errors)
+
+
+def test_medications_immunizations_procedures_allergies_hold_their_ips_profiles(validate, validator_limits,
+                                                                                 tmp_path):
+    """Issue 18: MedicationStatement-, Immunization-, Procedure- and AllergyIntolerance-uv-ips, from edge-case
+    timelines with items, as NDJSON and as IPS documents whose Medication / Allergies / Immunizations / Procedures
+    sections list them."""
+    from item_timelines import item_timelines
+
+    timelines = item_timelines(40, seed=21, visits=6, edge_cases=True)
+    for fmt in ("ndjson", "document"):
+        write_export(iter(timelines), tmp_path / fmt, fmt=fmt, profile="ips", seed=23, generator=GEN)
+    files = [*(tmp_path / "ndjson").glob("*.ndjson"),
+             *(p for p in (tmp_path / "document").glob("*.json") if p.name != "manifest.json")]
+    report = validate(files)
+    assert not report["unknown"], report["unknown"]
+    checked = {p.rsplit("/", 1)[1]: n for p, n in report["checked"].items()}
+    for name in ("MedicationStatement-uv-ips", "Immunization-uv-ips", "Procedure-uv-ips",
+                 "AllergyIntolerance-uv-ips"):
+        assert checked.get(name, 0) >= 20, checked
+    errors = _errors(report, validator_limits)
+    assert not errors, Counter((e["profile"].rsplit("/", 1)[1], e["text"], e["expression"]) for e in errors)
+
+
+def test_validator_refuses_an_ips_item_without_what_its_profile_requires(validate, validator_limits, tmp_path):
+    """The check can fail for the new profiles: a MedicationStatement without effective[x] and an
+    AllergyIntolerance without a code are refused."""
+    from item_timelines import item_timelines
+
+    out = tmp_path / "x"
+    write_export(iter(item_timelines(20, seed=4)), out, fmt="ndjson", profile="ips", seed=3, generator=GEN)
+    ms = json.loads((out / "MedicationStatement.ndjson").read_text().splitlines()[0])
+    al = json.loads((out / "AllergyIntolerance.ndjson").read_text().splitlines()[0])
+    ms.pop("effectiveDateTime", None)
+    ms.pop("effectivePeriod", None)
+    al.pop("code")
+    bad = tmp_path / "bad.ndjson"
+    bad.write_text(json.dumps(ms) + "\n" + json.dumps(al) + "\n")
+    found = {e["resource"] for e in _errors(validate([bad]), validator_limits)}
+    assert {f"MedicationStatement/{ms['id']}", f"AllergyIntolerance/{al['id']}"} <= found

@@ -117,7 +117,7 @@ def synthesize_definition(base: str) -> dict:
             param("age", "in", "string", "age in years: N or MIN-MAX"),
             param("condition", "in", "string", "SYSTEM|CODE of a condition every patient must have"),
             param("return", "out", "Bundle", "the new resources (Patient, Encounter, Condition, Observation, "
-                  "Provenance)", 1),
+                  "the medications, immunizations, procedures and allergies the model samples, Provenance)", 1),
         ],
     }
 

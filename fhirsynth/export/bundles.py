@@ -16,7 +16,9 @@ LOINC = "http://loinc.org"
 LIST_EMPTY = "http://terminology.hl7.org/CodeSystem/list-empty-reason"
 XHTML = 'xmlns="http://www.w3.org/1999/xhtml"'
 # Entry order a server can process front to back: referenced resources before those that reference them.
-TYPE_ORDER = {"Patient": 0, "Device": 1, "Encounter": 2, "Condition": 3, "Observation": 4, "Provenance": 5}
+# Medications and Procedures point at the Conditions they treat (reasonReference), so they follow Conditions.
+TYPE_ORDER = {"Patient": 0, "Device": 1, "Encounter": 2, "Condition": 3, "Observation": 4, "AllergyIntolerance": 4,
+              "MedicationRequest": 5, "MedicationStatement": 5, "Immunization": 5, "Procedure": 5, "Provenance": 8}
 
 
 def full_url(rtype_or_resource: Any, rid: str | None = None) -> str:
@@ -50,7 +52,17 @@ _REF_FIELDS = {
     "Encounter": ("subject",),
     "Condition": ("subject", "encounter"),
     "Observation": ("subject", "encounter"),
+    "MedicationRequest": ("subject", "encounter", "requester", "reasonReference"),
+    "MedicationStatement": ("subject", "context", "reasonReference"),
+    "Immunization": ("patient", "encounter"),
+    "Procedure": ("subject", "encounter", "reasonReference"),
+    "AllergyIntolerance": ("patient", "encounter"),
 }
+
+
+def _rewrite_ref(ref: dict[str, Any], mapping: dict[str, str]) -> dict[str, Any]:
+    target = ref.get("reference")
+    return {**ref, "reference": mapping.get(target, target)} if target is not None else ref
 
 
 def _rewrite_resource(r: dict[str, Any], mapping: dict[str, str]) -> dict[str, Any]:
@@ -61,8 +73,10 @@ def _rewrite_resource(r: dict[str, Any], mapping: dict[str, str]) -> dict[str, A
     out = dict(r)
     for key in fields or ():
         ref = r.get(key)
-        if ref is not None:
-            out[key] = {**ref, "reference": mapping.get(ref["reference"], ref["reference"])}
+        if isinstance(ref, list):  # reasonReference: 0..*
+            out[key] = [_rewrite_ref(one, mapping) for one in ref]
+        elif ref is not None:  # a reference may carry only a data-absent-reason extension (no `reference`)
+            out[key] = _rewrite_ref(ref, mapping)
     if rtype == "Provenance":
         out["target"] = [{**t, "reference": mapping.get(t["reference"], t["reference"])} for t in r["target"]]
         out["agent"] = rewrite_refs(r.get("agent", []), mapping)
@@ -115,7 +129,7 @@ def _narrative(text: str) -> dict[str, str]:
 
 
 def _display(resource: dict[str, Any]) -> str:
-    code = resource.get("code") or {}
+    code = resource.get("code") or resource.get("medicationCodeableConcept") or resource.get("vaccineCode") or {}
     coding = (code.get("coding") or [{}])[0]
     return code.get("text") or coding.get("display") or coding.get("code") or resource["resourceType"]
 
@@ -162,15 +176,20 @@ def document_bundle(
 ) -> dict[str, Any]:
     """An IPS Patient Summary: Composition first, then the Patient, the authoring Device and the entries.
 
-    Sections: problems (11450-4), medications (10160-0) and allergies (48765-2) are required by IPS and the
-    last two are empty with an emptyReason (not generated); results (30954-2) and vital signs (8716-3)
-    reference the Observations by category.
+    Sections: problems (11450-4), medications (10160-0) and allergies (48765-2) are required by IPS: each lists
+    the record's items, or has an emptyReason where the record has none; results (30954-2) and vital signs
+    (8716-3) reference the Observations by category; immunizations (11369-6) and history of procedures (47519-4)
+    are there when the record has such items.
     """
     patient = resources[0]
     if patient["resourceType"] != "Patient":
         raise ValueError("assembled resources must start with the Patient")
     conditions = [r for r in resources if r["resourceType"] == "Condition"]
     observations = [r for r in resources if r["resourceType"] == "Observation"]
+    medications = [r for r in resources if r["resourceType"] in ("MedicationStatement", "MedicationRequest")]
+    allergies = [r for r in resources if r["resourceType"] == "AllergyIntolerance"]
+    immunizations = [r for r in resources if r["resourceType"] == "Immunization"]
+    procedures = [r for r in resources if r["resourceType"] == "Procedure"]
     vitals, results, social = [], [], []
     for o in observations:
         cat = _category(o)
@@ -193,14 +212,19 @@ def document_bundle(
     who = " ".join([*name.get("given", []), name.get("family", "")]).strip() or "synthetic patient"
     sections = [
         _section("Problems", "11450-4", conditions, "No problems recorded."),
-        # "unavailable", not "nil known": the generator does not model these domains at all.
-        _section("Medication Summary", "10160-0", [], "No information about medications (not generated).",
+        # "unavailable", not "nil known": a record without these items may come from a model (or source) that
+        # does not hold them at all, which says nothing about whether the patient has any.
+        _section("Medication Summary", "10160-0", medications, "No information about medications in this record.",
                  "unavailable"),
-        _section("Allergies and Intolerances", "48765-2", [], "No information about allergies (not generated).",
-                 "unavailable"),
+        _section("Allergies and Intolerances", "48765-2", allergies,
+                 "No information about allergies in this record.", "unavailable"),
         _section("Results", "30954-2", results, "No results recorded."),
         _section("Vital Signs", "8716-3", vitals, "No vital signs recorded."),
     ]
+    if immunizations:
+        sections.append(_section("Immunizations", "11369-6", immunizations, ""))
+    if procedures:
+        sections.append(_section("History of Procedures", "47519-4", procedures, ""))
     if social:
         sections.append(_section("Social History", "29762-2", social, ""))
     composition = {

@@ -20,7 +20,9 @@ from fhirsynth.export.bundles import iter_references, reference_parts
 
 # stage of a type: referenced types before the types that reference them; Provenance points at everything
 _STAGE = {"Patient": 0, "Practitioner": 1, "Organization": 1, "Location": 1, "Device": 1, "Medication": 1,
-          "Encounter": 2, "Provenance": 9}
+          "Encounter": 2, "Provenance": 9,
+          # after Conditions (the default stage): they name the Condition they treat in reasonReference
+          "MedicationRequest": 6, "MedicationStatement": 6, "Procedure": 6}
 
 
 def dependency_rank(rtype: str | None) -> int:

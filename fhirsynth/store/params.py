@@ -149,6 +149,11 @@ def _components(r: dict) -> list[dict]:
     return [c for c in r.get("component") or [] if isinstance(c, dict)]
 
 
+def _code_value(value: Any) -> list[tuple]:
+    """A plain `code` element (status, intent, criticality) as a token with no system."""
+    return [(None, value, None)] if isinstance(value, str) and value else []
+
+
 def _last_updated(r: dict) -> list[tuple]:
     return _date((r.get("meta") or {}).get("lastUpdated"))
 
@@ -222,6 +227,69 @@ _DEFS: list[tuple[str, str, str, str, Callable[[dict], list[tuple]], str | None]
     ("Encounter", "status", "token", "Encounter.status",
      lambda r: [(None, r["status"], None)] if r.get("status") else [], None),
 
+    # Issue 18's types, with the R4 spec's search parameter names and expressions
+    ("MedicationRequest", "patient", "reference", "MedicationRequest.subject.where(resolve() is Patient)",
+     lambda r: _refs(r.get("subject"), "Patient"), "Patient"),
+    ("MedicationRequest", "subject", "reference", "MedicationRequest.subject", lambda r: _refs(r.get("subject")), None),
+    ("MedicationRequest", "code", "token", "(MedicationRequest.medication as CodeableConcept)",
+     lambda r: _cc(r.get("medicationCodeableConcept")), None),
+    ("MedicationRequest", "status", "token", "MedicationRequest.status", lambda r: _code_value(r.get("status")), None),
+    ("MedicationRequest", "intent", "token", "MedicationRequest.intent", lambda r: _code_value(r.get("intent")), None),
+    ("MedicationRequest", "category", "token", "MedicationRequest.category", lambda r: _cc(r.get("category")), None),
+    ("MedicationRequest", "authoredon", "date", "MedicationRequest.authoredOn",
+     lambda r: _date(r.get("authoredOn")), None),
+    ("MedicationRequest", "encounter", "reference", "MedicationRequest.encounter",
+     lambda r: _refs(r.get("encounter"), "Encounter"), "Encounter"),
+
+    ("MedicationStatement", "patient", "reference", "MedicationStatement.subject.where(resolve() is Patient)",
+     lambda r: _refs(r.get("subject"), "Patient"), "Patient"),
+    ("MedicationStatement", "subject", "reference", "MedicationStatement.subject",
+     lambda r: _refs(r.get("subject")), None),
+    ("MedicationStatement", "code", "token", "(MedicationStatement.medication as CodeableConcept)",
+     lambda r: _cc(r.get("medicationCodeableConcept")), None),
+    ("MedicationStatement", "status", "token", "MedicationStatement.status",
+     lambda r: _code_value(r.get("status")), None),
+    ("MedicationStatement", "category", "token", "MedicationStatement.category", lambda r: _cc(r.get("category")),
+     None),
+    ("MedicationStatement", "effective", "date", "MedicationStatement.effective",
+     lambda r: _date(_first(r, "effectiveDateTime", "effectivePeriod")), None),
+    ("MedicationStatement", "context", "reference", "MedicationStatement.context",
+     lambda r: _refs(r.get("context"), "Encounter"), "Encounter"),
+
+    ("Immunization", "patient", "reference", "Immunization.patient",
+     lambda r: _refs(r.get("patient"), "Patient"), "Patient"),
+    ("Immunization", "vaccine-code", "token", "Immunization.vaccineCode", lambda r: _cc(r.get("vaccineCode")), None),
+    ("Immunization", "status", "token", "Immunization.status", lambda r: _code_value(r.get("status")), None),
+    ("Immunization", "date", "date", "Immunization.occurrence",
+     lambda r: _date(r.get("occurrenceDateTime")), None),
+
+    ("Procedure", "patient", "reference", "Procedure.subject.where(resolve() is Patient)",
+     lambda r: _refs(r.get("subject"), "Patient"), "Patient"),
+    ("Procedure", "subject", "reference", "Procedure.subject", lambda r: _refs(r.get("subject")), None),
+    ("Procedure", "code", "token", "Procedure.code", lambda r: _cc(r.get("code")), None),
+    ("Procedure", "status", "token", "Procedure.status", lambda r: _code_value(r.get("status")), None),
+    ("Procedure", "category", "token", "Procedure.category", lambda r: _cc(r.get("category")), None),
+    ("Procedure", "date", "date", "Procedure.performed",
+     lambda r: _date(_first(r, "performedDateTime", "performedPeriod")), None),
+    ("Procedure", "encounter", "reference", "Procedure.encounter",
+     lambda r: _refs(r.get("encounter"), "Encounter"), "Encounter"),
+
+    ("AllergyIntolerance", "patient", "reference", "AllergyIntolerance.patient",
+     lambda r: _refs(r.get("patient"), "Patient"), "Patient"),
+    ("AllergyIntolerance", "code", "token", "AllergyIntolerance.code | AllergyIntolerance.reaction.substance",
+     lambda r: _cc(r.get("code")) + [t for x in r.get("reaction") or [] if isinstance(x, dict)
+                                     for t in _cc(x.get("substance"))], None),
+    ("AllergyIntolerance", "clinical-status", "token", "AllergyIntolerance.clinicalStatus",
+     lambda r: _cc(r.get("clinicalStatus")), None),
+    ("AllergyIntolerance", "verification-status", "token", "AllergyIntolerance.verificationStatus",
+     lambda r: _cc(r.get("verificationStatus")), None),
+    ("AllergyIntolerance", "category", "token", "AllergyIntolerance.category",
+     lambda r: [t for c in r.get("category") or [] for t in _code_value(c)], None),
+    ("AllergyIntolerance", "criticality", "token", "AllergyIntolerance.criticality",
+     lambda r: _code_value(r.get("criticality")), None),
+    ("AllergyIntolerance", "date", "date", "AllergyIntolerance.recordedDate",
+     lambda r: _date(r.get("recordedDate")), None),
+
     ("Provenance", "target", "reference", "Provenance.target", lambda r: _refs(r.get("target")), None),
     ("Provenance", "patient", "reference", "Provenance.target.where(resolve() is Patient)",
      lambda r: _refs(r.get("target"), "Patient"), "Patient"),
@@ -231,9 +299,13 @@ _DEFS: list[tuple[str, str, str, str, Callable[[dict], list[tuple]], str | None]
      lambda r: _refs([m.get("entity") for m in r.get("member") or []]), None),
 ]
 
-RESOURCE_TYPES: tuple[str, ...] = ("Patient", "Condition", "Observation", "Encounter", "Provenance", "Group")
+# The clinical item types of issue 18: medications (as requests or statements), immunizations, procedures, allergies.
+ITEM_TYPES: tuple[str, ...] = ("MedicationRequest", "MedicationStatement", "Immunization", "Procedure",
+                               "AllergyIntolerance")
+RESOURCE_TYPES: tuple[str, ...] = ("Patient", "Condition", "Observation", "Encounter", "Provenance", "Group",
+                                   *ITEM_TYPES)
 # Types in the patient compartment (exported by Patient/$export and returned by $everything).
-COMPARTMENT_TYPES: tuple[str, ...] = ("Patient", "Condition", "Observation", "Encounter", "Provenance")
+COMPARTMENT_TYPES: tuple[str, ...] = ("Patient", "Condition", "Observation", "Encounter", "Provenance", *ITEM_TYPES)
 
 PARAMS: dict[str, dict[str, SearchParam]] = {t: {} for t in RESOURCE_TYPES}
 PARAMS_BY_ID: dict[int, SearchParam] = {}
@@ -248,7 +320,8 @@ for _i, (_res, _name, _type, _expr, _fn, _target) in enumerate(
 # The date each type is sorted by for `_sort=<name>` (stored in resources.sort_date).
 SORT_DATE_PARAM: dict[str, str] = {
     "Patient": "birthdate", "Condition": "onset-date", "Observation": "date", "Encounter": "date",
-    "Provenance": "recorded",
+    "Provenance": "recorded", "MedicationRequest": "authoredon", "MedicationStatement": "effective",
+    "Immunization": "date", "Procedure": "date", "AllergyIntolerance": "date",
 }
 
 # _include / _revinclude pairs the API resolves: (source type, reference param) -> target type.
@@ -258,10 +331,20 @@ INCLUDES: dict[tuple[str, str], str] = {
     ("Condition", "patient"): "Patient", ("Condition", "subject"): "Patient",
     ("Condition", "encounter"): "Encounter",
     ("Encounter", "patient"): "Patient", ("Encounter", "subject"): "Patient",
+    ("MedicationRequest", "patient"): "Patient", ("MedicationRequest", "subject"): "Patient",
+    ("MedicationRequest", "encounter"): "Encounter",
+    ("MedicationStatement", "patient"): "Patient", ("MedicationStatement", "subject"): "Patient",
+    ("MedicationStatement", "context"): "Encounter",
+    ("Immunization", "patient"): "Patient",
+    ("Procedure", "patient"): "Patient", ("Procedure", "subject"): "Patient", ("Procedure", "encounter"): "Encounter",
+    ("AllergyIntolerance", "patient"): "Patient",
 }
 REVINCLUDES: dict[str, list[tuple[str, str]]] = {
-    "Patient": [("Observation", "patient"), ("Condition", "patient"), ("Encounter", "patient")],
-    "Encounter": [("Observation", "encounter"), ("Condition", "encounter")],
+    "Patient": [("Observation", "patient"), ("Condition", "patient"), ("Encounter", "patient"),
+                ("MedicationRequest", "patient"), ("MedicationStatement", "patient"), ("Immunization", "patient"),
+                ("Procedure", "patient"), ("AllergyIntolerance", "patient")],
+    "Encounter": [("Observation", "encounter"), ("Condition", "encounter"), ("MedicationRequest", "encounter"),
+                  ("MedicationStatement", "context"), ("Procedure", "encounter")],
 }
 
 
@@ -289,7 +372,8 @@ def patient_of(resource: dict) -> str | None:
     if rtype == "Provenance":
         refs = _refs(resource.get("target"), "Patient")
         return refs[0][1] if refs else None
-    refs = _refs(resource.get("subject"), "Patient")
+    # Immunization and AllergyIntolerance name their patient in `patient`, the others in `subject`
+    refs = _refs(resource.get("subject") if "subject" in resource else resource.get("patient"), "Patient")
     return refs[0][1] if refs else None
 
 

@@ -1,10 +1,11 @@
 """Timelines -> FHIR R4 resources (plain dicts, the inverse of the ingest mappings).
 
-One call per patient returns Patient, Encounters, Conditions, Observations and one Provenance, all with
-deterministic ids (uuid5 from seed and patient index), `Type/id` references that resolve within the patient,
-profile URLs from fhirsynth.timeline.profiles, and the HL7 HTEST code in meta.security and meta.tag so no
-system mistakes them for real records. Plain dicts on this path: it runs at >50k resources/s; the tests run
-every resource through fhirsynth.fhir.validate.
+One call per patient returns Patient, Encounters, Conditions, Observations, the medications (MedicationRequest,
+or MedicationStatement where the profile says so), Immunizations, Procedures, AllergyIntolerances and one
+Provenance, all with deterministic ids (uuid5 from seed and patient index), `Type/id` references that resolve
+within the patient, profile URLs from fhirsynth.timeline.profiles, and the HL7 HTEST code in meta.security and
+meta.tag so no system mistakes them for real records. Plain dicts on this path: it runs at >50k resources/s;
+the tests run every resource through fhirsynth.fhir.validate.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Any
 from fhirsynth import __version__
 from fhirsynth.timeline.fakes import IDENTIFIER_SYSTEM, locale_for, make_identity
 from fhirsynth.timeline.profiles import Profile, load_profile
-from fhirsynth.timeline.types import Event, Timeline
+from fhirsynth.timeline.types import CRITICALITY_SYSTEM, Event, Timeline
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,29 @@ _OBS_CATEGORIES = frozenset(
     {"social-history", "vital-signs", "imaging", "laboratory", "procedure", "survey", "exam", "therapy", "activity"}
 )
 _GENDERS = frozenset({"male", "female", "other", "unknown"})
+SNOMED = "http://snomed.info/sct"
+ALLERGY_CLINICAL = "http://terminology.hl7.org/CodeSystem/allergyintolerance-clinical"
+ALLERGY_VER = "http://terminology.hl7.org/CodeSystem/allergyintolerance-verification"
+MEDREQ_CATEGORY = "http://terminology.hl7.org/CodeSystem/medicationrequest-category"
+MEDSTMT_CATEGORY = "http://terminology.hl7.org/CodeSystem/medication-statement-category"
+# Required value sets of the new kinds' status elements (FHIR R4); anything else falls back to a default.
+_MEDREQ_STATUS = frozenset(
+    {"active", "on-hold", "cancelled", "completed", "entered-in-error", "stopped", "draft", "unknown"}
+)
+_MEDSTMT_STATUS = frozenset(
+    {"active", "completed", "entered-in-error", "intended", "stopped", "on-hold", "unknown", "not-taken"}
+)
+# A request's status in MedicationStatement terms (the IPS medication list is of statements).
+_REQ_TO_STMT = {"cancelled": "not-taken", "draft": "intended"}
+_IMM_STATUS = frozenset({"completed", "entered-in-error", "not-done"})
+_PROC_STATUS = frozenset(
+    {"preparation", "in-progress", "not-done", "on-hold", "stopped", "completed", "entered-in-error", "unknown"}
+)
+_ALLERGY_CLINICAL = frozenset({"active", "inactive", "resolved"})
+_ALLERGY_CATEGORY = frozenset({"food", "medication", "environment", "biologic"})
+_CRITICALITY = frozenset({"low", "high", "unable-to-assess"})
+_MEDREQ_CATEGORIES = frozenset({"inpatient", "outpatient", "community", "discharge"})
+_MEDSTMT_CATEGORIES = frozenset({"inpatient", "outpatient", "community", "patientspecified"})
 # Blood pressure panels must carry both components (US Core / vitals profile); a missing one is marked absent.
 _BP_PANEL = ("http://loinc.org", "85354-9")
 _BP_COMPONENTS = (("8480-6", "Systolic blood pressure"), ("8462-4", "Diastolic blood pressure"))
@@ -182,7 +206,8 @@ def _set_value(target: dict[str, Any], ev: Event) -> bool:
 class _Assembly:
     """State for one patient: ids, encounter lookup, collected resources."""
 
-    __slots__ = ("tl", "profile", "pid", "id_prefix", "id_low", "pref", "enc_ids", "enc_starts", "enc_spans", "n")
+    __slots__ = ("tl", "profile", "pid", "id_prefix", "id_low", "pref", "enc_ids", "enc_starts", "enc_spans", "n",
+                 "conditions")
 
     def __init__(self, tl: Timeline, profile: Profile, seed: int, index: int) -> None:
         self.tl = tl
@@ -197,6 +222,8 @@ class _Assembly:
         self.enc_starts: list[datetime] = []
         self.enc_spans: list[tuple[datetime, datetime | None, str]] = []
         self.n = 0
+        # (system, code) -> [(onset, Condition id)] in event order: what a medication or procedure reason points at
+        self.conditions: dict[tuple[str, str], list[tuple[datetime, str]]] = {}
 
     def new_id(self) -> str:
         self.n += 1
@@ -216,11 +243,20 @@ class _Assembly:
                     eid = cand
         return {"reference": f"Encounter/{eid}"} if eid else None
 
+    def condition_ref(self, system: str | None, code: str, when: datetime) -> dict[str, str] | None:
+        """The patient's Condition with this code: the latest with onset at or before `when`, else the first."""
+        cands = self.conditions.get((system or "", code))
+        if not cands:
+            return None
+        before = [rid for onset, rid in cands if onset <= when]
+        return {"reference": f"Condition/{before[-1] if before else cands[0][1]}"}
+
 
 def assemble_patient(
     timeline: Timeline, *, profile: str, seed: int, index: int, generator: GeneratorInfo
 ) -> list[dict[str, Any]]:
-    """FHIR resources of one patient: Patient, Encounters, Conditions, Observations, Provenance (in that order).
+    """FHIR resources of one patient: Patient, Encounters, Conditions, Observations, AllergyIntolerances,
+    medications, Immunizations, Procedures, Provenance (in that order: what is referenced comes first).
 
     Ids depend only on (seed, index) and the event order, so the same inputs always give the same output.
     """
@@ -228,7 +264,8 @@ def assemble_patient(
     a = _Assembly(timeline, prof, seed, index)
     rng = random.Random(f"{seed}:{index}")
     patient = _patient(a, rng)
-    encounters, conditions, observations = [], [], []
+    encounters, conditions, observations, allergies = [], [], [], []
+    items: list[tuple[Event, str]] = []  # medications, immunizations, procedures: after every Condition has an id
     events = timeline.events
     # Encounters first: other events reference them by their source encounter_id.
     for ev in events:
@@ -252,11 +289,19 @@ def assemble_patient(
                 observations.append(_observation(a, ev))
         elif kind == "condition":
             conditions.append(_condition(a, ev))
+        elif kind == "allergy":
+            allergies.append(_allergy(a, ev))
+        elif kind in _ITEM_BUILDERS:
+            items.append((ev, kind))
         elif kind != "encounter":
             log.debug("patient %s: event kind %r not assembled", a.pid, kind)
     for panel in panels.values():
         _finish_panel(panel)
-    resources = [patient, *encounters, *conditions, *observations]
+    by_kind: dict[str, list[dict[str, Any]]] = {k: [] for k in _ITEM_BUILDERS}
+    for ev, kind in items:
+        by_kind[kind].append(_ITEM_BUILDERS[kind](a, ev))
+    resources = [patient, *encounters, *conditions, *observations, *allergies, *by_kind["medication"],
+                 *by_kind["immunization"], *by_kind["procedure"]]
     resources.append(_provenance(a, resources, generator))
     return resources
 
@@ -378,6 +423,8 @@ def _condition(a: _Assembly, ev: Event) -> dict[str, Any]:
     else:
         cat = {"coding": [{"code": _code(category) or "unknown"}], "text": category}
     rid = a.new_id()
+    if ev.code:
+        a.conditions.setdefault((ev.system or "", ev.code), []).append((ev.time, rid))
     res: dict[str, Any] = {
         "resourceType": "Condition",
         "id": rid,
@@ -472,6 +519,140 @@ def _finish_panel(panel: dict[str, Any]) -> None:
             panel["component"].append(
                 {"code": _concept(_BP_PANEL[0], code, display), "dataAbsentReason": _absent()}
             )
+
+
+def _dar_reference() -> dict[str, Any]:
+    """A required reference the synthetic record has nothing to point at (no practitioners are generated)."""
+    return {"extension": [{"url": DATA_ABSENT_EXT, "valueCode": "unknown"}]}
+
+
+def _reason(a: _Assembly, ev: Event, res: dict[str, Any]) -> None:
+    """The event's reason (value_*): a reference to the patient's Condition with that code, else reasonCode (a
+    text-only reason, as some sources write it, stays text-only)."""
+    if not ev.value_code:
+        if ev.value_display:
+            res["reasonCode"] = [{"text": ev.value_display}]
+        return
+    ref = a.condition_ref(ev.value_system, ev.value_code, ev.time)
+    if ref is not None:
+        res["reasonReference"] = [ref]
+    else:
+        res["reasonCode"] = [_concept(ev.value_system, ev.value_code, ev.value_display)]
+
+
+def _period_or_time(ev: Event) -> tuple[str, Any]:
+    """("...Period", {start, end}) for an interval event, else ("...DateTime", time)."""
+    start = fhir_datetime(ev.time, ev.time_precision)
+    if ev.end_time is not None and ev.end_time >= ev.time:
+        return "Period", {"start": start, "end": fhir_datetime(ev.end_time, ev.time_precision)}
+    return "DateTime", start
+
+
+def _base(a: _Assembly, rtype: str, profile_key: str | None = None) -> dict[str, Any]:
+    rid = a.new_id()
+    return {
+        "resourceType": rtype,
+        "id": rid,
+        "meta": _meta(a.profile.profiles.get(profile_key or rtype)),
+        "identifier": [own_identifier(rid)],
+    }
+
+
+def _medication(a: _Assembly, ev: Event) -> dict[str, Any]:
+    """MedicationRequest (US Core), or MedicationStatement where the profile lists medications as statements (IPS)."""
+    if a.profile.medication_resource == "MedicationStatement":
+        return _medication_statement(a, ev)
+    res = _base(a, "MedicationRequest")
+    status = ev.status if ev.status in _MEDREQ_STATUS else ("completed" if ev.end_time else "active")
+    res["status"] = status
+    res["intent"] = "order"
+    if ev.category in _MEDREQ_CATEGORIES:
+        res["category"] = [{"coding": [{"system": MEDREQ_CATEGORY, "code": ev.category}]}]
+    res["medicationCodeableConcept"] = _concept(ev.system, ev.code, ev.display)
+    res["subject"] = {"reference": a.pref}
+    enc = a.encounter_ref(ev)
+    if enc:
+        res["encounter"] = enc
+    res["authoredOn"] = fhir_datetime(ev.time, ev.time_precision)
+    if res["meta"].get("profile"):  # US Core 3.1.1 requires a requester
+        res["requester"] = _dar_reference()
+    _reason(a, ev, res)
+    if ev.end_time is not None and ev.end_time >= ev.time:  # the course, where ingest reads it back
+        res["dispenseRequest"] = {"validityPeriod": {"start": res["authoredOn"],
+                                                     "end": fhir_datetime(ev.end_time, ev.time_precision)}}
+    return res
+
+
+def _medication_statement(a: _Assembly, ev: Event) -> dict[str, Any]:
+    res = _base(a, "MedicationStatement")
+    status = _REQ_TO_STMT.get(ev.status or "", ev.status)
+    res["status"] = status if status in _MEDSTMT_STATUS else ("completed" if ev.end_time else "active")
+    if ev.category in _MEDSTMT_CATEGORIES:  # the request categories a statement has too (not discharge)
+        res["category"] = {"coding": [{"system": MEDSTMT_CATEGORY, "code": ev.category}]}
+    res["medicationCodeableConcept"] = _concept(ev.system, ev.code, ev.display)
+    res["subject"] = {"reference": a.pref}
+    enc = a.encounter_ref(ev)
+    if enc:
+        res["context"] = enc
+    kind, when = _period_or_time(ev)
+    res[f"effective{kind}"] = when
+    _reason(a, ev, res)
+    return res
+
+
+def _immunization(a: _Assembly, ev: Event) -> dict[str, Any]:
+    res = _base(a, "Immunization")
+    res["status"] = ev.status if ev.status in _IMM_STATUS else "completed"
+    res["vaccineCode"] = _concept(ev.system, ev.code, ev.display)
+    res["patient"] = {"reference": a.pref}
+    enc = a.encounter_ref(ev)
+    if enc:
+        res["encounter"] = enc
+    res["occurrenceDateTime"] = fhir_datetime(ev.time, ev.time_precision)
+    # US Core 3.1.1 requires primarySource: the record stands for the administration itself, as Synthea's do
+    res["primarySource"] = True
+    return res
+
+
+def _procedure(a: _Assembly, ev: Event) -> dict[str, Any]:
+    res = _base(a, "Procedure")
+    res["status"] = ev.status if ev.status in _PROC_STATUS else "completed"
+    if ev.category:
+        code = _code(ev.category)
+        coding = {"system": SNOMED, "code": code} if code.isdigit() else {"code": code}
+        res["category"] = {"coding": [coding]} if code else {"text": ev.category}
+    res["code"] = _concept(ev.system, ev.code, ev.display)
+    res["subject"] = {"reference": a.pref}
+    enc = a.encounter_ref(ev)
+    if enc:
+        res["encounter"] = enc
+    kind, when = _period_or_time(ev)
+    res[f"performed{kind}"] = when
+    _reason(a, ev, res)
+    return res
+
+
+def _allergy(a: _Assembly, ev: Event) -> dict[str, Any]:
+    res = _base(a, "AllergyIntolerance")
+    # ait-1/ait-2: clinicalStatus is present unless the verification is entered-in-error, which is never emitted
+    clinical = ev.status if ev.status in _ALLERGY_CLINICAL else "active"
+    res["clinicalStatus"] = {"coding": [{"system": ALLERGY_CLINICAL, "code": clinical}]}
+    res["verificationStatus"] = {"coding": [{"system": ALLERGY_VER, "code": "confirmed"}]}
+    if ev.category in _ALLERGY_CATEGORY:
+        res["category"] = [ev.category]
+    if ev.value_system == CRITICALITY_SYSTEM and ev.value_code in _CRITICALITY:
+        res["criticality"] = ev.value_code
+    res["code"] = _concept(ev.system, ev.code, ev.display)
+    res["patient"] = {"reference": a.pref}
+    enc = a.encounter_ref(ev)
+    if enc:
+        res["encounter"] = enc
+    res["onsetDateTime"] = fhir_datetime(ev.time, ev.time_precision)
+    res["recordedDate"] = res["onsetDateTime"]  # what R4's `date` search parameter finds (recordedDate)
+    return res
+
+
+_ITEM_BUILDERS = {"medication": _medication, "immunization": _immunization, "procedure": _procedure}
 
 
 def _provenance(a: _Assembly, resources: list[dict[str, Any]], gen: GeneratorInfo) -> dict[str, Any]:

@@ -7,6 +7,7 @@ Built-in defaults live here so assembly works without any file; the mapping file
     locale = "us"                     # fake-name locale when the patient's country does not pick one
     race_ethnicity = true             # US Core race/ethnicity extensions
     nationality = false               # patient-nationality extension
+    medication_resource = "MedicationRequest"   # or "MedicationStatement": what a medication event becomes
     [assemble.profiles]               # resourceType -> profile URL ("" = none)
     Patient = "http://..."
     [assemble.condition_profiles]     # Condition.category code -> profile URL
@@ -28,6 +29,7 @@ from fhirsynth.errors import MappingError, UsageError
 log = logging.getLogger(__name__)
 
 PROFILES: tuple[str, ...] = ("us-core", "ips")
+MEDICATION_RESOURCES: tuple[str, ...] = ("MedicationRequest", "MedicationStatement")
 _MAPPINGS_DIR = Path(__file__).resolve().parents[1] / "data" / "mappings"  # package data (see mapping.loader)
 
 _USC = "http://hl7.org/fhir/us/core/StructureDefinition/"
@@ -50,6 +52,8 @@ class Profile:
     # profiles that require Observation.performer (IPS results): a synthetic record has no performer to name, so
     # the element says so with the data-absent-reason extension, as IPS asks for required data that is unknown
     performer_required: frozenset[str] = frozenset()
+    # what a medication event becomes: a prescription (US Core) or a medication-list statement (IPS)
+    medication_resource: str = "MedicationRequest"
 
     def observation_profile(self, system: str, code: str, category: str | None) -> str | None:
         url = self.observation_code_profiles.get(f"{system}|{code}")
@@ -73,6 +77,10 @@ _BUILTIN: dict[str, Profile] = {
             "Condition": _USC + "us-core-condition-problems-health-concerns",
             "Observation": _USC + "us-core-observation-clinical-result",
             "Provenance": _USC + "us-core-provenance",
+            "MedicationRequest": _USC + "us-core-medicationrequest",
+            "Immunization": _USC + "us-core-immunization",
+            "Procedure": _USC + "us-core-procedure",
+            "AllergyIntolerance": _USC + "us-core-allergyintolerance",
         },
         condition_profiles={
             "encounter-diagnosis": _USC + "us-core-condition-encounter-diagnosis",
@@ -111,6 +119,10 @@ _BUILTIN: dict[str, Profile] = {
             "Condition": _IPS + "Condition-uv-ips",
             "Composition": _IPS + "Composition-uv-ips",
             "Bundle": _IPS + "Bundle-uv-ips",
+            "MedicationStatement": _IPS + "MedicationStatement-uv-ips",
+            "Immunization": _IPS + "Immunization-uv-ips",
+            "Procedure": _IPS + "Procedure-uv-ips",
+            "AllergyIntolerance": _IPS + "AllergyIntolerance-uv-ips",
         },
         observation_profiles={
             "laboratory": _IPS + "Observation-results-laboratory-pathology-uv-ips",
@@ -123,6 +135,7 @@ _BUILTIN: dict[str, Profile] = {
         },
         performer_required=frozenset({_IPS + "Observation-results-laboratory-pathology-uv-ips",
                                       _IPS + "Observation-results-radiology-uv-ips"}),
+        medication_resource="MedicationStatement",
     ),
 }
 
@@ -144,6 +157,12 @@ def apply_assemble_table(base: Profile, table: dict[str, Any], where: str) -> Pr
                 problems.append(f"[assemble].locale must be 'us' or 'es', got {value!r}")
             else:
                 changes["locale"] = value
+        elif key == "medication_resource":
+            if value not in MEDICATION_RESOURCES:
+                problems.append(f"[assemble].medication_resource must be one of {', '.join(MEDICATION_RESOURCES)}, "
+                                f"got {value!r}")
+            else:
+                changes[key] = value
         elif key in ("race_ethnicity", "nationality"):
             if not isinstance(value, bool):
                 problems.append(f"[assemble].{key} must be true or false")
