@@ -83,10 +83,27 @@ def main() -> int:
                      "dp": math.isfinite(eps)})
         log.info("%s:\n%s", model.name, markdown({"real vs real": columns["real vs real"], model.name: col}))
     if first_visit_model is not None and not args.no_ceiling:
-        columns["encode/decode"] = compare(held, Records(round_trip(first_visit_model, list(read_timelines(holdout)))))
+        columns["encode/decode"] = compare(held, Records(visit_round_trip(first_visit_model,
+                                                                          list(read_timelines(holdout)))))
     print(markdown(columns))
     write_results(args, columns, runs, n_train=n_train, n_holdout=held.n)
     return 0
+
+
+def visit_round_trip(model: Path, timelines: list) -> list:
+    """The timelines through the visit encoding and the shared decoder, every time placed with all the
+    representation holds (visits.visit_time_draws: gap bucket AND age year of each visit, birth inside its band
+    and its age at the reference date): what the visit representation keeps."""
+    from fhirsynth.model.checkpoint import load_model
+    from fhirsynth.model.tokenizer import Tokenizer
+    from fhirsynth.model.visits import VisitLayout, decode_encoded, encode_visits
+
+    lm = load_model(model, "cpu")
+    if lm.model_config.arch != "visit":
+        return round_trip(model, timelines)
+    tok, layout = Tokenizer(lm.vocab), VisitLayout(lm.vocab)
+    patients = [p for p in (encode_visits(tok, layout, tl, lm.model_config.max_visits) for tl in timelines) if p]
+    return decode_encoded(tok, layout, patients)
 
 
 def write_results(args: argparse.Namespace, columns: dict[str, dict[str, float]], runs: list[dict], *,
