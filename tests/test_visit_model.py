@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from datetime import datetime, timedelta, timezone
 
 import numpy as np
 import pytest
@@ -224,3 +225,62 @@ def test_an_empty_first_poisson_batch_is_a_noise_only_step():
     full = arch.to_device(collate([arch.dataset[i] for i in range(4)]), torch.device("cpu"))
     per, units = arch.loss(arch.model, full)
     assert per.shape == (4,) and bool(torch.isfinite(per).all()) and units > 4
+
+
+def test_decoded_visit_times_stay_in_their_age_year():
+    """The encode/decode ceiling places each visit inside its gap bucket AND its own age year (a feasible interval
+    per visit, visits.visit_time_draws), the birth inside its band and its age at the reference date: long
+    records (60-120 visits) come back with their visits in the age years they had, on as many distinct days.
+    Uniform in-bucket gap draws alone (grammar.replay without times) put 878 of these 1,119 visits into another
+    age year."""
+    from fhirsynth.model.bins import DAYS_PER_YEAR
+    from fhirsynth.model.visits import decode_encoded
+
+    tls = make_timelines(30, seed=5, n_visits=(60, 120))
+    vocab = _vocab(tls)
+    tok, layout = Tokenizer(vocab), VisitLayout(vocab)
+    patients = [encode_visits(tok, layout, tl, 10_000, Counter()) for tl in tls]
+    back = decode_encoded(tok, layout, patients, seed=3)
+    assert len(back) == len(tls)
+    ref = vocab.cfg.ref_date
+    n_vis = same_year = real_days = days = 0
+    for tl, p, rt in zip(tls, patients, back):
+        age = lambda b: int(((ref - b).days + 1) // DAYS_PER_YEAR)  # noqa: E731
+        assert age(rt.patient.birth_date) == age(tl.patient.birth_date)  # same age at the reference date
+        starts = sorted({min(e.time for e in evs) for evs in _events_by_visit(rt).values()}, reverse=True)
+        birth = datetime.combine(rt.patient.birth_date, datetime.min.time(), tzinfo=timezone.utc)
+        if starts:  # inside the lifetime
+            assert starts[0] <= datetime.combine(ref, datetime.min.time(), tzinfo=timezone.utc) + timedelta(days=1)
+            assert starts[-1] >= birth
+        for t, a in zip(starts, p.age.tolist()):
+            same_year += int((t - birth).total_seconds() / 86400 // DAYS_PER_YEAR) == a
+        n_vis += len(p.gap)
+        real_days += len({min(e.time for e in evs).date() for evs in _events_by_visit(tl).values()})
+        days += len({t.date() for t in starts})
+    assert n_vis > 1000
+    assert same_year >= 0.97 * n_vis, (same_year, n_vis)
+    assert days >= 0.98 * real_days, (days, real_days)
+
+
+def test_a_code_listed_alone_and_in_its_panel_gets_one_value_per_visit(visit_model):
+    """Systolic pressure is a vocabulary item alone (public list) and as a blood-pressure panel member; in the data
+    both carry the same value at a visit. The sampler draws it once: two unrelated values per visit broke every
+    trajectory (lag-1 correlation ~0.05 against 0.84 real)."""
+    from fhirsynth.model.visitsampler import same_code_items
+
+    lm = load_model(visit_model, "cpu")
+    layout = VisitLayout(lm.vocab)
+    canon = same_code_items(layout)
+    twins = [j for j in range(layout.NC) if canon[j] != j]
+    assert any(lm.vocab.item_of(layout.content_tokens[j]).code == "8480-6" for j in twins)
+    both = 0
+    for tl in sample_timelines(visit_model, 300, seed=5, batch_size=150, device="cpu"):
+        for key, evs in _events_by_visit(tl).items():
+            if not isinstance(key, str):  # visits without an encounter share a day: one visit per encounter only
+                continue
+            for code in ("8480-6", "8462-4"):
+                vals = [e.value for e in evs if e.code == code]
+                if len(vals) > 1:
+                    both += 1
+                    assert len(set(vals)) == 1, (code, vals)
+    assert both >= 3  # the untrained model really draws both items together (5 visits at seed 5)

@@ -386,13 +386,29 @@ def _jan1(year: int) -> date:
 
 
 
-def replay(grammar: Grammar, tokens: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+def replay(grammar: Grammar, tokens: torch.Tensor, generator: torch.Generator | None = None,
+           times: torch.Tensor | None = None) -> torch.Tensor:
     """Teacher-forced draws for given sequences [B, L] (PAD after END): turns training sequences into
-    timelines with the same in-bucket jitter the sampler uses. Constraint masks are not applied."""
+    timelines with the same in-bucket jitter the sampler uses. Constraint masks are not applied.
+    times [B, L] float64 (NaN elsewhere), optional: fixed draws of the birth band (day number), death age and
+    gap tokens (days since birth) that replace the in-bucket draws there (visits.visit_time_draws: times placed
+    inside each visit's known age year, so the decoded record does not drift), later draws built on them."""
     B, L = tokens.shape
     s = grammar.init_state(B)
     draws = torch.zeros((B, L), dtype=torch.float64, device=tokens.device)
+    b0, b1 = grammar.v.offsets["by"]
+    a0, a1 = grammar.v.offsets["age"]
     for pos in range(L):
         u = torch.rand(B, generator=generator, dtype=torch.float64, device=tokens.device)
         draws[:, pos] = grammar.advance(s, tokens[:, pos], u)
+        if times is not None:
+            fix = ~torch.isnan(times[:, pos])
+            if bool(fix.any()):
+                x, tok = times[:, pos], tokens[:, pos]
+                is_by = fix & (tok >= b0) & (tok < b1)
+                is_age = fix & (tok >= a0) & (tok < a1)
+                s.birth = torch.where(is_by, x, s.birth)
+                s.end = torch.where(is_by, grammar.ref_end - x, torch.where(is_age, x, s.end))
+                s.cur = torch.where(is_by, s.end, torch.where(fix, x, s.cur))
+                draws[:, pos] = torch.where(fix, x, draws[:, pos])
     return draws

@@ -34,6 +34,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from fhirsynth.model.bins import DAYS_PER_YEAR, GAP_EDGES
+from fhirsynth.model.grammar import Grammar, replay
 from fhirsynth.model.tokenizer import AGE_UNKNOWN, Tokenizer
 from fhirsynth.model.tokenizer import DUR_KINDS
 from fhirsynth.model.vocab import CONTENT_KINDS, Vocab
@@ -290,6 +292,85 @@ def visit_tokens(layout: VisitLayout, p: PatientVisits) -> list[int]:
     if not p.truncated:
         toks.append(v.END)
     return toks
+
+
+def visit_time_draws(layout: VisitLayout, grammar: Grammar, p: PatientVisits, rng: np.random.Generator
+                     ) -> list[float]:
+    """Times for visit_tokens(layout, p) (NaN at the tokens without one) that use everything the representation
+    holds: the birth day inside the band AND the age at the reference date, the death inside its age year, and
+    every visit inside its own age year as well as its gap bucket (grammar.replay's `times`). Drawing each gap
+    uniformly in its bucket alone drifts: a yearly wellness gap of ~365 days is drawn in [362, 512), and over
+    a hundred visits the sum runs past the birth date drawn anywhere in a 5-year band (the oldest visits then
+    pile onto the birth day)."""
+    Y = DAYS_PER_YEAR
+    toks = visit_tokens(layout, p)
+    out = [float("nan")] * len(toks)
+    # birth day number: lived = ref_end - birth in [end_age, end_age + 1) years
+    lo = max(float(grammar.band_lo[p.band]), np.floor(grammar.ref_end - (p.end_age + 1) * Y) + 1)
+    hi = min(float(grammar.band_hi[p.band]), np.floor(grammar.ref_end - p.end_age * Y))
+    if lo > hi:  # the age id was clamped (very old): the band alone
+        lo, hi = float(grammar.band_lo[p.band]), float(grammar.band_hi[p.band])
+    birth = float(np.floor(lo + rng.random() * (hi - lo + 1)))
+    birth = min(birth, hi)
+    out[2] = birth
+    end = grammar.ref_end - birth
+    if p.dead:
+        a_lo, a_hi = p.death_age * Y, min((p.death_age + 1) * Y, end)
+        end = a_lo + rng.random() * max(a_hi - a_lo, 0.0)
+        out[6] = end
+    # feasible interval of every visit: its age year, and its gap bucket back from the feasible interval of the
+    # newer one (forward pass), then narrowed by the older ones (backward pass); drawn newest first inside it, so
+    # that the errors of earlier draws never push a later visit out of its age year
+    n = len(p.gap)
+    eps = 1e-3  # days: keeps a time off the age year's upper edge after rounding to microseconds
+    glo = np.asarray(GAP_EDGES, dtype=np.float64)[p.gap]
+    ghi = np.asarray(GAP_EDGES, dtype=np.float64)[p.gap + 1]
+    old = p.age >= AGE_UNKNOWN - 1  # the last age id holds every older age
+    w_lo = np.where(old, 0.0, p.age * Y)
+    w_hi = np.minimum(np.where(old, end, (p.age + 1) * Y - eps), end)
+    f_lo, f_hi = w_lo.copy(), w_hi.copy()
+    prev_lo = prev_hi = end
+    for t in range(n):
+        lo, hi = max(w_lo[t], prev_lo - ghi[t]), min(w_hi[t], prev_hi - glo[t])
+        if lo <= hi:
+            f_lo[t], f_hi[t] = lo, hi
+        prev_lo, prev_hi = f_lo[t], f_hi[t]
+    for t in range(n - 2, -1, -1):
+        lo, hi = max(f_lo[t], f_lo[t + 1] + glo[t + 1]), min(f_hi[t], f_hi[t + 1] + ghi[t + 1])
+        if lo <= hi:
+            f_lo[t], f_hi[t] = lo, hi
+    g0, g1 = layout.vocab.offsets["gap"]
+    cur, t = end, 0
+    for i, tok in enumerate(toks):
+        if not g0 <= tok < g1:
+            continue
+        lo = max(f_lo[t], cur - ghi[t], 0.0)
+        hi = min(f_hi[t], cur - glo[t], cur)
+        if lo > hi:  # no time fits every constraint (birth drawn inside the band): the age year's feasible part
+            lo, hi = max(min(f_lo[t], cur), 0.0), max(min(f_hi[t], cur), 0.0)
+        cur = lo + rng.random() * (hi - lo)
+        out[i] = cur
+        t += 1
+    return out
+
+
+def decode_encoded(tokenizer: Tokenizer, layout: VisitLayout, patients: list[PatientVisits], seed: int = 0,
+                   id_prefix: str = "rt") -> list[Timeline]:
+    """Encoded patients back to timelines through the shared decoder, times placed by visit_time_draws (the
+    encode/decode ceiling of benchmarks/bench_records.py: what the visit representation keeps)."""
+    seqs = [visit_tokens(layout, p) for p in patients]
+    if not seqs:
+        return []
+    L = max(len(s) for s in seqs)
+    batch = torch.full((len(seqs), L), layout.vocab.PAD, dtype=torch.long)
+    times = torch.full((len(seqs), L), float("nan"), dtype=torch.float64)
+    grammar = Grammar(layout.vocab, None, max(layout.vocab.cfg.max_len, L), torch.device("cpu"))
+    rng = np.random.default_rng(seed)
+    for i, (p, s) in enumerate(zip(patients, seqs)):
+        batch[i, : len(s)] = torch.tensor(s)
+        times[i, : len(s)] = torch.tensor(visit_time_draws(layout, grammar, p, rng), dtype=torch.float64)
+    draws = replay(grammar, batch, torch.Generator().manual_seed(seed), times=times)
+    return [tokenizer.decode(s, draws[i].tolist(), f"{id_prefix}-{i}") for i, s in enumerate(seqs)]
 
 
 def visit_features(layout: VisitLayout, p: PatientVisits) -> list[list[int]]:

@@ -14,6 +14,7 @@ model gave it the highest probability (the visits after it were drawn without it
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from fhirsynth.model.bins import DAYS_PER_YEAR
@@ -40,6 +41,25 @@ def _years(days: torch.Tensor) -> torch.Tensor:
     return torch.div(days, DAYS_PER_YEAR, rounding_mode="floor").clamp(0, AGE_UNKNOWN - 1).long()
 
 
+def same_code_items(layout: VisitLayout) -> np.ndarray:
+    """For each content item, the first observation item of the same (system, code) with the same value bins (a
+    code listed alone and as a panel member, e.g. systolic pressure 8480-6 beside its blood-pressure panel
+    85354-9), else itself. In the data both carry the same value at a visit (one measurement: 3,800 of 3,800
+    shared-cohort visits with both); drawn independently they gave a patient two unrelated systolic values per
+    visit, and the lag-1 correlation of consecutive values fell to ~0.05 (0.84 real)."""
+    v = layout.vocab
+    first: dict[tuple, int] = {}
+    canon = np.arange(layout.NC, dtype=np.int64)
+    for j, tok in enumerate(layout.content_tokens):
+        it = v.item_of(tok)
+        if it.kind != "observation":
+            continue
+        vb = v.item_bins(it)
+        key = (it.system, it.code, None if vb is None else (vb.unit, tuple(vb.edges)))
+        canon[j] = first.setdefault(key, j)
+    return canon
+
+
 class VisitSampler:
     def __init__(self, model: VisitModel, layout: VisitLayout, grammar: Grammar,
                  condition_tokens: tuple[int, ...] = ()) -> None:
@@ -59,6 +79,8 @@ class VisitSampler:
         self.allowed = torch.as_tensor(layout.allowed, device=dev)
         self.is_cond = torch.as_tensor(layout.is_condition, device=dev)
         self.cond_j = [layout.content_index[t] for t in condition_tokens if t in layout.content_index]
+        self.canon = torch.as_tensor(same_code_items(layout), device=dev)
+        self.has_twins = bool((self.canon != torch.arange(layout.NC, device=dev)).any())
         self.v = v
         self.tok_sex, self.tok_by = v.start("sex"), v.start("by")
         self.tok_race, self.tok_eth = v.start("race"), v.start("eth")
@@ -176,12 +198,23 @@ class VisitSampler:
                 vmask[:, d0: d0 + L.n_dur] &= dur_ok[rows]
                 prev = last_feat[alive[rows], cols]
                 vals = _masked_draw(m.value_logits(c[rows], cols, prev), vmask, gen, temperature)
+                if self.has_twins:  # one measurement, one value (same_code_items)
+                    at = torch.full((n, L.NC), -1, dtype=torch.long, device=dev)
+                    at[rows, cols] = torch.arange(rows.numel(), device=dev)
+                    src = at[rows, self.canon[cols]]  # the entry of the same code's first item, or -1
+                    cv = vals[src.clamp(min=0)]
+                    copy = (src >= 0) & (src != torch.arange(rows.numel(), device=dev))
+                    copy &= vmask.gather(1, cv[:, None])[:, 0]
+                    vals = torch.where(copy, cv, vals)
+                    same = torch.where(copy, src, torch.arange(rows.numel(), device=dev))
             else:
                 vals = torch.zeros(0, dtype=torch.long, device=dev)
+            if not (self.has_twins and rows.numel()):
+                same = torch.arange(rows.numel(), device=dev)
             feats, vfeat = self._features(n, enc, ety, edur, rows, cols, vals)
             last_feat[alive[rows], cols] = vfeat
             x_in = m.visit_in(feats) + m.gap_in(gi) + m.age_in(aid)
-            self._emit(visits, alive, gi, t_vis, enc, ety, edur, rows, cols, vals, end, gen)
+            self._emit(visits, alive, gi, t_vis, enc, ety, edur, rows, cols, vals, end, gen, same)
         # ---- a required condition that never came: into its likeliest visit
         if self.cond_j:
             tok = int(self.content_tokens[self.cond_j[0]])
@@ -221,8 +254,9 @@ class VisitSampler:
         vfeat[is_dur] = L.f_cdur + vals[is_dur] - 1 - L.n_val - L.NA
         return f, vfeat
 
-    def _emit(self, visits, alive, gi, t_vis, enc, ety, edur, rows, cols, vals, end, gen) -> None:
-        """Append each row's visit as tokens + draws (tokenizer grammar: GAP, encounter [type] [dur], items)."""
+    def _emit(self, visits, alive, gi, t_vis, enc, ety, edur, rows, cols, vals, end, gen, same) -> None:
+        """Append each row's visit as tokens + draws (tokenizer grammar: GAP, encounter [type] [dur], items);
+        same[i]: the entry whose in-bucket draw entry i shares (one measurement of one code, same_code_items)."""
         L, g, dev = self.L, self.g, self.dev
         f64 = torch.float64
         n = alive.shape[0]
@@ -236,7 +270,7 @@ class VisitSampler:
         d0 = L.dur_value(0)
         is_dur = vals >= d0
         cend = g.end_after(t_vis[rows], (vals - d0).clamp(0, L.n_dur - 1), rec_end[rows], uv)
-        xval = torch.where(is_bin, xv, torch.where(is_dur, cend, torch.zeros_like(xv)))
+        xval = torch.where(is_bin, xv, torch.where(is_dur, cend, torch.zeros_like(xv)))[same]
         # to python once
         alive_l, gi_l, tv_l = alive.tolist(), gi.tolist(), t_vis.tolist()
         enc_l, ety_l, edur_l, ee_l = enc.tolist(), ety.tolist(), edur.tolist(), enc_end.tolist()
