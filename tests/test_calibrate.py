@@ -203,3 +203,23 @@ def test_broken_measurements_are_a_clear_error(tiny, tmp_path, capsys):
     rc = main(["generate", str(bad), "-n", "2", "--out", str(tmp_path / "o"), "--device", "cpu"])
     err = capsys.readouterr().err
     assert rc != 0 and "measurements.json" in err and "retrain" in err and "Traceback" not in err
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_synthesize_calibrates_without_constraints(tiny, tmp_path, fixtures_dir, caplog):
+    from fastapi.testclient import TestClient
+
+    from fhirsynth.api.app import create_app
+    from fhirsynth.api.settings import ServerSettings
+    from fhirsynth.store.loader import build_store
+
+    store, _ = build_store(fixtures_dir / "server" / "export", tmp_path / "s.db")
+    caplog.set_level("INFO")
+    with TestClient(create_app(ServerSettings(db_path=tmp_path / "s.db", model_dir=tiny), store=store)) as c:
+        r = c.post("/Patient/$synthesize", params={"count": 3, "seed": 2})
+        assert r.status_code == 201, r.text
+        assert sum(e["resource"]["resourceType"] == "Patient" for e in r.json()["entry"]) == 3
+        assert "calibration: pool 15 -> 3 patients" in caplog.text
+        caplog.clear()
+        r = c.post("/Patient/$synthesize", params={"count": 2, "seed": 2, "sex": "male"})
+        assert r.status_code == 201 and "calibration:" not in caplog.text
