@@ -12,7 +12,7 @@ one (measurements -> calibrate.calibrate). Measurements:
     from NoiseSource.reproducible(SEED) (replayable: a benchmark, no guarantee). The epsilon of such an output is
     the model's PLUS the measurement's: the models predate the measurements.
 Beside them: real vs real (--train against --holdout) and the simplest DP release (each code's patient count, a
-patient counting at most 128 codes, discrete Gaussian at the full EPS and delta 1e-5, codes drawn independently
+patient counting at most 256 codes, discrete Gaussian at the full EPS and delta 1e-5, codes drawn independently
 with those shares; one event per code on one day, so visits and events per patient are degenerate by design).
 All compared with the holdout by fhirsynth/records_metrics.py. Prints a markdown table and writes --json.
 """
@@ -40,8 +40,8 @@ from fhirsynth.timeline.types import Event, PatientInfo, Timeline  # noqa: E402
 
 log = logging.getLogger("bench_calibrate")
 KEYS = ("prevalence_r2", "patient_cooc_r2", "within_visit_cooc_r2", "transition_r2", "events_ks",
-        "events_median_other", "visits_ks", "visits_median_other", "days_ks", "deceased_share_other")
-BASELINE_MAX_CODES = 128
+        "events_median_other", "visits_ks", "visits_median_other", "days_ks", "deceased_share_other", "effective_pool")
+BASELINE_MAX_CODES = 256  # >= the most codes any US training patient holds (222): no truncation there
 
 
 def independent_codes(train: list[Timeline], n: int, eps: float, seed: int) -> list[Timeline]:
@@ -132,7 +132,7 @@ def main() -> int:
     for e in epsilons:
         if e == "inf":
             continue
-        for s in (int(x) for x in args.baseline_seeds.split(",")):
+        for s in (int(x) for x in args.baseline_seeds.split(",") if x.strip()):
             cols[f"independent ε={e} s{s}"] = compare(held, Records(independent_codes(train, args.n, float(e), s)))
     for item in args.models.split(","):
         label, _, path = item.partition("=")
@@ -143,6 +143,7 @@ def main() -> int:
         out, rep = calibrate(pool, doc, args.n, seed=1)
         log.info("%s: %s (%.1f s)", label, summary(rep), time.perf_counter() - t0)
         cols[f"{label} calibrated"] = compare(held, Records(out))
+        cols[f"{label} calibrated"]["effective_pool"] = rep["effective_pool"]
     table = {name: {k: c[k] for k in KEYS if k in c} for name, c in cols.items()}
     print(markdown(table))
     if args.json:

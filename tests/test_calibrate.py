@@ -223,3 +223,14 @@ def test_synthesize_calibrates_without_constraints(tiny, tmp_path, fixtures_dir,
         caplog.clear()
         r = c.post("/Patient/$synthesize", params={"count": 2, "seed": 2, "sex": "male"})
         assert r.status_code == 201 and "calibration:" not in caplog.text
+
+
+@pytest.mark.parametrize("value", ["1.5", "-0.1", "0.75"])
+def test_bad_measurement_share_is_one_line_exit_2(tmp_path, capsys, value):
+    from fhirsynth.timeline.io import write_timelines
+
+    write_timelines(cohort(5, 0.5), tmp_path / "tl")
+    rc = main(["train", str(tmp_path / "tl"), "--out", str(tmp_path / "m"), "--measure-epsilon-fraction", value])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "--measure-epsilon-fraction" in err[0]
+    assert not (tmp_path / "m").exists()

@@ -133,6 +133,8 @@ def _validate(tc: TrainConfig) -> None:
                                      where="--measure-epsilon-fraction")
         if not tc.max_grad_norm > 0:
             raise PrivacyBudgetError(f"must be > 0 (got {tc.max_grad_norm})", where="--max-grad-norm")
+    if not 0 <= tc.measure_epsilon_fraction < 1:
+        problems.append(f"--measure-epsilon-fraction must be in [0, 1) (got {tc.measure_epsilon_fraction})")
     if tc.epochs < 1:
         problems.append(f"--epochs must be >= 1 (got {tc.epochs})")
     if tc.batch_size < 1:
