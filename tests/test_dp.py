@@ -85,16 +85,16 @@ def test_dp_step_without_noise_or_clipping_equals_plain_step():
 def test_train_writes_model_dir_and_report(tl_dir, tmp_path):
     rep = _train(tl_dir, tmp_path / "m")
     files = sorted(p.name for p in (tmp_path / "m").iterdir())
-    assert files == ["config.json", "model.pt", "privacy.json", "training-curve.csv", "training-curve.json",
-                     "vocab.json"]
+    assert files == ["config.json", "measurements.json", "model.pt", "privacy.json", "training-curve.csv",
+                     "training-curve.json", "vocab.json"]
     for key in ("unit", "n_estimate", "epsilon_prv", "epsilon_rdp", "delta", "noise_multiplier", "sample_rate", "steps",
                 "max_grad_norm", "epsilon_preprocessing", "epsilon_total"):
         assert key in rep, key
     assert rep["unit"] == "patient" and rep["dp"] is True and "n" not in rep
     assert rep["adjacency"].startswith("add/remove") and rep["reproducible_noise"] is False
     assert rep["epsilon_total"] <= 8.0 + 1e-9
-    assert rep["epsilon_total"] == pytest.approx(rep["epsilon_preprocessing"] + max(rep["epsilon_prv"],
-                                                                                     rep["epsilon_rdp"]))
+    assert rep["epsilon_total"] == pytest.approx(rep["epsilon_preprocessing"] + rep["epsilon_measurements"]
+                                                 + max(rep["epsilon_prv"], rep["epsilon_rdp"]))
     assert rep["delta"] == pytest.approx(min(1e-5, rep["n_estimate"] ** -1.1))  # from the DP estimate
     assert json.loads((tmp_path / "m" / "privacy.json").read_text()) == rep
     # no training record: no patient id, and no private loss in the released curve

@@ -159,7 +159,7 @@ def test_model_dir_holds_no_exact_n_noise_seed_or_loss(cohort, tmp_path, capsys)
     assert "n" not in summary and isinstance(summary["n_estimate"], int)
     # nothing but the model dir next to the inputs: no work dir, no checkpoint
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.pt", "privacy.json",
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "measurements.json", "model.pt", "privacy.json",
                                                     "training-curve.csv", "training-curve.json", "vocab.json"]
     for f in out.iterdir():
         if f.suffix == ".json":
@@ -190,9 +190,10 @@ def test_epsilon_is_recomputed_independently_and_parts_add_up(released):
     prv.history, rdp.history = list(history), list(history)
     assert prv.get_epsilon(p["delta_training"]) == pytest.approx(p["epsilon_prv"], rel=1e-6)
     assert rdp.get_epsilon(p["delta_training"]) == pytest.approx(p["epsilon_rdp"], rel=1e-6)
-    share = p["epsilon_target"] - p["epsilon_preprocessing"]
+    share = p["epsilon_target"] - p["epsilon_preprocessing"] - p["epsilon_measurements"]
     assert 0.9 * share <= p["epsilon_training"] <= share * (1 + 1e-6)  # calibrated, not wildly conservative
-    assert p["epsilon_total"] == pytest.approx(p["epsilon_preprocessing"] + p["epsilon_training"])
+    assert p["epsilon_total"] == pytest.approx(p["epsilon_preprocessing"] + p["epsilon_measurements"]
+                                               + p["epsilon_training"])
     assert p["epsilon_total"] <= p["epsilon_target"] * (1 + 1e-9)
     v = p["vocabulary"]
     parts = [v["epsilon"], v["value_kinds"]["epsilon"], v["sex_marginal"]["epsilon"], v["value_bins"]["epsilon"],
@@ -200,7 +201,8 @@ def test_epsilon_is_recomputed_independently_and_parts_add_up(released):
     assert sum(parts) == pytest.approx(p["epsilon_preprocessing"], rel=1e-12)
     assert v["delta"] + v["value_kinds"]["delta"] + v["value_bins"]["delta"] == pytest.approx(
         p["delta_preprocessing"], rel=1e-12)
-    assert p["delta_preprocessing"] + p["delta_training"] == pytest.approx(p["delta"], rel=1e-12)
+    assert p["delta_preprocessing"] + p["delta_measurements"] + p["delta_training"] == pytest.approx(p["delta"],
+                                                                                                    rel=1e-12)
 
 
 def _tiny_private(n_seqs: int, *, q: float, n_estimate: int, sigma: float, clip: float, secure: bool, lr: float):

@@ -9,6 +9,8 @@ from pathlib import Path
 
 from fhirsynth.errors import UsageError
 
+DEFAULT_POOL_FACTOR = 5  # calibrate.DEFAULT_POOL_FACTOR (kept here: the CLI must not import numpy/scipy to parse)
+
 log = logging.getLogger(__name__)
 
 FORMATS = ("ndjson", "transaction", "collection", "document")
@@ -36,6 +38,11 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="CPU sampling processes; the output is identical for any value (default 1)")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (default 1.0)")
+    p.add_argument("--no-calibrate", action="store_true",
+                   help="skip calibration: output the model's samples as drawn, even when the model holds DP "
+                        "measurements (measurements.json)")
+    p.add_argument("--pool-factor", type=int, default=DEFAULT_POOL_FACTOR, metavar="K",
+                   help=f"calibration draws the output from K x the requested patients (default {DEFAULT_POOL_FACTOR})")
     p.add_argument("--validate", action="store_true",
                    help="validate every resource with fhir.resources and the FHIR JSON schema (slow)")
     p.add_argument("--force", action="store_true", help="write into a non-empty export directory")
@@ -87,9 +94,27 @@ def check_args(args: argparse.Namespace) -> dict:
         raise UsageError(f"must be > 0, got {args.temperature}", where="--temperature")
     if not 0 < args.top_p <= 1:
         raise UsageError(f"must be in (0, 1], got {args.top_p}", where="--top-p")
+    if not 2 <= args.pool_factor <= 100:
+        raise UsageError(f"must be between 2 and 100, got {args.pool_factor}", where="--pool-factor")
     if not args.model_dir.is_dir():
         raise UsageError("model directory does not exist", where=str(args.model_dir))
     return {"sex": args.sex, "age": parse_age(args.age), "condition": parse_condition(args.condition)}
+
+
+def calibration_measurements(model_dir: Path, constraints: dict) -> dict | None:
+    """The model's DP measurements when generation should calibrate to them, else None (and the log says why)."""
+    from fhirsynth.model.measurements import load
+
+    doc = load(model_dir)
+    if doc is None:
+        log.info("the model holds no measurements (trained before calibration or with measurement share 0): "
+                 "not calibrated")
+        return None
+    if any(v is not None for v in constraints.values()):
+        # the measurements describe the whole training cohort, not the subgroup asked for
+        log.info("--sex / --age / --condition given: not calibrated (the measurements describe the whole cohort)")
+        return None
+    return doc
 
 
 def run(args: argparse.Namespace) -> int:
@@ -103,10 +128,15 @@ def run(args: argparse.Namespace) -> int:
     epsilon, delta = guaranteed_privacy(read_privacy_report(args.model_dir))
     generator = GeneratorInfo(model_hash=model_hash(args.model_dir), epsilon=epsilon, delta=delta,
                               fhirsynth_version=__version__)
-    timelines = sample_timelines(
-        args.model_dir, args.n, seed=args.seed, batch_size=args.batch_size, device=args.device,
-        temperature=args.temperature, top_p=args.top_p, workers=args.workers, **constraints
-    )
+    sample = dict(seed=args.seed, batch_size=args.batch_size, device=args.device, temperature=args.temperature,
+                  top_p=args.top_p, workers=args.workers, **constraints)
+    doc = None if args.no_calibrate else calibration_measurements(args.model_dir, constraints)
+    if doc is None:
+        timelines = sample_timelines(args.model_dir, args.n, **sample)
+    else:
+        from fhirsynth.model.calibrate import calibrated_timelines
+
+        timelines = calibrated_timelines(args.model_dir, args.n, doc, args.pool_factor, sample)
     summary = write_export(
         timelines,
         args.out,

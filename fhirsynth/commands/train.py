@@ -56,6 +56,10 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                         "MODEL_DIR); removed when training ends or fails, kept after an interruption to resume")
     p.add_argument("--vocab-epsilon-fraction", type=float, default=0.25,
                    help="share of epsilon spent on the DP code vocabulary (default 0.25)")
+    p.add_argument("--measure-epsilon-fraction", type=float, default=TrainConfig.measure_epsilon_fraction,
+                   metavar="F", help="share of epsilon spent on the DP statistics that `generate` calibrates to "
+                                     "(measurements.json; 10%% of delta goes with it); 0 = none (default "
+                                     f"{TrainConfig.measure_epsilon_fraction:g})")
     p.add_argument("--max-items-per-patient", type=int, default=64,
                    help="k: distinct codes one patient contributes to the vocabulary counts (default 64)")
     p.add_argument("--arch", choices=ARCHS, default=ModelConfig.arch,
@@ -108,6 +112,7 @@ def run(args: argparse.Namespace) -> int:
         max_physical_batch=args.max_physical_batch, max_grad_norm=args.max_grad_norm, lr=args.lr,
         warmup_frac=args.warmup_frac, reproducible_noise=args.reproducible_noise, work_dir=args.work_dir,
         vocab_epsilon_fraction=args.vocab_epsilon_fraction,
+        measure_epsilon_fraction=args.measure_epsilon_fraction,
         model_config=mc, tokenizer_config=tk, distributed=True if args.distributed else None,
     )
     if int(os.environ.get("RANK", "0")) != 0:  # one summary per job, from the rank that wrote the model dir

@@ -6,6 +6,7 @@ A model dir holds exactly:
   vocab.json           the token vocabulary (public items + DP-selected items, bin edges)
   privacy.json         the privacy report
   training-curve.json  + .csv: step, epoch, epsilon spent (and loss only for --no-dp runs, see train.py)
+  measurements.json    (optional) DP statistics that `generate` calibrates to (measurements.py, calibrate.py)
 No training record (patient ids, sequences, per-patient numbers) is ever written into it.
 While training, a work directory BESIDE the model dir (train.default_work_dir, or --work-dir) holds the resumable
 private state; it is removed when training finishes or aborts, never written inside MODEL_DIR.
@@ -35,6 +36,7 @@ PRIVACY = "privacy.json"
 CURVE_JSON = "training-curve.json"
 CURVE_CSV = "training-curve.csv"
 CHECKPOINT_STATE = "state.pt"
+MEASUREMENTS = "measurements.json"  # optional: DP statistics for calibration (measurements.py)
 REQUIRED = (WEIGHTS, CONFIG, VOCAB, PRIVACY)
 
 
@@ -113,7 +115,9 @@ def model_hash(model_dir: str | os.PathLike) -> str:
     model_dir = Path(model_dir)
     _check_dir(model_dir)
     h = hashlib.sha256()
-    for name in (WEIGHTS, CONFIG, VOCAB):
+    # the calibration measurements shape the output too; a model without them hashes as before
+    names = (WEIGHTS, CONFIG, VOCAB) + ((MEASUREMENTS,) if (model_dir / MEASUREMENTS).is_file() else ())
+    for name in names:
         h.update(name.encode() + b"\0")
         with open(model_dir / name, "rb") as fh:
             for chunk in iter(lambda: fh.read(1 << 20), b""):
@@ -186,10 +190,16 @@ def load_model(model_dir: str | os.PathLike, device: str = "auto") -> LoadedMode
 
 
 def write_model_dir(
-    out_dir: Path, *, state_dict: dict, config: dict, vocab: dict, privacy: dict, curve: list[dict]
+    out_dir: Path, *, state_dict: dict, config: dict, vocab: dict, privacy: dict, curve: list[dict],
+    extra: dict[str, dict] | None = None,
 ) -> None:
-    """Each file atomically; privacy.json last, so a model dir with one is complete."""
+    """Each file atomically; privacy.json last, so a model dir with one is complete. extra: more JSON files (name ->
+    document), e.g. the DP measurements for calibration."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    for name, doc in (extra or {}).items():
+        atomic_write_json(out_dir / name, doc)
+    if MEASUREMENTS not in (extra or {}):  # a model retrained without them must not keep an older model's
+        (out_dir / MEASUREMENTS).unlink(missing_ok=True)
     atomic_torch_save(out_dir / WEIGHTS, {k: v.detach().cpu().contiguous() for k, v in state_dict.items()})
     atomic_write_json(out_dir / CONFIG, config)
     atomic_write_json(out_dir / VOCAB, vocab)

@@ -109,6 +109,9 @@ class TrainConfig:
     weight_decay: float = 0.0
     vocab_epsilon_fraction: float = 0.25
     vocab_delta_fraction: float = 0.1
+    # share of epsilon / delta for the statistics measured for calibration (measurements.py); 0 = none
+    measure_epsilon_fraction: float = 0.2
+    measure_delta_fraction: float = 0.1
     # research / tests only: DP noise and sampling drawn from `seed` (replayable: NO privacy guarantee)
     reproducible_noise: bool = False
     seed: int = 1  # weight initialisation (and DP noise only when reproducible_noise)

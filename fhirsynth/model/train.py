@@ -10,14 +10,15 @@ Privacy accounting, end to end (privacy unit = one patient, add/remove-one adjac
     Opacus' own rate and expected batch (functions of the exact n) are overridden with those, and the accountant
     is given exactly the rate the sampler draws with, once per optimizer step the loop takes.
   * budget split: epsilon_preprocessing = vocab_epsilon_fraction * epsilon for the DP vocabulary (vocab.py),
-    the rest for DP-SGD; delta likewise (vocab_delta_fraction). Bin edges, length limits, the token grammar
+    epsilon_measurements = measure_epsilon_fraction * epsilon for the statistics that generate calibrates to
+    (measurements.py, 0 = none), the rest for DP-SGD; delta likewise (vocab_ / measure_delta_fraction). Bin edges, length limits, the token grammar
     and the reference date are public settings and cost nothing.
   * DP-SGD: Opacus, one patient = one sequence = one example, Poisson sampling with rate 1/steps_per_epoch,
     per-example clipping to max_grad_norm, Gaussian noise. The noise multiplier is the larger of
     get_noise_multiplier() for the PRV and the RDP accountants, so BOTH reported epsilons stay under target.
   * composition: basic (sequential) composition,
-        epsilon_total = epsilon_preprocessing + max(epsilon_prv, epsilon_rdp)
-        delta         = delta_preprocessing + delta_training
+        epsilon_total = epsilon_preprocessing + epsilon_measurements + max(epsilon_prv, epsilon_rdp)
+        delta         = delta_preprocessing + delta_measurements + delta_training
   * the training loss is computed on private data and is NOT a DP release: with DP it is shown on the console
     only and the training curve in the model dir holds step / epoch / epsilon spent.
   * resumable state lives in a work directory BESIDE the model dir (or --work-dir), never inside it; it is removed
@@ -54,6 +55,7 @@ from fhirsynth.model.config import (
     versions,
 )
 from fhirsynth.model.dpnoise import NoiseSource
+from fhirsynth.model.measurements import MEASUREMENTS
 from fhirsynth.model.vocab import (
     Vocab,
     build_vocab,
@@ -121,8 +123,18 @@ def _validate(tc: TrainConfig) -> None:
             raise PrivacyBudgetError(f"must be in (0, 1) or auto (got {tc.delta})", where="--delta")
         if not 0 < tc.vocab_epsilon_fraction < 1 or not 0 < tc.vocab_delta_fraction < 1:
             raise PrivacyBudgetError("vocabulary budget fractions must be in (0, 1)")
+        if not 0 <= tc.measure_epsilon_fraction < 1 or not 0 <= tc.measure_delta_fraction < 1 \
+                or (tc.measure_epsilon_fraction > 0) != (tc.measure_delta_fraction > 0):
+            raise PrivacyBudgetError(f"must be in [0, 1) (got {tc.measure_epsilon_fraction})",
+                                     where="--measure-epsilon-fraction")
+        if tc.vocab_epsilon_fraction + tc.measure_epsilon_fraction >= 0.95 \
+                or tc.vocab_delta_fraction + tc.measure_delta_fraction >= 0.95:
+            raise PrivacyBudgetError("the vocabulary and measurement shares leave (almost) nothing for training",
+                                     where="--measure-epsilon-fraction")
         if not tc.max_grad_norm > 0:
             raise PrivacyBudgetError(f"must be > 0 (got {tc.max_grad_norm})", where="--max-grad-norm")
+    if not 0 <= tc.measure_epsilon_fraction < 1:
+        problems.append(f"--measure-epsilon-fraction must be in [0, 1) (got {tc.measure_epsilon_fraction})")
     if tc.epochs < 1:
         problems.append(f"--epochs must be >= 1 (got {tc.epochs})")
     if tc.batch_size < 1:
@@ -214,6 +226,7 @@ def train_model(
     reproducible_noise: bool = False,
     work_dir: str | os.PathLike | None = None,
     vocab_epsilon_fraction: float = 0.25,
+    measure_epsilon_fraction: float = TrainConfig.measure_epsilon_fraction,
     checkpoint_every: int = 50,
     model_config: ModelConfig | None = None,
     tokenizer_config: TokenizerConfig | None = None,
@@ -233,7 +246,9 @@ def train_model(
                      max_physical_batch=max_physical_batch, max_grad_norm=max_grad_norm, lr=lr, seed=seed,
                      warmup_frac=warmup_frac,
                      reproducible_noise=reproducible_noise, vocab_epsilon_fraction=vocab_epsilon_fraction,
-                     checkpoint_every=checkpoint_every)
+                     measure_epsilon_fraction=measure_epsilon_fraction,
+                     measure_delta_fraction=TrainConfig.measure_delta_fraction if measure_epsilon_fraction > 0
+                     else 0.0, checkpoint_every=checkpoint_every)
     _validate(tc)
     _quiet_opacus()
     tdir, out = Path(timelines_dir), Path(out_dir)
@@ -290,11 +305,14 @@ def _train(tc, tdir, out, work, dev, tk, mc, delta, dp, seed, on_step, dctx, mai
     if dp and tc.reproducible_noise and main:
         log.warning("--reproducible-noise: the DP noise is replayable from seed %d, so this model has NO privacy "
                     "guarantee (tests and research only; privacy.json says so)", seed)
-    eps_vocab = eps_train = None
+    eps_vocab = eps_train = eps_meas = None
     if dp:
         assert tc.epsilon is not None
         eps_vocab = tc.epsilon * tc.vocab_epsilon_fraction
-        eps_train = tc.epsilon - eps_vocab
+        eps_meas = tc.epsilon * tc.measure_epsilon_fraction
+        eps_train = tc.epsilon - eps_vocab - eps_meas
+    meas_doc: dict[str, Any] | None = None
+    meas_report: dict[str, Any] | None = None
 
     state_path = work / ck.CHECKPOINT_STATE
     resume: dict[str, Any] | None = None
@@ -310,6 +328,9 @@ def _train(tc, tdir, out, work, dev, tk, mc, delta, dp, seed, on_step, dctx, mai
         owner[0] = True
         vocab = Vocab.from_json(tk, ck._read_json(work / ck.VOCAB))
         vocab_report = resume["vocab_report"]
+        if (work / MEASUREMENTS).is_file():
+            saved = ck._read_json(work / MEASUREMENTS)
+            meas_doc, meas_report = saved["doc"], saved["report"]
         tc.delta = float(resume["delta"])
         log.info("resuming from step %d of %d", resume["step"], resume["total_steps"])
     else:
@@ -325,15 +346,19 @@ def _train(tc, tdir, out, work, dev, tk, mc, delta, dp, seed, on_step, dctx, mai
                                               sex_release=sex_release)
             work.mkdir(parents=True, exist_ok=True)
             ck.atomic_write_json(work / ck.VOCAB, vocab.to_json())
+            meas_doc, meas_report = _measure(tc, timelines, vocab, noise)
+            if meas_doc is not None:
+                ck.atomic_write_json(work / MEASUREMENTS, {"doc": meas_doc, "report": meas_report})
         if dctx is not None:  # one DP release on rank 0, the same vocabulary everywhere
             vj, vocab_report, tc.delta = dd.broadcast((vocab.to_json(), vocab_report, tc.delta) if main else None,
                                                       dctx)
             vocab = Vocab.from_json(tk, vj)
     n_estimate = int(vocab_report["sex_marginal"]["n_estimate"])
-    d_vocab = d_train = None
+    d_vocab = d_train = d_meas = None
     if dp:
         d_vocab = tc.delta * tc.vocab_delta_fraction
-        d_train = tc.delta - d_vocab
+        d_meas = tc.delta * tc.measure_delta_fraction
+        d_train = tc.delta - d_vocab - d_meas
 
     from fhirsynth.model.archs import build_arch
 
@@ -491,7 +516,7 @@ def _train(tc, tdir, out, work, dev, tk, mc, delta, dp, seed, on_step, dctx, mai
         raise PrivacyBudgetError(f"the accountant recorded {accounted_steps(history())} steps where the loop took "
                                  f"{total_steps} (accounting bug)")
     privacy = _privacy_report(tc, n_estimate, sigma, q, total_steps, eps_prv, eps_rdp, eps_vocab, d_vocab,
-                              d_train, vocab_report)
+                              d_train, vocab_report, meas_report)
     privacy["world_size"] = dctx.world_size if dctx is not None else 1
     if not main:
         return privacy
@@ -501,7 +526,7 @@ def _train(tc, tdir, out, work, dev, tk, mc, delta, dp, seed, on_step, dctx, mai
     else:
         curve_out = [{"step": r["step"], "epoch": round(r["epoch"], 4), "loss": r.get("loss")} for r in curve]
     ck.write_model_dir(out, state_dict=base_model.state_dict(), config=config, vocab=vocab.to_json(),
-                       privacy=privacy, curve=curve_out)
+                       privacy=privacy, curve=curve_out, extra={MEASUREMENTS: meas_doc} if meas_doc else None)
     shutil.rmtree(work, ignore_errors=True)
     log.info("model written to %s (epsilon_total=%s)", out, privacy["epsilon_total"])
     return privacy
@@ -602,8 +627,21 @@ def make_private(engine, model, opt, ds, *, q: float, n_estimate: int, sigma: fl
     return model, opt, loader
 
 
+def _measure(tc: TrainConfig, timelines: list, vocab: Vocab, noise: NoiseSource) -> tuple[dict | None, dict | None]:
+    """The calibration statistics (measurements.py) with their share of the budget; (None, None) when the share
+    is 0. Made once, right after the vocabulary (their codes are the vocabulary's)."""
+    if tc.measure_epsilon_fraction <= 0:
+        return None, None
+    from fhirsynth.model.measurements import measure
+
+    eps = tc.epsilon * tc.measure_epsilon_fraction if tc.dp else None
+    delta = tc.delta * tc.measure_delta_fraction if tc.dp else None
+    return measure(timelines, vocab, dp=tc.dp, epsilon=eps, delta=delta, noise=noise)
+
+
 def _privacy_report(tc: TrainConfig, n_estimate: int, sigma: float, q: float, steps: int, eps_prv, eps_rdp,
-                    eps_vocab, d_vocab, d_train, vocab_report: dict) -> dict[str, Any]:
+                    eps_vocab, d_vocab, d_train, vocab_report: dict, meas_report: dict | None = None
+                    ) -> dict[str, Any]:
     sizes = ("sample_rate, steps, warm-up and delta (auto) derive from n_estimate, the sum of the DP sex "
              "histogram's noisy counts (vocabulary.sex_marginal); the exact patient count is not released")
     if not tc.dp:
@@ -615,8 +653,11 @@ def _privacy_report(tc: TrainConfig, n_estimate: int, sigma: float, q: float, st
             "delta": None, "noise_multiplier": 0.0, "sample_rate": q, "steps": steps, "epochs": tc.epochs,
             "batch_size": tc.batch_size, "max_grad_norm": None,
             "vocabulary": {**vocab_report, "note": "vocabulary from exact counts (not private)"},
+            "measurements": meas_report,
         }
     eps_training = max(eps_prv, eps_rdp)
+    eps_meas = tc.epsilon * tc.measure_epsilon_fraction  # the same products _train spent
+    d_meas = tc.delta * tc.measure_delta_fraction
     if tc.reproducible_noise:
         guarantee = ("NONE: noise reproducible from a stored seed (--reproducible-noise, for tests and research); "
                      "the epsilon below holds only against an adversary who cannot replay the seed")
@@ -633,22 +674,26 @@ def _privacy_report(tc: TrainConfig, n_estimate: int, sigma: float, q: float, st
         "epsilon_target": tc.epsilon,
         "epsilon_prv": eps_prv, "epsilon_rdp": eps_rdp, "epsilon_training": eps_training,
         "epsilon_preprocessing": eps_vocab,
-        "epsilon_total": eps_vocab + eps_training,
-        "delta": tc.delta, "delta_training": d_train, "delta_preprocessing": d_vocab,
-        "composition": "basic: epsilon_total = epsilon_preprocessing + max(epsilon_prv, epsilon_rdp); "
-                       "delta = delta_preprocessing + delta_training",
+        "epsilon_measurements": eps_meas,
+        "epsilon_total": eps_vocab + eps_meas + eps_training,
+        "delta": tc.delta, "delta_training": d_train, "delta_preprocessing": d_vocab, "delta_measurements": d_meas,
+        "composition": "basic: epsilon_total = epsilon_preprocessing + epsilon_measurements + max(epsilon_prv, "
+                       "epsilon_rdp); delta = delta_preprocessing + delta_measurements + delta_training",
         "mechanisms": {
             "training": "DP-SGD (Opacus): Poisson sampling at sample_rate, per-patient clipping to max_grad_norm, "
                         "Gaussian noise noise_multiplier * max_grad_norm; epsilon from Opacus' PRV and RDP "
                         "accountants over `steps` steps",
             "preprocessing": "vocabulary: " + str(vocab_report.get("mechanism")) + "; sex marginal, deaths per "
                              "birth band: discrete Laplace; value bins: discrete Gaussian (see vocabulary)",
+            "measurements": "calibration statistics (measurements.json): discrete Gaussian per family, zCDP "
+                            "composition (see measurements)" if meas_report else "none (measurement share 0)",
         },
         "noise_multiplier": sigma, "sample_rate": q, "steps": steps, "epochs": tc.epochs,
         "batch_size": tc.batch_size, "max_grad_norm": tc.max_grad_norm, "poisson_sampling": True,
         "reproducible_noise": tc.reproducible_noise,
         "accountants": "noise multiplier = max over opacus get_noise_multiplier(prv, rdp) for the training share",
         "vocabulary": vocab_report,
+        "measurements": meas_report,
         "public_settings": "bin edges (mappings/reference-ranges.toml), time buckets, max_len, grammar, "
                            "reference date: public, no budget",
         "not_released": "training loss (private, console only); the exact patient count",

@@ -1,0 +1,203 @@
+"""Calibration by post-processing (issue 15): reweight an oversampled pool of the model's own patients so its
+statistics match the measurements released at train time (measurements.py), then draw the output from the weights.
+
+As PMW-Pub (Liu, Vietri, Steinke, Ullman, Wu, ICML 2021) with the model's samples as the public support: the
+weights are a distribution over the pool, w = softmax(theta), fitted by L-BFGS to
+    sum over families f of mean over queries j of f of  max(0, |a_j(w) - t_j| / s_j - 1/2)^2   +  tau KL(w || uniform)
+    + CAP_PENALTY sum_i max(0, n w_i - 1)^2
+where a_j(w) is the pool's weighted share for query j, t_j the measured share (noisy count / noisy patient count,
+clipped to [0, 1]) and s_j = max(sigma_f / n_hat, FLOOR) the noise scale of that target in share units: a pool
+inside half a standard deviation of a target pays nothing, so the fit does not chase the noise, and the entropy
+term keeps the weights spread. The last term keeps every weight under 1/n (n = the requested count): the output
+takes a pooled patient at most once, so a weight above that could not be honoured by the draw. Everything here is a function of the DP release and of samples of the DP model:
+post-processing, no privacy cost.
+
+The output: inclusion probabilities pi_i = min(1, n w_i) (mass above 1 redistributed), then systematic sampling
+over a seeded permutation: n distinct pooled patients, never a duplicate.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+
+from fhirsynth.model.measurements import Spec, patient_queries
+from fhirsynth.timeline.types import Timeline
+
+log = logging.getLogger(__name__)
+
+FLOOR = 0.005  # smallest tolerance in share units (exact measurements: half a percentage point is a match)
+DEADZONE = 0.5  # in noise standard deviations
+TAU = 1e-3  # entropy weight
+CAP_PENALTY = 10.0
+DEFAULT_POOL_FACTOR = 5
+# requested patients calibrated together: the pool of one chunk (x pool factor) is held in memory, so a large n
+# streams chunk by chunk like plain generation
+CALIBRATION_CHUNK = 2000
+
+
+@dataclass
+class Targets:
+    spec: Spec
+    families: list[str]
+    offsets: dict[str, tuple[int, int]]
+    target: np.ndarray  # shares in [0, 1]
+    scale: np.ndarray  # tolerance per query, share units
+    family_of: np.ndarray  # family index per query
+    n_hat: float
+
+
+def targets(doc: dict[str, Any]) -> Targets:
+    spec = Spec.from_json(doc["spec"])
+    fams = doc["families"]
+    names = [f for f in spec.sizes() if spec.sizes()[f] > 0]
+    n_hat = max(float(np.clip(fams["cells"]["counts"], 0, None).sum()), 1.0)
+    offsets, t, s, fo, at = {}, [], [], [], 0
+    for k, f in enumerate(names):
+        c = np.asarray(fams[f]["counts"], dtype=float)
+        offsets[f] = (at, at + len(c))
+        at += len(c)
+        t.append(np.clip(c / n_hat, 0.0, 1.0))
+        s.append(np.full(len(c), max(float(fams[f]["sigma"]) / n_hat, FLOOR)))
+        fo.append(np.full(len(c), k))
+    return Targets(spec, names, offsets, np.concatenate(t), np.concatenate(s), np.concatenate(fo), n_hat)
+
+
+def query_matrix(pool: list[Timeline], tg: Targets) -> sp.csr_matrix:
+    """pool x queries, 1 where the patient counts toward the query."""
+    rows, cols = [], []
+    for i, tl in enumerate(pool):
+        q = patient_queries(tl, tg.spec)
+        for f in tg.families:
+            lo = tg.offsets[f][0]
+            cols.extend(lo + j for j in q[f])
+            rows.extend([i] * len(q[f]))
+    return sp.csr_matrix((np.ones(len(rows)), (rows, cols)), shape=(len(pool), len(tg.target)))
+
+
+def errors(Q: sp.csr_matrix, w: np.ndarray, tg: Targets, how: str = "max") -> dict[str, float]:
+    """Max (or mean) |weighted share - target| per family (share units). The targets are noisy: with many
+    queries the max is bounded below by the noise (about 3 sigma / n_hat), the mean tells the trend."""
+    a = Q.T @ w
+    agg = np.max if how == "max" else np.mean
+    return {f: float(agg(np.abs(a[lo:hi] - tg.target[lo:hi]))) if hi > lo else 0.0
+            for f, (lo, hi) in tg.offsets.items()}
+
+
+def fit_weights(Q: sp.csr_matrix, tg: Targets, n_out: int, *, tau: float = TAU, max_iter: int = 500) -> np.ndarray:
+    """The calibrated distribution over the pool (see the module docstring)."""
+    from scipy.optimize import minimize
+
+    n = Q.shape[0]
+    counts = np.bincount(tg.family_of, minlength=len(tg.families)).astype(float)
+    qw = 1.0 / (len(tg.families) * counts[tg.family_of])  # every family weighs the same
+    QT = Q.T.tocsr()
+
+    def f(theta: np.ndarray) -> tuple[float, np.ndarray]:
+        z = theta - theta.max()
+        w = np.exp(z)
+        w /= w.sum()
+        r = (QT @ w - tg.target) / tg.scale
+        h = np.maximum(np.abs(r) - DEADZONE, 0.0)
+        logw = np.log(np.maximum(w, 1e-300))
+        over = np.maximum(n_out * w - 1.0, 0.0)
+        loss = float(np.sum(qw * h * h)) + tau * float(np.sum(w * logw) + np.log(n)) + CAP_PENALTY * float(over @ over)
+        g_a = qw * 2.0 * h * np.sign(r) / tg.scale  # d loss / d a
+        g_w = Q @ g_a + tau * (logw + 1.0) + CAP_PENALTY * 2.0 * n_out * over
+        g_theta = w * (g_w - float(w @ g_w))  # softmax Jacobian
+        return loss, g_theta
+
+    res = minimize(f, np.zeros(n), jac=True, method="L-BFGS-B", options={"maxiter": max_iter})
+    z = res.x - res.x.max()
+    w = np.exp(z)
+    return w / w.sum()
+
+
+def inclusion(w: np.ndarray, n: int) -> np.ndarray:
+    """pi = min(1, c w) with c such that sum(pi) = n (mass above 1 goes to the others), for n <= len(w)."""
+    pi = np.zeros_like(w)
+    free = np.ones(len(w), dtype=bool)
+    left = float(n)
+    for _ in range(len(w)):
+        c = left / max(float(w[free].sum()), 1e-300)
+        pi[free] = c * w[free]
+        over = free & (pi >= 1.0)
+        if not over.any():
+            break
+        pi[over] = 1.0
+        free &= ~over
+        left = n - float(pi[~free].sum())
+        if left <= 0 or not free.any():
+            break
+    return np.minimum(pi, 1.0)
+
+
+def systematic_draw(pi: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    """n distinct indices, index i with probability pi_i (systematic sampling over a random order)."""
+    order = rng.permutation(len(pi))
+    cum = np.cumsum(pi[order])
+    cum *= n / cum[-1]
+    points = rng.random() + np.arange(n)
+    picked = order[np.searchsorted(cum, points, side="right").clip(max=len(pi) - 1)]
+    picked = list(dict.fromkeys(picked.tolist()))  # round-off can repeat one; fill from the likeliest others
+    if len(picked) < n:
+        rest = [i for i in np.argsort(-pi, kind="stable").tolist() if i not in set(picked)]
+        picked += rest[: n - len(picked)]
+    return np.sort(np.asarray(picked[:n]))
+
+
+def calibrate(pool: list[Timeline], doc: dict[str, Any], n: int, seed: int) -> tuple[list[Timeline], dict]:
+    """n timelines drawn from the pool reweighted to the measurements, and a report of how far the statistics moved
+    (max error per family before = the uniform pool, after = the fitted weights, drawn = the output)."""
+    if n > len(pool):
+        raise ValueError(f"the pool ({len(pool)}) is smaller than the requested count ({n})")
+    tg = targets(doc)
+    Q = query_matrix(pool, tg)
+    uniform = np.full(len(pool), 1.0 / len(pool))
+    w = fit_weights(Q, tg, n)
+    pi = inclusion(w, n)
+    idx = systematic_draw(pi, n, np.random.default_rng([seed, 15]))
+    drawn = np.zeros(len(pool))
+    drawn[idx] = 1.0 / n
+    report = {"pool": len(pool), "n": n, "before": errors(Q, uniform, tg), "after": errors(Q, w, tg),
+              "drawn": errors(Q, drawn, tg), "before_mean": errors(Q, uniform, tg, "mean"),
+              "drawn_mean": errors(Q, drawn, tg, "mean"), "effective_pool": float(1.0 / np.sum(w * w)),
+              "capped": int((pi >= 1.0 - 1e-12).sum())}
+    return [pool[i] for i in idx], report
+
+
+def summary(report: dict) -> str:
+    def worst(d: dict[str, float]) -> str:
+        return ", ".join(f"{k} {v:.3f}" for k, v in d.items())
+
+    return (f"calibration: pool {report['pool']} -> {report['n']} patients (effective pool "
+            f"{report['effective_pool']:.0f}); max error by statistic before [{worst(report['before'])}], "
+            f"after [{worst(report['drawn'])}]; mean error before [{worst(report['before_mean'])}], after "
+            f"[{worst(report['drawn_mean'])}]")
+
+
+def calibrated_timelines(model_dir: Path, n: int, doc: dict, pool_factor: int, sample: dict):
+    """Chunks of at most CALIBRATION_CHUNK patients, each drawn from pool_factor x as many samples reweighted to
+    the measurements; ids syn-<seed>-<index> in output order. Deterministic given the seed."""
+    from fhirsynth.model.sampler import sample_timelines
+
+    seed = sample["seed"]
+    stream = sample_timelines(model_dir, n * pool_factor, **sample)
+    done = 0
+    try:
+        while done < n:
+            k = min(CALIBRATION_CHUNK, n - done)
+            pool = [tl for _, tl in zip(range(k * pool_factor), stream)]
+            out, report = calibrate(pool, doc, k, seed=seed * 1_000_003 + done)
+            log.info("%s", summary(report))
+            for tl in out:
+                tl.patient.patient_id = f"syn-{seed}-{done}"
+                done += 1
+                yield tl
+    finally:
+        stream.close()  # ends sampler worker processes

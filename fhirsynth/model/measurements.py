@@ -1,0 +1,258 @@
+"""Statistics measured at train time under DP, for calibration at generate time (issue 15, calibrate.py).
+
+Every statistic is a count of patients, so it is a linear query over a cohort: the same query functions
+(`patient_queries`) answer it for the training patients here and for a pool of synthetic patients in
+calibrate.py, which reweights the pool to match. Families (privacy unit: one patient, add/remove-one adjacency):
+
+  cells        patients per cell, cell = sex (female / not female) x age band (age at death or at the last
+               event: 0-17, 18-44, 45-64, 65+); L2 sensitivity 1
+  prevalence   patients holding code c, over the vocabulary's condition + observation codes; a patient counts
+               at most `max_codes` codes (the first in vocabulary order); sensitivity sqrt(max_codes)
+  prevalence_cells  the same per cell (sex x age band), with a smaller share: the overall prevalence would
+               otherwise carry the noise of every cell (sqrt(cells) times more)
+  death        deceased patients per cell; sensitivity 1
+  visits       histogram of visits per patient (an encounter id, else a calendar day), half-octave log buckets
+  events       histogram of condition + observation events per patient, same buckets; sensitivity 1 each
+  pairs_absent patients LACKING both codes a and b, for every pair of the `pair_codes` most common codes held by
+               5-95% of patients (chosen from the noisy prevalence above: post-processing, not from exact data).
+               Absence, not presence: most patients hold most of the common codes (US cohort: median 38 of the
+               top 40), so a patient lacks few of them and contributes few pairs; a patient counts the pairs of
+               at most `max_absent` of their absent codes (the first in that order); sensitivity
+               sqrt(max_absent (max_absent - 1) / 2). Presence shares follow from these and the prevalence.
+
+Mechanism: the discrete Gaussian (dpnoise.NoiseSource.gaussian: OpenDP, OS CSPRNG) on every family's integer
+counts with its own scale. Accounting in zCDP: OpenDP calibrates sigma0 = gaussian_sigma(epsilon, delta, 1), i.e.
+rho = 1 / (2 sigma0^2) reaches (epsilon, delta); family f gets the share w_f of rho with
+sigma_f = sensitivity_f * sigma0 / sqrt(w_f), so the rhos add up to rho (zCDP composition, adaptive: the pair
+codes depend on the first release). `epsilon_check` recomputes the epsilon of the composed release with OpenDP.
+With dp=False the counts are exact (sigma 0, no claim).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from itertools import combinations
+from typing import Any
+
+import numpy as np
+
+from fhirsynth.model.dpnoise import NoiseSource, gaussian_epsilon, gaussian_sigma
+from fhirsynth.timeline.types import Timeline
+
+log = logging.getLogger(__name__)
+
+MEASUREMENTS = "measurements.json"
+FORMAT = 1
+AGE_BANDS = (18, 45, 65)  # band edges in years: 0-17, 18-44, 45-64, 65+
+N_CELLS = 2 * (len(AGE_BANDS) + 1)
+# half-octave buckets of a per-patient count: 0, 1, 2-3, 4, 5-7, 8-10, 11-15, 16-21, ... up to 2^16
+BUCKET_EDGES = tuple(sorted({0, 1} | {int(math.floor(2 ** (k / 2))) for k in range(2, 33)}))
+CODE_KINDS = ("condition", "observation")
+PAIR_BAND = (0.05, 0.95)
+# rho shares of the families (public); the prevalence and the pairs are the many-query families
+RHO_SHARES = {"cells": 0.03, "prevalence": 0.35, "prevalence_cells": 0.15, "death": 0.03, "visits": 0.06,
+              "events": 0.06, "pairs_absent": 0.32}
+DEFAULT_MAX_CODES = 128
+DEFAULT_PAIR_CODES = 40
+DEFAULT_MAX_ABSENT = 10
+
+CodeKey = tuple[str, str, str]
+
+
+@dataclass
+class Spec:
+    """What is measured: the public / DP-derived definition of every query (stored with the counts)."""
+
+    codes: list[CodeKey]
+    max_codes: int = DEFAULT_MAX_CODES
+    pair_codes: list[CodeKey] = field(default_factory=list)
+    max_absent: int = DEFAULT_MAX_ABSENT
+
+    def __post_init__(self) -> None:
+        self.code_index = {c: i for i, c in enumerate(self.codes)}
+        self.pair_index = {c: i for i, c in enumerate(self.pair_codes)}
+        k = len(self.pair_codes)
+        self.pair_of = {p: j for j, p in enumerate(combinations(range(k), 2))}
+
+    def sizes(self) -> dict[str, int]:
+        k = len(self.pair_codes)
+        return {"cells": N_CELLS, "prevalence": len(self.codes), "prevalence_cells": N_CELLS * len(self.codes),
+                "death": N_CELLS,
+                "visits": len(BUCKET_EDGES), "events": len(BUCKET_EDGES), "pairs_absent": k * (k - 1) // 2}
+
+    def sensitivities(self) -> dict[str, float]:
+        return {"cells": 1.0, "prevalence": math.sqrt(self.max_codes), "prevalence_cells": math.sqrt(self.max_codes),
+                "death": 1.0, "visits": 1.0, "events": 1.0,
+                "pairs_absent": math.sqrt(self.max_absent * (self.max_absent - 1) / 2)}
+
+    def to_json(self) -> dict[str, Any]:
+        return {"codes": [list(c) for c in self.codes], "max_codes": self.max_codes,
+                "pair_codes": [list(c) for c in self.pair_codes], "max_absent": self.max_absent,
+                "age_bands": list(AGE_BANDS), "bucket_edges": list(BUCKET_EDGES)}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Spec:
+        if list(d.get("age_bands", [])) != list(AGE_BANDS) or list(d.get("bucket_edges", [])) != list(BUCKET_EDGES):
+            raise ValueError("age bands or buckets differ from this fhirsynth's")
+        return cls(codes=[tuple(c) for c in d["codes"]], max_codes=int(d["max_codes"]),
+                   pair_codes=[tuple(c) for c in d["pair_codes"]], max_absent=int(d["max_absent"]))
+
+
+def vocab_codes(vocab) -> list[CodeKey]:
+    """The condition + observation codes of the (public + DP) vocabulary, in vocabulary order, once each."""
+    seen: dict[CodeKey, None] = {}
+    for it in vocab.items:
+        if it.kind in CODE_KINDS and it.system and it.code:
+            seen.setdefault((it.kind, it.system, it.code), None)
+    return list(seen)
+
+
+def bucket(x: int) -> int:
+    return int(np.searchsorted(BUCKET_EDGES, x, side="right") - 1)
+
+
+def _utc(dt: datetime) -> datetime:
+    return dt if dt.tzinfo is not None else dt.replace(tzinfo=timezone.utc)
+
+
+def cell_of(tl: Timeline) -> int:
+    """sex (female / not) x age band at death, else at the last event (no birth date or no event: age 0)."""
+    p = tl.patient
+    end = p.death_date or (max((e.time for e in tl.events), key=_utc) if tl.events else None)
+    age = 0
+    if p.birth_date is not None and end is not None:
+        age = max(0, (_utc(end).date() - p.birth_date).days // 365)
+    band = int(np.searchsorted(AGE_BANDS, age, side="right"))
+    return (0 if p.sex == "female" else 1) * (len(AGE_BANDS) + 1) + band
+
+
+def n_visits(tl: Timeline) -> int:
+    """Distinct encounter ids plus distinct UTC days of events without one (records_metrics' visits)."""
+    keys = {("e", e.encounter_id) if e.encounter_id else ("d", _utc(e.time).date()) for e in tl.events}
+    return len(keys)
+
+
+def patient_queries(tl: Timeline, spec: Spec) -> dict[str, list[int]]:
+    """The indices of the counts this patient adds 1 to, per family (bounded as the module docstring says)."""
+    cell = cell_of(tl)
+    held = {(e.kind, e.system, e.code) for e in tl.events if e.kind in CODE_KINDS}
+    idx = sorted(spec.code_index[c] for c in held if c in spec.code_index)[: spec.max_codes]
+    n_codes = len(spec.codes)
+    absent = [j for j, c in enumerate(spec.pair_codes) if c not in held][: spec.max_absent]
+    dead = tl.patient.death_date is not None or bool(tl.patient.deceased)
+    n_events = sum(1 for e in tl.events if e.kind in CODE_KINDS)
+    return {
+        "cells": [cell],
+        "prevalence": idx,
+        "prevalence_cells": [cell * n_codes + i for i in idx],
+        "death": [cell] if dead else [],
+        "visits": [bucket(n_visits(tl))],
+        "events": [bucket(n_events)],
+        "pairs_absent": [spec.pair_of[p] for p in combinations(absent, 2)],
+    }
+
+
+def exact_counts(timelines: list[Timeline], spec: Spec, families: tuple[str, ...]) -> dict[str, np.ndarray]:
+    sizes = spec.sizes()
+    out = {f: np.zeros(sizes[f], dtype=np.int64) for f in families}
+    for tl in timelines:
+        q = patient_queries(tl, spec)
+        for f in families:
+            np.add.at(out[f], q[f], 1)
+    return out
+
+
+def choose_pair_codes(spec: Spec, cells: np.ndarray, prevalence: np.ndarray, k: int) -> list[CodeKey]:
+    """The k codes with the highest (noisy) prevalence among those held by 5-95% of patients: post-processing."""
+    n_hat = max(float(np.clip(cells, 0, None).sum()), 1.0)
+    share = np.clip(prevalence, 0, None) / n_hat
+    order = sorted(range(len(spec.codes)), key=lambda i: (-share[i], i))
+    return [spec.codes[i] for i in order if PAIR_BAND[0] <= share[i] <= PAIR_BAND[1]][:k]
+
+
+def measure(timelines: list[Timeline], vocab, *, dp: bool, epsilon: float | None, delta: float | None,
+            noise: NoiseSource, max_codes: int = DEFAULT_MAX_CODES, pair_codes: int = DEFAULT_PAIR_CODES,
+            max_absent: int = DEFAULT_MAX_ABSENT) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the measurements.json document, its privacy report). Noisy integer counts under dp, exact otherwise."""
+    spec = Spec(codes=vocab_codes(vocab), max_codes=max_codes, max_absent=max_absent)
+    sens = spec.sensitivities()
+    sigma0 = None
+    if dp:
+        if epsilon is None or delta is None or not epsilon > 0 or not 0 < delta < 1:
+            raise ValueError(f"measurements need epsilon > 0 and 0 < delta < 1 (got {epsilon}, {delta})")
+        sigma0 = gaussian_sigma(epsilon, delta, 1.0)
+
+    def release(counts: dict[str, np.ndarray]) -> dict[str, dict[str, Any]]:
+        out = {}
+        for f, c in counts.items():
+            if sigma0 is None:
+                out[f] = {"counts": c.tolist(), "sigma": 0.0, "sensitivity": sens[f], "rho_share": None}
+            else:
+                sigma = sens[f] * sigma0 / math.sqrt(RHO_SHARES[f])
+                out[f] = {"counts": noise.gaussian(c, sigma).tolist(), "sigma": sigma, "sensitivity": sens[f],
+                          "rho_share": RHO_SHARES[f]}
+        return out
+
+    first = ("cells", "prevalence", "prevalence_cells", "death", "visits", "events")
+    fams = release(exact_counts(timelines, spec, first))
+    # stage 2: the pair codes come from the noisy stage-1 release (adaptive composition, zCDP)
+    spec.pair_codes = choose_pair_codes(spec, np.asarray(fams["cells"]["counts"]),
+                                        np.asarray(fams["prevalence"]["counts"]), pair_codes)
+    spec.__post_init__()
+    sens = spec.sensitivities()
+    fams.update(release(exact_counts(timelines, spec, ("pairs_absent",))))
+    doc = {"format": FORMAT, "dp": dp, "spec": spec.to_json(), "families": fams}
+    if dp:
+        eps_check = epsilon_check(doc, delta)
+        report = {"mechanism": "discrete Gaussian per family (OpenDP, zCDP composition), bounded contribution "
+                               "(see fhirsynth/model/measurements.py)",
+                  "epsilon": epsilon, "delta": delta, "epsilon_check": eps_check, "sigma0": sigma0,
+                  "families": {f: {"sigma": v["sigma"], "sensitivity": v["sensitivity"], "rho_share": v["rho_share"],
+                                   "queries": len(v["counts"])} for f, v in fams.items()},
+                  "file": MEASUREMENTS}
+        if eps_check > epsilon * (1 + 1e-6):
+            raise ValueError(f"measurement epsilon {eps_check} exceeds its share {epsilon} (accounting bug)")
+    else:
+        report = {"mechanism": "exact counts (no DP)", "epsilon": None, "delta": None, "file": MEASUREMENTS}
+    log.info("measured %d statistics (%s)", sum(len(v["counts"]) for v in fams.values()),
+             ", ".join(f"{f} {len(v['counts'])}" for f, v in fams.items()))
+    return doc, report
+
+
+def total_rho(doc: dict[str, Any]) -> float:
+    """zCDP rho of the released families: sum of sensitivity^2 / (2 sigma^2)."""
+    return sum(v["sensitivity"] ** 2 / (2 * v["sigma"] ** 2) for v in doc["families"].values())
+
+
+def epsilon_check(doc: dict[str, Any], delta: float) -> float:
+    """OpenDP's epsilon at delta of the composed release: one discrete Gaussian with the same total rho."""
+    return gaussian_epsilon(1.0 / math.sqrt(2 * total_rho(doc)), delta, 1.0)
+
+
+def load(model_dir) -> dict[str, Any] | None:
+    """The model's measurements, or None when it has none (older models, or trained with measurement share 0)."""
+    import json
+    from pathlib import Path
+
+    from fhirsynth.errors import ModelDirError
+
+    path = Path(model_dir) / MEASUREMENTS
+    if not path.is_file():
+        return None
+    try:
+        doc = json.loads(path.read_text())
+        if doc.get("format") != FORMAT:
+            raise ModelDirError(f"measurements format {doc.get('format')!r} is not {FORMAT}; retrain the model",
+                                where=str(path))
+        Spec.from_json(doc["spec"])
+        for f, size in Spec.from_json(doc["spec"]).sizes().items():
+            if len(doc["families"][f]["counts"]) != size:
+                raise ValueError(f"family {f} has {len(doc['families'][f]['counts'])} counts, expected {size}")
+    except ModelDirError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ModelDirError(f"unreadable measurements ({exc})", where=str(path)) from None
+    return doc
