@@ -14,7 +14,7 @@ from fhirsynth.api.settings import ServerSettings
 from fhirsynth.store.sqlite import Store
 
 PRIVACY = {"unit": "patient", "dp": True, "n": 800, "epsilon_total": 7.99, "epsilon_prv": 5.4, "epsilon_rdp": 5.99,
-           "epsilon_preprocessing": 2.0, "delta": 1e-5, "noise_multiplier": 1.23, "sample_rate": 0.08, "steps": 56}
+           "epsilon_preprocessing": 2.0, "epsilon_measurements": 1.6, "delta": 1e-5, "noise_multiplier": 1.23, "sample_rate": 0.08, "steps": 56}
 
 
 def _client(tmp_path: Path, *, model_dir: Path | None = None, report_dir: Path | None = None) -> TestClient:
@@ -39,6 +39,8 @@ def test_reports_the_models_privacy_json(tmp_path: Path) -> None:
         p = _params(body)
         assert p["epsilon_total"]["valueDecimal"] == pytest.approx(7.99)
         assert p["delta"]["valueDecimal"] == pytest.approx(1e-5)
+        # the share of epsilon spent on the calibration statistics is served beside the other parts
+        assert p["epsilon_measurements"]["valueDecimal"] == pytest.approx(1.6)
         assert p["unit"]["valueString"] == "patient"
         assert p["differentialPrivacy"]["valueBoolean"] is True
         attached = json.loads(base64.b64decode(p["privacyReport"]["valueAttachment"]["data"]))

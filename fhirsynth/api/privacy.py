@@ -94,7 +94,7 @@ def privacy_parameters(model_dir: Path | None, report_dir: Path | None) -> dict[
         dp = privacy.get("dp", True)
         params.append({"name": "differentialPrivacy", "valueBoolean": bool(dp)})
         for key in ("unit", "epsilon_total", "delta", "epsilon_prv", "epsilon_rdp", "epsilon_preprocessing",
-                    "noise_multiplier", "sample_rate", "steps", "max_grad_norm", "n_estimate", "guarantee"):
+                    "epsilon_measurements", "noise_multiplier", "sample_rate", "steps", "max_grad_norm", "n_estimate", "guarantee"):
             if privacy.get(key) is not None:
                 params.append({"name": key, **_value(privacy[key])})
         if not dp:
