@@ -1,0 +1,266 @@
+"""The privacy path's parts one by one, each against a value computed here independently (a closed-form tail bound,
+the noise's known variance, Opacus' accountants called directly), so that a mutant that weakens the noise, miscounts
+the budget or under-reports epsilon fails a test. Fast on purpose: the mutation runner reruns these per mutant."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from datetime import date
+
+import numpy as np
+import pytest
+
+from fhirsynth.errors import PrivacyBudgetError, UsageError
+from fhirsynth.model.dpnoise import NoiseSource, gaussian_epsilon, gaussian_sigma, set_union_threshold
+from fhirsynth.model.train import (
+    MAX_EPSILON,
+    _noise_multiplier,
+    _privacy_report,
+    _validate,
+    accounted_steps,
+    default_delta,
+    epsilons,
+    steps_per_epoch_for,
+)
+from fhirsynth.model.vocab import SEXES, release_sex_shares, split_preprocessing_epsilon
+from fhirsynth.timeline.types import PatientInfo, Timeline
+
+# ---------------------------------------------------------------- dpnoise: the calibration
+
+
+@pytest.mark.parametrize("eps,delta,sens", [(1.0, 1e-6, 1.0), (0.3, 1e-5, math.sqrt(8)), (4.0, 1e-7, 2.0)])
+def test_gaussian_sigma_is_the_smallest_scale_that_meets_epsilon(eps, delta, sens):
+    sigma = gaussian_sigma(eps, delta, sens)
+    assert gaussian_epsilon(sigma, delta, sens) <= eps * (1 + 1e-6)
+    assert gaussian_epsilon(sigma * 0.97, delta, sens) > eps  # not needlessly noisy
+    # against the textbook bound: rho = sens^2 / (2 sigma^2) zCDP gives eps <= rho + 2 sqrt(rho ln(1/delta))
+    rho = sens ** 2 / (2 * sigma ** 2)
+    assert eps <= rho + 2 * math.sqrt(rho * math.log(1 / delta)) * (1 + 1e-9)
+    # sensitivity scales the noise linearly
+    assert gaussian_sigma(eps, delta, 2 * sens) == pytest.approx(2 * sigma, rel=0.02)
+
+
+@pytest.mark.parametrize("eps,delta", [(0.0, 1e-6), (-1.0, 1e-6), (1.0, 0.0), (1.0, 1.0), (1.0, -0.1),
+                                       (float("nan"), 1e-6)])
+def test_gaussian_sigma_refuses_budgets_outside_the_domain(eps, delta):
+    with pytest.raises(PrivacyBudgetError, match="epsilon > 0 and 0 < delta < 1"):
+        gaussian_sigma(eps, delta, 1.0)
+
+
+@pytest.mark.parametrize("sigma,delta,k", [(3.0, 1e-6, 1), (12.5, 1e-5, 16), (40.0, 1e-7, 64)])
+def test_set_union_threshold_bounds_a_lone_key_by_delta_over_two(sigma, delta, k):
+    """A key only the added patient has (count 1) passes T with probability <= exp(-(T-1)^2 / (2 sigma^2)) per key;
+    over their k keys that union bound must be exactly delta / 2."""
+    t = set_union_threshold(sigma, delta, k)
+    assert t > 1
+    assert k * math.exp(-((t - 1) ** 2) / (2 * sigma ** 2)) == pytest.approx(delta / 2, rel=1e-9)
+
+
+# ---------------------------------------------------------------- dpnoise: the noise itself
+
+def _discrete_laplace_variance(scale: float) -> float:
+    a = math.exp(-1 / scale)
+    return 2 * a / (1 - a) ** 2
+
+
+@pytest.mark.parametrize("secure", [True, False])
+def test_laplace_noise_has_the_scale_of_its_epsilon(secure):
+    noise = NoiseSource.secure_source() if secure else NoiseSource.reproducible(3)
+    counts = np.full((200, 250), 7)  # 2-d: the shape must come back
+    noisy, scale = noise.laplace(counts, 0.5, "a test histogram")
+    assert scale == 2.0 and noisy.shape == counts.shape and noisy.dtype.kind == "i"
+    d = (noisy - counts).ravel()
+    assert abs(d.mean()) < 0.05
+    assert d.var() == pytest.approx(_discrete_laplace_variance(2.0), rel=0.04)
+    assert (d != 0).mean() > 0.5  # noise is really added
+
+
+@pytest.mark.parametrize("secure", [True, False])
+def test_gaussian_noise_has_std_sigma(secure):
+    noise = NoiseSource.secure_source() if secure else NoiseSource.reproducible(4)
+    counts = np.arange(40_000).reshape(200, 200)
+    noisy = noise.gaussian(counts, 6.0)
+    assert noisy.shape == counts.shape and noisy.dtype.kind == "i"
+    d = (noisy - counts).ravel()
+    assert abs(d.mean()) < 0.15
+    rounding = 0.0 if secure else 1 / 12  # the seeded fallback rounds a continuous Gaussian
+    assert d.var() == pytest.approx(36.0 + rounding, rel=0.04)
+
+
+@pytest.mark.parametrize("secure", [True, False])
+def test_empty_count_vectors_stay_empty(secure):
+    noise = NoiseSource.secure_source() if secure else NoiseSource.reproducible(5)
+    assert noise.gaussian(np.zeros(0, dtype=np.int64), 2.0).shape == (0,)
+    noisy, scale = noise.laplace(np.zeros(0, dtype=np.int64), 1.0, "nothing")
+    assert noisy.shape == (0,) and scale == 1.0
+
+
+@pytest.mark.parametrize("eps", [0.0, -1.0, None, float("nan")])
+def test_laplace_refuses_a_budget_that_is_not_positive_naming_the_release(eps):
+    for noise in (NoiseSource.secure_source(), NoiseSource.reproducible(1)):
+        with pytest.raises(PrivacyBudgetError) as err:
+            noise.laplace(np.ones(3, dtype=np.int64), eps, "the sex marginal")
+        assert "the sex marginal needs epsilon > 0" in str(err.value)
+
+
+def test_noise_only_takes_integer_counts():
+    for noise in (NoiseSource.secure_source(), NoiseSource.reproducible(1)):
+        with pytest.raises(ValueError, match="integers"):
+            noise.gaussian(np.array([1.0, 2.5]), 1.0)
+        assert noise.gaussian(np.array([1.0, 2.0]), 1e-3).tolist() == [1, 2]  # integral floats are fine
+
+
+def test_seeded_noise_replays_and_secure_noise_does_not():
+    counts = np.zeros(64, dtype=np.int64)
+    a, b, c = NoiseSource.reproducible(9), NoiseSource.reproducible(9), NoiseSource.reproducible(10)
+    assert np.array_equal(a.gaussian(counts, 5.0), b.gaussian(counts, 5.0))
+    assert not np.array_equal(NoiseSource.reproducible(9).gaussian(counts, 5.0), c.gaussian(counts, 5.0))
+    s1, s2 = NoiseSource.secure_source(), NoiseSource.secure_source()
+    assert s1.secure and s1.seed is None and not a.secure and a.seed == 9
+    assert not np.array_equal(s1.gaussian(counts, 5.0), s2.gaussian(counts, 5.0))
+    assert "NO privacy guarantee" in a.description and "CSPRNG" in s1.description
+    assert "NO privacy" not in s1.description
+
+
+# ---------------------------------------------------------------- train.py: the budget and the accountant
+
+def test_default_delta_is_below_one_over_n():
+    for n in (100, 10_000):  # 1e-5 caps delta for small cohorts
+        assert default_delta(n) == 1e-5
+    for n in (1_000_000, 50_000_000):
+        assert default_delta(n) == pytest.approx(n ** -1.1, rel=1e-12) and default_delta(n) < 1e-5
+    assert all(default_delta(n) < 1 / n for n in (100, 10_000, 1_000_000))
+
+
+@pytest.mark.parametrize("n,b,steps", [(1000, 100, 10), (1001, 100, 11), (5, 100, 1), (0, 10, 1), (99, 1, 99)])
+def test_steps_per_epoch_is_the_ceiling(n, b, steps):
+    assert steps_per_epoch_for(n, b) == steps
+
+
+def test_accounted_steps_sum_the_history():
+    assert accounted_steps([]) == 0
+    assert accounted_steps([(1.0, 0.01, 30), (1.2, 0.02, 12)]) == 42
+
+
+def test_epsilons_are_opacus_accountants_on_the_history():
+    from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
+
+    assert epsilons([], 1e-5) == (0.0, 0.0)
+    history = [(1.1, 0.02, 300), (0.9, 0.01, 200)]
+    prv, rdp = epsilons(history, 1e-5)
+    orders = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64))
+    curve = sum(compute_rdp(q=q, noise_multiplier=s, steps=n, orders=orders) for s, q, n in history)
+    eps_rdp, _ = get_privacy_spent(orders=orders, rdp=curve, delta=1e-5)
+    assert rdp == pytest.approx(eps_rdp, rel=1e-9)
+    assert 0 < prv < rdp  # PRV is the tighter of the two here
+    assert epsilons(history, 1e-7)[0] > prv  # a smaller delta costs epsilon
+    assert epsilons(history[:1], 1e-5)[0] < prv  # fewer steps cost less
+
+
+@pytest.mark.parametrize("eps,q,steps", [(1.0, 0.02, 500), (8.0, 0.05, 200), (0.5, 0.01, 1000)])
+def test_noise_multiplier_reaches_the_target_from_below(eps, q, steps):
+    delta = 1e-5
+    sigma = _noise_multiplier(eps, delta, q, steps)
+    prv, rdp = epsilons([(sigma, q, steps)], delta)
+    assert max(prv, rdp) <= eps * 1.006
+    assert max(prv, rdp) >= 0.9 * eps  # calibrated, not wildly conservative
+
+
+def test_noise_multiplier_names_an_unreachable_budget():
+    with pytest.raises(PrivacyBudgetError, match="cannot reach epsilon=1e-06"):
+        _noise_multiplier(1e-6, 1e-5, 1.0, 10_000)
+
+
+def _config(**kw):
+    from fhirsynth.model.config import TrainConfig
+
+    return replace(TrainConfig(), **kw)
+
+
+@pytest.mark.parametrize("kw,where", [
+    ({"epsilon": 0.0}, "--epsilon"), ({"epsilon": -2.0}, "--epsilon"), ({"epsilon": float("inf")}, "--epsilon"),
+    ({"epsilon": None}, "--epsilon"), ({"epsilon": MAX_EPSILON * 1.01}, "--epsilon"),
+    ({"epsilon": 1.0, "delta": 1.0}, "--delta"), ({"epsilon": 1.0, "delta": 0.0}, "--delta"),
+    ({"epsilon": 1.0, "max_grad_norm": 0.0}, "--max-grad-norm"),
+    ({"epsilon": 1.0, "vocab_epsilon_fraction": 1.0}, None), ({"epsilon": 1.0, "vocab_delta_fraction": 0.0}, None),
+])
+def test_validate_refuses_a_budget_that_gives_no_guarantee(kw, where):
+    with pytest.raises(PrivacyBudgetError) as err:
+        _validate(_config(dp=True, **kw))
+    assert err.value.where == where
+
+
+def test_validate_accepts_the_edges_and_skips_budget_checks_without_dp():
+    _validate(_config(dp=True, epsilon=MAX_EPSILON, delta=None))
+    _validate(_config(dp=True, epsilon=0.01, delta=0.5))
+    _validate(_config(dp=False, epsilon=None, max_grad_norm=0.0))
+    with pytest.raises(UsageError, match="--epochs must be >= 1"):
+        _validate(_config(dp=False, epochs=0))
+
+
+def _vocab_report() -> dict:
+    return {"mechanism": "m", "epsilon": 0.5}
+
+
+def test_privacy_report_adds_preprocessing_to_the_larger_accountant():
+    tc = _config(dp=True, epsilon=8.0, delta=1e-5, reproducible_noise=False)
+    for prv, rdp in ((6.1, 6.4), (6.4, 6.1)):
+        p = _privacy_report(tc, 500, 1.3, 0.02, 800, prv, rdp, 1.2, 4e-6, 6e-6, _vocab_report())
+        assert p["dp"] is True and p["epsilon_training"] == 6.4
+        assert p["epsilon_total"] == pytest.approx(7.6)
+        assert (p["epsilon_prv"], p["epsilon_rdp"]) == (prv, rdp)
+        assert (p["delta_preprocessing"], p["delta_training"], p["delta"]) == (4e-6, 6e-6, 1e-5)
+        assert (p["noise_multiplier"], p["sample_rate"], p["steps"], p["n_estimate"]) == (1.3, 0.02, 800, 500)
+        assert p["epsilon_target"] == 8.0 and p["max_grad_norm"] == tc.max_grad_norm
+        assert p["guarantee"].startswith("(epsilon_total, delta)-DP") and p["reproducible_noise"] is False
+
+
+def test_privacy_report_says_when_there_is_no_guarantee():
+    seeded = _privacy_report(_config(dp=True, epsilon=8.0, delta=1e-5, reproducible_noise=True, seed=77), 500, 1.3,
+                             0.02, 800, 6.1, 6.4, 1.2, 4e-6, 6e-6, _vocab_report())
+    assert seeded["guarantee"].startswith("NONE") and "seed 77" in seeded["noise_source"]
+    assert seeded["reproducible_noise"] is True
+    plain = _privacy_report(_config(dp=False), 500, 0.0, 0.02, 800, None, None, None, None, None, _vocab_report())
+    assert plain["dp"] is False and plain["guarantee"].startswith("none")
+    assert all(plain[k] is None for k in ("epsilon_total", "epsilon_training", "epsilon_preprocessing", "delta"))
+    assert plain["noise_multiplier"] == 0.0
+
+
+# ---------------------------------------------------------------- vocab.py: the preprocessing budget
+
+@pytest.mark.parametrize("eps", [0.1, 1.0, 3.7])
+def test_preprocessing_parts_are_the_documented_fractions_and_sum_to_it(eps):
+    from fhirsynth.model.vocab import DEATH_EPSILON_FRACTION, SEX_EPSILON_FRACTION, VALUE_EPSILON_FRACTION
+
+    items, sex, values, death = split_preprocessing_epsilon(eps)
+    assert (sex, values, death) == pytest.approx((eps * SEX_EPSILON_FRACTION, eps * VALUE_EPSILON_FRACTION,
+                                                  eps * DEATH_EPSILON_FRACTION))
+    assert items + sex + values + death == pytest.approx(eps, rel=1e-12)
+    assert min(items, sex, values, death) > 0
+
+
+def _cohort(sexes: list[str | None]) -> list[Timeline]:
+    return [Timeline(PatientInfo(f"p{i}", sex=s, birth_date=date(1970, 1, 1))) for i, s in enumerate(sexes)]
+
+
+def test_sex_shares_exact_without_dp():
+    tls = _cohort(["male"] * 6 + ["female"] * 3 + [None])
+    shares, report = release_sex_shares(tls, dp=False, epsilon=None, noise=NoiseSource.reproducible(0))
+    assert shares == pytest.approx([0.6, 0.3, 0.0, 0.1]) and report["n_estimate"] == 10
+    assert report["epsilon"] is None
+
+
+def test_sex_shares_under_dp_have_laplace_noise_of_scale_one_over_epsilon():
+    tls = _cohort(["male"] * 600 + ["female"] * 400)
+    runs = [release_sex_shares(tls, dp=True, epsilon=0.5, noise=NoiseSource.reproducible(s)) for s in range(300)]
+    report = runs[0][1]
+    assert report["scale"] == 2.0 and report["threshold"] == 6.0 and report["epsilon"] == 0.5
+    n = np.array([r["n_estimate"] for _, r in runs])
+    # four cells, each with discrete Laplace(2) noise: the estimate's variance is 4x one cell's
+    assert n.var() == pytest.approx(4 * _discrete_laplace_variance(2.0), rel=0.25)
+    assert abs(n.mean() - 1000) < 1.0 and len(set(n.tolist())) > 5
+    shares = np.array([s for s, _ in runs])
+    assert np.allclose(shares.sum(axis=1), 1.0) and (shares[:, 2:] == 0).mean() > 0.9  # small cells zeroed
+    assert shares[:, 0].mean() == pytest.approx(0.6, abs=0.005)
+    assert set(report["shares"]) == set(SEXES)
