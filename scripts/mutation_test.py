@@ -69,10 +69,11 @@ def copy_repo(dest: Path) -> None:
         if src.is_file():
             (dest / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / name)
-    # the FHIR JSON schema the validation tests read is fetched, not tracked
-    cache = REPO / ".cache"
-    if cache.is_dir():
-        shutil.copytree(cache, dest / ".cache")
+    # the FHIR JSON schema and packages the validation tests read are fetched, not tracked; the Medplum install
+    # (hundreds of MB, links inside) serves only tests no group runs
+    for name in ("fhir-schema", "fhir-packages"):
+        if (REPO / ".cache" / name).is_dir():
+            shutil.copytree(REPO / ".cache" / name, dest / ".cache" / name, symlinks=True)
 
 
 def run_group(name: str, spec: dict[str, list[str]], mutmut: Path, max_children: int) -> dict:
