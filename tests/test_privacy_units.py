@@ -203,6 +203,15 @@ def _vocab_report() -> dict:
     return {"mechanism": "m", "epsilon": 0.5}
 
 
+# what privacy.json holds (the server's /$privacy-report and the evaluator read these keys)
+DP_REPORT_KEYS = {
+    "unit", "dp", "guarantee", "adjacency", "noise_source", "n_estimate", "sizes", "epsilon_target", "epsilon_prv",
+    "epsilon_rdp", "epsilon_training", "epsilon_preprocessing", "epsilon_total", "delta", "delta_training",
+    "delta_preprocessing", "composition", "mechanisms", "noise_multiplier", "sample_rate", "steps", "epochs",
+    "batch_size", "max_grad_norm", "poisson_sampling", "reproducible_noise", "accountants", "vocabulary",
+    "public_settings", "not_released"}
+
+
 def test_privacy_report_adds_preprocessing_to_the_larger_accountant():
     tc = _config(dp=True, epsilon=8.0, delta=1e-5, reproducible_noise=False)
     for prv, rdp in ((6.1, 6.4), (6.4, 6.1)):
@@ -214,6 +223,11 @@ def test_privacy_report_adds_preprocessing_to_the_larger_accountant():
         assert (p["noise_multiplier"], p["sample_rate"], p["steps"], p["n_estimate"]) == (1.3, 0.02, 800, 500)
         assert p["epsilon_target"] == 8.0 and p["max_grad_norm"] == tc.max_grad_norm
         assert p["guarantee"].startswith("(epsilon_total, delta)-DP") and p["reproducible_noise"] is False
+        assert p["unit"] == "patient" and "one patient" in p["adjacency"] and p["poisson_sampling"] is True
+        assert "os.urandom" in p["noise_source"] and "seed" not in p["noise_source"].replace("no noise seed", "")
+        assert p["vocabulary"] == _vocab_report() and "vocabulary: m;" in p["mechanisms"]["preprocessing"]
+        assert (p["epochs"], p["batch_size"]) == (tc.epochs, tc.batch_size)
+        assert set(p) == DP_REPORT_KEYS
 
 
 def test_privacy_report_says_when_there_is_no_guarantee():
@@ -224,7 +238,10 @@ def test_privacy_report_says_when_there_is_no_guarantee():
     plain = _privacy_report(_config(dp=False), 500, 0.0, 0.02, 800, None, None, None, None, None, _vocab_report())
     assert plain["dp"] is False and plain["guarantee"].startswith("none")
     assert all(plain[k] is None for k in ("epsilon_total", "epsilon_training", "epsilon_preprocessing", "delta"))
-    assert plain["noise_multiplier"] == 0.0
+    assert plain["noise_multiplier"] == 0.0 and plain["unit"] == "patient" and plain["max_grad_norm"] is None
+    assert (plain["n_estimate"], plain["sample_rate"], plain["steps"]) == (500, 0.02, 800)
+    assert plain["vocabulary"]["mechanism"] == "m" and "not private" in plain["vocabulary"]["note"]
+    assert plain["epsilon_target"] is None and plain["epsilon_prv"] is None and plain["epsilon_rdp"] is None
 
 
 # ---------------------------------------------------------------- vocab.py: the preprocessing budget
@@ -264,3 +281,47 @@ def test_sex_shares_under_dp_have_laplace_noise_of_scale_one_over_epsilon():
     assert np.allclose(shares.sum(axis=1), 1.0) and (shares[:, 2:] == 0).mean() > 0.9  # small cells zeroed
     assert shares[:, 0].mean() == pytest.approx(0.6, abs=0.005)
     assert set(report["shares"]) == set(SEXES)
+
+
+# ---------------------------------------------------------------- dpbins.py: the value-bin release
+
+def _valued_cohort(n: int, codes: list[str], seed: int = 0) -> list[Timeline]:
+    from datetime import datetime, timezone
+
+    from fhirsynth.timeline.types import Event
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        events = [Event(time=datetime(2020, 1, 1 + d, tzinfo=timezone.utc), kind="observation", system="urn:lab",
+                        code=c, value=float(rng.normal(50, 5)), unit="mg", status="final")
+                  for c in codes for d in range(2)]
+        out.append(Timeline(PatientInfo(f"p{i}", sex="female", birth_date=date(1970, 1, 1)), events))
+    return out
+
+
+def test_value_bins_noise_is_calibrated_to_2m_changed_counts_and_half_the_delta():
+    from fhirsynth.model.dpbins import release_value_bins
+    from fhirsynth.model.vocab import Item
+
+    codes = ["a", "b", "c"]
+    items = [Item("observation", "urn:lab", c, c, "laboratory") for c in codes]
+    for m in (1, 3):
+        _, rep = release_value_bins(_valued_cohort(40, codes), items, public_codes=set(), m=m, dp=True, epsilon=2.0,
+                                    delta=1e-5, min_count=1, noise=NoiseSource.reproducible(0))
+        sigma = gaussian_sigma(2.0, 0.5e-5, math.sqrt(2 * m))
+        assert rep["sigma"] == pytest.approx(sigma, rel=1e-9) and rep["max_codes_per_patient"] == m
+        assert rep["threshold"] == pytest.approx(1 + sigma * math.sqrt(2 * math.log(2 * m / 1e-5)), rel=1e-9)
+        assert (rep["epsilon"], rep["delta"], rep["candidate_codes"]) == (2.0, 1e-5, 3)
+
+
+def test_value_bins_bound_each_patient_to_m_codes_only_under_dp():
+    from fhirsynth.model.dpbins import patient_contributions
+
+    tl = _valued_cohort(1, ["a", "b", "c"])[0]
+    tl.events[0].value = 1000.0  # "a" now has values 1000 and ~50: the median of two
+    keys = {("urn:lab", c) for c in "abc"}
+    assert set(patient_contributions(tl, keys, 2)) == {("urn:lab", "a"), ("urn:lab", "b")}  # ties by code
+    got = patient_contributions(tl, keys, 3)
+    assert got[("urn:lab", "a")] == (pytest.approx((1000.0 + tl.events[1].value) / 2), "mg")
+    assert patient_contributions(tl, {("urn:lab", "a")}, 3).keys() == {("urn:lab", "a")}
