@@ -125,6 +125,15 @@ def collect(name: str, spec: dict[str, list[str]], work: Path, mutmut: Path, sec
             "diffs": diffs, "seconds": seconds, "tail": tail}
 
 
+def sql_case_only(diff: str) -> bool:
+    """A mutant that only changes the letter case of an SQL text (a string with a `?` placeholder): SQLite reads
+    keywords and column names case-insensitively, so no test can tell it apart (an equivalent mutant)."""
+    removed = [ln[1:] for ln in diff.splitlines() if ln.startswith("-") and not ln.startswith("---")]
+    added = [ln[1:] for ln in diff.splitlines() if ln.startswith("+") and not ln.startswith("+++")]
+    return (len(removed) == len(added) == 1 and removed[0] != added[0] and "?" in removed[0]
+            and removed[0].lower() == added[0].lower())
+
+
 def _function(mutant: str) -> str:
     return mutant.split("__mutmut_")[0].replace("xǁ", "").replace("ǁ", ".").replace(".x_", ".")
 
@@ -134,12 +143,15 @@ def report_markdown(results: list[dict]) -> str:
            "Score = killed / (killed + survived), as mutmut reports them; `other` counts mutants no selected test "
            "covers and timeouts. Survivors are listed per function with their diffs; each one still needs a test "
            "or a written reason (see the note under each group).", "",
-           "| group | modules | killed | survived | other | score | minutes |", "|---|---|---|---|---|---|---|"]
+           "| group | modules | killed | survived | other | score | SQL-case survivors | score without them | minutes |",
+           "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         total = r["killed"] + r["survived"]
         score = f"{r['killed'] / total:.1%}" if total else "n/a"
+        case = sum(sql_case_only(d) for _, d in r["diffs"])
+        rest = f"{r['killed'] / (total - case):.1%}" if total - case else "n/a"
         out.append(f"| {r['name']} | {', '.join(r['spec']['mutate'])} | {r['killed']} | {r['survived']} | "
-                   f"{len(r['other'])} | {score} | {r['seconds'] / 60:.1f} |")
+                   f"{len(r['other'])} | {score} | {case} | {rest} | {r['seconds'] / 60:.1f} |")
     for r in results:
         per_function: dict[str, int] = {}
         for mutant, _ in r["diffs"]:
@@ -153,7 +165,8 @@ def report_markdown(results: list[dict]) -> str:
             out += ["", "Not killed or survived: " + ", ".join(f"`{o}`" for o in r["other"])]
         out += ["", "<details><summary>every surviving mutant's diff</summary>", ""]
         for mutant, diff in r["diffs"]:
-            out += [f"**{mutant}**", "", "```diff", diff, "```", ""]
+            tag = " (SQL case only: equivalent)" if sql_case_only(diff) else ""
+            out += [f"**{mutant}**{tag}", "", "```diff", diff, "```", ""]
         out += ["</details>"]
     return "\n".join(out) + "\n"
 

@@ -52,7 +52,8 @@ def _patients() -> list[dict]:
         _res("Patient", "pe", "2024-01-01T00:00:00.500Z", gender="other",
              name=[{"family": "LeeXJones", "given": ["50%"]}]),
         _res("Patient", "pf", "2024-02-02T00:00:00Z", gender="male", birthDate="1955-07-07",
-             name=[{"family": "smithson", "given": ["a\\b"]}]),
+             name=[{"family": "smithson", "given": ["a\\b"]}],
+             identifier=[{"system": "urn:a", "value": "C|3"}]),  # the first "|" separates system and code
     ]
 
 
@@ -315,6 +316,8 @@ PATIENT_QUERIES: list[Query] = [
     ("Patient", [("identifier", "A1")], lambda r: any(i.get("value") == "A1" for i in r.get("identifier", []))),
     ("Patient", [("identifier", "urn:a|A1")],
      lambda r: {"system": "urn:a", "value": "A1"} in r.get("identifier", [])),
+    ("Patient", [("identifier", "urn:a|C|3")],
+     lambda r: {"system": "urn:a", "value": "C|3"} in r.get("identifier", [])),
     ("Patient", [("identifier", "|X9")],
      lambda r: any(i.get("value") == "X9" and "system" not in i for i in r.get("identifier", []))),
     ("Patient", [("identifier", "urn:a|")],
