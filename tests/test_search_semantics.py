@@ -170,10 +170,12 @@ def _groups() -> list[dict]:
 SETTINGS = ServerSettings(db_path=Path("unused"), max_count=1000, default_count=1000)
 
 
-@pytest.fixture(scope="module")
-def store_data(tmp_path_factory) -> tuple[Store, dict[str, list[dict]]]:
+@pytest.fixture()
+def store_data(tmp_path) -> tuple[Store, dict[str, list[dict]]]:
+    """A fresh store per test (a few ms): built inside each test, every test covers the extraction code it relies
+    on, which is how the mutation runner picks the tests to run against a mutant of it."""
     resources = _patients() + _conditions() + _observations() + _encounters() + _provenances() + _groups()
-    store = Store(tmp_path_factory.mktemp("semantics") / "store.db")
+    store = Store(tmp_path / "store.db")
     store.add(orjson.loads(orjson.dumps(r)) for r in resources)
     data: dict[str, list[dict]] = {}  # as stored: the store adds Group/all
     for (body,) in store.query("SELECT body FROM resources ORDER BY rid"):
