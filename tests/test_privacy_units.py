@@ -193,10 +193,80 @@ def test_validate_refuses_a_budget_that_gives_no_guarantee(kw, where):
 
 def test_validate_accepts_the_edges_and_skips_budget_checks_without_dp():
     _validate(_config(dp=True, epsilon=MAX_EPSILON, delta=None))
-    _validate(_config(dp=True, epsilon=0.01, delta=0.5))
+    _validate(_config(dp=True, epsilon=0.01, delta=0.5, vocab_epsilon_fraction=0.99, vocab_delta_fraction=0.99))
     _validate(_config(dp=False, epsilon=None, max_grad_norm=0.0))
-    with pytest.raises(UsageError, match="--epochs must be >= 1"):
-        _validate(_config(dp=False, epochs=0))
+    _validate(_config(dp=False, epochs=1, batch_size=1, max_physical_batch=1, lr=1e-9, warmup_frac=0.0))
+
+
+def test_validate_messages_say_what_and_which_value():
+    cases = [({"epsilon": -2.0}, "must be a positive finite number (got -2.0)"),
+             ({"epsilon": 101.0}, "epsilon 101 is above 100 and gives no meaningful guarantee; use --no-dp for a "
+                                  "non-private comparison model"),
+             ({"delta": 1.5}, "must be in (0, 1) or auto (got 1.5)"),
+             ({"vocab_delta_fraction": 1.0}, "vocabulary budget fractions must be in (0, 1)"),
+             ({"vocab_epsilon_fraction": 0.0}, "vocabulary budget fractions must be in (0, 1)"),
+             ({"max_grad_norm": -1.0}, "must be > 0 (got -1.0)")]
+    for kw, message in cases:
+        with pytest.raises(PrivacyBudgetError) as err:
+            _validate(_config(dp=True, **{"epsilon": 1.0, **kw}))
+        assert err.value.message == message
+    problems = {"epochs": (0, "--epochs must be >= 1 (got 0)"), "batch_size": (0, "--batch-size must be >= 1 (got 0)"),
+                "max_physical_batch": (0, "--max-physical-batch must be >= 1 (got 0)"),
+                "lr": (0.0, "learning rate must be > 0 (got 0.0)"),
+                "warmup_frac": (1.0, "warmup fraction must be in [0, 1) (got 1.0)")}
+    for name, (value, message) in problems.items():
+        with pytest.raises(UsageError) as err:
+            _validate(_config(dp=False, **{name: value}))
+        assert err.value.message == message
+    with pytest.raises(UsageError) as err:
+        _validate(_config(dp=False, epochs=0, lr=-1.0, warmup_frac=-0.5))
+    assert err.value.message.count(";") == 2  # every problem at once
+
+
+# what each documentation field of privacy.json must say (a reader checks the guarantee against it)
+DOCUMENTED = {
+    "sizes": ["derive from n_estimate, the sum of the DP sex histogram's noisy counts (vocabulary.sex_marginal)",
+              "the exact patient count is not released"],
+    "composition": ["basic: epsilon_total = epsilon_preprocessing + max(epsilon_prv, epsilon_rdp); ",
+                    "delta = delta_preprocessing + delta_training"],
+    "adjacency": ["add/remove one patient (all of their resources)"],
+    "accountants": ["noise multiplier = max over opacus get_noise_multiplier(prv, rdp) for the training share"],
+    "public_settings": ["bin edges (mappings/reference-ranges.toml), time buckets, max_len, grammar, ",
+                        "reference date: public, no budget"],
+    "not_released": ["training loss (private, console only); the exact patient count"],
+    "noise_source": ["secret: DP-SGD Poisson sampling and Gaussian noise from os.urandom (securerng); the released ",
+                     "counts from OpenDP's discrete Laplace / discrete Gaussian (OS CSPRNG); no noise seed exists"],
+}
+
+
+def test_privacy_report_documents_how_each_number_is_computed():
+    tc = _config(dp=True, epsilon=8.0, delta=1e-5)
+    p = _privacy_report(tc, 500, 1.3, 0.02, 800, 6.1, 6.4, 1.2, 4e-6, 6e-6, _vocab_report())
+    for key, parts in DOCUMENTED.items():
+        for part in parts:
+            assert part in p[key], (key, part)
+    training = p["mechanisms"]["training"]
+    for part in ("DP-SGD (Opacus): Poisson sampling at sample_rate, per-patient clipping to max_grad_norm, ",
+                 "Gaussian noise noise_multiplier * max_grad_norm; epsilon from Opacus' PRV and RDP ",
+                 "accountants over `steps` steps"):
+        assert part in training
+    assert p["mechanisms"]["preprocessing"] == ("vocabulary: m; sex marginal, deaths per birth band: discrete "
+                                                "Laplace; value bins: discrete Gaussian (see vocabulary)")
+    seeded = _privacy_report(_config(dp=True, epsilon=8.0, delta=1e-5, reproducible_noise=True), 500, 1.3, 0.02,
+                             800, 6.1, 6.4, 1.2, 4e-6, 6e-6, _vocab_report())
+    assert seeded["guarantee"] == ("NONE: noise reproducible from a stored seed (--reproducible-noise, for tests and "
+                                   "research); the epsilon below holds only against an adversary who cannot replay "
+                                   "the seed")
+    assert seeded["guarantee"] != p["guarantee"] == "(epsilon_total, delta)-DP for each patient, add/remove-one adjacency"
+    plain = _privacy_report(_config(dp=False), 500, 0.0, 0.02, 800, None, None, None, None, None, _vocab_report())
+    assert plain["epsilon_note"] == "no differential privacy: epsilon = infinity (JSON null)"
+    assert plain["guarantee"] == "none: trained without differential privacy"
+    assert plain["vocabulary"]["note"] == "vocabulary from exact counts (not private)"
+    assert "derive from n_estimate" not in str(plain) and (plain["epochs"], plain["batch_size"]) == (10, 64)
+    assert set(plain) == {"unit", "dp", "n_estimate", "epsilon_target", "epsilon_prv", "epsilon_rdp",
+                          "epsilon_training", "epsilon_preprocessing", "epsilon_total", "guarantee", "epsilon_note",
+                          "delta", "noise_multiplier", "sample_rate", "steps", "epochs", "batch_size",
+                          "max_grad_norm", "vocabulary"}
 
 
 def _vocab_report() -> dict:
