@@ -395,3 +395,61 @@ def test_value_bins_bound_each_patient_to_m_codes_only_under_dp():
     got = patient_contributions(tl, keys, 3)
     assert got[("urn:lab", "a")] == (pytest.approx((1000.0 + tl.events[1].value) / 2), "mg")
     assert patient_contributions(tl, {("urn:lab", "a")}, 3).keys() == {("urn:lab", "a")}
+
+
+def test_seeded_noise_is_replayable_from_the_seed_alone():
+    """What makes --reproducible-noise give NO guarantee: anyone with the seed redraws the exact noise (numpy PCG64:
+    a rounded normal for the Gaussian, a difference of two geometrics for the discrete Laplace)."""
+    counts = np.arange(50, dtype=np.int64)
+    rng = np.random.default_rng(21)
+    replay_g = counts + np.rint(rng.normal(0.0, 3.0, 50)).astype(np.int64)
+    p = -math.expm1(-0.5)  # epsilon 0.5: scale 2
+    replay_l = counts + rng.geometric(p, 50) - rng.geometric(p, 50)
+    source = NoiseSource.reproducible(21)
+    assert np.array_equal(source.gaussian(counts, 3.0), replay_g)
+    assert np.array_equal(source.laplace(counts, 0.5, "x")[0], replay_l)
+
+
+def _sex_release_replayed(counts: np.ndarray, eps: float, seed: int) -> tuple[list[float], int]:
+    """The sex release recomputed from its definition: Laplace counts (same seeded draw), n_estimate from the sum
+    before cells below 3 x scale are zeroed, uniform shares when nothing is left."""
+    noisy, scale = NoiseSource.reproducible(seed).laplace(counts, eps, "replay")
+    n_estimate = max(1, int(noisy.sum()))
+    kept = np.where(noisy >= 3 * scale, noisy, 0)
+    shares = (kept / kept.sum()).tolist() if kept.sum() > 0 else [0.25] * 4
+    return shares, n_estimate
+
+
+@pytest.mark.parametrize("cohort", [[], ["other"] * 6 + ["male"] * 40, ["female"] * 7 + ["unknown"] * 5])
+def test_sex_release_post_processing_follows_its_definition(cohort):
+    """Small cohorts put noisy counts at the threshold, the sum at or below 1 and every cell below it; the release
+    must match the definition in each case, seed by seed."""
+    tls = _cohort(cohort)
+    counts = np.array([sum(sex_index_of(s) == i for s in cohort) for i in range(4)], dtype=np.int64)
+    seen_uniform = seen_floor = False
+    for seed in range(60):
+        shares, report = release_sex_shares(tls, dp=True, epsilon=0.5, noise=NoiseSource.reproducible(seed))
+        want, n_est = _sex_release_replayed(counts, 0.5, seed)
+        assert shares == pytest.approx(want, abs=1e-12) and report["n_estimate"] == n_est
+        assert report["shares"] == {s: round(x, 6) for s, x in zip(SEXES, want)}
+        seen_uniform |= want == [0.25] * 4
+        seen_floor |= n_est == 1
+    if not cohort:
+        assert seen_uniform and seen_floor  # the fallbacks were exercised
+
+
+def sex_index_of(sex: str | None) -> int:
+    return SEXES.index(sex) if sex in SEXES else SEXES.index("unknown")
+
+
+def test_sex_release_reports_its_mechanism_and_budget():
+    tls = _cohort(["male", "female"])
+    _, dp = release_sex_shares(tls, dp=True, epsilon=0.25, noise=NoiseSource.reproducible(1))
+    assert dp["mechanism"] == "discrete laplace histogram, cells below the threshold set to 0"
+    assert (dp["epsilon"], dp["delta"], dp["scale"], dp["threshold"]) == (0.25, 0.0, 4.0, 12.0)
+    _, plain = release_sex_shares(tls, dp=False, epsilon=None, noise=NoiseSource.reproducible(1))
+    assert plain == {"mechanism": "exact counts (no DP)", "epsilon": None, "delta": None,
+                     "shares": {"male": 0.5, "female": 0.5, "other": 0.0, "unknown": 0.0}, "n_estimate": 2}
+    with pytest.raises(PrivacyBudgetError) as err:
+        release_sex_shares(tls, dp=True, epsilon=0.0, noise=NoiseSource.reproducible(1))
+    assert err.value.message == "the sex marginal needs epsilon > 0 (got 0.0)"
