@@ -106,8 +106,9 @@ def test_laplace_refuses_a_budget_that_is_not_positive_naming_the_release(eps):
 
 def test_noise_only_takes_integer_counts():
     for noise in (NoiseSource.secure_source(), NoiseSource.reproducible(1)):
-        with pytest.raises(ValueError, match="integers"):
+        with pytest.raises(ValueError) as err:
             noise.gaussian(np.array([1.0, 2.5]), 1.0)
+        assert str(err.value) == "DP counts must be integers"
         assert noise.gaussian(np.array([1.0, 2.0]), 1e-3).tolist() == [1, 2]  # integral floats are fine
 
 
@@ -117,7 +118,7 @@ def test_seeded_noise_replays_and_secure_noise_does_not():
     assert np.array_equal(a.gaussian(counts, 5.0), b.gaussian(counts, 5.0))
     assert not np.array_equal(NoiseSource.reproducible(9).gaussian(counts, 5.0), c.gaussian(counts, 5.0))
     s1, s2 = NoiseSource.secure_source(), NoiseSource.secure_source()
-    assert s1.secure and s1.seed is None and not a.secure and a.seed == 9
+    assert s1.secure is True and s1.seed is None and a.secure is False and a.seed == 9
     assert not np.array_equal(s1.gaussian(counts, 5.0), s2.gaussian(counts, 5.0))
     assert "NO privacy guarantee" in a.description and "CSPRNG" in s1.description
     assert "NO privacy" not in s1.description
