@@ -11,9 +11,10 @@ one (measurements -> calibrate.calibrate). Measurements:
   * --attach: measured here on --train with the model's vocabulary, at meas-fraction x EPS (exact for inf), noise
     from NoiseSource.reproducible(SEED) (replayable: a benchmark, no guarantee). The epsilon of such an output is
     the model's PLUS the measurement's: the models predate the measurements.
-Beside them: real vs real (--train against --holdout) and the simplest DP release (each code's patient count, a
-patient counting at most 256 codes, discrete Gaussian at the full EPS and delta 1e-5, codes drawn independently
-with those shares; one event per code on one day, so visits and events per patient are degenerate by design).
+Beside them: real vs real (--train against --holdout) and the simplest DP release (benchmarks/dp_independent.py:
+each code's patient count, a patient counting at most 256 codes, discrete Gaussian at the full EPS and delta 1e-5,
+the data's codes kept only above the set-union threshold, codes drawn independently with those shares; one event per
+code on one day, so visits and events per patient are degenerate by design).
 All compared with the holdout by fhirsynth/records_metrics.py. Prints a markdown table and writes --json.
 """
 
@@ -26,17 +27,16 @@ import math
 import pickle
 import sys
 import time
-from datetime import date, datetime, timezone
 from pathlib import Path
 
-import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
 
 from fhirsynth.records_metrics import Records, compare, markdown  # noqa: E402
 from fhirsynth.timeline.io import read_timelines  # noqa: E402
-from fhirsynth.timeline.types import Event, PatientInfo, Timeline  # noqa: E402
+from fhirsynth.timeline.types import Timeline  # noqa: E402
 
 log = logging.getLogger("bench_calibrate")
 KEYS = ("prevalence_r2", "patient_cooc_r2", "within_visit_cooc_r2", "transition_r2", "events_ks",
@@ -45,32 +45,14 @@ BASELINE_MAX_CODES = 256  # >= the most codes any US training patient holds (222
 
 
 def independent_codes(train: list[Timeline], n: int, eps: float, seed: int) -> list[Timeline]:
-    """The simplest DP release: per-code patient counts + discrete Gaussian, codes drawn independently."""
-    from fhirsynth.model.dpnoise import NoiseSource, gaussian_sigma
+    """The simplest DP release (benchmarks/dp_independent.py, the same peer bench_records prints), a patient
+    counting at most BASELINE_MAX_CODES codes; at eps = inf the exact shares of every code."""
+    import dp_independent
 
-    codes = sorted({(e.kind, e.system, e.code) for tl in train for e in tl.events
-                    if e.kind in ("condition", "observation")})
-    index = {c: i for i, c in enumerate(codes)}
-    counts = np.zeros(len(codes), dtype=np.int64)
-    for tl in train:
-        held = sorted({index[(e.kind, e.system, e.code)] for e in tl.events
-                       if e.kind in ("condition", "observation")})[:BASELINE_MAX_CODES]
-        counts[held] += 1
-    noise = NoiseSource.reproducible(seed)
-    n_hat = len(train)
-    if math.isfinite(eps):
-        sigma = gaussian_sigma(eps, 1e-5, math.sqrt(BASELINE_MAX_CODES + 1))
-        counts = noise.gaussian(counts, sigma)
-        n_hat = max(int(noise.gaussian(np.array([len(train)]), sigma)[0]), 1)
-    p = np.clip(counts / n_hat, 0, 1)
-    rng = np.random.default_rng(seed)
-    t0 = datetime(2020, 1, 1, tzinfo=timezone.utc)
-    out = []
-    for i in range(n):
-        held = np.flatnonzero(rng.random(len(codes)) < p)
-        evs = [Event(time=t0, kind=codes[j][0], system=codes[j][1], code=codes[j][2]) for j in held]
-        out.append(Timeline(PatientInfo(f"ind-{i}", sex="female", birth_date=date(1970, 1, 1)), evs))
-    return out
+    if not math.isfinite(eps):
+        return dp_independent.sample(dp_independent.exact_counts(train), n, seed=seed)
+    rel = dp_independent.release_counts(train, eps, 1e-5, max_codes=BASELINE_MAX_CODES, seed=seed)
+    return dp_independent.sample(rel, n, seed=seed)
 
 
 def pool_for(label: str, model: Path, size: int, work: Path) -> list[Timeline]:

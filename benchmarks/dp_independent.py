@@ -45,7 +45,7 @@ def patient_keys(tl: Timeline) -> set[tuple[str, str, str]]:
     return {(e.kind, e.system, e.code) for e in tl.events if e.kind in KINDS}
 
 
-def release_counts(timelines: list[Timeline], epsilon: float, delta: float, *, max_codes: int = 64,
+def release_counts(timelines: list[Timeline], epsilon: float, delta: float, *, max_codes: int = 256,
                    noise: NoiseSource | None = None, seed: int = 0) -> Release:
     """The DP per-code patient counts of the cohort (see the module docstring)."""
     if not epsilon > 0 or not 0 < delta < 1:
@@ -69,6 +69,18 @@ def release_counts(timelines: list[Timeline], epsilon: float, delta: float, *, m
     return Release(keys=[k for k, ok in zip(keys, keep) if ok], counts=np.clip(noisy[:-1][keep], 0, None),
                    n_patients=max(float(noisy[-1]), 1.0), sigma=sigma, threshold=thr,
                    epsilon=gaussian_epsilon(sigma, delta / 2, sens), delta=delta, n_candidates=len(keys))
+
+
+def exact_counts(timelines: list[Timeline]) -> Release:
+    """The same shape without noise or threshold (the epsilon = infinity column): every key, its exact count."""
+    counts: dict[tuple[str, str, str], int] = {}
+    for tl in timelines:
+        for k in patient_keys(tl):
+            counts[k] = counts.get(k, 0) + 1
+    keys = sorted(counts)
+    return Release(keys=keys, counts=np.array([counts[k] for k in keys], dtype=np.float64),
+                   n_patients=float(max(len(timelines), 1)), sigma=0.0, threshold=0.0, epsilon=math.inf,
+                   delta=0.0, n_candidates=len(keys))
 
 
 def sample(release: Release, n: int, seed: int, when: date = date(2020, 1, 1)) -> list[Timeline]:

@@ -52,3 +52,15 @@ def test_codes_are_drawn_independently_at_the_released_prevalence():
     assert abs(has[:, 0].mean() - 0.5) < 0.03 and abs(has[:, 1].mean() - 0.25) < 0.03 and not has[:, 2].any()
     assert abs((has[:, 0] & has[:, 1]).mean() - 0.125) < 0.02  # independence
     assert dpi.sample(replace(rel, counts=np.array([2000.0, 0.0, 0.0])), 10, seed=1)[0].events  # p clipped at 1
+
+
+def test_exact_counts_are_every_code_at_its_true_patient_count():
+    tls = _cohort(60)
+    rel = dpi.exact_counts(tls)
+    true: dict = {}
+    for tl in tls:
+        for k in dpi.patient_keys(tl):
+            true[k] = true.get(k, 0) + 1
+    assert rel.keys == sorted(true) and ("condition", "http://snomed.info/sct", "only-one") in rel.keys
+    assert [int(c) for c in rel.counts] == [true[k] for k in rel.keys]
+    assert rel.n_patients == 60 and rel.epsilon == math.inf
