@@ -194,7 +194,12 @@ def test_validate_refuses_a_budget_that_gives_no_guarantee(kw, where):
 
 def test_validate_accepts_the_edges_and_skips_budget_checks_without_dp():
     _validate(_config(dp=True, epsilon=MAX_EPSILON, delta=None))
-    _validate(_config(dp=True, epsilon=0.01, delta=0.5, vocab_epsilon_fraction=0.99, vocab_delta_fraction=0.99))
+    _validate(_config(dp=True, epsilon=0.01, delta=0.5, vocab_epsilon_fraction=0.94, vocab_delta_fraction=0.94,
+                      measure_epsilon_fraction=0.0, measure_delta_fraction=0.0))
+    _validate(_config(dp=True, epsilon=1.0, vocab_epsilon_fraction=0.7, measure_epsilon_fraction=0.24))
+    with pytest.raises(PrivacyBudgetError) as err:  # the vocabulary and the measurements must leave some for training
+        _validate(_config(dp=True, epsilon=1.0, vocab_epsilon_fraction=0.7, measure_epsilon_fraction=0.25))
+    assert err.value.message == "the vocabulary and measurement shares leave (almost) nothing for training"
     _validate(_config(dp=False, epsilon=None, max_grad_norm=0.0))
     _validate(_config(dp=False, epochs=1, batch_size=1, max_physical_batch=1, lr=1e-9, warmup_frac=0.0))
 
@@ -229,8 +234,8 @@ def test_validate_messages_say_what_and_which_value():
 DOCUMENTED = {
     "sizes": "sample_rate, steps, warm-up and delta (auto) derive from n_estimate, the sum of the DP sex histogram's "
              "noisy counts (vocabulary.sex_marginal); the exact patient count is not released",
-    "composition": "basic: epsilon_total = epsilon_preprocessing + max(epsilon_prv, epsilon_rdp); "
-                   "delta = delta_preprocessing + delta_training",
+    "composition": "basic: epsilon_total = epsilon_preprocessing + epsilon_measurements + max(epsilon_prv, "
+                   "epsilon_rdp); delta = delta_preprocessing + delta_measurements + delta_training",
     "adjacency": "add/remove one patient (all of their resources)",
     "accountants": "noise multiplier = max over opacus get_noise_multiplier(prv, rdp) for the training share",
     "public_settings": "bin edges (mappings/reference-ranges.toml), time buckets, max_len, grammar, "
@@ -265,7 +270,7 @@ def test_privacy_report_documents_how_each_number_is_computed():
     assert set(plain) == {"unit", "dp", "n_estimate", "epsilon_target", "epsilon_prv", "epsilon_rdp",
                           "epsilon_training", "epsilon_preprocessing", "epsilon_total", "guarantee", "epsilon_note",
                           "delta", "noise_multiplier", "sample_rate", "steps", "epochs", "batch_size",
-                          "max_grad_norm", "vocabulary"}
+                          "max_grad_norm", "vocabulary", "measurements"}
 
 
 def _vocab_report() -> dict:
@@ -278,7 +283,7 @@ DP_REPORT_KEYS = {
     "epsilon_rdp", "epsilon_training", "epsilon_preprocessing", "epsilon_total", "delta", "delta_training",
     "delta_preprocessing", "composition", "mechanisms", "noise_multiplier", "sample_rate", "steps", "epochs",
     "batch_size", "max_grad_norm", "poisson_sampling", "reproducible_noise", "accountants", "vocabulary",
-    "public_settings", "not_released"}
+    "public_settings", "not_released", "epsilon_measurements", "delta_measurements", "measurements"}
 
 
 def test_privacy_report_adds_preprocessing_to_the_larger_accountant():
@@ -286,7 +291,10 @@ def test_privacy_report_adds_preprocessing_to_the_larger_accountant():
     for prv, rdp in ((6.1, 6.4), (6.4, 6.1)):
         p = _privacy_report(tc, 500, 1.3, 0.02, 800, prv, rdp, 1.2, 4e-6, 6e-6, _vocab_report())
         assert p["dp"] is True and p["epsilon_training"] == 6.4
-        assert p["epsilon_total"] == pytest.approx(7.6)
+        # preprocessing 1.2 + the measurement share (0.2 of 8 by default) + the larger accountant 6.4
+        assert p["epsilon_measurements"] == pytest.approx(8.0 * tc.measure_epsilon_fraction) == pytest.approx(1.6)
+        assert p["epsilon_total"] == pytest.approx(1.2 + 1.6 + 6.4)
+        assert p["delta_measurements"] == pytest.approx(1e-5 * tc.measure_delta_fraction)
         assert (p["epsilon_prv"], p["epsilon_rdp"]) == (prv, rdp)
         assert (p["delta_preprocessing"], p["delta_training"], p["delta"]) == (4e-6, 6e-6, 1e-5)
         assert (p["noise_multiplier"], p["sample_rate"], p["steps"], p["n_estimate"]) == (1.3, 0.02, 800, 500)
