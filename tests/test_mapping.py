@@ -105,3 +105,17 @@ def test_accepted_systems_order_decides_the_code(tmp_path: Path) -> None:
     ingest([src], tmp_path / "b", mapping=tmp_path / "flipped.toml")
     assert pq.read_table(tmp_path / "a" / "events.parquet").column("code").to_pylist() == ["44054006"]
     assert pq.read_table(tmp_path / "b" / "events.parquet").column("code").to_pylist() == ["E11"]
+
+
+def test_bare_coding_code_still_checked_against_accepted_systems() -> None:
+    """Encounter.class is a bare Coding: a system outside [Encounter].systems is skipped, not accepted (the
+    medicationReference path must not switch that check off for every bare Coding)."""
+    from fhirsynth.timeline.extract import EventExtractor
+
+    ex = EventExtractor(load_mapping(MAPPINGS_DIR / "us-core.toml").resources["Encounter"])
+    res = {"resourceType": "Encounter", "id": "e1", "status": "finished", "subject": {"reference": "Patient/p"},
+           "class": {"system": "http://example.org/not-actcode", "code": "AMB"},
+           "period": {"start": "2020-01-01T00:00:00Z"}}
+    assert ex(res, None)[0] == "code_system_not_accepted"
+    res["class"]["system"] = "http://terminology.hl7.org/CodeSystem/v3-ActCode"
+    assert ex(res, None)[0][4] == "AMB"

@@ -357,15 +357,17 @@ class EventExtractor:
                     return pkey
 
             concept = res.get(k_code) if k_code is not None else g_code(res)
+            checked = False  # a referenced Medication's coding was already checked against the accepted systems
             if concept is None and medication is not None:
-                concept = coding = medication(res, refs)  # already checked against the accepted systems
+                concept = coding = medication(res, refs)
                 if type(coding) is tuple:
                     return coding
+                checked = True
             else:
                 codings = concept.get("coding", concept) if type(concept) is dict else None  # a bare Coding
                 coding = codings[0] if type(codings) is list and len(codings) == 1 else codings
             if (type(coding) is not dict or not coding.get("code")
-                    or (rank is not None and coding.get("system") not in rank and coding is not concept)):
+                    or (rank is not None and coding.get("system") not in rank and not checked)):
                 codings = _codings(concept)
                 coding = pick_coding(codings, rank)
                 if coding is None:
