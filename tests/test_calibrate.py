@@ -234,3 +234,14 @@ def test_bad_measurement_share_is_one_line_exit_2(tmp_path, capsys, value):
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "--measure-epsilon-fraction" in err[0]
     assert not (tmp_path / "m").exists()
+
+
+def test_calibration_accepts_a_negative_seed():
+    """`generate --seed -1` and $synthesize?seed=-1 are accepted (the sampler folds the seed mod 2^63): the
+    calibrated draw must not fail on numpy's non-negative seed rule."""
+    real = cohort(200, 0.8, seed=1)
+    doc, _ = ms.measure(real, _Vocab([A, B, C]), dp=False, epsilon=None, delta=None, noise=NoiseSource.reproducible(1))
+    pool = cohort(100, 0.3, seed=2)
+    out, _ = calibrate(pool, doc, 20, seed=-1 * 1_000_003)
+    again, _ = calibrate(pool, doc, 20, seed=-1 * 1_000_003)
+    assert len(out) == 20 and [id(t) for t in out] == [id(t) for t in again]
