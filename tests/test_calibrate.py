@@ -245,3 +245,13 @@ def test_calibration_accepts_a_negative_seed():
     out, _ = calibrate(pool, doc, 20, seed=-1 * 1_000_003)
     again, _ = calibrate(pool, doc, 20, seed=-1 * 1_000_003)
     assert len(out) == 20 and [id(t) for t in out] == [id(t) for t in again]
+
+
+def test_constrained_generate_does_not_read_the_measurements(tiny, tmp_path):
+    """--sex / --age / --condition never calibrate, so a broken measurements.json must not stop them (as the API's
+    $synthesize, which reads the file only without constraints)."""
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny, bad)
+    (bad / "measurements.json").write_text('{"format": 0}')
+    rc = main(["generate", str(bad), "-n", "2", "--out", str(tmp_path / "o"), "--device", "cpu", "--sex", "female"])
+    assert rc == 0
