@@ -255,3 +255,18 @@ def test_constrained_generate_does_not_read_the_measurements(tiny, tmp_path):
     (bad / "measurements.json").write_text('{"format": 0}')
     rc = main(["generate", str(bad), "-n", "2", "--out", str(tmp_path / "o"), "--device", "cpu", "--sex", "female"])
     assert rc == 0
+
+
+@pytest.mark.parametrize("breakage", ["no_sigma", "text_count"])
+def test_measurements_missing_what_calibration_reads_are_a_clear_error(tmp_path, breakage):
+    from fhirsynth.errors import ModelDirError
+
+    doc, _ = ms.measure(cohort(50, 0.5), _Vocab([A, B, C]), dp=False, epsilon=None, delta=None,
+                        noise=NoiseSource.reproducible(1))
+    if breakage == "no_sigma":
+        del doc["families"]["prevalence"]["sigma"]
+    else:
+        doc["families"]["visits"]["counts"][0] = "many"
+    (tmp_path / "measurements.json").write_text(json.dumps(doc))
+    with pytest.raises(ModelDirError, match="unreadable measurements"):
+        ms.load(tmp_path)
