@@ -119,3 +119,15 @@ def test_bare_coding_code_still_checked_against_accepted_systems() -> None:
     assert ex(res, None)[0] == "code_system_not_accepted"
     res["class"]["system"] = "http://terminology.hl7.org/CodeSystem/v3-ActCode"
     assert ex(res, None)[0][4] == "AMB"
+
+
+def test_reason_or_value_code_with_a_measured_value_is_refused(tmp_path: Path) -> None:
+    """reason_code / value_code replace value_quantity & co in the extractor: a table with both would silently
+    lose its measured values, so the loader says so."""
+    p = tmp_path / "m.toml"
+    p.write_text('version = 1\n[Patient]\n[Observation]\nkind = "observation"\npatient = "subject"\n'
+                 'time = "effectiveDateTime"\ncode = "code"\nvalue_quantity = "valueQuantity"\n'
+                 'reason_code = "reasonCode"\n')
+    with pytest.raises(MappingError) as exc:
+        load_mapping(p)
+    assert any("[Observation].reason_code" in x and "value_quantity" in x for x in exc.value.problems)
