@@ -131,3 +131,19 @@ def test_reason_or_value_code_with_a_measured_value_is_refused(tmp_path: Path) -
     with pytest.raises(MappingError) as exc:
         load_mapping(p)
     assert any("[Observation].reason_code" in x and "value_quantity" in x for x in exc.value.problems)
+
+
+def test_reason_display_comes_from_the_concept_of_the_picked_coding() -> None:
+    """Two reasonCode concepts, the first text-only: the reason's code is the second one's, so its display must
+    be the second one's text too, not the first's (a code labelled with another condition's name)."""
+    from fhirsynth.timeline.extract import EventExtractor
+
+    ex = EventExtractor(load_mapping(MAPPINGS_DIR / "us-core.toml").resources["Procedure"])
+    res = {"resourceType": "Procedure", "id": "x1", "status": "completed", "subject": {"reference": "Patient/p"},
+           "code": {"coding": [{"system": "http://snomed.info/sct", "code": "73761001"}]},
+           "performedDateTime": "2020-01-01T00:00:00Z",
+           "reasonCode": [{"text": "Headache"},
+                          {"coding": [{"system": "http://snomed.info/sct", "code": "195662009"}],
+                           "text": "Acute viral pharyngitis"}]}
+    row = ex(res, None)[0]
+    assert row[8:11] == ("http://snomed.info/sct", "195662009", "Acute viral pharyngitis")

@@ -281,10 +281,12 @@ class EventExtractor:
         if self.g_reason_code is not None:
             concepts = self.g_reason_code(res)
             concepts = concepts if type(concepts) is list else [concepts]
-            codings = [c for concept in concepts for c in _codings(concept)]
+            pairs = [(c, concept) for concept in concepts for c in _codings(concept)]
+            codings = [c for c, _ in pairs]
             c = pick_coding(codings, self.reason_rank) or pick_coding(codings, None)
-            if c is not None:
-                return None, None, c.get("system"), c["code"], c.get("display") or _concept_text(concepts)
+            if c is not None:  # without a display of its own: the text of the concept the coding is in
+                owner = next(concept for cc, concept in pairs if cc is c)
+                return None, None, c.get("system"), c["code"], c.get("display") or _concept_text(owner)
             text = _concept_text(concepts)
             if text:
                 return None, None, None, None, text  # a text-only reason (Synthea's Procedure.reasonCode)
