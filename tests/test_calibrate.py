@@ -234,3 +234,39 @@ def test_bad_measurement_share_is_one_line_exit_2(tmp_path, capsys, value):
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "--measure-epsilon-fraction" in err[0]
     assert not (tmp_path / "m").exists()
+
+
+def test_calibration_accepts_a_negative_seed():
+    """`generate --seed -1` and $synthesize?seed=-1 are accepted (the sampler folds the seed mod 2^63): the
+    calibrated draw must not fail on numpy's non-negative seed rule."""
+    real = cohort(200, 0.8, seed=1)
+    doc, _ = ms.measure(real, _Vocab([A, B, C]), dp=False, epsilon=None, delta=None, noise=NoiseSource.reproducible(1))
+    pool = cohort(100, 0.3, seed=2)
+    out, _ = calibrate(pool, doc, 20, seed=-1 * 1_000_003)
+    again, _ = calibrate(pool, doc, 20, seed=-1 * 1_000_003)
+    assert len(out) == 20 and [id(t) for t in out] == [id(t) for t in again]
+
+
+def test_constrained_generate_does_not_read_the_measurements(tiny, tmp_path):
+    """--sex / --age / --condition never calibrate, so a broken measurements.json must not stop them (as the API's
+    $synthesize, which reads the file only without constraints)."""
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny, bad)
+    (bad / "measurements.json").write_text('{"format": 0}')
+    rc = main(["generate", str(bad), "-n", "2", "--out", str(tmp_path / "o"), "--device", "cpu", "--sex", "female"])
+    assert rc == 0
+
+
+@pytest.mark.parametrize("breakage", ["no_sigma", "text_count"])
+def test_measurements_missing_what_calibration_reads_are_a_clear_error(tmp_path, breakage):
+    from fhirsynth.errors import ModelDirError
+
+    doc, _ = ms.measure(cohort(50, 0.5), _Vocab([A, B, C]), dp=False, epsilon=None, delta=None,
+                        noise=NoiseSource.reproducible(1))
+    if breakage == "no_sigma":
+        del doc["families"]["prevalence"]["sigma"]
+    else:
+        doc["families"]["visits"]["counts"][0] = "many"
+    (tmp_path / "measurements.json").write_text(json.dumps(doc))
+    with pytest.raises(ModelDirError, match="unreadable measurements"):
+        ms.load(tmp_path)

@@ -105,3 +105,45 @@ def test_accepted_systems_order_decides_the_code(tmp_path: Path) -> None:
     ingest([src], tmp_path / "b", mapping=tmp_path / "flipped.toml")
     assert pq.read_table(tmp_path / "a" / "events.parquet").column("code").to_pylist() == ["44054006"]
     assert pq.read_table(tmp_path / "b" / "events.parquet").column("code").to_pylist() == ["E11"]
+
+
+def test_bare_coding_code_still_checked_against_accepted_systems() -> None:
+    """Encounter.class is a bare Coding: a system outside [Encounter].systems is skipped, not accepted (the
+    medicationReference path must not switch that check off for every bare Coding)."""
+    from fhirsynth.timeline.extract import EventExtractor
+
+    ex = EventExtractor(load_mapping(MAPPINGS_DIR / "us-core.toml").resources["Encounter"])
+    res = {"resourceType": "Encounter", "id": "e1", "status": "finished", "subject": {"reference": "Patient/p"},
+           "class": {"system": "http://example.org/not-actcode", "code": "AMB"},
+           "period": {"start": "2020-01-01T00:00:00Z"}}
+    assert ex(res, None)[0] == "code_system_not_accepted"
+    res["class"]["system"] = "http://terminology.hl7.org/CodeSystem/v3-ActCode"
+    assert ex(res, None)[0][4] == "AMB"
+
+
+def test_reason_or_value_code_with_a_measured_value_is_refused(tmp_path: Path) -> None:
+    """reason_code / value_code replace value_quantity & co in the extractor: a table with both would silently
+    lose its measured values, so the loader says so."""
+    p = tmp_path / "m.toml"
+    p.write_text('version = 1\n[Patient]\n[Observation]\nkind = "observation"\npatient = "subject"\n'
+                 'time = "effectiveDateTime"\ncode = "code"\nvalue_quantity = "valueQuantity"\n'
+                 'reason_code = "reasonCode"\n')
+    with pytest.raises(MappingError) as exc:
+        load_mapping(p)
+    assert any("[Observation].reason_code" in x and "value_quantity" in x for x in exc.value.problems)
+
+
+def test_reason_display_comes_from_the_concept_of_the_picked_coding() -> None:
+    """Two reasonCode concepts, the first text-only: the reason's code is the second one's, so its display must
+    be the second one's text too, not the first's (a code labelled with another condition's name)."""
+    from fhirsynth.timeline.extract import EventExtractor
+
+    ex = EventExtractor(load_mapping(MAPPINGS_DIR / "us-core.toml").resources["Procedure"])
+    res = {"resourceType": "Procedure", "id": "x1", "status": "completed", "subject": {"reference": "Patient/p"},
+           "code": {"coding": [{"system": "http://snomed.info/sct", "code": "73761001"}]},
+           "performedDateTime": "2020-01-01T00:00:00Z",
+           "reasonCode": [{"text": "Headache"},
+                          {"coding": [{"system": "http://snomed.info/sct", "code": "195662009"}],
+                           "text": "Acute viral pharyngitis"}]}
+    row = ex(res, None)[0]
+    assert row[8:11] == ("http://snomed.info/sct", "195662009", "Acute viral pharyngitis")

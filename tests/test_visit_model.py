@@ -284,3 +284,27 @@ def test_a_code_listed_alone_and_in_its_panel_gets_one_value_per_visit(visit_mod
                     both += 1
                     assert len(set(vals)) == 1, (code, vals)
     assert both >= 3  # the untrained model really draws both items together (5 visits at seed 5)
+
+
+def test_criticality_is_an_allergy_value_only():
+    """An allergy's criticality (low / high / unable-to-assess) is a value item like an observation's coded answer
+    or an encounter type; neither sampler may give it to an observation or an encounter."""
+    from item_timelines import item_timelines
+
+    from fhirsynth.model.grammar import ST_AALG, ST_AENC, ST_AOBS, Grammar
+    from fhirsynth.timeline.types import CRITICALITY_SYSTEM
+
+    v = _vocab(_kinds_cohort(200) + item_timelines(60, seed=1))
+    layout = VisitLayout(v)
+    crit = [t for t in layout.answer_tokens if v.item_of(t).system == CRITICALITY_SYSTEM]
+    assert crit
+    crit_vals = [layout.answer_value(layout.answer_index[t]) for t in crit]
+    coded = [layout.content_index[t] for t in layout.content_tokens if v.item_of(t).code == "72166-2"]
+    assert coded and layout.allowed[coded[0], 1 + layout.n_val: 1 + layout.n_val + layout.NA].any()
+    for t in layout.content_tokens:
+        if v.item_of(t).kind != "allergy":
+            assert not layout.allowed[layout.content_index[t], crit_vals].any(), v.item_of(t)
+    assert not layout.type_ok[[layout.type_index[t] for t in crit]].any() and layout.type_ok[0]
+    g = Grammar(v, None, 4096, torch.device("cpu"))
+    assert not g.allowed[ST_AOBS, crit].any() and not g.allowed[ST_AENC, crit].any()
+    assert g.allowed[ST_AALG, crit].all()

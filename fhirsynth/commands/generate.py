@@ -105,14 +105,14 @@ def calibration_measurements(model_dir: Path, constraints: dict) -> dict | None:
     """The model's DP measurements when generation should calibrate to them, else None (and the log says why)."""
     from fhirsynth.model.measurements import load
 
+    if any(v is not None for v in constraints.values()):
+        # the measurements describe the whole training cohort, not the subgroup asked for (and are not read)
+        log.info("--sex / --age / --condition given: not calibrated (the measurements describe the whole cohort)")
+        return None
     doc = load(model_dir)
     if doc is None:
         log.info("the model holds no measurements (trained before calibration or with measurement share 0): "
                  "not calibrated")
-        return None
-    if any(v is not None for v in constraints.values()):
-        # the measurements describe the whole training cohort, not the subgroup asked for
-        log.info("--sex / --age / --condition given: not calibrated (the measurements describe the whole cohort)")
         return None
     return doc
 

@@ -227,6 +227,11 @@ def _parse_resource(rtype: str, table: dict[str, Any], chk: _Checker) -> Resourc
         chk.bad(f"[{rtype}].components", "component expansion is only defined for observations")
     if "value_code_system" in kwargs and "value_code" not in kwargs:
         chk.bad(f"[{rtype}].value_code_system", "needs value_code (the element whose code it qualifies)")
+    # both fill value_*: the extractor reads value_code / the reason instead of the measured value, never both
+    extra = [k for k in ("value_code", "reason_code", "reason_reference") if k in kwargs]
+    measured = [k for k in ("value_quantity", "value_concept", "value_string") if k in kwargs]
+    if extra and measured:
+        chk.bad(f"[{rtype}].{extra[0]}", f"cannot be combined with {', '.join(measured)} (both would fill value_*)")
     if len(chk.problems) != before:
         return None
     for key in ("skip_status", "skip_verification"):

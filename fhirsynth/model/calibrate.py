@@ -161,7 +161,7 @@ def calibrate(pool: list[Timeline], doc: dict[str, Any], n: int, seed: int) -> t
     uniform = np.full(len(pool), 1.0 / len(pool))
     w = fit_weights(Q, tg, n)
     pi = inclusion(w, n)
-    idx = systematic_draw(pi, n, np.random.default_rng([seed, 15]))
+    idx = systematic_draw(pi, n, np.random.default_rng([seed % 2**63, 15]))  # seeds may be negative
     drawn = np.zeros(len(pool))
     drawn[idx] = 1.0 / n
     report = {"pool": len(pool), "n": n, "before": errors(Q, uniform, tg), "after": errors(Q, w, tg),

@@ -127,6 +127,8 @@ class Grammar:
         for s in (ST_AENC, ST_AENCCAT, ST_ACOND, ST_AOBS, ST_ADONE, ST_AALG):
             body(s)
         allow(ST_AALG, crit, ST_ADONE)
+        # a criticality is an allergy's value only: never an encounter type or an observation's answer
+        vals = sorted(set(vals) - set(crit))
         allow(ST_AENC, vals, ST_AENCCAT)
         allow(ST_AENC, v.rng("dur"), ST_ADONE)
         allow(ST_AENCCAT, v.rng("dur"), ST_ADONE)

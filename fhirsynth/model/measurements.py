@@ -251,6 +251,10 @@ def load(model_dir) -> dict[str, Any] | None:
         for f, size in Spec.from_json(doc["spec"]).sizes().items():
             if len(doc["families"][f]["counts"]) != size:
                 raise ValueError(f"family {f} has {len(doc['families'][f]['counts'])} counts, expected {size}")
+            # what calibrate.targets reads: numeric counts and a noise scale
+            if not np.isfinite(np.asarray(doc["families"][f]["counts"], dtype=float)).all() \
+                    or not float(doc["families"][f]["sigma"]) >= 0:
+                raise ValueError(f"family {f}: counts or sigma are not finite numbers")
     except ModelDirError:
         raise
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:

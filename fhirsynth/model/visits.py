@@ -103,10 +103,14 @@ class VisitLayout:
                     allowed[j, NONE] = True
                 if "coded" in kinds:
                     allowed[j, 1 + self.n_val: 1 + self.n_val + self.NA] = True
+                    allowed[j, [self.answer_value(a) for a in crit]] = False  # an allergy's criticality only
                 if not allowed[j].any():  # only quantities, and no bins to draw one from
                     self.blocked[j] = True
                     allowed[j, NONE] = True  # (training still reads it; the sampler never draws it)
         self.allowed = allowed
+        # encounter types that may be drawn (index 0 = none): never an allergy's criticality
+        self.type_ok = np.ones(self.NT + 1, dtype=bool)
+        self.type_ok[[self.type_index[t] for t in self.type_tokens if v.item_of(t).system == CRITICALITY_SYSTEM]] = False
         # feature offsets
         off = 0
         self.f_enc = off; off += self.NE

@@ -77,6 +77,7 @@ class VisitSampler:
         keep = [i for i, c in enumerate(grammar.lim_cols.tolist()) if int(c) in layout.content_index]
         self.lim_lo, self.lim_hi = grammar.lim_lo[keep], grammar.lim_hi[keep]
         self.allowed = torch.as_tensor(layout.allowed, device=dev)
+        self.type_ok = torch.as_tensor(layout.type_ok, device=dev)[None, :]
         self.is_cond = torch.as_tensor(layout.is_condition, device=dev)
         self.cond_j = [layout.content_index[t] for t in condition_tokens if t in layout.content_index]
         self.canon = torch.as_tensor(same_code_items(layout), device=dev)
@@ -185,8 +186,7 @@ class VisitSampler:
             dur_ok = g.dur_lo[None] <= room[:, None]
             enc = _masked_draw(m.enc_head(z), torch.ones((n, L.NE + 1), dtype=torch.bool, device=dev), gen,
                                temperature)
-            ety = _masked_draw(m.type_head(z), torch.ones((n, L.NT + 1), dtype=torch.bool, device=dev), gen,
-                               temperature)
+            ety = _masked_draw(m.type_head(z), self.type_ok.expand(n, -1), gen, temperature)
             ed_mask = torch.ones((n, L.n_dur + 1), dtype=torch.bool, device=dev)
             ed_mask[:, 1:] = dur_ok
             edur = _masked_draw(m.edur_head(z), ed_mask, gen, temperature)

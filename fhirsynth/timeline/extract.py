@@ -281,10 +281,12 @@ class EventExtractor:
         if self.g_reason_code is not None:
             concepts = self.g_reason_code(res)
             concepts = concepts if type(concepts) is list else [concepts]
-            codings = [c for concept in concepts for c in _codings(concept)]
+            pairs = [(c, concept) for concept in concepts for c in _codings(concept)]
+            codings = [c for c, _ in pairs]
             c = pick_coding(codings, self.reason_rank) or pick_coding(codings, None)
-            if c is not None:
-                return None, None, c.get("system"), c["code"], c.get("display") or _concept_text(concepts)
+            if c is not None:  # without a display of its own: the text of the concept the coding is in
+                owner = next(concept for cc, concept in pairs if cc is c)
+                return None, None, c.get("system"), c["code"], c.get("display") or _concept_text(owner)
             text = _concept_text(concepts)
             if text:
                 return None, None, None, None, text  # a text-only reason (Synthea's Procedure.reasonCode)
@@ -357,15 +359,17 @@ class EventExtractor:
                     return pkey
 
             concept = res.get(k_code) if k_code is not None else g_code(res)
+            checked = False  # a referenced Medication's coding was already checked against the accepted systems
             if concept is None and medication is not None:
-                concept = coding = medication(res, refs)  # already checked against the accepted systems
+                concept = coding = medication(res, refs)
                 if type(coding) is tuple:
                     return coding
+                checked = True
             else:
                 codings = concept.get("coding", concept) if type(concept) is dict else None  # a bare Coding
                 coding = codings[0] if type(codings) is list and len(codings) == 1 else codings
             if (type(coding) is not dict or not coding.get("code")
-                    or (rank is not None and coding.get("system") not in rank and coding is not concept)):
+                    or (rank is not None and coding.get("system") not in rank and not checked)):
                 codings = _codings(concept)
                 coding = pick_coding(codings, rank)
                 if coding is None:
