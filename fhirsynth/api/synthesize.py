@@ -84,10 +84,8 @@ def synthesize_into(store: Store, model_dir: Path, req: SynthesizeRequest, *, pr
     collide with patients generated earlier.
     """
     try:
-        from fhirsynth.model.calibrate import DEFAULT_POOL_FACTOR, calibrated_timelines
+        from fhirsynth.model.calibrate import generated_timelines
         from fhirsynth.model.checkpoint import guaranteed_privacy, model_hash, read_privacy_report
-        from fhirsynth.model.measurements import load as load_measurements
-        from fhirsynth.model.sampler import sample_timelines
         from fhirsynth.timeline.assembler import GeneratorInfo, assemble_patient
     except ImportError as exc:
         raise ApiError(501, f"patient generation is not available in this installation ({exc})",
@@ -101,13 +99,9 @@ def synthesize_into(store: Store, model_dir: Path, req: SynthesizeRequest, *, pr
                               fhirsynth_version=__version__)
     resources: list[dict] = []
     sample = {"seed": seed, "sex": req.sex, "age": req.age, "condition": req.condition}
-    # as `generate`: calibrated to the model's DP measurements when it holds them and no constraint is given (the
-    # measurements describe the whole cohort); that samples DEFAULT_POOL_FACTOR x count patients per call
-    doc = load_measurements(model_dir) if req.sex is None and req.age is None and req.condition is None else None
-    if doc is None:
-        timelines = sample_timelines(model_dir, req.count, **sample)
-    else:
-        timelines = calibrated_timelines(model_dir, req.count, doc, DEFAULT_POOL_FACTOR, sample)
+    # as `generate`: calibrated when the model holds measurements and no constraint is given (that samples
+    # DEFAULT_POOL_FACTOR x count patients per call)
+    timelines = generated_timelines(model_dir, req.count, sample)
     for k, timeline in enumerate(timelines):
         resources.extend(assemble_patient(timeline, profile=profile, seed=seed, index=start + k,
                                           generator=generator))

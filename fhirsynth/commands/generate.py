@@ -101,28 +101,12 @@ def check_args(args: argparse.Namespace) -> dict:
     return {"sex": args.sex, "age": parse_age(args.age), "condition": parse_condition(args.condition)}
 
 
-def calibration_measurements(model_dir: Path, constraints: dict) -> dict | None:
-    """The model's DP measurements when generation should calibrate to them, else None (and the log says why)."""
-    from fhirsynth.model.measurements import load
-
-    if any(v is not None for v in constraints.values()):
-        # the measurements describe the whole training cohort, not the subgroup asked for (and are not read)
-        log.info("--sex / --age / --condition given: not calibrated (the measurements describe the whole cohort)")
-        return None
-    doc = load(model_dir)
-    if doc is None:
-        log.info("the model holds no measurements (trained before calibration or with measurement share 0): "
-                 "not calibrated")
-        return None
-    return doc
-
-
 def run(args: argparse.Namespace) -> int:
     constraints = check_args(args)
     from fhirsynth import __version__
     from fhirsynth.export.writer import write_export
     from fhirsynth.model.checkpoint import guaranteed_privacy, model_hash, read_privacy_report
-    from fhirsynth.model.sampler import sample_timelines
+    from fhirsynth.model.calibrate import generated_timelines
     from fhirsynth.timeline.assembler import GeneratorInfo
 
     epsilon, delta = guaranteed_privacy(read_privacy_report(args.model_dir))
@@ -130,13 +114,8 @@ def run(args: argparse.Namespace) -> int:
                               fhirsynth_version=__version__)
     sample = dict(seed=args.seed, batch_size=args.batch_size, device=args.device, temperature=args.temperature,
                   top_p=args.top_p, workers=args.workers, **constraints)
-    doc = None if args.no_calibrate else calibration_measurements(args.model_dir, constraints)
-    if doc is None:
-        timelines = sample_timelines(args.model_dir, args.n, **sample)
-    else:
-        from fhirsynth.model.calibrate import calibrated_timelines
-
-        timelines = calibrated_timelines(args.model_dir, args.n, doc, args.pool_factor, sample)
+    timelines = generated_timelines(args.model_dir, args.n, sample, pool_factor=args.pool_factor,
+                                    calibrate=not args.no_calibrate)
     summary = write_export(
         timelines,
         args.out,

@@ -27,6 +27,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from fhirsynth.model.measurements import Spec, patient_queries
+from fhirsynth.model.sampler import sample_timelines
 from fhirsynth.timeline.types import Timeline
 
 log = logging.getLogger(__name__)
@@ -181,11 +182,38 @@ def summary(report: dict) -> str:
             f"[{worst(report['drawn_mean'])}]")
 
 
+CONSTRAINTS = ("sex", "age", "condition")
+
+
+def measurements_to_calibrate_to(model_dir: Path, sample: dict) -> dict | None:
+    """The model's DP measurements when generation should calibrate to them, else None (and the log says why)."""
+    from fhirsynth.model.measurements import load
+
+    if any(sample.get(k) is not None for k in CONSTRAINTS):
+        # the measurements describe the whole training cohort, not the subgroup asked for (and are not read)
+        log.info("sex / age / condition constraint given: not calibrated (the measurements describe the whole "
+                 "cohort)")
+        return None
+    doc = load(model_dir)
+    if doc is None:
+        log.info("the model holds no measurements (trained before calibration or with measurement share 0): "
+                 "not calibrated")
+    return doc
+
+
+def generated_timelines(model_dir: Path, n: int, sample: dict, *, pool_factor: int = DEFAULT_POOL_FACTOR,
+                        calibrate: bool = True):
+    """The one generation path of `generate`, `$synthesize` and `serve --model`: n patients calibrated to the
+    model's measurements when it holds them, calibration is wanted and no constraint is given; else as sampled."""
+    doc = measurements_to_calibrate_to(model_dir, sample) if calibrate else None
+    if doc is None:
+        return sample_timelines(model_dir, n, **sample)
+    return calibrated_timelines(model_dir, n, doc, pool_factor, sample)
+
+
 def calibrated_timelines(model_dir: Path, n: int, doc: dict, pool_factor: int, sample: dict):
     """Chunks of at most CALIBRATION_CHUNK patients, each drawn from pool_factor x as many samples reweighted to
     the measurements; ids syn-<seed>-<index> in output order. Deterministic given the seed."""
-    from fhirsynth.model.sampler import sample_timelines
-
     seed = sample["seed"]
     stream = sample_timelines(model_dir, n * pool_factor, **sample)
     done = 0
