@@ -198,7 +198,7 @@ _DEFS: list[tuple[str, str, str, str, Callable[[dict], list[tuple]], str | None]
     ("Observation", "code", "token", "Observation.code", lambda r: _cc(r.get("code")), None),
     ("Observation", "category", "token", "Observation.category", lambda r: _cc(r.get("category")), None),
     ("Observation", "status", "token", "Observation.status",
-     lambda r: [(None, r["status"], None)] if r.get("status") else [], None),
+     lambda r: _code_value(r.get("status")), None),
     ("Observation", "date", "date", "Observation.effective",
      lambda r: _date(_first(r, "effectiveDateTime", "effectivePeriod", "effectiveInstant")), None),
     ("Observation", "value-quantity", "quantity", "(Observation.value as Quantity)",
@@ -225,7 +225,7 @@ _DEFS: list[tuple[str, str, str, str, Callable[[dict], list[tuple]], str | None]
     ("Encounter", "class", "token", "Encounter.class", lambda r: _coding(r.get("class")), None),
     ("Encounter", "type", "token", "Encounter.type", lambda r: _cc(r.get("type")), None),
     ("Encounter", "status", "token", "Encounter.status",
-     lambda r: [(None, r["status"], None)] if r.get("status") else [], None),
+     lambda r: _code_value(r.get("status")), None),
 
     # Issue 18's types, with the R4 spec's search parameter names and expressions
     ("MedicationRequest", "patient", "reference", "MedicationRequest.subject.where(resolve() is Patient)",
