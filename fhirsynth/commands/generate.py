@@ -41,6 +41,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--no-calibrate", action="store_true",
                    help="skip calibration: output the model's samples as drawn, even when the model holds DP "
                         "measurements (measurements.json)")
+    p.add_argument("--no-repair", action="store_true",
+                   help="calibrate by reweighting only: do not move code histories between patients of the same sex "
+                        "and age band to bring each code's share to its measured one")
     p.add_argument("--pool-factor", type=int, default=DEFAULT_POOL_FACTOR, metavar="K",
                    help=f"calibration draws the output from K x the requested patients (default {DEFAULT_POOL_FACTOR})")
     p.add_argument("--validate", action="store_true",
@@ -115,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
     sample = dict(seed=args.seed, batch_size=args.batch_size, device=args.device, temperature=args.temperature,
                   top_p=args.top_p, workers=args.workers, **constraints)
     timelines = generated_timelines(args.model_dir, args.n, sample, pool_factor=args.pool_factor,
-                                    calibrate=not args.no_calibrate)
+                                    calibrate=not args.no_calibrate, repair=not args.no_repair)
     summary = write_export(
         timelines,
         args.out,

@@ -13,7 +13,9 @@ takes a pooled patient at most once, so a weight above that could not be honoure
 post-processing, no privacy cost.
 
 The output: inclusion probabilities pi_i = min(1, n w_i) (mass above 1 redistributed), then systematic sampling
-over a seeded permutation: n distinct pooled patients, never a duplicate.
+over a seeded permutation: n distinct pooled patients, never a duplicate. Then, unless repair=False, repair.py moves
+each code's share the rest of the way to its measured target by moving code histories between patients of the same
+sex and age band (reweighting alone cannot raise a code the model rarely writes).
 """
 
 from __future__ import annotations
@@ -152,9 +154,11 @@ def systematic_draw(pi: np.ndarray, n: int, rng: np.random.Generator) -> np.ndar
     return np.sort(np.asarray(picked[:n]))
 
 
-def calibrate(pool: list[Timeline], doc: dict[str, Any], n: int, seed: int) -> tuple[list[Timeline], dict]:
-    """n timelines drawn from the pool reweighted to the measurements, and a report of how far the statistics moved
-    (max error per family before = the uniform pool, after = the fitted weights, drawn = the output)."""
+def calibrate(pool: list[Timeline], doc: dict[str, Any], n: int, seed: int, *,
+              repair: bool = True) -> tuple[list[Timeline], dict]:
+    """n timelines drawn from the pool reweighted to the measurements (and repaired, see the module docstring),
+    and a report of how far the statistics moved (max error per family before = the uniform pool, after = the
+    fitted weights, drawn = the output before repair, repaired = after it)."""
     if n > len(pool):
         raise ValueError(f"the pool ({len(pool)}) is smaller than the requested count ({n})")
     tg = targets(doc)
@@ -169,17 +173,26 @@ def calibrate(pool: list[Timeline], doc: dict[str, Any], n: int, seed: int) -> t
               "drawn": errors(Q, drawn, tg), "before_mean": errors(Q, uniform, tg, "mean"),
               "drawn_mean": errors(Q, drawn, tg, "mean"), "effective_pool": float(1.0 / np.sum(w * w)),
               "capped": int((pi >= 1.0 - 1e-12).sum())}
-    return [pool[i] for i in idx], report
+    out = [pool[i] for i in idx]
+    if repair:
+        from fhirsynth.model.repair import code_targets, repair as repair_marginals
+
+        out, report["repair"] = repair_marginals(out, pool, code_targets(doc, DEADZONE, FLOOR), seed)
+        report["repaired"] = errors(query_matrix(out, tg), np.full(n, 1.0 / n), tg)
+    return out, report
 
 
 def summary(report: dict) -> str:
     def worst(d: dict[str, float]) -> str:
         return ", ".join(f"{k} {v:.3f}" for k, v in d.items())
 
-    return (f"calibration: pool {report['pool']} -> {report['n']} patients (effective pool "
+    text = (f"calibration: pool {report['pool']} -> {report['n']} patients (effective pool "
             f"{report['effective_pool']:.0f}); max error by statistic before [{worst(report['before'])}], "
             f"after [{worst(report['drawn'])}]; mean error before [{worst(report['before_mean'])}], after "
             f"[{worst(report['drawn_mean'])}]")
+    if "repaired" in report:
+        text += f"; max error after repair [{worst(report['repaired'])}]"
+    return text
 
 
 CONSTRAINTS = ("sex", "age", "condition")
@@ -202,16 +215,18 @@ def measurements_to_calibrate_to(model_dir: Path, sample: dict) -> dict | None:
 
 
 def generated_timelines(model_dir: Path, n: int, sample: dict, *, pool_factor: int = DEFAULT_POOL_FACTOR,
-                        calibrate: bool = True):
+                        calibrate: bool = True, repair: bool = True):
     """The one generation path of `generate`, `$synthesize` and `serve --model`: n patients calibrated to the
-    model's measurements when it holds them, calibration is wanted and no constraint is given; else as sampled."""
+    model's measurements when it holds them, calibration is wanted and no constraint is given; else as sampled.
+    repair=False keeps the reweighted draw as it is (no code histories moved)."""
     doc = measurements_to_calibrate_to(model_dir, sample) if calibrate else None
     if doc is None:
         return sample_timelines(model_dir, n, **sample)
-    return calibrated_timelines(model_dir, n, doc, pool_factor, sample)
+    return calibrated_timelines(model_dir, n, doc, pool_factor, sample, repair=repair)
 
 
-def calibrated_timelines(model_dir: Path, n: int, doc: dict, pool_factor: int, sample: dict):
+def calibrated_timelines(model_dir: Path, n: int, doc: dict, pool_factor: int, sample: dict, *,
+                         repair: bool = True):
     """Chunks of at most CALIBRATION_CHUNK patients, each drawn from pool_factor x as many samples reweighted to
     the measurements; ids syn-<seed>-<index> in output order. Deterministic given the seed."""
     seed = sample["seed"]
@@ -221,7 +236,7 @@ def calibrated_timelines(model_dir: Path, n: int, doc: dict, pool_factor: int, s
         while done < n:
             k = min(CALIBRATION_CHUNK, n - done)
             pool = [tl for _, tl in zip(range(k * pool_factor), stream)]
-            out, report = calibrate(pool, doc, k, seed=seed * 1_000_003 + done)
+            out, report = calibrate(pool, doc, k, seed=seed * 1_000_003 + done, repair=repair)
             log.info("%s", summary(report))
             for tl in out:
                 tl.patient.patient_id = f"syn-{seed}-{done}"

@@ -1,0 +1,148 @@
+"""Issue 15: marginal repair after calibration (fhirsynth/model/repair.py) moves code histories between patients of
+the same sex and age band until each code's share is within tolerance of its measured one."""
+
+from __future__ import annotations
+
+from datetime import date, datetime, timedelta, timezone
+
+import numpy as np
+import pytest
+
+from fhirsynth.model import measurements as ms
+from fhirsynth.model.calibrate import DEADZONE, FLOOR, calibrate
+from fhirsynth.model.dpnoise import NoiseSource
+from fhirsynth.model.repair import code_targets, repair, transplant
+from fhirsynth.timeline.types import Event, PatientInfo, Timeline
+
+T0 = datetime(2020, 1, 1, tzinfo=timezone.utc)
+SCT, LOINC = "http://snomed.info/sct", "http://loinc.org"
+A = ("condition", SCT, "1001")  # held by about half of the real patients, never by the pool
+B = ("condition", SCT, "1002")  # held by everyone in the pool, a fifth of the real patients
+F = ("condition", SCT, "1003")  # a female-only code
+SYS = ("observation", LOINC, "8480-6")  # a blood-pressure component: panel member
+OBS = ("observation", LOINC, "2345-7")
+
+
+class _Vocab:
+    def __init__(self, codes):
+        from fhirsynth.model.vocab import Item
+
+        self.items = [Item(kind=k, system=s, code=c) for k, s, c in codes]
+
+
+def person(i: int, codes: list[tuple[str, str, str]], *, sex: str, born: int, visits: int = 4,
+           death: datetime | None = None) -> Timeline:
+    """A patient with `visits` yearly encounters from 2010; each code once, at the last encounter (a condition with
+    a 400-day abatement, the observation with a value, the panel member inside its panel)."""
+    evs: list[Event] = []
+    for v in range(visits):
+        t = T0.replace(year=2010 + v)
+        evs.append(Event(time=t, kind="encounter", system="http://terminology.hl7.org/CodeSystem/v3-ActCode",
+                         code="AMB", encounter_id=f"e{i}-{v}"))
+    last = evs[-1]
+    for k, s, c in codes:
+        ev = Event(time=last.time, kind=k, system=s, code=c, encounter_id=last.encounter_id)
+        if k == "condition":
+            ev.end_time = last.time + timedelta(days=400)
+        elif c == SYS[2]:
+            ev.value, ev.unit, ev.panel_system, ev.panel_code = 120.0, "mm[Hg]", LOINC, "85354-9"
+        else:
+            ev.value, ev.unit = 5.5, "mmol/L"
+        evs.append(ev)
+    return Timeline(PatientInfo(f"p{i}", sex=sex, birth_date=date(born, 6, 1),
+                                death_date=death, deceased=death is not None), evs)
+
+
+def real_cohort(n: int, seed: int) -> list[Timeline]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        sex = "female" if i % 2 else "male"
+        codes = [OBS, SYS] + ([A] if rng.random() < 0.5 else []) + ([B] if rng.random() < 0.2 else [])
+        codes += [F] if sex == "female" and rng.random() < 0.6 else []
+        out.append(person(i, codes, sex=sex, born=1950 + i % 40))
+    return out
+
+
+def synthetic_pool(n: int) -> list[Timeline]:
+    """The model's pool: A rarely (1 in 25), always B, F for some women; only half hold the panel member."""
+    return [person(1000 + i, [OBS, B] + ([SYS] if i % 2 else []) + ([F] if i % 4 == 1 else [])
+                   + ([A] if i % 25 == 0 else []),
+                   sex="female" if i % 2 else "male", born=1950 + i % 40) for i in range(n)]
+
+
+def share(tls: list[Timeline], code) -> float:
+    return float(np.mean([any((e.kind, e.system, e.code) == code for e in t.events) for t in tls]))
+
+
+@pytest.fixture()
+def measured():
+    real = real_cohort(400, seed=1)
+    doc, _ = ms.measure(real, _Vocab([A, B, F, SYS, OBS]), dp=False, epsilon=None, delta=None,
+                        noise=NoiseSource.reproducible(1))
+    return real, doc
+
+
+def test_repair_brings_every_code_to_its_measured_share(measured):
+    real, doc = measured
+    pool = synthetic_pool(500)
+    before = [list(t.events) for t in pool]
+    out, _ = calibrate(pool, doc, 100, seed=3, repair=False)
+    # reweighting cannot reach the targets: every pooled patient holds B, and at most 20 of 500 hold A
+    assert share(out, A) <= 0.2 and share(out, B) == 1.0
+    fixed, report = repair(out, pool, code_targets(doc, DEADZONE, FLOOR), seed=3)
+    tol = DEADZONE * FLOOR + 1 / len(fixed)
+    for code in (A, B, F):
+        assert share(fixed, code) == pytest.approx(share(real, code), abs=tol), code
+    assert report["holders_added"] >= (share(real, A) - share(out, A) - tol) * len(fixed)
+    assert report["holders_removed"] >= (share(out, B) - share(real, B) - tol) * len(fixed)
+    assert report["codes_short"] == 0
+    # the panel member is left as drawn even though its share (about 0.5) is far from the real 1.0
+    assert share(fixed, SYS) == share(out, SYS) < 0.9
+    # the female-only code goes to women only, as in the measurements' cells
+    assert all(t.patient.sex == "female" for t in fixed if any((e.kind, e.code) == ("condition", F[2])
+                                                              for e in t.events))
+    # the pool (the donors) is not modified
+    assert [list(t.events) for t in pool] == before
+
+
+def test_transplanted_events_sit_in_the_recipients_own_encounters(measured):
+    _, doc = measured
+    pool = synthetic_pool(300)
+    out, _ = calibrate(pool, doc, 60, seed=5, repair=True)
+    gained = [t for t in out if any((e.kind, e.system, e.code) == A for e in t.events)]
+    assert gained
+    for t in gained:
+        encounters = {e.encounter_id: e.time for e in t.events if e.kind == "encounter"}
+        for e in t.events:
+            if (e.kind, e.system, e.code) == A:
+                assert e.encounter_id in encounters and e.time == encounters[e.encounter_id]
+                assert e.end_time - e.time == timedelta(days=400)  # the donor's course
+                assert e.source_id is None
+        assert [e.time for e in t.events] == sorted(e.time for e in t.events)
+
+
+def test_transplant_maps_by_age_and_never_past_death():
+    donor = person(1, [A], sex="male", born=1950, visits=6)  # A at the 2015 encounter, age 64-65
+    died = T0.replace(year=2013, month=3)
+    recipient = person(2, [], sex="male", born=1949, visits=4, death=died)  # encounters 2010-2013, ages 60-63
+    new = transplant(recipient, donor, A)
+    assert len(new) == 1
+    assert new[0].encounter_id == "e2-3" and new[0].time == T0.replace(year=2013)  # the nearest age: the last visit
+    assert new[0].end_time == died  # 400 days would pass the death: clipped
+    younger = person(3, [], sex="male", born=1980, visits=4)
+    assert transplant(younger, donor, A)[0].encounter_id == "e3-3"
+    assert transplant(Timeline(PatientInfo("x", sex="male", birth_date=date(1950, 1, 1)), []), donor, A) == []
+    no_birth = person(4, [], sex="male", born=1950)
+    no_birth.patient.birth_date = None
+    assert transplant(no_birth, donor, A) == []
+
+
+def test_codes_inside_tolerance_are_left_alone(measured):
+    """A code whose share is already within half a noise standard deviation of its target is not touched."""
+    real, doc = measured
+    out = real_cohort(120, seed=9)  # drawn from the same distribution as the measured cohort
+    targets = code_targets(doc, DEADZONE, 0.2)  # a wide tolerance: every code is inside it
+    fixed, report = repair(out, out, targets, seed=1)
+    assert report["holders_added"] == report["holders_removed"] == 0
+    assert [t.events for t in fixed] == [t.events for t in out]
