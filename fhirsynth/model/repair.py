@@ -96,25 +96,47 @@ def _order_cells(gaps: np.ndarray, eligible: list[list[int]], rng: np.random.Gen
     return best
 
 
+def _affinity(pool_held: np.ndarray, j: int) -> np.ndarray:
+    """How much holding each measured code says about holding code j, in the pool: the share of j's holders
+    minus the share of its non-holders that hold it (0 for j itself)."""
+    has = pool_held[:, j] > 0
+    if has.all() or not has.any():
+        return np.zeros(pool_held.shape[1])
+    d = pool_held[has].mean(axis=0) - pool_held[~has].mean(axis=0)
+    d[j] = 0.0
+    return d
+
+
 def repair(out: list[Timeline], pool: list[Timeline], targets: list[CodeTarget], seed: int) -> tuple[list[Timeline],
                                                                                                        dict]:
     """`out` with each measured code's share moved to within tolerance of its target where the pool allows; the
-    timelines that change are copies (the pool is not modified). Returns (timelines, report)."""
+    timelines that change are copies (the pool is not modified). Within a cell the patients that gain a code are
+    those whose other codes look most like its holders' in the pool, and those that lose it the least alike, so
+    the codes that go together in the model's samples stay together. Returns (timelines, report)."""
     rng = np.random.default_rng([seed % 2**63, 16])
     n = len(out)
     res = [Timeline(patient=tl.patient, events=list(tl.events)) for tl in out]
-    cells = np.array([cell_of(tl) for tl in res])
-    held = [{_key(e) for e in tl.events if e.kind in CODE_KINDS} for tl in res]
+    col = {ct.code: j for j, ct in enumerate(targets)}
+
+    def holding(tls: list[Timeline]) -> np.ndarray:
+        h = np.zeros((len(tls), len(targets)), dtype=bool)
+        for i, tl in enumerate(tls):
+            for e in tl.events:
+                j = col.get(_key(e)) if e.kind in CODE_KINDS else None
+                if j is not None:
+                    h[i, j] = True
+        return h
+
+    cells, pool_cells = np.array([cell_of(tl) for tl in res]), np.array([cell_of(tl) for tl in pool])
+    held, pool_held = holding(res), holding(pool).astype(float)
     panel_codes = {_key(e) for tl in pool for e in tl.events if e.kind in CODE_KINDS and e.panel_code}
-    pool_cells = np.array([cell_of(tl) for tl in pool])
-    pool_held = [{_key(e) for e in tl.events if e.kind in CODE_KINDS} for tl in pool]
     added = removed = codes_moved = 0
     changed: set[int] = set()
     short: list[str] = []
-    for ct in targets:
+    for j, ct in enumerate(targets):
         if ct.code in panel_codes:
             continue
-        holders = np.array([ct.code in h for h in held])
+        holders = held[:, j].copy()
         share = holders.mean() if n else 0.0
         excess = share - ct.target
         k = int(np.ceil((abs(excess) - ct.tolerance) * n)) if abs(excess) > ct.tolerance else 0
@@ -122,25 +144,26 @@ def repair(out: list[Timeline], pool: list[Timeline], targets: list[CodeTarget],
             continue
         # the cell's gap in patients: measured share of all patients x n - current holders there
         gaps = ct.cell_targets * n - np.bincount(cells[holders], minlength=N_CELLS)
+        # pop() takes the last: the most alike to the holders when adding, the least alike when removing
+        score = held.astype(float) @ _affinity(pool_held, j) + rng.random(n) * 1e-9
         done = 0
         if excess > 0:
-            eligible = [list(rng.permutation(np.flatnonzero(holders & (cells == g)))) for g in range(N_CELLS)]
+            eligible = [sorted(np.flatnonzero(holders & (cells == g)), key=lambda i: -score[i]) for g in range(N_CELLS)]
             while done < k:
                 g = _order_cells(-gaps, eligible, rng)
                 if g is None:
                     break
                 i = int(eligible[g].pop())
                 res[i].events = [e for e in res[i].events if _key(e) != ct.code]
-                held[i].discard(ct.code)
+                held[i, j] = False
                 changed.add(i)
                 gaps[g] += 1
                 done += 1
             removed += done
         else:
-            donors = [np.flatnonzero((pool_cells == g) & np.array([ct.code in h for h in pool_held]))
-                      for g in range(N_CELLS)]
-            eligible = [list(rng.permutation(np.flatnonzero(~holders & (cells == g)))) if len(donors[g]) else []
-                        for g in range(N_CELLS)]
+            donors = [np.flatnonzero((pool_cells == g) & (pool_held[:, j] > 0)) for g in range(N_CELLS)]
+            eligible = [sorted(np.flatnonzero(~holders & (cells == g)), key=lambda i: score[i]) if len(donors[g])
+                        else [] for g in range(N_CELLS)]
             while done < k:
                 g = _order_cells(gaps, eligible, rng)
                 if g is None:
@@ -150,7 +173,7 @@ def repair(out: list[Timeline], pool: list[Timeline], targets: list[CodeTarget],
                 if not new:
                     continue
                 res[i].events = res[i].events + new
-                held[i].add(ct.code)
+                held[i, j] = True
                 changed.add(i)
                 gaps[g] -= 1
                 done += 1
