@@ -54,14 +54,16 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--work-dir", type=Path, default=None,
                    help="where resumable private training state lives (default: .MODEL_DIR.fhirsynth-train beside "
                         "MODEL_DIR); removed when training ends or fails, kept after an interruption to resume")
-    p.add_argument("--vocab-epsilon-fraction", type=float, default=0.25,
-                   help="share of epsilon spent on the DP code vocabulary (default 0.25)")
+    p.add_argument("--vocab-epsilon-fraction", type=float, default=TrainConfig.vocab_epsilon_fraction,
+                   help="share of epsilon spent on the DP code vocabulary, its value kinds and bins, the sex and "
+                        f"death shares (default {TrainConfig.vocab_epsilon_fraction:g})")
     p.add_argument("--measure-epsilon-fraction", type=float, default=TrainConfig.measure_epsilon_fraction,
                    metavar="F", help="share of epsilon spent on the DP statistics that `generate` calibrates to "
                                      "(measurements.json; 10%% of delta goes with it); 0 = none (default "
                                      f"{TrainConfig.measure_epsilon_fraction:g})")
-    p.add_argument("--max-items-per-patient", type=int, default=64,
-                   help="k: distinct codes one patient contributes to the vocabulary counts (default 64)")
+    p.add_argument("--max-items-per-patient", type=int, default=0,
+                   help="k: distinct codes one patient contributes to the vocabulary counts (default 0: chosen from "
+                        "the DP patient count and the budget, at most 64)")
     p.add_argument("--arch", choices=ARCHS, default=ModelConfig.arch,
                    help="visit: one transformer position per visit, whole records (default); token: one per token, "
                         "long records compressed to --max-len tokens")
@@ -92,8 +94,9 @@ def run(args: argparse.Namespace) -> int:
 
     if args.max_len < 16 or args.d_model < 8 or args.layers < 1 or args.heads < 1 or args.d_model % args.heads:
         raise UsageError("--max-len >= 16, --d-model >= 8 and a multiple of --heads, --layers >= 1 required")
-    if args.max_items_per_patient < 1:
-        raise UsageError("must be >= 1", where="--max-items-per-patient")
+    if args.max_items_per_patient < 0:
+        raise UsageError("must be >= 1, or 0 for the default (chosen from the cohort size)",
+                         where="--max-items-per-patient")
     if args.max_visits < 1 or args.components < 1:
         raise UsageError("--max-visits and --components must be >= 1", where="--max-visits" if args.max_visits < 1
                          else "--components")

@@ -53,13 +53,14 @@ class TokenizerConfig:
     """How timelines become token sequences. Public settings: none of them comes from the data.
 
     max_len: the context (tokens per patient, BOS..END); longer histories are compressed (see tokenizer.py).
-    max_items_per_patient: k, the contribution bound of one patient to the DP vocabulary counts.
+    max_items_per_patient: k, the contribution bound of one patient to the DP vocabulary counts; 0 = chosen from
+        the DP patient count and the budget (vocab.auto_items_per_patient).
     max_value_codes_per_patient: m, the contribution bound of one patient to the DP value bins (dpbins.py).
     reference_date: "today" of the synthetic world; nothing is sampled after it (default: the training day).
     """
 
     max_len: int = 512
-    max_items_per_patient: int = 64
+    max_items_per_patient: int = 0
     max_value_codes_per_patient: int = 8
     max_vocab_items: int = 4000
     min_count_no_dp: int = 2
@@ -107,7 +108,7 @@ class TrainConfig:
     # linear learning-rate warmup over this share of the steps, then constant (a public schedule)
     warmup_frac: float = 0.1
     weight_decay: float = 0.0
-    vocab_epsilon_fraction: float = 0.25
+    vocab_epsilon_fraction: float = 0.4
     vocab_delta_fraction: float = 0.1
     # share of epsilon / delta for the statistics measured for calibration (measurements.py); 0 = none
     measure_epsilon_fraction: float = 0.2

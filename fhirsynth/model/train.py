@@ -225,7 +225,7 @@ def train_model(
     warmup_frac: float = TrainConfig.warmup_frac,
     reproducible_noise: bool = False,
     work_dir: str | os.PathLike | None = None,
-    vocab_epsilon_fraction: float = 0.25,
+    vocab_epsilon_fraction: float = TrainConfig.vocab_epsilon_fraction,
     measure_epsilon_fraction: float = TrainConfig.measure_epsilon_fraction,
     checkpoint_every: int = 50,
     model_config: ModelConfig | None = None,

@@ -420,20 +420,24 @@ def build_vocab(
     if dp and eps_items is not None and d_items is not None:
         eps_kinds, d_kinds = eps_items * KIND_EPSILON_FRACTION, d_items * KIND_DELTA_FRACTION
         eps_items, d_items = eps_items - eps_kinds, d_items - d_kinds
-    sel = select_items(
-        timelines, matcher=ItemMatcher(value_bins, panels, public_codes), public=public, k=cfg.max_items_per_patient,
-        max_items=cfg.max_vocab_items, dp=dp, epsilon=eps_items, delta=d_items, min_count=cfg.min_count_no_dp,
-        noise=noise,
-    )
     if sex_release is None:
         sex_release = release_sex_shares(timelines, dp=dp, epsilon=eps_sex, noise=noise)
     shares, sex_report = sex_release
+    k = cfg.max_items_per_patient
+    if k <= 0:  # auto: from the DP patient count and public settings (post-processing)
+        k = (auto_items_per_patient(sex_report["n_estimate"], eps_items, d_items)
+             if dp and eps_items is not None and d_items is not None else AUTO_ITEMS_LADDER[-1])
+    sel = select_items(
+        timelines, matcher=ItemMatcher(value_bins, panels, public_codes), public=public, k=k,
+        max_items=cfg.max_vocab_items, dp=dp, epsilon=eps_items, delta=d_items, min_count=cfg.min_count_no_dp,
+        noise=noise,
+    )
     private_bins, bins_report = release_value_bins(
         timelines, sel.items, public_codes=set(value_bins), m=cfg.max_value_codes_per_patient, dp=dp,
         epsilon=eps_values, delta=d_values, min_count=cfg.min_count_no_dp, noise=noise)
     vocab = Vocab(cfg, sel.items, value_bins, shares, private_bins)
     vocab.death_shares, death_report = release_death_shares(timelines, vocab, dp=dp, epsilon=eps_death, noise=noise)
-    vocab.value_kinds, kinds_report = release_value_kinds(timelines, vocab, k=cfg.max_items_per_patient,
+    vocab.value_kinds, kinds_report = release_value_kinds(timelines, vocab, k=k,
                                                           dp=dp, epsilon=eps_kinds, delta=d_kinds, noise=noise)
     report = {**sel.report, "sex_marginal": sex_report, "value_bins": bins_report, "death_by_birth_band": death_report,
               "value_kinds": kinds_report,
@@ -444,10 +448,33 @@ def build_vocab(
     return vocab, report
 
 
-SEX_EPSILON_FRACTION = 0.1
-VALUE_EPSILON_FRACTION = 0.2  # of the preprocessing epsilon, for the bins of non-public codes (dpbins.py)
+# Shares of the preprocessing epsilon. The items get the most: a code the vocabulary release leaves out can never
+# be generated, and its set-union threshold (about 6 sigma, whatever the cohort size) decides which codes those are.
+# With the earlier split (items 0.3) the items got 0.6 of epsilon 8 and a threshold of 391 patients: codes held by
+# 45% of 800 US patients were left out, and all 120 es-ips patients' codes (BENCHMARKS.md, "the budget split").
+# k, the items one patient contributes, when not given: the largest on this ladder whose set-union threshold stays
+# under AUTO_THRESHOLD_SHARE of the DP patient count. A threshold near the cohort size releases nothing whatever the
+# data (es-ips, 120 patients, k 64: threshold 132, no code); a small k drops most of each patient's codes from the
+# count. Measured by simulating the release on the US (800) and es-ips (120) training sets at epsilon 1.92: the best
+# k was 64 and 24, which this rule picks (BENCHMARKS.md, "the budget split").
+AUTO_ITEMS_LADDER = (8, 12, 16, 24, 32, 48, 64)
+AUTO_THRESHOLD_SHARE = 0.7
+
+
+def auto_items_per_patient(n_estimate: float, epsilon: float, delta: float) -> int:
+    """The default k for a cohort of about n_estimate patients (a DP count) at the items' (epsilon, delta)."""
+    best = AUTO_ITEMS_LADDER[0]
+    for k in AUTO_ITEMS_LADDER:
+        sigma = gaussian_sigma(epsilon, delta / 2, math.sqrt(k))
+        if set_union_threshold(sigma, delta, k) <= AUTO_THRESHOLD_SHARE * n_estimate:
+            best = k
+    return best
+
+
+SEX_EPSILON_FRACTION = 0.05  # a Laplace histogram of 4 cells: 0.16 of epsilon 8 still gives scale 6 patients
+VALUE_EPSILON_FRACTION = 0.1  # for the bins of non-public codes (dpbins.py); few codes reach its threshold
 VALUE_DELTA_FRACTION = 0.5  # of the preprocessing delta, likewise (the items get the rest)
-DEATH_EPSILON_FRACTION = 0.1  # of the preprocessing epsilon, for the deceased share per birth band
+DEATH_EPSILON_FRACTION = 0.1  # for the deceased share per birth band
 
 
 def split_preprocessing_epsilon(epsilon: float) -> tuple[float, float, float, float]:
