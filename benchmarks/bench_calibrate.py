@@ -6,7 +6,8 @@
 
 Each model is LABEL=MODEL_DIR, LABEL = EPS[:SEED] (EPS "inf" = a --no-dp model). For every model: one pool of
 n x pool-factor patients (seed 1, cached in --work), the uncalibrated output (the pool's first n) and the calibrated
-one (measurements -> calibrate.calibrate). Measurements:
+one (measurements -> calibrate.calibrate: "reweighted" without the repair step, "calibrated" with it, the default
+of generate). Measurements:
   * a model dir holding measurements.json (trained with them): those are used, the epsilon is the model's;
   * --attach: measured here on --train with the model's vocabulary, at meas-fraction x EPS (exact for inf), noise
     from NoiseSource.reproducible(SEED) (replayable: a benchmark, no guarantee). The epsilon of such an output is
@@ -121,6 +122,8 @@ def main() -> int:
         pool = pool_for(label, Path(path), args.n * args.pool_factor, args.work)
         cols[f"{label} uncalibrated"] = compare(held, Records(pool[: args.n]))
         doc = measurements_for(label, Path(path), train, args.meas_fraction, args.attach)
+        out, _ = calibrate(pool, doc, args.n, seed=1, repair=False)
+        cols[f"{label} reweighted"] = compare(held, Records(out))
         t0 = time.perf_counter()
         out, rep = calibrate(pool, doc, args.n, seed=1)
         log.info("%s: %s (%.1f s)", label, summary(rep), time.perf_counter() - t0)

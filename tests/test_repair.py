@@ -146,3 +146,17 @@ def test_codes_inside_tolerance_are_left_alone(measured):
     fixed, report = repair(out, out, targets, seed=1)
     assert report["holders_added"] == report["holders_removed"] == 0
     assert [t.events for t in fixed] == [t.events for t in out]
+
+
+def test_exact_measurements_cut_nothing():
+    """Without DP there is no sensitivity to bound: a patient holding more codes than the DP bound counts every one
+    (a cut would make the late codes' targets too low, and repair would then remove them from real-looking
+    patients)."""
+    codes = [("condition", SCT, str(5000 + i)) for i in range(ms.DEFAULT_MAX_CODES + 20)]
+    big = person(1, codes, sex="female", born=1960)
+    doc, _ = ms.measure([big, person(2, codes[-3:], sex="male", born=1970)], _Vocab(codes), dp=False, epsilon=None,
+                        delta=None, noise=NoiseSource.reproducible(1))
+    prev = doc["families"]["prevalence"]["counts"]
+    assert prev[: len(codes) - 3] == [1] * (len(codes) - 3) and prev[-3:] == [2, 2, 2]
+    dp_doc, _ = ms.measure([big], _Vocab(codes), dp=True, epsilon=1.0, delta=1e-6, noise=NoiseSource.reproducible(1))
+    assert ms.Spec.from_json(dp_doc["spec"]).max_codes == ms.DEFAULT_MAX_CODES  # under DP the bound stays

@@ -176,8 +176,13 @@ def choose_pair_codes(spec: Spec, cells: np.ndarray, prevalence: np.ndarray, k: 
 def measure(timelines: list[Timeline], vocab, *, dp: bool, epsilon: float | None, delta: float | None,
             noise: NoiseSource, max_codes: int = DEFAULT_MAX_CODES, pair_codes: int = DEFAULT_PAIR_CODES,
             max_absent: int = DEFAULT_MAX_ABSENT) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(the measurements.json document, its privacy report). Noisy integer counts under dp, exact otherwise."""
-    spec = Spec(codes=vocab_codes(vocab), max_codes=max_codes, max_absent=max_absent)
+    """(the measurements.json document, its privacy report). Noisy integer counts under dp, exact otherwise.
+    Without dp nothing needs bounding, so no patient's codes or absent pairs are cut (a cut biases the late codes
+    of the order down: at 128 codes, 16% of the US patients lost some under the no-DP vocabulary of 516 codes)."""
+    codes = vocab_codes(vocab)
+    if not dp:
+        max_codes, max_absent = max(len(codes), 1), max(pair_codes, 2)
+    spec = Spec(codes=codes, max_codes=max_codes, max_absent=max_absent)
     sens = spec.sensitivities()
     sigma0 = None
     if dp:
