@@ -130,8 +130,11 @@ def test_transplant_maps_by_age_and_never_past_death():
     assert len(new) == 1
     assert new[0].encounter_id == "e2-3" and new[0].time == T0.replace(year=2013)  # the nearest age: the last visit
     assert new[0].end_time == died  # 400 days would pass the death: clipped
-    younger = person(3, [], sex="male", born=1980, visits=4)
-    assert transplant(younger, donor, A)[0].encounter_id == "e3-3"
+    younger = person(3, [], sex="male", born=1980, visits=4)  # ages 29-32: no visit within two years of 64
+    assert transplant(younger, donor, A) == []
+    near = person(5, [], sex="male", born=1952, visits=4)  # last visit at 60.6, the donor's event at 64.6: too far
+    assert transplant(near, donor, A) == []
+    assert transplant(person(6, [], sex="male", born=1948, visits=4), donor, A)[0].encounter_id == "e6-3"  # 64.6
     assert transplant(Timeline(PatientInfo("x", sex="male", birth_date=date(1950, 1, 1)), []), donor, A) == []
     no_birth = person(4, [], sex="male", born=1950)
     no_birth.patient.birth_date = None
@@ -160,3 +163,18 @@ def test_exact_measurements_cut_nothing():
     assert prev[: len(codes) - 3] == [1] * (len(codes) - 3) and prev[-3:] == [2, 2, 2]
     dp_doc, _ = ms.measure([big], _Vocab(codes), dp=True, epsilon=1.0, delta=1e-6, noise=NoiseSource.reproducible(1))
     assert ms.Spec.from_json(dp_doc["spec"]).max_codes == ms.DEFAULT_MAX_CODES  # under DP the bound stays
+
+
+def test_medications_and_vaccines_are_measured_and_repaired_too():
+    """Issue 18's kinds are in the prevalence families: calibration brings a drug's share to its measured one."""
+    med = ("medication", "http://www.nlm.nih.gov/research/umls/rxnorm", "314076")
+    cvx = ("immunization", "http://hl7.org/fhir/sid/cvx", "140")
+    real = [person(i, [OBS] + ([med] if i % 2 else []) + ([cvx] if i % 4 == 0 else []),
+                   sex="female" if i % 3 else "male", born=1950 + i % 30) for i in range(200)]
+    doc, _ = ms.measure(real, _Vocab([OBS, med, cvx]), dp=False, epsilon=None, delta=None,
+                        noise=NoiseSource.reproducible(1))
+    assert ms.Spec.from_json(doc["spec"]).codes == [OBS, med, cvx]
+    pool = [person(500 + i, [OBS] + ([med, cvx] if i % 10 == 0 else []), sex="female" if i % 3 else "male",
+                   born=1950 + i % 30) for i in range(300)]
+    out, _ = calibrate(pool, doc, 60, seed=2)
+    assert share(out, med) == pytest.approx(0.5, abs=0.05) and share(out, cvx) == pytest.approx(0.25, abs=0.05)

@@ -6,7 +6,7 @@ calibrate.py, which reweights the pool to match. Families (privacy unit: one pat
 
   cells        patients per cell, cell = sex (female / not female) x age band (age at death or at the last
                event: 0-17, 18-44, 45-64, 65+); L2 sensitivity 1
-  prevalence   patients holding code c, over the vocabulary's condition + observation codes; a patient counts
+  prevalence   patients holding code c, over the vocabulary's codes of PREVALENCE_KINDS; a patient counts
                at most `max_codes` codes (the first in vocabulary order); sensitivity sqrt(max_codes)
   prevalence_cells  the same per cell (sex x age band), with a smaller share: the overall prevalence would
                otherwise carry the noise of every cell (sqrt(cells) times more)
@@ -50,7 +50,10 @@ AGE_BANDS = (18, 45, 65)  # band edges in years: 0-17, 18-44, 45-64, 65+
 N_CELLS = 2 * (len(AGE_BANDS) + 1)
 # half-octave buckets of a per-patient count: 0, 1, 2-3, 4, 5-7, 8-10, 11-15, 16-21, ... up to 2^16
 BUCKET_EDGES = tuple(sorted({0, 1} | {int(math.floor(2 ** (k / 2))) for k in range(2, 33)}))
-CODE_KINDS = ("condition", "observation")
+CODE_KINDS = ("condition", "observation")  # the events histogram counts these (records_metrics' events)
+# the prevalence families count every clinical code kind, so calibration and repair also bring medications,
+# immunizations, procedures and allergies to their measured shares (issue 18)
+PREVALENCE_KINDS = CODE_KINDS + ("medication", "immunization", "procedure", "allergy")
 PAIR_BAND = (0.05, 0.95)
 # rho shares of the families (public); the prevalence and the pairs are the many-query families
 RHO_SHARES = {"cells": 0.03, "prevalence": 0.35, "prevalence_cells": 0.15, "death": 0.03, "visits": 0.06,
@@ -102,10 +105,10 @@ class Spec:
 
 
 def vocab_codes(vocab) -> list[CodeKey]:
-    """The condition + observation codes of the (public + DP) vocabulary, in vocabulary order, once each."""
+    """The codes (PREVALENCE_KINDS) of the (public + DP) vocabulary, in vocabulary order, once each."""
     seen: dict[CodeKey, None] = {}
     for it in vocab.items:
-        if it.kind in CODE_KINDS and it.system and it.code:
+        if it.kind in PREVALENCE_KINDS and it.system and it.code:
             seen.setdefault((it.kind, it.system, it.code), None)
     return list(seen)
 
@@ -138,7 +141,7 @@ def n_visits(tl: Timeline) -> int:
 def patient_queries(tl: Timeline, spec: Spec) -> dict[str, list[int]]:
     """The indices of the counts this patient adds 1 to, per family (bounded as the module docstring says)."""
     cell = cell_of(tl)
-    held = {(e.kind, e.system, e.code) for e in tl.events if e.kind in CODE_KINDS}
+    held = {(e.kind, e.system, e.code) for e in tl.events if e.kind in PREVALENCE_KINDS}
     idx = sorted(spec.code_index[c] for c in held if c in spec.code_index)[: spec.max_codes]
     n_codes = len(spec.codes)
     absent = [j for j, c in enumerate(spec.pair_codes) if c not in held][: spec.max_absent]

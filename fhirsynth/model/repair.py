@@ -9,7 +9,7 @@ prevalence error moved from 0.124 to 0.117 by reweighting alone). Repair, per me
     removed from holders, taken from the cells furthest above their own measured share;
   * below: non-holders in the cells furthest below theirs receive the code's events from a pooled donor of the same
     cell (so the same sex: sex-specific codes stay with their sex). Each donor event lands on the recipient's
-    encounter nearest in age to the donor's age at the event, with the donor's value, unit, status and category; a
+    encounter nearest in age to the donor's age at the event (at most MAX_AGE_SHIFT_DAYS away, else it is dropped), with the donor's value, unit, status and category; a
     condition's abatement keeps its distance from onset and never passes the recipient's death. Nothing is created
     outside the recipient's own visits, so nothing precedes birth or follows death.
 Panel members (blood-pressure components and the like) are left as drawn: one component without its sibling breaks
@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from fhirsynth.model.measurements import CODE_KINDS, N_CELLS, CodeKey, _utc, cell_of
+from fhirsynth.model.measurements import N_CELLS, PREVALENCE_KINDS, CodeKey, _utc, cell_of
 from fhirsynth.timeline.types import Event, Timeline
 
 log = logging.getLogger(__name__)
@@ -64,9 +64,15 @@ def _age_days(tl: Timeline, t: datetime) -> float | None:
     return None if b is None else (_utc(t).date() - b).days
 
 
+# a donor event lands only on an encounter within this many days of the donor's age at it: a vaccine given at two
+# months or an onset at 70 is not moved to a recipient who has no visit near that age (another recipient is tried)
+MAX_AGE_SHIFT_DAYS = 2 * 365
+
+
 def transplant(recipient: Timeline, donor: Timeline, code: CodeKey) -> list[Event]:
     """The donor's events of `code`, each moved to the recipient's encounter nearest in age (one event per
-    encounter at most). Empty when either has no birth date or the recipient has no encounter."""
+    encounter at most; none further than MAX_AGE_SHIFT_DAYS in age). Empty when either has no birth date, the
+    recipient has no encounter, or none is near enough."""
     anchors = [e for e in recipient.events if e.kind == "encounter"]
     if not anchors or recipient.patient.birth_date is None or donor.patient.birth_date is None:
         return []
@@ -76,8 +82,9 @@ def transplant(recipient: Timeline, donor: Timeline, code: CodeKey) -> list[Even
     for e in donor.events:
         if _key(e) != code:
             continue
-        i = int(np.argmin(np.abs(ages - _age_days(donor, e.time))))
-        if i in out:
+        shift = np.abs(ages - _age_days(donor, e.time))
+        i = int(np.argmin(shift))
+        if i in out or shift[i] > MAX_AGE_SHIFT_DAYS:
             continue
         a = anchors[i]
         end = None if e.end_time is None else a.time + (_utc(e.end_time) - _utc(e.time))
@@ -122,14 +129,14 @@ def repair(out: list[Timeline], pool: list[Timeline], targets: list[CodeTarget],
         h = np.zeros((len(tls), len(targets)), dtype=bool)
         for i, tl in enumerate(tls):
             for e in tl.events:
-                j = col.get(_key(e)) if e.kind in CODE_KINDS else None
+                j = col.get(_key(e)) if e.kind in PREVALENCE_KINDS else None
                 if j is not None:
                     h[i, j] = True
         return h
 
     cells, pool_cells = np.array([cell_of(tl) for tl in res]), np.array([cell_of(tl) for tl in pool])
     held, pool_held = holding(res), holding(pool).astype(float)
-    panel_codes = {_key(e) for tl in pool for e in tl.events if e.kind in CODE_KINDS and e.panel_code}
+    panel_codes = {_key(e) for tl in pool for e in tl.events if e.kind in PREVALENCE_KINDS and e.panel_code}
     added = removed = codes_moved = 0
     changed: set[int] = set()
     short: list[str] = []
