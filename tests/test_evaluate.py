@@ -236,3 +236,20 @@ def test_ks_interval_brackets_the_statistic_and_separates_a_shift():
     for r in (same, shifted):
         assert r["ks_ci95"][0] <= r["ks"] <= r["ks_ci95"][1]
     assert shifted["ks_ci95"][0] > same["ks_ci95"][1]
+
+
+def test_code_sets_see_medications_vaccines_procedures_and_allergies(tmp_path):
+    """The distance attack's code sets cover issue 18's kinds: two patients who differ only in a drug differ."""
+    t0 = datetime(2020, 1, 1, tzinfo=timezone.utc)
+    kinds = [("medication", "http://www.nlm.nih.gov/research/umls/rxnorm", "314076"),
+             ("immunization", "http://hl7.org/fhir/sid/cvx", "140"),
+             ("procedure", "http://snomed.info/sct", "430193006"), ("allergy", "http://snomed.info/sct", "300913006")]
+    tls = [Timeline(PatientInfo(f"p{i}", sex="female", birth_date=date(1970, 1, 1)),
+                    [Event(time=t0, kind="condition", system="http://snomed.info/sct", code="44054006")]
+                    + [Event(time=t0, kind=k, system=s, code=c)])
+               for i, (k, s, c) in enumerate(kinds + [kinds[0]])]
+    write_timelines(tls, tmp_path / "c")
+    (m,) = code_sets([load_cohort(tmp_path / "c", "c")])
+    rows = m.toarray()
+    assert rows.shape == (5, 5)  # the condition and the four kinds' codes
+    assert len({tuple(r) for r in rows[:4]}) == 4 and (rows[0] == rows[4]).all()

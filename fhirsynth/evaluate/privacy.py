@@ -109,7 +109,11 @@ def attack_metrics(member_scores: np.ndarray, nonmember_scores: np.ndarray) -> d
 
 
 # ---------------------------------------------------------------- code sets and distances
-def code_sets(cohorts: list[Cohort], kinds: tuple[str, ...] = ("condition", "observation")) -> list[sp.csr_matrix]:
+# every clinical code kind: a record is as identifiable by its drugs, vaccines and procedures as by its diagnoses
+CODE_SET_KINDS = ("condition", "observation", "medication", "immunization", "procedure", "allergy")
+
+
+def code_sets(cohorts: list[Cohort], kinds: tuple[str, ...] = CODE_SET_KINDS) -> list[sp.csr_matrix]:
     """Binary patient x token matrices over the union vocabulary of the given cohorts."""
     vocab: dict[str, int] = {}
     per = []
