@@ -108,7 +108,7 @@ class TrainConfig:
     # linear learning-rate warmup over this share of the steps, then constant (a public schedule)
     warmup_frac: float = 0.1
     weight_decay: float = 0.0
-    vocab_epsilon_fraction: float = 0.4
+    vocab_epsilon_fraction: float = 0.25
     vocab_delta_fraction: float = 0.1
     # share of epsilon / delta for the statistics measured for calibration (measurements.py); 0 = none
     measure_epsilon_fraction: float = 0.2

@@ -28,7 +28,7 @@ from fhirsynth.timeline.types import Timeline
 KINDS = ("none", "quantity", "coded")
 KIND_MIN_SHARE = 0.05
 # the share of the items' (epsilon, delta) that the value kinds take (build_vocab)
-KIND_EPSILON_FRACTION = 0.2  # items 0.6, value kinds 0.15 of the preprocessing epsilon
+KIND_EPSILON_FRACTION = 0.2  # items 0.56, value kinds 0.14 of the preprocessing epsilon
 KIND_DELTA_FRACTION = 0.1
 
 

@@ -452,6 +452,7 @@ def build_vocab(
 # be generated, and its set-union threshold (about 6 sigma, whatever the cohort size) decides which codes those are.
 # With the earlier split (items 0.3) the items got 0.6 of epsilon 8 and a threshold of 391 patients: codes held by
 # 45% of 800 US patients were left out, and all 120 es-ips patients' codes (BENCHMARKS.md, "the budget split").
+# Now the items get 0.56 (value kinds 0.14, value bins, deaths and the sex histogram 0.1 each).
 # k, the items one patient contributes, when not given: the largest on this ladder whose set-union threshold stays
 # under AUTO_THRESHOLD_SHARE of the DP patient count. A threshold near the cohort size releases nothing whatever the
 # data (es-ips, 120 patients, k 64: threshold 132, no code); a small k drops most of each patient's codes from the
@@ -471,7 +472,7 @@ def auto_items_per_patient(n_estimate: float, epsilon: float, delta: float) -> i
     return best
 
 
-SEX_EPSILON_FRACTION = 0.05  # a Laplace histogram of 4 cells: 0.16 of epsilon 8 still gives scale 6 patients
+SEX_EPSILON_FRACTION = 0.1  # its noisy total is the DP patient count that k, delta and the sampling rate derive from
 VALUE_EPSILON_FRACTION = 0.1  # for the bins of non-public codes (dpbins.py); few codes reach its threshold
 VALUE_DELTA_FRACTION = 0.5  # of the preprocessing delta, likewise (the items get the rest)
 DEATH_EPSILON_FRACTION = 0.1  # for the deceased share per birth band
