@@ -294,3 +294,15 @@ def test_calibrated_chunks_are_drawn_from_their_own_pool_and_numbered(tiny, monk
     messages = [r.getMessage() for r in caplog.records if r.name == cb.log.name]
     assert [m.split(" patients")[0] for m in messages] == ["calibration: pool 10 -> 5", "calibration: pool 10 -> 5",
                                                            "calibration: pool 4 -> 2"]
+
+
+def test_uncalibrated_generation_passes_the_sampling_options_on(tiny):
+    """A constraint (here sex) turns calibration off: the sampler must still get the constraint and the seed."""
+    from fhirsynth.model.calibrate import generated_timelines
+    from fhirsynth.model.sampler import sample_timelines
+
+    sample = {"seed": 7, "device": "cpu", "sex": "male"}
+    got = list(generated_timelines(tiny, 6, sample))
+    assert {t.patient.sex for t in got} == {"male"}
+    want = list(sample_timelines(tiny, 6, seed=7, device="cpu", sex="male"))
+    assert [repr(t.events) for t in got] == [repr(t.events) for t in want]

@@ -4,6 +4,7 @@ independent solution, the systematic draw, and calibrate's report recomputed fro
 
 from __future__ import annotations
 
+import json
 from datetime import date, datetime, timedelta, timezone
 
 import numpy as np
@@ -247,3 +248,26 @@ def test_summary_lists_every_statistic_before_and_after():
     assert cb.summary(rep) == ("calibration: pool 50 -> 10 patients (effective pool 32); max error by statistic "
                                "before [cells 0.123, visits 0.050], after [cells 0.010, visits 0.005]; mean error "
                                "before [cells 0.020, visits 0.010], after [cells 0.001, visits 0.002]")
+
+
+# ---------------------------------------------------------------- when generation calibrates
+@pytest.mark.parametrize("constraint", [{"sex": "female"}, {"age": (30, 40)}, {"condition": A[1:]}])
+def test_any_constraint_skips_the_measurements_and_says_so(tmp_path, caplog, constraint):
+    (tmp_path / ms.MEASUREMENTS).write_text('{"format": 0}')  # never read: a constraint decides first
+    caplog.set_level("INFO", logger=cb.log.name)
+    assert cb.measurements_to_calibrate_to(tmp_path, {"seed": 1, "sex": None, **constraint}) is None
+    assert [r.getMessage() for r in caplog.records if r.name == cb.log.name] == [
+        "sex / age / condition constraint given: not calibrated (the measurements describe the whole cohort)"]
+
+
+def test_measurements_are_read_without_constraints_and_their_absence_is_logged(tmp_path, caplog):
+    caplog.set_level("INFO", logger=cb.log.name)
+    sample = {"seed": 1, "sex": None, "age": None, "condition": None}
+    assert cb.measurements_to_calibrate_to(tmp_path, sample) is None
+    assert [r.getMessage() for r in caplog.records if r.name == cb.log.name] == [
+        "the model holds no measurements (trained before calibration or with measurement share 0): not calibrated"]
+    caplog.clear()
+    doc = exact_doc(cohort(30, 0.5, 6))
+    (tmp_path / ms.MEASUREMENTS).write_text(json.dumps(doc))
+    assert cb.measurements_to_calibrate_to(tmp_path, sample) == doc
+    assert not [r for r in caplog.records if r.name == cb.log.name]
