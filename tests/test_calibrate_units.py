@@ -129,14 +129,16 @@ def reference_weights(Q, tg, n_out: int, tau: float) -> np.ndarray:
     return _softmax(res.x)
 
 
-@pytest.mark.parametrize("n_out,tau", [(5, 0.02), (3, 0.05)])
+# entropy weights where L-BFGS converges tightly (with tau 0.02 it stops within 1e-3 of the minimum), the cap
+# binding in the first; a family weighed twice or a cap gradient 1.5 times too steep misses by 1e-4 or more
+@pytest.mark.parametrize("n_out,tau", [(5, 0.2), (4, 0.5), (2, 1.0)])
 def test_fit_weights_reach_the_minimum_of_the_documented_objective(n_out, tau):
     Q, tg = _problem()
     w = cb.fit_weights(Q, tg, n_out, tau=tau)
     ref = reference_weights(Q, tg, n_out, tau)
     assert w.sum() == pytest.approx(1.0) and (w > 0).all()
-    assert objective(w, Q, tg, n_out, tau) <= objective(ref, Q, tg, n_out, tau) * (1 + 2e-3)
-    assert np.abs(w - ref).max() < 5e-3
+    assert objective(w, Q, tg, n_out, tau) <= objective(ref, Q, tg, n_out, tau) * (1 + 2e-5)
+    assert np.abs(w - ref).max() < 2e-4
 
 
 def test_fit_weights_keep_every_weight_under_one_over_n():
