@@ -4,6 +4,10 @@ batches' randomness comes from, and who adds the noise."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -67,6 +71,31 @@ def test_install_sampling_refuses_a_loader_without_poisson_sampling():
         securerng.install_sampling(DataLoader(_seqs(4), batch_size=2, collate_fn=pad_collate))
 
 
+@pytest.mark.parametrize("q,n", [(0.25, 4), (0.125, 4), (0.5, 10)])
+def test_expected_batch_is_q_times_the_estimate_but_at_least_one(q, n):
+    """Opacus divides the summed clipped gradients by the expected batch: q n from the DP estimate of n, floored at
+    1 (a smaller divisor would scale the noise up, a larger one the signal down)."""
+    _, opt, _ = _private(_seqs(n), q=q, secure=False)
+    assert opt.expected_batch_size == max(q * n, 1.0)
+
+
+def test_box_muller_pairs_are_independent():
+    """Both outputs of a Box-Muller pair are used: they must be uncorrelated (a wrong angle in one correlates them,
+    and correlated noise coordinates break the Gaussian mechanism's analysis)."""
+    z = securerng.secure_normal(400_000)
+    assert abs(np.corrcoef(z[:200_000], z[200_000:])[0, 1]) < 0.015
+    assert abs(z.mean()) < 0.01 and z.std() == pytest.approx(1.0, abs=0.01)
+
+
+def test_dpnoise_enables_the_opendp_features_it_needs_itself():
+    """A fresh interpreter (nothing else has enabled OpenDP's "contrib" measurements) calibrates and draws noise."""
+    code = ("from fhirsynth.model.dpnoise import NoiseSource, gaussian_sigma; import numpy as np; "
+            "assert gaussian_sigma(1.0, 1e-6, 1.0) > 0; "
+            "print(len(NoiseSource.secure_source().gaussian(np.zeros(3, dtype=np.int64), 2.0)))")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and run.stdout.strip() == "3", run.stderr[-2000:]
+
+
 def _summed_grads(model, opt, loader) -> list[torch.Tensor]:
     """One real DP step up to the noise: per-sample gradients, clipped and summed by Opacus."""
     batch = as_batch(next(iter(loader)))
@@ -116,10 +145,71 @@ def test_distributed_branch_samples_with_the_runs_rate_seed_and_source(one_proce
     torch.manual_seed(99)
     assert _batches(_private(ds, q=0.25, secure=False, seed=3, dctx=one_process_group)[2]) == batches
     assert _batches(_private(ds, q=0.25, secure=False, seed=4, dctx=one_process_group)[2]) != batches
-    # secure: os.urandom, so the same seed gives other batches
-    secure_loader = _private(ds, q=0.25, secure=True, seed=3, dctx=one_process_group)[2]
-    assert _batches(secure_loader) != _batches(secure_loader)
+    # secure: os.urandom, so two loaders of the same seed give other batches
+    secure = [_batches(_private(ds, q=0.25, secure=True, seed=3, dctx=one_process_group)[2]) for _ in range(2)]
+    assert secure[0] != secure[1] and len(secure[0]) == 4
     # the default collate pads patients of different lengths
     loader = _private(ds, q=1.0, secure=False, seed=3, dctx=one_process_group)[2]
     batch = as_batch(next(iter(loader)))
     assert torch.equal(batch, pad_collate([ds[i] for i in _batches(loader)[0]]))  # q = 1: all, in the shard order
+
+
+# ---------------------------------------------------------------- the measurement share of the budget
+def _tc(**kw):
+    from dataclasses import replace
+
+    from fhirsynth.model.config import TrainConfig
+
+    # every fraction given here: the defaults are a policy that may change, the rules below are not
+    base = dict(dp=True, epsilon=1.0, delta=1e-6, vocab_epsilon_fraction=0.3, vocab_delta_fraction=0.3,
+                measure_epsilon_fraction=0.1, measure_delta_fraction=0.1)
+    return replace(TrainConfig(), **{**base, **kw})
+
+
+@pytest.mark.parametrize("kw", [{"measure_epsilon_fraction": 1.0}, {"measure_epsilon_fraction": -0.1},
+                                {"measure_delta_fraction": 1.0}, {"measure_delta_fraction": -0.1},
+                                {"measure_delta_fraction": 0.0}, {"measure_epsilon_fraction": 0.0}])
+def test_measurement_fractions_are_in_0_1_and_both_zero_or_both_positive(kw):
+    from fhirsynth.errors import PrivacyBudgetError
+    from fhirsynth.model.train import _validate
+
+    with pytest.raises(PrivacyBudgetError) as err:
+        _validate(_tc(**kw))
+    assert err.value.message == f"must be in [0, 1) (got {_tc(**kw).measure_epsilon_fraction})"
+    assert err.value.where == "--measure-epsilon-fraction"
+
+
+def test_measurement_and_vocabulary_shares_must_leave_training_some():
+    from fhirsynth.errors import PrivacyBudgetError
+    from fhirsynth.model.train import _validate
+
+    _validate(_tc(measure_epsilon_fraction=0.0, measure_delta_fraction=0.0))  # no measurements at all
+    _validate(_tc(vocab_delta_fraction=0.5, measure_delta_fraction=0.44))
+    for kw in ({"vocab_delta_fraction": 0.5, "measure_delta_fraction": 0.45},
+               {"vocab_epsilon_fraction": 0.5, "measure_epsilon_fraction": 0.45}):
+        with pytest.raises(PrivacyBudgetError) as err:
+            _validate(_tc(**kw))
+        assert err.value.message == "the vocabulary and measurement shares leave (almost) nothing for training"
+        assert err.value.where == "--measure-epsilon-fraction"
+
+
+def test_measurement_fraction_is_checked_without_dp_too():
+    from fhirsynth.errors import UsageError
+    from fhirsynth.model.train import _validate
+
+    _validate(_tc(dp=False, measure_epsilon_fraction=0.0, measure_delta_fraction=0.0))
+    for value in (1.0, 1.5):
+        with pytest.raises(UsageError) as err:
+            _validate(_tc(dp=False, measure_epsilon_fraction=value))
+        assert err.value.message == f"--measure-epsilon-fraction must be in [0, 1) (got {value})"
+
+
+def test_privacy_report_names_the_measurement_mechanism_or_its_absence():
+    from fhirsynth.model.train import _privacy_report
+
+    args = (500, 1.3, 0.02, 800, 6.1, 6.4, 1.2, 4e-6, 6e-6, {"mechanism": "m", "epsilon": 0.5})
+    with_meas = _privacy_report(_tc(epsilon=8.0), *args, {"mechanism": "x", "epsilon": 0.8})
+    assert with_meas["mechanisms"]["measurements"] == ("calibration statistics (measurements.json): discrete Gaussian "
+                                                       "per family, zCDP composition (see measurements)")
+    without = _privacy_report(_tc(epsilon=8.0, measure_epsilon_fraction=0.0, measure_delta_fraction=0.0), *args, None)
+    assert without["mechanisms"]["measurements"] == "none (measurement share 0)"
