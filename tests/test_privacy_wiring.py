@@ -92,7 +92,15 @@ def test_dpnoise_enables_the_opendp_features_it_needs_itself():
     code = ("from fhirsynth.model.dpnoise import NoiseSource, gaussian_sigma; import numpy as np; "
             "assert gaussian_sigma(1.0, 1e-6, 1.0) > 0; "
             "print(len(NoiseSource.secure_source().gaussian(np.zeros(3, dtype=np.int64), 2.0)))")
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    import os
+    from pathlib import Path
+
+    import fhirsynth
+
+    # the package this test imported (under mutmut: its mutants/ copy), not whatever the new interpreter finds
+    root = str(Path(fhirsynth.__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env, cwd=root)
     assert run.returncode == 0 and run.stdout.strip() == "3", run.stderr[-2000:]
 
 
