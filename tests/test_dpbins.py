@@ -135,9 +135,9 @@ def test_grid_is_symmetric_and_increasing():
     assert np.all(np.diff(GRID) > 0) and np.allclose(GRID, -GRID[::-1])
 
 
-def _one_value(pid: str, value: float) -> Timeline:
+def _one_value(pid: str, value: float, unit: str = "%") -> Timeline:
     ev = Event(time=datetime(2020, 1, 1, tzinfo=timezone.utc), kind="observation", system=LOINC, code=HCT[0],
-               value=value, unit="%", category="laboratory")
+               value=value, unit=unit, category="laboratory")
     return Timeline(PatientInfo(pid, sex="female"), [ev])
 
 
@@ -152,5 +152,7 @@ def test_each_patient_counts_once_toward_the_unit_and_the_grid_cell():
 
     assert release([_one_value("a", 40.0)]) == {}  # one patient: the unit count 1 is below 2
     assert release([_one_value("a", 40.0), _one_value("b", 4.0)]) == {}  # unit count 2, but 1 per cell
-    both = release([_one_value("a", 40.0), _one_value("b", 40.1)])  # the same cell twice: released
+    # the same cell twice, but in two units that each count 1: no unit is released
+    assert release([_one_value("a", 40.0), _one_value("b", 40.1, "L/L")]) == {}
+    both = release([_one_value("a", 40.0), _one_value("b", 40.1)])  # the same cell twice, one unit: released
     assert list(both) == [(LOINC, HCT[0])] and both[(LOINC, HCT[0])].unit == "%"
