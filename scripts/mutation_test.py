@@ -49,13 +49,14 @@ GROUPS: dict[str, dict[str, list[str]]] = {
                          *(f"fhirsynth.model.train.x_{f}*" for f in (
                              "default_delta", "_validate", "steps_per_epoch_for", "_noise_multiplier", "epsilons",
                              "accounted_steps", "make_private", "_privacy_report"))],
-                "tests": ["tests/test_privacy_units.py", "tests/test_securerng.py",
+                "tests": ["tests/test_privacy_units.py", "tests/test_securerng.py", "tests/test_privacy_wiring.py",
                           "tests/test_privacy_guarantee.py::test_accountant_rate_and_steps_are_the_loops",
                           "tests/test_privacy_guarantee.py::test_noise_reaching_the_weights_has_std_sigma_times_clip",
                           "tests/test_privacy_guarantee.py::test_empty_first_poisson_batch_is_a_noise_only_step"]},
     # the calibration statistics released at train time and the reweighting of generate (issue 15)
     "calibration": {"mutate": ["fhirsynth/model/measurements.py", "fhirsynth/model/calibrate.py"],
-                    "tests": ["tests/test_calibrate.py"]},
+                    "tests": ["tests/test_calibrate_units.py", "tests/test_measurements_units.py",
+                              "tests/test_calibrate.py"]},
     "dpbins": {"mutate": ["fhirsynth/model/dpbins.py"],
                "tests": ["tests/test_privacy_units.py", "tests/test_dpbins.py"]},
 }

@@ -270,3 +270,39 @@ def test_measurements_missing_what_calibration_reads_are_a_clear_error(tmp_path,
     (tmp_path / "measurements.json").write_text(json.dumps(doc))
     with pytest.raises(ModelDirError, match="unreadable measurements"):
         ms.load(tmp_path)
+
+
+def test_calibrated_chunks_are_drawn_from_their_own_pool_and_numbered(tiny, monkeypatch, caplog):
+    """n = 12 in chunks of 5 (5, 5, 2), each drawn from the next pool_factor x chunk sampled patients of the same
+    seed; ids syn-<seed>-<index> in output order."""
+    from fhirsynth.model import calibrate as cb
+    from fhirsynth.model.sampler import sample_timelines
+
+    def content(tl: Timeline):
+        return (repr(tl.events), tl.patient.sex, tl.patient.birth_date, tl.patient.deceased)
+
+    monkeypatch.setattr(cb, "CALIBRATION_CHUNK", 5)
+    doc = ms.load(tiny)
+    caplog.set_level("INFO", logger=cb.log.name)
+    sample = {"seed": 9, "device": "cpu"}
+    out = list(cb.calibrated_timelines(tiny, 12, doc, 2, sample))
+    assert [t.patient.patient_id for t in out] == [f"syn-9-{i}" for i in range(12)]
+    stream = [content(t) for t in sample_timelines(tiny, 24, seed=9, device="cpu")]
+    for lo, hi in ((0, 5), (5, 10), (10, 12)):
+        pool = stream[2 * lo: 2 * hi]
+        assert all(content(t) in pool for t in out[lo:hi]), (lo, hi)
+    messages = [r.getMessage() for r in caplog.records if r.name == cb.log.name]
+    assert [m.split(" patients")[0] for m in messages] == ["calibration: pool 10 -> 5", "calibration: pool 10 -> 5",
+                                                           "calibration: pool 4 -> 2"]
+
+
+def test_uncalibrated_generation_passes_the_sampling_options_on(tiny):
+    """A constraint (here sex) turns calibration off: the sampler must still get the constraint and the seed."""
+    from fhirsynth.model.calibrate import generated_timelines
+    from fhirsynth.model.sampler import sample_timelines
+
+    sample = {"seed": 7, "device": "cpu", "sex": "male"}
+    got = list(generated_timelines(tiny, 6, sample))
+    assert {t.patient.sex for t in got} == {"male"}
+    want = list(sample_timelines(tiny, 6, seed=7, device="cpu", sex="male"))
+    assert [repr(t.events) for t in got] == [repr(t.events) for t in want]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 from collections import Counter
+from datetime import datetime, timezone
 
 import numpy as np
 import torch
@@ -22,7 +23,7 @@ from fhirsynth.model.grammar import Grammar, replay
 from fhirsynth.model.tokenizer import Tokenizer
 from fhirsynth.model.train import pad_collate
 from fhirsynth.model.vocab import Item, Vocab, build_vocab
-from fhirsynth.timeline.types import Event
+from fhirsynth.timeline.types import Event, PatientInfo, Timeline
 
 HCT = ("20570-8", "Hematocrit [Volume Fraction] of Blood")  # not in mappings/reference-ranges.toml
 PAIN = ("59460-6", "Fall risk total [Morse Fall Scale]")
@@ -132,3 +133,26 @@ def test_values_of_private_codes_survive_the_round_trip():
 
 def test_grid_is_symmetric_and_increasing():
     assert np.all(np.diff(GRID) > 0) and np.allclose(GRID, -GRID[::-1])
+
+
+def _one_value(pid: str, value: float, unit: str = "%") -> Timeline:
+    ev = Event(time=datetime(2020, 1, 1, tzinfo=timezone.utc), kind="observation", system=LOINC, code=HCT[0],
+               value=value, unit=unit, category="laboratory")
+    return Timeline(PatientInfo(pid, sex="female"), [ev])
+
+
+def test_each_patient_counts_once_toward_the_unit_and_the_grid_cell():
+    """A patient adds exactly 1 to their unit's count and to their value's grid cell (the L2 sensitivity sqrt(2m)
+    assumes it): at min_count 2, one patient releases no unit, and two patients in different cells no support."""
+    items = [Item("observation", LOINC, HCT[0], HCT[1], "laboratory")]
+
+    def release(tls):
+        return release_value_bins(tls, items, public_codes=set(), m=1, dp=False, epsilon=None, delta=None,
+                                  min_count=2, noise=NoiseSource.reproducible(0))[0]
+
+    assert release([_one_value("a", 40.0)]) == {}  # one patient: the unit count 1 is below 2
+    assert release([_one_value("a", 40.0), _one_value("b", 4.0)]) == {}  # unit count 2, but 1 per cell
+    # the same cell twice, but in two units that each count 1: no unit is released
+    assert release([_one_value("a", 40.0), _one_value("b", 40.1, "L/L")]) == {}
+    both = release([_one_value("a", 40.0), _one_value("b", 40.1)])  # the same cell twice, one unit: released
+    assert list(both) == [(LOINC, HCT[0])] and both[(LOINC, HCT[0])].unit == "%"

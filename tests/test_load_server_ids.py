@@ -8,6 +8,7 @@ tested against Medplum in test_load_medplum.py; this server is fast enough for t
 from __future__ import annotations
 
 import json
+import re
 import threading
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -273,3 +274,18 @@ def test_resources_without_identifier_are_posted_unconditionally_and_counted(tmp
     # the one with an identifier is found again; the two without are stored a second time
     assert server.counts() == Counter({"Patient": 2, "Observation": 3}) and server.dangling() == []
     assert again.by_type() == {"Observation": {"created": 1, "existing": 1}, "Patient": {"created": 1}}
+
+
+def test_unknown_locations_are_named_three_at_most(tmp_path):
+    """The failure message names the first three entries whose location the answer does not give, then stops."""
+    _export(tmp_path / "n", n=2)
+    with AssigningServer("none") as server:
+        report = load_export(tmp_path / "n", server.url, ids="server", max_entries=6, retries=0)
+    message = report.failures[0]["message"]
+    unknown = int(re.search(r"stored, but (\d+) location\(s\) unknown", message).group(1))
+    assert unknown >= 4
+    tail = message.split("later references cannot be resolved: ", 1)[1]
+    named = re.sub(r"; \d+ later entries of the file not sent$", "", tail).split("; ")
+    assert len(named) == 3
+    assert all(re.fullmatch(r"[A-Za-z]+/[\w.-]+: the server's answer says neither its location nor its id", n)
+               for n in named), named

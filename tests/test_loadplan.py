@@ -293,3 +293,40 @@ def test_conditional_mode_needs_both_system_and_value_and_sends_several_provenan
     parts = chunks([*provs, entry_for({"resourceType": "Patient", "id": "p"}, "urn:uuid:p")], 2, "conditional")
     assert [[e.name for e in c] for c in parts] == [["Patient/p"], ["Provenance/v0", "Provenance/v1"],
                                                    ["Provenance/v2"]]
+
+
+def test_what_cannot_be_sent_is_refused_with_the_whole_reason():
+    entries = _patient_bundle()
+    located = Located()
+    located.add(entries)
+    encounter = next(e for e in entries if e.rtype == "Encounter")
+    with pytest.raises(NotLoadable) as err:  # a batch cannot point at an entry of the same batch
+        prepare([encounter, entries[-1]], located, "server", batch=True)
+    assert str(err.value) == ("Encounter/e refers to urn:uuid:p, which is not stored yet (a batch resolves no "
+                              "reference between its entries, so with server-assigned ids it must be stored by an "
+                              "earlier batch)")
+    with pytest.raises(NotLoadable) as err:  # a transaction without the Patient, which is not stored either
+        prepare([encounter], located, "server", batch=False)
+    assert str(err.value) == ("Encounter/e refers to urn:uuid:p, which is not stored yet (a reference cycle between "
+                              "transactions?)")
+    ndjson = Located(export_types=frozenset({"Patient", "Observation"}))
+    obs = entry_for({"resourceType": "Observation", "id": "o", "subject": {"reference": "Patient/p"}})
+    ndjson.add([obs])
+    with pytest.raises(NotLoadable) as err:
+        prepare([obs], ndjson, "conditional", batch=False)
+    assert str(err.value) == ("Observation/o refers to Patient/p, which this export holds but has not stored yet; "
+                              "with server-assigned ids the referenced type must load first (or use --ids client)")
+    # our own ids (client mode): the Patient will be at Patient/p whatever the order, so nothing is refused
+    sent = prepare([obs], ndjson, "client", batch=False).bundle["entry"][0]
+    assert sent["request"] == {"method": "PUT", "url": "Observation/o"}
+    assert sent["resource"]["subject"] == {"reference": "Patient/p"}
+
+
+def test_conditional_provenance_is_matched_by_its_patient_target_not_its_first():
+    prov = entry_for({"resourceType": "Provenance", "id": "v",
+                      "target": ["Patient/p0", {"reference": "Observation/o9"}, {"reference": "Patient/p9"}],
+                      "agent": [{"type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/"
+                                                                "provenance-participant-type", "code": "assembler"}]}}]})
+    sent = prepare([prov], Located(), "conditional", batch=False).bundle["entry"][0]
+    assert sent["request"]["ifNoneExist"] == ("target=Patient/p9&agent-type=http://terminology.hl7.org/CodeSystem/"
+                                              "provenance-participant-type|assembler")
