@@ -285,7 +285,7 @@ def test_calibrated_chunks_are_drawn_from_their_own_pool_and_numbered(tiny, monk
     doc = ms.load(tiny)
     caplog.set_level("INFO", logger=cb.log.name)
     sample = {"seed": 9, "device": "cpu"}
-    out = list(cb.calibrated_timelines(tiny, 12, doc, 2, sample))
+    out = list(cb.calibrated_timelines(tiny, 12, doc, 2, sample, repair=False))  # repair would edit the draws
     assert [t.patient.patient_id for t in out] == [f"syn-9-{i}" for i in range(12)]
     stream = [content(t) for t in sample_timelines(tiny, 24, seed=9, device="cpu")]
     for lo, hi in ((0, 5), (5, 10), (10, 12)):

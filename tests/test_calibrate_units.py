@@ -210,7 +210,8 @@ def _shares(tls: list[Timeline], spec: ms.Spec, families) -> dict[str, np.ndarra
 def test_calibrate_reports_errors_recomputed_from_its_output():
     real, pool, n = cohort(300, 0.8, 1), cohort(200, 0.3, 2), 40
     doc = exact_doc(real)
-    out, rep = cb.calibrate(pool, doc, n, seed=5)
+    out, rep = cb.calibrate(pool, doc, n, seed=5, repair=False)
+    repaired, rep_r = cb.calibrate(pool, doc, n, seed=5)
     spec = ms.Spec.from_json(doc["spec"])
     fams = [f for f, size in spec.sizes().items() if size]
     want = _shares(real, spec, fams)  # exact measurements: the targets are the real cohort's shares
@@ -218,6 +219,10 @@ def test_calibrate_reports_errors_recomputed_from_its_output():
                           ("drawn_mean", out, np.mean)):
         got = _shares(tls, spec, fams)
         assert rep[key] == pytest.approx({f: float(agg(np.abs(got[f] - want[f]))) for f in fams}), key
+        assert rep_r[key] == pytest.approx(rep[key]), key  # repair comes after the draw: the same draw
+    got = _shares(repaired, spec, fams)
+    assert rep_r["repaired"] == pytest.approx({f: float(np.max(np.abs(got[f] - want[f]))) for f in fams})
+    assert "repaired" not in rep and rep_r["repaired"]["prevalence"] < rep_r["drawn"]["prevalence"]
     assert (rep["pool"], rep["n"]) == (200, n)
     assert n / 1.2 <= rep["effective_pool"] < 200
     assert 0 <= rep["capped"] <= n
@@ -226,17 +231,17 @@ def test_calibrate_reports_errors_recomputed_from_its_output():
 def test_calibrating_a_pool_that_already_matches_keeps_it_uniform():
     pool = cohort(120, 0.5, 3)
     doc = exact_doc(pool)
-    out, rep = cb.calibrate(pool, doc, 30, seed=0)
+    out, rep = cb.calibrate(pool, doc, 30, seed=0, repair=False)
     assert rep["effective_pool"] == pytest.approx(120, rel=1e-3) and rep["capped"] == 0
     # other seeds, of either parity, draw other patients; the same seed the same ones
-    draws = {seed: [id(t) for t in cb.calibrate(pool, doc, 30, seed=seed)[0]] for seed in (0, 2, 3)}
+    draws = {seed: [id(t) for t in cb.calibrate(pool, doc, 30, seed=seed, repair=False)[0]] for seed in (0, 2, 3)}
     assert draws[0] == [id(t) for t in out] and draws[0] != draws[2] and draws[0] != draws[3]
 
 
 def test_calibrate_may_take_the_whole_pool_but_not_more():
     pool = cohort(40, 0.5, 4)
     doc = exact_doc(cohort(100, 0.9, 5))
-    out, rep = cb.calibrate(pool, doc, 40, seed=1)
+    out, rep = cb.calibrate(pool, doc, 40, seed=1, repair=False)
     assert sorted(id(t) for t in out) == sorted(id(t) for t in pool)
     assert rep["capped"] == 40
     with pytest.raises(ValueError, match=r"the pool \(40\) is smaller than the requested count \(41\)"):

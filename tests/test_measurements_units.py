@@ -118,12 +118,13 @@ def test_events_family_counts_condition_and_observation_events_only():
     assert q["visits"] == [ms.bucket(len(codes))]
 
 
-def test_vocab_codes_keep_condition_and_observation_codes_with_system_and_code_once():
+def test_vocab_codes_keep_clinical_codes_with_system_and_code_once():
     items = [Item(kind="condition", system="s", code="1"), Item(kind="medication", system="rx", code="9"),
              Item(kind="condition", system=None, code="2"), Item(kind="observation", system="l", code=None),
              Item(kind="encounter", system=None, code="AMB"), Item(kind="observation", system="l", code="3"),
              Item(kind="condition", system="s", code="1", display="again")]
-    assert ms.vocab_codes(_Vocab(items)) == [("condition", "s", "1"), ("observation", "l", "3")]
+    assert ms.vocab_codes(_Vocab(items)) == [("condition", "s", "1"), ("medication", "rx", "9"),
+                                             ("observation", "l", "3")]
 
 
 # ---------------------------------------------------------------- sensitivities
@@ -215,15 +216,16 @@ def test_exact_measure_releases_integer_counts_and_its_parameters(caplog):
     assert doc["dp"] is False and doc["format"] == ms.FORMAT
     assert rep == {"mechanism": "exact counts (no DP)", "epsilon": None, "delta": None, "file": ms.MEASUREMENTS}
     spec = ms.Spec.from_json(doc["spec"])
-    assert spec.max_codes == 2 and spec.max_absent == 3 and len(spec.pair_codes) == 1
+    # without DP nothing is bounded: every code and every absent pair counts, whatever was asked
+    assert spec.max_codes == 3 and spec.max_absent == 2 and len(spec.pair_codes) == 1
     sens = spec.sensitivities()
     for f, v in doc["families"].items():
         assert v == {"counts": v["counts"], "sigma": 0.0, "sensitivity": sens[f], "rho_share": None}
         assert all(type(x) is int for x in v["counts"]), f  # JSON integers, as the noisy counts are
     exact = ms.exact_counts(tls, spec, tuple(doc["families"]))
     assert all(doc["families"][f]["counts"] == exact[f].tolist() for f in exact)
-    # max_codes 2: a patient holding A, B and C counts only A and B
-    assert sum(doc["families"]["prevalence"]["counts"]) == sum(min(2, len({e.code for e in t.events})) for t in tls)
+    # the max_codes 2 asked for does not apply without DP: a patient holding A, B and C counts all three
+    assert sum(doc["families"]["prevalence"]["counts"]) == sum(len({e.code for e in t.events}) for t in tls)
     total = sum(len(v["counts"]) for v in doc["families"].values())
     sizes = ", ".join(f"{f} {len(v['counts'])}" for f, v in doc["families"].items())
     assert [r.getMessage() for r in caplog.records if r.name == ms.log.name] == [f"measured {total} statistics ({sizes})"]
