@@ -182,12 +182,16 @@ def main() -> int:
         cols[f"{label} calibrated"]["effective_pool"] = rep["effective_pool"]
     table = {name: {k: c[k] for k in KEYS if k in c} for name, c in cols.items()}
     if methods:
+        import dp_smartnoise
+
+        n_common = len(dp_smartnoise.choose_codes(train, max_codes=sys.maxsize))
         notes = [f"{m.upper()} (smartnoise-synth, delta 1e-9, its default): fitted on a per-patient table of the "
                  f"--baseline-max-codes={args.baseline_max_codes} most common condition / observation codes held "
-                 f"by >= 1% of training patients (0/1 each) plus sex and 10-year age band at the last event; "
-                 f"fit {min(f):.0f}-{max(f):.0f} s" for m, f in fits.items()] + [
-            "this column choice and its binning are read from the training data and NOT privacy-accounted (this "
-            "favours the baselines); codes outside it are absent from their output",
+                 f"by >= 1% of training patients (of {n_common} such codes; 0/1 each) plus sex and 10-year age "
+                 f"band at the last event; fit {min(f):.0f}-{max(f):.0f} s" for m, f in fits.items()] + [
+            "this code choice is read from the training data without noise and NOT privacy-accounted (this "
+            "favours the baselines); codes outside it are absent from their output (prevalence 0 in prevalence_r2 and "
+            "patient_cooc_r2)",
             "what MST / AIM and the independent release model is per-code prevalence and patient-level "
             "co-occurrence; their visits, days, events per patient, within-visit and transition metrics are "
             "degenerate by design (every code once, all on one day)"] + notes
