@@ -24,12 +24,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import logging
 import math
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -40,7 +38,9 @@ import pandas as pd
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
 
+from dp_smartnoise import BASELINE_KWARGS, run_baseline  # noqa: E402 - shared with bench_calibrate
 from fhirsynth.evaluate.cohort import load_cohort  # noqa: E402
 from fhirsynth.evaluate.fidelity import detection_auc, gaussian_copula_hellinger, r2_identity  # noqa: E402
 from fhirsynth.evaluate.html import render_study_html  # noqa: E402
@@ -119,28 +119,6 @@ def train_and_sample(train: Path, eps: float, work: Path, args: argparse.Namespa
 
 
 # ---------------------------------------------------------------- smartnoise-synth baseline
-# Runs in the smartnoise-synth venv (--baseline-python). argv: in.csv out.csv method eps n seed kwargs-json.
-# Both MST and AIM draw from numpy's global RNG, so it is seeded for a repeatable run.
-BASELINE_SCRIPT = r"""
-import json, sys, time, numpy as np, pandas as pd
-from snsynth import Synthesizer
-inp, out, method = sys.argv[1:4]
-eps, n, seed, kwargs = float(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6]), json.loads(sys.argv[7])
-np.random.seed(seed)
-df = pd.read_csv(inp).astype(str)
-t = time.perf_counter()
-synth = Synthesizer.create(method, epsilon=eps, verbose=False, **kwargs)
-synth.fit(df, preprocessor_eps=0.0, categorical_columns=list(df.columns))
-fit_s = time.perf_counter() - t
-synth.sample(n).to_csv(out, index=False)
-sys.stderr.write("FIT_SECONDS %.1f\n" % fit_s)
-"""
-# AIM's work grows with rounds x candidate marginals x model size; uncapped (16*d rounds over all 1,711 two-way
-# marginals of the 59-column table) it does not finish in hours on 2 cores. These caps make one fit take
-# 2-8 min on one niced core (measured): 80 budget shares (~0.9*d of them go to the one-way marginals, so at most
-# ~27 adaptive rounds, fewer when AIM halves its noise), a seeded random 200 of the two-way marginals as the
-# workload, and a 20 MB junction-tree model. MST has no knobs worth capping (it is fast).
-BASELINE_KWARGS: dict[str, dict] = {"mst": {}, "aim": {"rounds": 80, "num_marginals": 200, "max_model_size": 20}}
 # The epsilon = inf row of a tabular baseline: the same mechanism with negligible noise. Resampling the training
 # table instead would be memorisation, which the holdout (fidelity ceiling) and replay columns already show;
 # what the inf row must show is how close the method's own model (a junction tree of low-order marginals) can
@@ -173,37 +151,6 @@ def table_metrics(real_binned: pd.DataFrame, other_binned: pd.DataFrame, seed: i
     return {"hellinger": gaussian_copula_hellinger(real_binned, other_binned),
             "detection_auc": detection_auc(real_binned, other_binned, seed=seed).get("auc"),
             "condition_prevalence_r2": r2}
-
-
-def run_baseline(method: str, python: str, real_binned: pd.DataFrame, eps: float, n: int, work: Path,
-                 seed: int = 1) -> tuple[pd.DataFrame, float]:
-    """Fit `method` on the binned table at eps in the smartnoise venv; returns (synthetic table, fit seconds).
-    Cached: a finished output whose sidecar names the same input, method, settings and seed is reused."""
-    inp, out = work / "baseline-in.csv", work / f"baseline-{method}-eps{eps}.csv"
-    text = real_binned.to_csv(index=False)
-    if not inp.is_file() or inp.read_text() != text:
-        tmp = inp.with_name(f".{inp.name}.tmp")
-        tmp.write_text(text)
-        os.replace(tmp, inp)
-    kwargs = BASELINE_KWARGS.get(method, {})
-    key = {"input_sha256": hashlib.sha256(text.encode()).hexdigest(), "method": method, "epsilon": eps, "n": n,
-           "seed": seed, "kwargs": kwargs}
-    side = out.with_suffix(".json")
-    if out.is_file() and side.is_file() and json.loads(side.read_text()).get("key") == key:
-        log.info("reusing %s", out)
-        fit_s = json.loads(side.read_text()).get("fit_s", math.nan)
-    else:
-        tmp_out = out.with_name(f".{out.name}.tmp")
-        t = time.perf_counter()
-        proc = subprocess.run([python, "-c", BASELINE_SCRIPT, str(inp), str(tmp_out), method, str(eps), str(n),
-                               str(seed), json.dumps(kwargs)], capture_output=True, text=True, timeout=3600)
-        if proc.returncode != 0:
-            raise RuntimeError(proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "baseline failed")
-        fit_s = next((float(line.split()[1]) for line in proc.stderr.splitlines() if line.startswith("FIT_SECONDS")),
-                     time.perf_counter() - t)
-        os.replace(tmp_out, out)
-        side.write_text(json.dumps({"key": key, "fit_s": fit_s}))
-    return pd.read_csv(out).astype(int).reindex(columns=real_binned.columns), fit_s
 
 
 # ---------------------------------------------------------------- output
