@@ -54,9 +54,10 @@ GROUPS: dict[str, dict[str, list[str]]] = {
                           "tests/test_privacy_guarantee.py::test_noise_reaching_the_weights_has_std_sigma_times_clip",
                           "tests/test_privacy_guarantee.py::test_empty_first_poisson_batch_is_a_noise_only_step"]},
     # the calibration statistics released at train time and the reweighting of generate (issue 15)
-    "calibration": {"mutate": ["fhirsynth/model/measurements.py", "fhirsynth/model/calibrate.py"],
+    "calibration": {"mutate": ["fhirsynth/model/measurements.py", "fhirsynth/model/calibrate.py",
+                               "fhirsynth/model/repair.py"],
                     "tests": ["tests/test_calibrate_units.py", "tests/test_measurements_units.py",
-                              "tests/test_calibrate.py"]},
+                              "tests/test_calibrate.py", "tests/test_repair.py"]},
     "dpbins": {"mutate": ["fhirsynth/model/dpbins.py"],
                "tests": ["tests/test_privacy_units.py", "tests/test_dpbins.py"]},
 }
