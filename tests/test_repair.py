@@ -178,3 +178,42 @@ def test_medications_and_vaccines_are_measured_and_repaired_too():
                    born=1950 + i % 30) for i in range(300)]
     out, _ = calibrate(pool, doc, 60, seed=2)
     assert share(out, med) == pytest.approx(0.5, abs=0.05) and share(out, cvx) == pytest.approx(0.25, abs=0.05)
+
+
+def test_code_targets_clip_noisy_counts_and_scale_the_tolerance():
+    """Targets from a noisy release: negative cells do not lower the patient count, shares are clipped to [0, 1],
+    the tolerance is tolerance_sd noise standard deviations in share units (or the floor)."""
+    real = real_cohort(40, seed=3)
+    doc, _ = ms.measure(real, _Vocab([A, B, F, OBS]), dp=True, epsilon=0.3, delta=1e-6,
+                        noise=NoiseSource.reproducible(5))
+    fams = doc["families"]
+    cells = np.asarray(fams["cells"]["counts"], dtype=float)
+    n_hat = max(float(np.clip(cells, 0, None).sum()), 1.0)
+    prev = np.asarray(fams["prevalence"]["counts"], dtype=float)
+    by_cell = np.asarray(fams["prevalence_cells"]["counts"], dtype=float).reshape(ms.N_CELLS, 4)
+    assert (prev < 0).any() or (prev > n_hat).any() or (by_cell < 0).any()  # the noise is large at epsilon 0.3
+    got = code_targets(doc, 0.5, 0.001)
+    assert [t.code for t in got] == [A, B, F, OBS]
+    sigma = float(fams["prevalence"]["sigma"])
+    for j, t in enumerate(got):
+        assert t.target == pytest.approx(min(max(prev[j] / n_hat, 0.0), 1.0))
+        assert t.tolerance == pytest.approx(0.5 * max(sigma / n_hat, 0.001))
+        assert t.cell_targets == pytest.approx(np.clip(by_cell[:, j] / n_hat, 0.0, 1.0))
+        assert 0.0 <= t.target <= 1.0 and ((t.cell_targets >= 0) & (t.cell_targets <= 1)).all()
+    wide = code_targets(doc, 2.0, 10.0)
+    assert all(t.tolerance == pytest.approx(20.0) for t in wide)  # the floor wins when it is larger
+
+
+def test_transplant_moves_every_donor_event_and_drops_its_source():
+    """Two donor events at different ages land on two different encounters; the copy carries no source id (it is
+    not the donor's resource) and keeps an abatement that ends exactly at death."""
+    donor = person(1, [], sex="male", born=1950, visits=6)
+    for year, src in ((2011, "Condition/a"), (2014, "Condition/b")):
+        donor.events.append(Event(time=T0.replace(year=year), kind=A[0], system=A[1], code=A[2],
+                                  end_time=T0.replace(year=year) + timedelta(days=30), source_id=src))
+    died = T0.replace(year=2014) + timedelta(days=30)
+    recipient = person(2, [], sex="male", born=1950, visits=5, death=died)
+    new = sorted(transplant(recipient, donor, A), key=lambda e: e.time)
+    assert [e.encounter_id for e in new] == ["e2-1", "e2-4"]
+    assert all(e.source_id is None for e in new)
+    assert new[1].end_time == died and new[0].end_time == new[0].time + timedelta(days=30)
