@@ -55,7 +55,7 @@ class Targets:
     n_hat: float
 
 
-def targets(doc: dict[str, Any]) -> Targets:
+def targets(doc: dict[str, Any], floor: float = FLOOR) -> Targets:
     spec = Spec.from_json(doc["spec"])
     fams = doc["families"]
     names = [f for f in spec.sizes() if spec.sizes()[f] > 0]
@@ -66,7 +66,7 @@ def targets(doc: dict[str, Any]) -> Targets:
         offsets[f] = (at, at + len(c))
         at += len(c)
         t.append(np.clip(c / n_hat, 0.0, 1.0))
-        s.append(np.full(len(c), max(float(fams[f]["sigma"]) / n_hat, FLOOR)))
+        s.append(np.full(len(c), max(float(fams[f]["sigma"]) / n_hat, floor)))
         fo.append(np.full(len(c), k))
     return Targets(spec, names, offsets, np.concatenate(t), np.concatenate(s), np.concatenate(fo), n_hat)
 

@@ -42,17 +42,18 @@ class CodeTarget:
 
 
 def code_targets(doc: dict[str, Any], tolerance_sd: float, floor: float) -> list[CodeTarget]:
-    """Per measured code: the overall and per-cell target shares from the measurements (clipped to [0, 1])."""
-    from fhirsynth.model.measurements import Spec
+    """Per measured code: the overall and per-cell target shares, as calibrate.targets reads them (clipped to
+    [0, 1]), with tolerance_sd of its noise scale (at least floor) as the tolerance."""
+    from fhirsynth.model.calibrate import targets
 
-    spec = Spec.from_json(doc["spec"])
-    fams = doc["families"]
-    n_hat = max(float(np.clip(fams["cells"]["counts"], 0, None).sum()), 1.0)
-    prev = np.clip(np.asarray(fams["prevalence"]["counts"], dtype=float) / n_hat, 0.0, 1.0)
-    tol = tolerance_sd * max(float(fams["prevalence"]["sigma"]) / n_hat, floor)
-    by_cell = np.clip(np.asarray(fams["prevalence_cells"]["counts"], dtype=float) / n_hat, 0.0, 1.0)
-    by_cell = by_cell.reshape(N_CELLS, len(spec.codes))
-    return [CodeTarget(c, float(prev[j]), tol, by_cell[:, j]) for j, c in enumerate(spec.codes)]
+    tg = targets(doc, floor)
+    if "prevalence" not in tg.offsets:  # no measured code (an empty family has no offsets)
+        return []
+    lo, hi = tg.offsets["prevalence"]
+    c_lo, c_hi = tg.offsets["prevalence_cells"]
+    by_cell = tg.target[c_lo:c_hi].reshape(N_CELLS, hi - lo)
+    return [CodeTarget(c, float(tg.target[lo + j]), tolerance_sd * float(tg.scale[lo + j]), by_cell[:, j])
+            for j, c in enumerate(tg.spec.codes)]
 
 
 def _key(e: Event) -> CodeKey:
