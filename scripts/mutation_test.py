@@ -42,14 +42,15 @@ GROUPS: dict[str, dict[str, list[str]]] = {
     # rest of train.py is the training loop). Fast tests only: they rerun for every mutant. dpbins.py (the value-bin
     # release) is its own group: its tests build vocabularies and take seconds each.
     "privacy": {"mutate": ["fhirsynth/model/dpnoise.py", "fhirsynth/model/securerng.py", "fhirsynth/model/vocab.py",
-                           "fhirsynth/model/train.py"],
-                "only": ["fhirsynth.model.dpnoise.*", "fhirsynth.model.securerng.*",
-                         "fhirsynth.model.vocab.x_split_preprocessing_epsilon*",
+                           "fhirsynth/model/train.py", "fhirsynth/model/composition.py"],
+                "only": ["fhirsynth.model.dpnoise.*", "fhirsynth.model.securerng.*", "fhirsynth.model.composition.*",
+                         "fhirsynth.model.vocab.x_split_preprocessing*", "fhirsynth.model.vocab.x_sex_epsilon*",
                          "fhirsynth.model.vocab.x_release_sex_shares*",
                          *(f"fhirsynth.model.train.x_{f}*" for f in (
-                             "default_delta", "_validate", "steps_per_epoch_for", "_noise_multiplier", "epsilons",
+                             "default_delta", "_validate", "steps_per_epoch_for", "_budget_split", "epsilons",
                              "accounted_steps", "make_private", "_privacy_report"))],
                 "tests": ["tests/test_privacy_units.py", "tests/test_securerng.py", "tests/test_privacy_wiring.py",
+                          "tests/test_composition.py",
                           "tests/test_privacy_guarantee.py::test_accountant_rate_and_steps_are_the_loops",
                           "tests/test_privacy_guarantee.py::test_noise_reaching_the_weights_has_std_sigma_times_clip",
                           "tests/test_privacy_guarantee.py::test_empty_first_poisson_batch_is_a_noise_only_step"]},

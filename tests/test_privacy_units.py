@@ -15,7 +15,6 @@ from fhirsynth.errors import PrivacyBudgetError, UsageError
 from fhirsynth.model.dpnoise import NoiseSource, gaussian_epsilon, gaussian_sigma, set_union_threshold
 from fhirsynth.model.train import (
     MAX_EPSILON,
-    _noise_multiplier,
     _privacy_report,
     _validate,
     accounted_steps,
@@ -23,7 +22,8 @@ from fhirsynth.model.train import (
     epsilons,
     steps_per_epoch_for,
 )
-from fhirsynth.model.vocab import SEXES, release_sex_shares, split_preprocessing_epsilon
+from fhirsynth.model import composition
+from fhirsynth.model.vocab import SEXES, release_sex_shares, split_preprocessing
 from fhirsynth.timeline.types import PatientInfo, Timeline
 
 # ---------------------------------------------------------------- dpnoise: the calibration
@@ -159,18 +159,31 @@ def test_epsilons_are_opacus_accountants_on_the_history():
     assert epsilons(history[:1], 1e-5)[0] < prv  # fewer steps cost less
 
 
-@pytest.mark.parametrize("eps,q,steps", [(1.0, 0.02, 500), (8.0, 0.05, 200), (0.5, 0.01, 1000)])
-def test_noise_multiplier_reaches_the_target_from_below(eps, q, steps):
-    delta = 1e-5
-    sigma = _noise_multiplier(eps, delta, q, steps)
-    prv, rdp = epsilons([(sigma, q, steps)], delta)
-    assert max(prv, rdp) <= eps * 1.006
-    assert max(prv, rdp) >= 0.9 * eps  # calibrated, not wildly conservative
+@pytest.mark.parametrize("eps,q,steps,released", [(1.0, 0.02, 500, 0.0), (8.0, 0.05, 200, 0.0),
+                                                   (0.5, 0.01, 1000, 0.0), (8.0, 0.08, 130, 0.3),
+                                                   (3.0, 0.25, 40, 0.05)])
+def test_noise_multiplier_fills_the_budget_left_from_below(eps, q, steps, released):
+    """The DP-SGD noise composed with releases of zCDP rho `released` lands within the search tolerance under
+    the target, recomputed here with Opacus' own RDP functions."""
+    from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
+
+    orders = list(composition.ORDERS)
+    fixed = np.asarray(orders) * released
+    sigma = composition.sgd_noise_multiplier(eps, 1e-5, q, steps, fixed)
+    curve = fixed + np.asarray(compute_rdp(q=q, noise_multiplier=sigma, steps=steps, orders=orders))
+    spent = get_privacy_spent(orders=orders, rdp=curve, delta=1e-5)[0]
+    assert eps - 0.006 <= spent <= eps
+    # the releases cost the training noise: the same steps alone need less
+    if released:
+        assert composition.sgd_noise_multiplier(eps, 1e-5, q, steps, np.zeros(len(orders))) < sigma
 
 
 def test_noise_multiplier_names_an_unreachable_budget():
+    zeros = np.zeros(len(composition.ORDERS))
     with pytest.raises(PrivacyBudgetError, match="cannot reach epsilon=1e-06"):
-        _noise_multiplier(1e-6, 1e-5, 1.0, 10_000)
+        composition.sgd_noise_multiplier(1e-6, 1e-5, 1.0, 10_000, zeros)
+    with pytest.raises(PrivacyBudgetError, match="releases before training already spend"):
+        composition.sgd_noise_multiplier(1.0, 1e-5, 0.1, 10, np.asarray(composition.ORDERS) * 5.0)
 
 
 def _config(**kw):
@@ -234,10 +247,16 @@ def test_validate_messages_say_what_and_which_value():
 DOCUMENTED = {
     "sizes": "sample_rate, steps, warm-up and delta (auto) derive from n_estimate, the sum of the DP sex histogram's "
              "noisy counts (vocabulary.sex_marginal); the exact patient count is not released",
-    "composition": "basic: epsilon_total = epsilon_preprocessing + epsilon_measurements + max(epsilon_prv, "
-                   "epsilon_rdp); delta = delta_preprocessing + delta_measurements + delta_training",
+    "composition": "Renyi DP (fhirsynth/model/composition.py): the RDP curves of every release add up order by "
+                   "order (discrete Gaussian rho-zCDP: a * rho; discrete Laplace at epsilon: min(epsilon, a "
+                   "epsilon^2 / 2); DP-SGD: Opacus compute_rdp over the accountant's history); epsilon_total is "
+                   "Opacus' get_privacy_spent of the sum at delta_conversion = delta - delta_thresholds (the "
+                   "set-union thresholds' failure probabilities). epsilon_preprocessing, epsilon_measurements and "
+                   "epsilon_training (max of Opacus' PRV and RDP accountants at delta_conversion) are each part "
+                   "alone, for reference: they do not add up to the total",
     "adjacency": "add/remove one patient (all of their resources)",
-    "accountants": "noise multiplier = max over opacus get_noise_multiplier(prv, rdp) for the training share",
+    "accountants": "noise multiplier = the smallest whose DP-SGD RDP (Opacus), composed with the releases before "
+                   "training, converts to at most epsilon_target (composition.sgd_noise_multiplier)",
     "public_settings": "bin edges (mappings/reference-ranges.toml), time buckets, max_len, grammar, "
                        "reference date: public, no budget",
     "not_released": "training loss (private, console only); the exact patient count",
@@ -248,7 +267,7 @@ DOCUMENTED = {
 
 def test_privacy_report_documents_how_each_number_is_computed():
     tc = _config(dp=True, epsilon=8.0, delta=1e-5)
-    p = _privacy_report(tc, 500, 1.3, 0.02, 800, 6.1, 6.4, 1.2, 4e-6, 6e-6, _vocab_report())
+    p = _privacy_report(tc, 500, 1.3, 0.02, 800, 6.1, 6.4, _vocab_report(), _meas_report(), _composed())
     for key, text in DOCUMENTED.items():
         assert p[key] == text, key
     assert p["mechanisms"]["training"] == (
@@ -257,12 +276,12 @@ def test_privacy_report_documents_how_each_number_is_computed():
     assert p["mechanisms"]["preprocessing"] == ("vocabulary: m; sex marginal, deaths per birth band: discrete "
                                                 "Laplace; value bins: discrete Gaussian (see vocabulary)")
     seeded = _privacy_report(_config(dp=True, epsilon=8.0, delta=1e-5, reproducible_noise=True), 500, 1.3, 0.02,
-                             800, 6.1, 6.4, 1.2, 4e-6, 6e-6, _vocab_report())
+                             800, 6.1, 6.4, _vocab_report(), _meas_report(), _composed())
     assert seeded["guarantee"] == ("NONE: noise reproducible from a stored seed (--reproducible-noise, for tests and "
                                    "research); the epsilon below holds only against an adversary who cannot replay "
                                    "the seed")
     assert seeded["guarantee"] != p["guarantee"] == "(epsilon_total, delta)-DP for each patient, add/remove-one adjacency"
-    plain = _privacy_report(_config(dp=False), 500, 0.0, 0.02, 800, None, None, None, None, None, _vocab_report())
+    plain = _privacy_report(_config(dp=False), 500, 0.0, 0.02, 800, None, None, _vocab_report())
     assert plain["epsilon_note"] == "no differential privacy: epsilon = infinity (JSON null)"
     assert plain["guarantee"] == "none: trained without differential privacy"
     assert plain["vocabulary"]["note"] == "vocabulary from exact counts (not private)"
@@ -274,29 +293,37 @@ def test_privacy_report_documents_how_each_number_is_computed():
 
 
 def _vocab_report() -> dict:
-    return {"mechanism": "m", "epsilon": 0.5}
+    return {"mechanism": "m", "epsilon": 0.5, "epsilon_total": 1.2, "delta_total": 4e-6}
+
+
+def _meas_report() -> dict:
+    return {"epsilon": 1.6, "delta": 1e-6}
+
+
+def _composed() -> dict:
+    return {"epsilon": 7.9, "delta_conversion": 9.7e-6, "delta_thresholds": 3e-7, "rho": {"a": 0.1}}
 
 
 # what privacy.json holds (the server's /$privacy-report and the evaluator read these keys)
 DP_REPORT_KEYS = {
     "unit", "dp", "guarantee", "adjacency", "noise_source", "n_estimate", "sizes", "epsilon_target", "epsilon_prv",
-    "epsilon_rdp", "epsilon_training", "epsilon_preprocessing", "epsilon_total", "delta", "delta_training",
-    "delta_preprocessing", "composition", "mechanisms", "noise_multiplier", "sample_rate", "steps", "epochs",
+    "epsilon_rdp", "epsilon_training", "epsilon_preprocessing", "epsilon_total", "delta", "delta_conversion",
+    "delta_thresholds", "delta_preprocessing", "rho", "budget_shares", "composition", "mechanisms", "noise_multiplier", "sample_rate", "steps", "epochs",
     "batch_size", "max_grad_norm", "poisson_sampling", "reproducible_noise", "accountants", "vocabulary",
     "public_settings", "not_released", "epsilon_measurements", "delta_measurements", "measurements"}
 
 
-def test_privacy_report_adds_preprocessing_to_the_larger_accountant():
+def test_privacy_report_takes_the_composed_total_and_reports_the_parts():
     tc = _config(dp=True, epsilon=8.0, delta=1e-5, reproducible_noise=False)
     for prv, rdp in ((6.1, 6.4), (6.4, 6.1)):
-        p = _privacy_report(tc, 500, 1.3, 0.02, 800, prv, rdp, 1.2, 4e-6, 6e-6, _vocab_report())
+        p = _privacy_report(tc, 500, 1.3, 0.02, 800, prv, rdp, _vocab_report(), _meas_report(), _composed())
         assert p["dp"] is True and p["epsilon_training"] == 6.4
-        # preprocessing 1.2 + the measurement share (0.2 of 8 by default) + the larger accountant 6.4
-        assert p["epsilon_measurements"] == pytest.approx(8.0 * tc.measure_epsilon_fraction) == pytest.approx(1.6)
-        assert p["epsilon_total"] == pytest.approx(1.2 + 1.6 + 6.4)
-        assert p["delta_measurements"] == pytest.approx(1e-5 * tc.measure_delta_fraction)
-        assert (p["epsilon_prv"], p["epsilon_rdp"]) == (prv, rdp)
-        assert (p["delta_preprocessing"], p["delta_training"], p["delta"]) == (4e-6, 6e-6, 1e-5)
+        # the total is the composition's; each part alone is what its own report says
+        assert (p["epsilon_total"], p["delta_conversion"], p["delta_thresholds"]) == (7.9, 9.7e-6, 3e-7)
+        assert (p["epsilon_preprocessing"], p["epsilon_measurements"]) == (1.2, 1.6)
+        assert (p["delta_preprocessing"], p["delta_measurements"], p["delta"]) == (4e-6, 1e-6, 1e-5)
+        assert (p["epsilon_prv"], p["epsilon_rdp"]) == (prv, rdp) and p["rho"] == {"a": 0.1}
+        assert p["budget_shares"]["preprocessing"] == tc.vocab_epsilon_fraction
         assert (p["noise_multiplier"], p["sample_rate"], p["steps"], p["n_estimate"]) == (1.3, 0.02, 800, 500)
         assert p["epsilon_target"] == 8.0 and p["max_grad_norm"] == tc.max_grad_norm
         assert p["guarantee"].startswith("(epsilon_total, delta)-DP") and p["reproducible_noise"] is False
@@ -309,10 +336,10 @@ def test_privacy_report_adds_preprocessing_to_the_larger_accountant():
 
 def test_privacy_report_says_when_there_is_no_guarantee():
     seeded = _privacy_report(_config(dp=True, epsilon=8.0, delta=1e-5, reproducible_noise=True, seed=77), 500, 1.3,
-                             0.02, 800, 6.1, 6.4, 1.2, 4e-6, 6e-6, _vocab_report())
+                             0.02, 800, 6.1, 6.4, _vocab_report(), _meas_report(), _composed())
     assert seeded["guarantee"].startswith("NONE") and "seed 77" in seeded["noise_source"]
     assert seeded["reproducible_noise"] is True
-    plain = _privacy_report(_config(dp=False), 500, 0.0, 0.02, 800, None, None, None, None, None, _vocab_report())
+    plain = _privacy_report(_config(dp=False), 500, 0.0, 0.02, 800, None, None, _vocab_report())
     assert plain["dp"] is False and plain["guarantee"].startswith("none")
     assert all(plain[k] is None for k in ("epsilon_total", "epsilon_training", "epsilon_preprocessing", "delta"))
     assert plain["noise_multiplier"] == 0.0 and plain["unit"] == "patient" and plain["max_grad_norm"] is None
@@ -323,15 +350,30 @@ def test_privacy_report_says_when_there_is_no_guarantee():
 
 # ---------------------------------------------------------------- vocab.py: the preprocessing budget
 
-@pytest.mark.parametrize("eps", [0.1, 1.0, 3.7])
-def test_preprocessing_parts_are_the_documented_fractions_and_sum_to_it(eps):
+@pytest.mark.parametrize("eps,delta", [(0.1, 1e-6), (1.0, 1e-6), (3.7, 4e-7)])
+def test_preprocessing_parts_are_the_documented_shares_of_rho_and_sum_to_it(eps, delta):
+    """Each part, calibrated the way its release calibrates it, has its documented share of the preprocessing's
+    zCDP rho (sigma from OpenDP at the part's nominal epsilon), and the shares sum to that rho."""
+    from fhirsynth.model.valuekinds import KIND_EPSILON_FRACTION
     from fhirsynth.model.vocab import DEATH_EPSILON_FRACTION, SEX_EPSILON_FRACTION, VALUE_EPSILON_FRACTION
 
-    items, sex, values, death = split_preprocessing_epsilon(eps)
-    assert (sex, values, death) == pytest.approx((eps * SEX_EPSILON_FRACTION, eps * VALUE_EPSILON_FRACTION,
-                                                  eps * DEATH_EPSILON_FRACTION))
-    assert items + sex + values + death == pytest.approx(eps, rel=1e-12)
-    assert min(items, sex, values, death) > 0
+    parts = split_preprocessing(eps, delta)
+    assert parts.rho == pytest.approx(1 / (2 * gaussian_sigma(eps, delta, 1.0) ** 2), rel=1e-9)
+
+    def rho_of(eps_part: float, d: float) -> float:  # a discrete Gaussian of sensitivity 1 at that nominal epsilon
+        return 1 / (2 * gaussian_sigma(eps_part, d, 1.0) ** 2)
+
+    items = rho_of(parts.items[0], parts.items[1] / 2)
+    kinds = rho_of(*parts.kinds)
+    values = rho_of(parts.values[0], parts.values[1] / 2)
+    sex, death = parts.sex ** 2 / 2, parts.death ** 2 / 2
+    rest = 1 - SEX_EPSILON_FRACTION - VALUE_EPSILON_FRACTION - DEATH_EPSILON_FRACTION
+    expected = (rest * (1 - KIND_EPSILON_FRACTION), rest * KIND_EPSILON_FRACTION, VALUE_EPSILON_FRACTION,
+                SEX_EPSILON_FRACTION, DEATH_EPSILON_FRACTION)
+    got = (items, kinds, values, sex, death)
+    assert [g / parts.rho for g in got] == pytest.approx(expected, rel=2e-3)  # OpenDP's bisection tolerance
+    assert sum(got) == pytest.approx(parts.rho, rel=2e-3)
+    assert parts.items[1] + parts.kinds[1] + parts.values[1] == pytest.approx(delta, rel=1e-12)
 
 
 def _cohort(sexes: list[str | None]) -> list[Timeline]:

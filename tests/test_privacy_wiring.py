@@ -219,9 +219,15 @@ def test_measurement_fraction_is_checked_without_dp_too():
 def test_privacy_report_names_the_measurement_mechanism_or_its_absence():
     from fhirsynth.model.train import _privacy_report
 
-    args = (500, 1.3, 0.02, 800, 6.1, 6.4, 1.2, 4e-6, 6e-6, {"mechanism": "m", "epsilon": 0.5})
-    with_meas = _privacy_report(_tc(epsilon=8.0), *args, {"mechanism": "x", "epsilon": 0.8})
+    args = (500, 1.3, 0.02, 800, 6.1, 6.4, {"mechanism": "m", "epsilon": 0.5, "epsilon_total": 1.2,
+                                            "delta_total": 4e-6})
+    composed = {"epsilon": 7.9, "delta_conversion": 9.7e-6, "delta_thresholds": 3e-7, "rho": {}}
+    with_meas = _privacy_report(_tc(epsilon=8.0), *args, {"mechanism": "x", "epsilon": 0.8, "delta": 1e-6},
+                                composed)
     assert with_meas["mechanisms"]["measurements"] == ("calibration statistics (measurements.json): discrete Gaussian "
                                                        "per family, zCDP composition (see measurements)")
-    without = _privacy_report(_tc(epsilon=8.0, measure_epsilon_fraction=0.0, measure_delta_fraction=0.0), *args, None)
+    without = _privacy_report(_tc(epsilon=8.0, measure_epsilon_fraction=0.0, measure_delta_fraction=0.0), *args, None,
+                              composed)
     assert without["mechanisms"]["measurements"] == "none (measurement share 0)"
+    assert (without["epsilon_measurements"], without["delta_measurements"]) == (0.0, 0.0)
+    assert (with_meas["epsilon_measurements"], with_meas["delta_measurements"]) == (0.8, 1e-6)

@@ -11,7 +11,7 @@ from fhirsynth.model.config import TokenizerConfig
 from fhirsynth.model.dpnoise import NoiseSource, gaussian_sigma, set_union_threshold
 from fhirsynth.model.valuekinds import KIND_EPSILON_FRACTION
 from fhirsynth.model.vocab import (AUTO_ITEMS_LADDER, AUTO_THRESHOLD_SHARE, auto_items_per_patient, build_vocab,
-                                   split_preprocessing_epsilon)
+                                   split_preprocessing)
 from fhirsynth.timeline.types import Event, PatientInfo, Timeline
 
 
@@ -36,10 +36,13 @@ def test_auto_k_grows_with_the_cohort_and_the_budget():
 
 
 def test_items_get_most_of_the_preprocessing_budget():
-    items, sex, values, death = split_preprocessing_epsilon(1.0)
-    kinds = items * KIND_EPSILON_FRACTION
-    assert items - kinds > max(kinds, sex, values, death)
-    assert items + sex + values + death == pytest.approx(1.0)
+    parts = split_preprocessing(1.0, 1e-6)
+    # in zCDP rho (what adds up): the items' Gaussian (sensitivity 1) against every other part
+    items = 1 / (2 * gaussian_sigma(parts.items[0], parts.items[1] / 2, 1.0) ** 2)
+    kinds = 1 / (2 * gaussian_sigma(*parts.kinds, 1.0) ** 2)
+    values = 1 / (2 * gaussian_sigma(parts.values[0], parts.values[1] / 2, 1.0) ** 2)
+    assert items > max(kinds, values, parts.sex ** 2 / 2, parts.death ** 2 / 2)
+    assert items / kinds == pytest.approx((1 - KIND_EPSILON_FRACTION) / KIND_EPSILON_FRACTION, rel=5e-3)
 
 
 def _cohort(n: int) -> list[Timeline]:
@@ -57,12 +60,12 @@ def test_build_vocab_uses_the_auto_k_and_reports_it():
     tls = _cohort(150)
     cfg = TokenizerConfig(reference_date="2026-01-01")
     assert cfg.max_items_per_patient == 0  # the default is auto
-    _, report = build_vocab(tls, cfg, dp=True, epsilon=3.2, delta=1e-6, noise=NoiseSource.reproducible(3))
+    _, report = build_vocab(tls, cfg, dp=True, epsilon=1.0, delta=1e-6, noise=NoiseSource.reproducible(3))
     n_hat = report["sex_marginal"]["n_estimate"]
     items_eps = report["epsilon"]
     assert report["max_items_per_patient"] == auto_items_per_patient(n_hat, items_eps, report["delta"])
     assert report["max_items_per_patient"] < AUTO_ITEMS_LADDER[-1]  # 150 patients: smaller than the cap
     assert report["value_kinds"]["max_pairs_per_patient"] == report["max_items_per_patient"]
     fixed = TokenizerConfig(reference_date="2026-01-01", max_items_per_patient=5)
-    _, report = build_vocab(tls, fixed, dp=True, epsilon=3.2, delta=1e-6, noise=NoiseSource.reproducible(3))
+    _, report = build_vocab(tls, fixed, dp=True, epsilon=1.0, delta=1e-6, noise=NoiseSource.reproducible(3))
     assert report["max_items_per_patient"] == 5  # an explicit k is kept

@@ -9,16 +9,18 @@ Privacy accounting, end to end (privacy unit = one patient, add/remove-one adjac
     noisy counts, n_estimate, is what delta, the sampling rate, the step count and the warm-up derive from;
     Opacus' own rate and expected batch (functions of the exact n) are overridden with those, and the accountant
     is given exactly the rate the sampler draws with, once per optimizer step the loop takes.
-  * budget split: epsilon_preprocessing = vocab_epsilon_fraction * epsilon for the DP vocabulary (vocab.py),
-    epsilon_measurements = measure_epsilon_fraction * epsilon for the statistics that generate calibrates to
-    (measurements.py, 0 = none), the rest for DP-SGD; delta likewise (vocab_ / measure_delta_fraction). Bin edges, length limits, the token grammar
-    and the reference date are public settings and cost nothing.
+  * budget split, in zCDP rho (composition.py): the target (epsilon, delta) is a budget rho_total; the DP
+    vocabulary (vocab.py) is calibrated at vocab_epsilon_fraction of it, the statistics that generate calibrates
+    to (measurements.py, 0 = none) at measure_epsilon_fraction of it (epsilon_preprocessing and
+    epsilon_measurements are what each would be alone), the sex marginal (released first, before delta is known)
+    at its share of the vocabulary's epsilon. Bin edges, length limits, the token grammar and the reference date
+    are public settings and cost nothing.
   * DP-SGD: Opacus, one patient = one sequence = one example, Poisson sampling with rate 1/steps_per_epoch,
-    per-example clipping to max_grad_norm, Gaussian noise. The noise multiplier is the larger of
-    get_noise_multiplier() for the PRV and the RDP accountants, so BOTH reported epsilons stay under target.
-  * composition: basic (sequential) composition,
-        epsilon_total = epsilon_preprocessing + epsilon_measurements + max(epsilon_prv, epsilon_rdp)
-        delta         = delta_preprocessing + delta_measurements + delta_training
+    per-example clipping to max_grad_norm, Gaussian noise. The noise multiplier is the smallest whose RDP,
+    composed with the actual releases before it, stays at or under the target (composition.sgd_noise_multiplier).
+  * composition: Renyi DP over every release (composition.compose): epsilon_total is Opacus' conversion of the
+    summed RDP curves at delta minus the thresholds' deltas; recomputed from the accountant's history after
+    training and checked against the target.
   * the training loss is computed on private data and is NOT a DP release: with DP it is shown on the console
     only and the training curve in the model dir holds step / epoch / epsilon spent.
   * resumable state lives in a work directory BESIDE the model dir (or --work-dir), never inside it; it is removed
@@ -60,7 +62,7 @@ from fhirsynth.model.vocab import (
     Vocab,
     build_vocab,
     release_sex_shares,
-    split_preprocessing_epsilon,
+    sex_epsilon,
 )
 from fhirsynth.testpoint import pause_point
 from fhirsynth.timeline.io import read_timelines
@@ -166,21 +168,6 @@ def default_work_dir(out: Path) -> Path:
 def steps_per_epoch_for(n_estimate: int, batch_size: int) -> int:
     """Poisson steps per epoch at expected batch `batch_size`, from the DP estimate of n (never the exact n)."""
     return max(1, math.ceil(n_estimate / batch_size))
-
-
-def _noise_multiplier(eps: float, delta: float, q: float, steps: int) -> float:
-    from opacus.accountants.utils import get_noise_multiplier
-
-    try:
-        sigma = get_noise_multiplier(target_epsilon=eps, target_delta=delta, sample_rate=q, steps=steps,
-                                     accountant="rdp", epsilon_tolerance=0.005)
-        # RDP is usually the looser bound; calibrate PRV too (slow bisection) only when it is not
-        if epsilons([(sigma, q, steps)], delta)[0] > eps:
-            sigma = max(sigma, get_noise_multiplier(target_epsilon=eps, target_delta=delta, sample_rate=q,
-                                                    steps=steps, accountant="prv", epsilon_tolerance=0.005))
-        return sigma
-    except ValueError as exc:
-        raise PrivacyBudgetError(f"cannot reach epsilon={eps:g} with these settings ({exc})") from None
 
 
 def epsilons(history: list, delta: float) -> tuple[float, float]:
@@ -305,12 +292,7 @@ def _train(tc, tdir, out, work, dev, tk, mc, delta, dp, seed, on_step, dctx, mai
     if dp and tc.reproducible_noise and main:
         log.warning("--reproducible-noise: the DP noise is replayable from seed %d, so this model has NO privacy "
                     "guarantee (tests and research only; privacy.json says so)", seed)
-    eps_vocab = eps_train = eps_meas = None
-    if dp:
-        assert tc.epsilon is not None
-        eps_vocab = tc.epsilon * tc.vocab_epsilon_fraction
-        eps_meas = tc.epsilon * tc.measure_epsilon_fraction
-        eps_train = tc.epsilon - eps_vocab - eps_meas
+    eps_vocab = eps_meas = None
     meas_doc: dict[str, Any] | None = None
     meas_report: dict[str, Any] | None = None
 
@@ -338,27 +320,33 @@ def _train(tc, tdir, out, work, dev, tk, mc, delta, dp, seed, on_step, dctx, mai
         # The sex marginal comes first: its noisy total is the DP patient count that delta derives from.
         owner[0] = True
         if main:
-            eps_sex = split_preprocessing_epsilon(eps_vocab)[1] if dp else None
+            eps_sex = sex_epsilon(tc.epsilon * tc.vocab_epsilon_fraction) if dp else None
             sex_release = release_sex_shares(timelines, dp=dp, epsilon=eps_sex, noise=noise)
             tc.delta = delta if delta is not None else default_delta(sex_release[1]["n_estimate"])
             d_vocab = tc.delta * tc.vocab_delta_fraction if dp else None
+            if dp:
+                eps_vocab, eps_meas = _budget_split(tc)
             vocab, vocab_report = build_vocab(timelines, tk, dp=dp, epsilon=eps_vocab, delta=d_vocab, noise=noise,
                                               sex_release=sex_release)
             work.mkdir(parents=True, exist_ok=True)
             ck.atomic_write_json(work / ck.VOCAB, vocab.to_json())
-            meas_doc, meas_report = _measure(tc, timelines, vocab, noise)
+            meas_doc, meas_report = _measure(tc, timelines, vocab, noise, eps_meas)
             if meas_doc is not None:
                 ck.atomic_write_json(work / MEASUREMENTS, {"doc": meas_doc, "report": meas_report})
         if dctx is not None:  # one DP release on rank 0, the same vocabulary everywhere
-            vj, vocab_report, tc.delta = dd.broadcast((vocab.to_json(), vocab_report, tc.delta) if main else None,
-                                                      dctx)
+            # the measurements' report too: every rank composes the same releases into the same noise multiplier
+            vj, vocab_report, meas_report, tc.delta = dd.broadcast(
+                (vocab.to_json(), vocab_report, meas_report, tc.delta) if main else None, dctx)
             vocab = Vocab.from_json(tk, vj)
     n_estimate = int(vocab_report["sex_marginal"]["n_estimate"])
-    d_vocab = d_train = d_meas = None
+    releases: list = []
+    d_conv = None
     if dp:
-        d_vocab = tc.delta * tc.vocab_delta_fraction
-        d_meas = tc.delta * tc.measure_delta_fraction
-        d_train = tc.delta - d_vocab - d_meas
+        from fhirsynth.model import composition
+
+        releases = composition.releases_of(vocab_report, meas_report)
+        d_conv = tc.delta - sum(r.threshold_delta for r in releases)
+        released_rdp = composition.released_rdp(releases)
 
     from fhirsynth.model.archs import build_arch
 
@@ -390,7 +378,8 @@ def _train(tc, tdir, out, work, dev, tk, mc, delta, dp, seed, on_step, dctx, mai
     if dp:
         from opacus import PrivacyEngine
 
-        sigma = _noise_multiplier(eps_train, d_train, q, total_steps) if resume is None else float(resume["sigma"])
+        sigma = (composition.sgd_noise_multiplier(tc.epsilon, d_conv, q, total_steps, released_rdp)
+                 if resume is None else float(resume["sigma"]))
         # secure_mode stays off in Opacus (it needs torchcsprng); securerng does its job (see make_private)
         engine = PrivacyEngine(accountant="prv", secure_mode=False)
         model, opt, loader = make_private(engine, model, opt, ds, q=q, n_estimate=n_estimate, sigma=sigma,
@@ -477,11 +466,8 @@ def _train(tc, tdir, out, work, dev, tk, mc, delta, dp, seed, on_step, dctx, mai
                     step += 1
                     eps_now = None
                     if dp and (step % 10 == 0 or step % steps_per_epoch == 0 or step == total_steps):
-                        from opacus.accountants import RDPAccountant
-
-                        r = RDPAccountant()
-                        r.history = history()
-                        eps_now = float(r.get_epsilon(d_train))
+                        # everything released so far: the releases before training and these steps
+                        eps_now = composition.epsilon_of(released_rdp + composition.sgd_rdp(history()), d_conv)
                     mean_loss = acc_loss / acc_n if acc_n else None
                     row = {"step": step, "epoch": step / steps_per_epoch, "epsilon": eps_now if dp else None}
                     if not dp:  # the DP loss is private: console only, not even in the (private) work dir
@@ -507,16 +493,18 @@ def _train(tc, tdir, out, work, dev, tk, mc, delta, dp, seed, on_step, dctx, mai
         bar.close()
 
     eps_prv = eps_rdp = None
+    composed = None
     if dp:
-        eps_prv, eps_rdp = epsilons(history(), d_train)
-        if max(eps_prv, eps_rdp) > eps_train * (1 + 1e-6):
-            raise PrivacyBudgetError(f"spent epsilon {max(eps_prv, eps_rdp):.4f} exceeds the training share "
-                                     f"{eps_train:.4f} (accounting bug)")
+        eps_prv, eps_rdp = epsilons(history(), d_conv)
+        composed = composition.compose(releases, history(), tc.delta)
+        if composed["epsilon"] > tc.epsilon * (1 + 1e-6):
+            raise PrivacyBudgetError(f"spent epsilon {composed['epsilon']:.4f} exceeds the target {tc.epsilon:g} "
+                                     "(accounting bug)")
     if dp and accounted_steps(history()) != total_steps:
         raise PrivacyBudgetError(f"the accountant recorded {accounted_steps(history())} steps where the loop took "
                                  f"{total_steps} (accounting bug)")
-    privacy = _privacy_report(tc, n_estimate, sigma, q, total_steps, eps_prv, eps_rdp, eps_vocab, d_vocab,
-                              d_train, vocab_report, meas_report)
+    privacy = _privacy_report(tc, n_estimate, sigma, q, total_steps, eps_prv, eps_rdp, vocab_report, meas_report,
+                              composed)
     privacy["world_size"] = dctx.world_size if dctx is not None else 1
     if not main:
         return privacy
@@ -627,20 +615,34 @@ def make_private(engine, model, opt, ds, *, q: float, n_estimate: int, sigma: fl
     return model, opt, loader
 
 
-def _measure(tc: TrainConfig, timelines: list, vocab: Vocab, noise: NoiseSource) -> tuple[dict | None, dict | None]:
-    """The calibration statistics (measurements.py) with their share of the budget; (None, None) when the share
-    is 0. Made once, right after the vocabulary (their codes are the vocabulary's)."""
+def _budget_split(tc: TrainConfig) -> tuple[float, float | None]:
+    """(epsilon_preprocessing, epsilon_measurements): the (epsilon at their deltas) that give the vocabulary and the
+    measurements their shares of the zCDP budget of (epsilon, delta); the measurements' is None at share 0. The
+    budget is converted at delta minus the vocabulary's delta (its thresholds take at most that much)."""
+    from fhirsynth.model.composition import nominal_epsilon, rho_budget
+
+    assert tc.epsilon is not None and tc.delta is not None
+    rho = rho_budget(tc.epsilon, tc.delta * (1 - tc.vocab_delta_fraction))
+    eps_vocab = nominal_epsilon(rho * tc.vocab_epsilon_fraction, tc.delta * tc.vocab_delta_fraction)
+    eps_meas = (nominal_epsilon(rho * tc.measure_epsilon_fraction, tc.delta * tc.measure_delta_fraction)
+                if tc.measure_epsilon_fraction > 0 else None)
+    return eps_vocab, eps_meas
+
+
+def _measure(tc: TrainConfig, timelines: list, vocab: Vocab, noise: NoiseSource,
+             eps: float | None) -> tuple[dict | None, dict | None]:
+    """The calibration statistics (measurements.py) at eps (_budget_split); (None, None) when the share is 0.
+    Made once, right after the vocabulary (their codes are the vocabulary's)."""
     if tc.measure_epsilon_fraction <= 0:
         return None, None
     from fhirsynth.model.measurements import measure
 
-    eps = tc.epsilon * tc.measure_epsilon_fraction if tc.dp else None
     delta = tc.delta * tc.measure_delta_fraction if tc.dp else None
     return measure(timelines, vocab, dp=tc.dp, epsilon=eps, delta=delta, noise=noise)
 
 
 def _privacy_report(tc: TrainConfig, n_estimate: int, sigma: float, q: float, steps: int, eps_prv, eps_rdp,
-                    eps_vocab, d_vocab, d_train, vocab_report: dict, meas_report: dict | None = None
+                    vocab_report: dict, meas_report: dict | None = None, composed: dict | None = None
                     ) -> dict[str, Any]:
     sizes = ("sample_rate, steps, warm-up and delta (auto) derive from n_estimate, the sum of the DP sex "
              "histogram's noisy counts (vocabulary.sex_marginal); the exact patient count is not released")
@@ -655,9 +657,7 @@ def _privacy_report(tc: TrainConfig, n_estimate: int, sigma: float, q: float, st
             "vocabulary": {**vocab_report, "note": "vocabulary from exact counts (not private)"},
             "measurements": meas_report,
         }
-    eps_training = max(eps_prv, eps_rdp)
-    eps_meas = tc.epsilon * tc.measure_epsilon_fraction  # the same products _train spent
-    d_meas = tc.delta * tc.measure_delta_fraction
+    assert composed is not None
     if tc.reproducible_noise:
         guarantee = ("NONE: noise reproducible from a stored seed (--reproducible-noise, for tests and research); "
                      "the epsilon below holds only against an adversary who cannot replay the seed")
@@ -672,13 +672,24 @@ def _privacy_report(tc: TrainConfig, n_estimate: int, sigma: float, q: float, st
         "noise_source": source,
         "n_estimate": n_estimate, "sizes": sizes,
         "epsilon_target": tc.epsilon,
-        "epsilon_prv": eps_prv, "epsilon_rdp": eps_rdp, "epsilon_training": eps_training,
-        "epsilon_preprocessing": eps_vocab,
-        "epsilon_measurements": eps_meas,
-        "epsilon_total": eps_vocab + eps_meas + eps_training,
-        "delta": tc.delta, "delta_training": d_train, "delta_preprocessing": d_vocab, "delta_measurements": d_meas,
-        "composition": "basic: epsilon_total = epsilon_preprocessing + epsilon_measurements + max(epsilon_prv, "
-                       "epsilon_rdp); delta = delta_preprocessing + delta_measurements + delta_training",
+        "epsilon_prv": eps_prv, "epsilon_rdp": eps_rdp, "epsilon_training": max(eps_prv, eps_rdp),
+        "epsilon_preprocessing": vocab_report["epsilon_total"],
+        "epsilon_measurements": meas_report["epsilon"] if meas_report else 0.0,
+        "epsilon_total": composed["epsilon"],
+        "delta": tc.delta, "delta_conversion": composed["delta_conversion"],
+        "delta_thresholds": composed["delta_thresholds"],
+        "delta_preprocessing": vocab_report["delta_total"],
+        "delta_measurements": meas_report["delta"] if meas_report else 0.0,
+        "composition": "Renyi DP (fhirsynth/model/composition.py): the RDP curves of every release add up order "
+                       "by order (discrete Gaussian rho-zCDP: a * rho; discrete Laplace at epsilon: "
+                       "min(epsilon, a epsilon^2 / 2); DP-SGD: Opacus compute_rdp over the accountant's history); "
+                       "epsilon_total is Opacus' get_privacy_spent of the sum at delta_conversion = delta - "
+                       "delta_thresholds (the set-union thresholds' failure probabilities). epsilon_preprocessing, "
+                       "epsilon_measurements and epsilon_training (max of Opacus' PRV and RDP accountants at "
+                       "delta_conversion) are each part alone, for reference: they do not add up to the total",
+        "rho": composed["rho"],
+        "budget_shares": {"preprocessing": tc.vocab_epsilon_fraction, "measurements": tc.measure_epsilon_fraction,
+                          "unit": "shares of the zCDP rho of (epsilon_target, delta); DP-SGD fills the rest"},
         "mechanisms": {
             "training": "DP-SGD (Opacus): Poisson sampling at sample_rate, per-patient clipping to max_grad_norm, "
                         "Gaussian noise noise_multiplier * max_grad_norm; epsilon from Opacus' PRV and RDP "
@@ -691,7 +702,8 @@ def _privacy_report(tc: TrainConfig, n_estimate: int, sigma: float, q: float, st
         "noise_multiplier": sigma, "sample_rate": q, "steps": steps, "epochs": tc.epochs,
         "batch_size": tc.batch_size, "max_grad_norm": tc.max_grad_norm, "poisson_sampling": True,
         "reproducible_noise": tc.reproducible_noise,
-        "accountants": "noise multiplier = max over opacus get_noise_multiplier(prv, rdp) for the training share",
+        "accountants": "noise multiplier = the smallest whose DP-SGD RDP (Opacus), composed with the releases "
+                       "before training, converts to at most epsilon_target (composition.sgd_noise_multiplier)",
         "vocabulary": vocab_report,
         "measurements": meas_report,
         "public_settings": "bin edges (mappings/reference-ranges.toml), time buckets, max_len, grammar, "

@@ -26,11 +26,12 @@ first prediction: at small epsilon the noisy model put a fifth to a half of all 
 Value bins of released non-public numeric observation codes come from DP grid histograms (dpbins.py). The
 deceased share per birth band is a Laplace histogram too (release_death_shares), which the sampler draws DEATH
 from.
-Budget split of the preprocessing epsilon: SEX_EPSILON_FRACTION for the sex shares, VALUE_EPSILON_FRACTION for
-the value bins, DEATH_EPSILON_FRACTION for the death shares, the rest for the items; its delta:
-VALUE_DELTA_FRACTION for the value bins, the rest for the items (the sex shares are pure epsilon-DP); of the
-items' part, valuekinds.KIND_EPSILON_FRACTION / KIND_DELTA_FRACTION go to the value kinds of the observation items
-(valuekinds.py). Basic composition: the parts add up to the preprocessing budget.
+Budget split of the preprocessing (epsilon, delta), in zCDP rho (split_preprocessing): SEX_EPSILON_FRACTION of rho
+for the sex shares, VALUE_EPSILON_FRACTION for the value bins, DEATH_EPSILON_FRACTION for the death shares, the
+rest for the items; its delta: VALUE_DELTA_FRACTION for the value bins, the rest for the items; of the items'
+part, valuekinds.KIND_EPSILON_FRACTION / KIND_DELTA_FRACTION go to the value kinds of the observation items
+(valuekinds.py). The shares of rho add up to the preprocessing's rho (zCDP composition); train.py composes the
+actual releases with DP-SGD and the measurements in Renyi DP (composition.py).
 """
 
 from __future__ import annotations
@@ -408,18 +409,15 @@ def build_vocab(
     public = public_items(value_bins, panels, public_codes)
     timelines = timelines if isinstance(timelines, list) else list(timelines)
 
-    eps_sex = eps_values = eps_death = d_values = None
+    eps_sex = eps_values = eps_death = d_values = eps_kinds = d_kinds = None
     eps_items, d_items = epsilon, delta
+    parts = None
     if dp and epsilon is not None and delta is not None:
-        eps_items, eps_sex, eps_values, eps_death = split_preprocessing_epsilon(epsilon)
-        d_values = delta * VALUE_DELTA_FRACTION
-        d_items = delta - d_values
-    from fhirsynth.model.valuekinds import KIND_DELTA_FRACTION, KIND_EPSILON_FRACTION, release_value_kinds
+        parts = split_preprocessing(epsilon, delta)
+        (eps_items, d_items), (eps_kinds, d_kinds), (eps_values, d_values) = parts.items, parts.kinds, parts.values
+        eps_sex, eps_death = parts.sex, parts.death
+    from fhirsynth.model.valuekinds import release_value_kinds
 
-    eps_kinds = d_kinds = None
-    if dp and eps_items is not None and d_items is not None:
-        eps_kinds, d_kinds = eps_items * KIND_EPSILON_FRACTION, d_items * KIND_DELTA_FRACTION
-        eps_items, d_items = eps_items - eps_kinds, d_items - d_kinds
     if sex_release is None:
         sex_release = release_sex_shares(timelines, dp=dp, epsilon=eps_sex, noise=noise)
     shares, sex_report = sex_release
@@ -443,8 +441,10 @@ def build_vocab(
               "value_kinds": kinds_report,
               "epsilon_total": epsilon if dp else None, "delta_total": delta if dp else None,
               "noise_source": noise.description if dp else None,
-              "composition": "basic: items + value kinds + sex marginal + value bins + deaths (epsilon and delta "
-                             "add up)"}
+              "rho_total": parts.rho if parts is not None else None,
+              "composition": "zCDP: items, value kinds, value bins, deaths (and the sex marginal when released "
+                             "here) calibrated at their shares of rho_total; train.py composes the actual releases "
+                             "with the rest in Renyi DP (fhirsynth/model/composition.py)"}
     return vocab, report
 
 
@@ -478,11 +478,47 @@ VALUE_DELTA_FRACTION = 0.5  # of the preprocessing delta, likewise (the items ge
 DEATH_EPSILON_FRACTION = 0.1  # for the deceased share per birth band
 
 
-def split_preprocessing_epsilon(epsilon: float) -> tuple[float, float, float, float]:
-    """(items, sex marginal, value bins, deaths): the parts of the preprocessing epsilon; they sum to it."""
-    eps_sex, eps_values = epsilon * SEX_EPSILON_FRACTION, epsilon * VALUE_EPSILON_FRACTION
-    eps_death = epsilon * DEATH_EPSILON_FRACTION
-    return epsilon - eps_sex - eps_values - eps_death, eps_sex, eps_values, eps_death
+@dataclass(frozen=True)
+class PreprocessingParts:
+    """The (epsilon, delta) each preprocessing release is calibrated at. Each Gaussian part's epsilon is nominal:
+    the one at which dpnoise.gaussian_sigma gives it its share of the preprocessing's zCDP rho (composition.py
+    adds the releases' actual rho up; shares of rho add up, shares of epsilon do not)."""
+
+    rho: float
+    items: tuple[float, float]
+    kinds: tuple[float, float]
+    values: tuple[float, float]
+    sex: float
+    death: float
+
+
+def split_preprocessing(epsilon: float, delta: float) -> PreprocessingParts:
+    """The parts of the preprocessing budget. Its rho is that of a discrete Gaussian OpenDP certifies at
+    (epsilon, delta); the items get 0.7 of it (of which value kinds KIND_EPSILON_FRACTION), the sex histogram, the
+    value bins and the deaths the *_EPSILON_FRACTION shares; delta: VALUE_DELTA_FRACTION for the value bins, the
+    rest for the items (KIND_DELTA_FRACTION of it for the value kinds)."""
+    from fhirsynth.model.composition import nominal_epsilon
+    from fhirsynth.model.valuekinds import KIND_DELTA_FRACTION, KIND_EPSILON_FRACTION
+
+    rho = 1.0 / (2.0 * gaussian_sigma(epsilon, delta, 1.0) ** 2)
+    rho_items = rho * (1.0 - SEX_EPSILON_FRACTION - VALUE_EPSILON_FRACTION - DEATH_EPSILON_FRACTION)
+    d_values = delta * VALUE_DELTA_FRACTION
+    d_kinds = (delta - d_values) * KIND_DELTA_FRACTION
+    d_items = delta - d_values - d_kinds
+    # select_items and dpbins calibrate their Gaussian at delta / 2 (the other half is their threshold's)
+    return PreprocessingParts(
+        rho=rho,
+        items=(nominal_epsilon(rho_items * (1 - KIND_EPSILON_FRACTION), d_items / 2), d_items),
+        kinds=(nominal_epsilon(rho_items * KIND_EPSILON_FRACTION, d_kinds), d_kinds),
+        values=(nominal_epsilon(rho * VALUE_EPSILON_FRACTION, d_values / 2), d_values),
+        sex=math.sqrt(2.0 * rho * SEX_EPSILON_FRACTION),  # pure DP: epsilon-DP is epsilon^2 / 2-zCDP
+        death=math.sqrt(2.0 * rho * DEATH_EPSILON_FRACTION))
+
+
+def sex_epsilon(preprocessing_epsilon: float) -> float:
+    """The sex histogram's epsilon when it is released before delta is known (train.py: delta derives from its
+    noisy total): its share of the preprocessing epsilon, spent as pure epsilon-DP."""
+    return preprocessing_epsilon * SEX_EPSILON_FRACTION
 
 
 def release_death_shares(timelines: list[Timeline], vocab: Vocab, *, dp: bool, epsilon: float | None,
