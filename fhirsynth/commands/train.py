@@ -55,11 +55,13 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="where resumable private training state lives (default: .MODEL_DIR.fhirsynth-train beside "
                         "MODEL_DIR); removed when training ends or fails, kept after an interruption to resume")
     p.add_argument("--vocab-epsilon-fraction", type=float, default=TrainConfig.vocab_epsilon_fraction,
-                   help="share of epsilon spent on the DP code vocabulary, its value kinds and bins, the sex and "
+                   help="share of the privacy budget (in zCDP rho, which adds up under composition) spent on the "
+                        "DP code vocabulary, its value kinds and bins, the sex and "
                         f"death shares (default {TrainConfig.vocab_epsilon_fraction:g})")
     p.add_argument("--measure-epsilon-fraction", type=float, default=TrainConfig.measure_epsilon_fraction,
-                   metavar="F", help="share of epsilon spent on the DP statistics that `generate` calibrates to "
-                                     "(measurements.json; 10%% of delta goes with it); 0 = none (default "
+                   metavar="F", help="share of the privacy budget (zCDP rho) spent on the DP statistics that "
+                                     "`generate` calibrates to (measurements.json; 10%% of delta goes with it); "
+                                     "0 = none (default "
                                      f"{TrainConfig.measure_epsilon_fraction:g})")
     p.add_argument("--max-items-per-patient", type=int, default=0,
                    help="k: distinct codes one patient contributes to the vocabulary counts (default 0: chosen from "

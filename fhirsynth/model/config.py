@@ -110,7 +110,8 @@ class TrainConfig:
     weight_decay: float = 0.0
     vocab_epsilon_fraction: float = 0.25
     vocab_delta_fraction: float = 0.1
-    # share of epsilon / delta for the statistics measured for calibration (measurements.py); 0 = none
+    # shares of the budget (zCDP rho, composition.py) and of delta for the statistics measured for calibration
+    # (measurements.py); 0 = none
     measure_epsilon_fraction: float = 0.2
     measure_delta_fraction: float = 0.1
     # research / tests only: DP noise and sampling drawn from `seed` (replayable: NO privacy guarantee)
