@@ -13,6 +13,11 @@ calibrate.py, which reweights the pool to match. Families (privacy unit: one pat
   death        deceased patients per cell; sensitivity 1
   visits       histogram of visits per patient (an encounter id, else a calendar day), half-octave log buckets
   events       histogram of condition + observation events per patient, same buckets; sensitivity 1 each
+  first_age    age at the first event (years, FIRST_AGE_EDGES buckets) per cell: where a record begins (at birth
+               for a simulator, at the first contact for an EHR export); sensitivity 1. The visit sampler draws
+               each patient's bucket from it and does not end the record (visits are drawn newest first) before
+               it (visitsampler.py): the DP model alone ended half of its US records decades after birth, where
+               every real one starts at birth. Models measured before it lack the family (no constraint).
   pairs_absent patients LACKING both codes a and b, for every pair of the `pair_codes` most common codes held by
                5-95% of patients (chosen from the noisy prevalence above: post-processing, not from exact data).
                Absence, not presence: most patients hold most of the common codes (US cohort: median 38 of the
@@ -55,9 +60,11 @@ CODE_KINDS = ("condition", "observation")  # the events histogram counts these (
 # immunizations, procedures and allergies to their measured shares (issue 18)
 PREVALENCE_KINDS = CODE_KINDS + ("medication", "immunization", "procedure", "allergy")
 PAIR_BAND = (0.05, 0.95)
+FIRST_AGE_EDGES = (0, 1, 2, 5, 10, 18, 30, 45, 65)  # lower edges in years; the last bucket is open
+FIRST_AGE_FLOOR = 2.0  # noise SDs under which a first-age count is read as 0 (first_age_prior)
 # rho shares of the families (public); the prevalence and the pairs are the many-query families
 RHO_SHARES = {"cells": 0.03, "prevalence": 0.35, "prevalence_cells": 0.15, "death": 0.03, "visits": 0.06,
-              "events": 0.06, "pairs_absent": 0.32}
+              "events": 0.06, "pairs_absent": 0.28, "first_age": 0.04}
 DEFAULT_MAX_CODES = 128
 DEFAULT_PAIR_CODES = 40
 DEFAULT_MAX_ABSENT = 10
@@ -73,6 +80,7 @@ class Spec:
     max_codes: int = DEFAULT_MAX_CODES
     pair_codes: list[CodeKey] = field(default_factory=list)
     max_absent: int = DEFAULT_MAX_ABSENT
+    first_age: bool = True  # False: a document measured before the family existed
 
     def __post_init__(self) -> None:
         self.code_index = {c: i for i, c in enumerate(self.codes)}
@@ -84,24 +92,31 @@ class Spec:
         k = len(self.pair_codes)
         return {"cells": N_CELLS, "prevalence": len(self.codes), "prevalence_cells": N_CELLS * len(self.codes),
                 "death": N_CELLS,
-                "visits": len(BUCKET_EDGES), "events": len(BUCKET_EDGES), "pairs_absent": k * (k - 1) // 2}
+                "visits": len(BUCKET_EDGES), "events": len(BUCKET_EDGES), "pairs_absent": k * (k - 1) // 2,
+                "first_age": N_CELLS * len(FIRST_AGE_EDGES) if self.first_age else 0}
 
     def sensitivities(self) -> dict[str, float]:
         return {"cells": 1.0, "prevalence": math.sqrt(self.max_codes), "prevalence_cells": math.sqrt(self.max_codes),
                 "death": 1.0, "visits": 1.0, "events": 1.0,
-                "pairs_absent": math.sqrt(self.max_absent * (self.max_absent - 1) / 2)}
+                "pairs_absent": math.sqrt(self.max_absent * (self.max_absent - 1) / 2), "first_age": 1.0}
 
     def to_json(self) -> dict[str, Any]:
-        return {"codes": [list(c) for c in self.codes], "max_codes": self.max_codes,
-                "pair_codes": [list(c) for c in self.pair_codes], "max_absent": self.max_absent,
-                "age_bands": list(AGE_BANDS), "bucket_edges": list(BUCKET_EDGES)}
+        out = {"codes": [list(c) for c in self.codes], "max_codes": self.max_codes,
+               "pair_codes": [list(c) for c in self.pair_codes], "max_absent": self.max_absent,
+               "age_bands": list(AGE_BANDS), "bucket_edges": list(BUCKET_EDGES)}
+        if self.first_age:
+            out["first_age_edges"] = list(FIRST_AGE_EDGES)
+        return out
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Spec:
         if list(d.get("age_bands", [])) != list(AGE_BANDS) or list(d.get("bucket_edges", [])) != list(BUCKET_EDGES):
             raise ValueError("age bands or buckets differ from this fhirsynth's")
+        if "first_age_edges" in d and list(d["first_age_edges"]) != list(FIRST_AGE_EDGES):
+            raise ValueError("first-event age buckets differ from this fhirsynth's")
         return cls(codes=[tuple(c) for c in d["codes"]], max_codes=int(d["max_codes"]),
-                   pair_codes=[tuple(c) for c in d["pair_codes"]], max_absent=int(d["max_absent"]))
+                   pair_codes=[tuple(c) for c in d["pair_codes"]], max_absent=int(d["max_absent"]),
+                   first_age="first_age_edges" in d)
 
 
 def vocab_codes(vocab) -> list[CodeKey]:
@@ -132,6 +147,15 @@ def cell_of(tl: Timeline) -> int:
     return (0 if p.sex == "female" else 1) * (len(AGE_BANDS) + 1) + band
 
 
+def first_age_bucket(tl: Timeline) -> int | None:
+    """The FIRST_AGE_EDGES bucket of the age at the first event; None without a birth date or an event."""
+    if tl.patient.birth_date is None or not tl.events:
+        return None
+    first = min((e.time for e in tl.events), key=_utc)
+    years = max(0, (_utc(first).date() - tl.patient.birth_date).days) / 365.25
+    return int(np.searchsorted(FIRST_AGE_EDGES, years, side="right") - 1)
+
+
 def n_visits(tl: Timeline) -> int:
     """Distinct encounter ids plus distinct UTC days of events without one (records_metrics' visits)."""
     keys = {("e", e.encounter_id) if e.encounter_id else ("d", _utc(e.time).date()) for e in tl.events}
@@ -147,6 +171,7 @@ def patient_queries(tl: Timeline, spec: Spec) -> dict[str, list[int]]:
     absent = [j for j, c in enumerate(spec.pair_codes) if c not in held][: spec.max_absent]
     dead = tl.patient.death_date is not None or bool(tl.patient.deceased)
     n_events = sum(1 for e in tl.events if e.kind in CODE_KINDS)
+    fa = first_age_bucket(tl) if spec.first_age else None
     return {
         "cells": [cell],
         "prevalence": idx,
@@ -155,6 +180,7 @@ def patient_queries(tl: Timeline, spec: Spec) -> dict[str, list[int]]:
         "visits": [bucket(n_visits(tl))],
         "events": [bucket(n_events)],
         "pairs_absent": [spec.pair_of[p] for p in combinations(absent, 2)],
+        "first_age": [] if fa is None else [cell * len(FIRST_AGE_EDGES) + fa],
     }
 
 
@@ -204,7 +230,7 @@ def measure(timelines: list[Timeline], vocab, *, dp: bool, epsilon: float | None
                           "rho_share": RHO_SHARES[f]}
         return out
 
-    first = ("cells", "prevalence", "prevalence_cells", "death", "visits", "events")
+    first = ("cells", "prevalence", "prevalence_cells", "death", "visits", "events", "first_age")
     fams = release(exact_counts(timelines, spec, first))
     # stage 2: the pair codes come from the noisy stage-1 release (adaptive composition, zCDP)
     spec.pair_codes = choose_pair_codes(spec, np.asarray(fams["cells"]["counts"]),
@@ -257,6 +283,8 @@ def load(model_dir) -> dict[str, Any] | None:
                                 where=str(path))
         Spec.from_json(doc["spec"])
         for f, size in Spec.from_json(doc["spec"]).sizes().items():
+            if size == 0 and f not in doc["families"]:
+                continue  # a family this document predates
             if len(doc["families"][f]["counts"]) != size:
                 raise ValueError(f"family {f} has {len(doc['families'][f]['counts'])} counts, expected {size}")
             # what calibrate.targets reads: numeric counts and a noise scale
@@ -268,3 +296,19 @@ def load(model_dir) -> dict[str, Any] | None:
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise ModelDirError(f"unreadable measurements ({exc})", where=str(path)) from None
     return doc
+
+
+def first_age_prior(doc: dict[str, Any] | None) -> np.ndarray | None:
+    """P(first-event age bucket | cell) from the released counts, as [N_CELLS, len(FIRST_AGE_EDGES)]; counts
+    under FIRST_AGE_FLOOR noise SDs are taken as 0 (most buckets are empty: a simulator's records all start at
+    birth, and clipped noise alone would put a third of a small cell's mass in empty buckets); a cell with no mass
+    left gets no constraint (a row of NaN). None when the document lacks the family. Post-processing."""
+    if doc is None or "first_age" not in doc["families"]:
+        return None
+    fam = doc["families"]["first_age"]
+    c = np.asarray(fam["counts"], dtype=float)
+    c = np.where(c >= max(FIRST_AGE_FLOOR * float(fam["sigma"]), 1.0), c, 0.0)
+    c = c.reshape(N_CELLS, len(FIRST_AGE_EDGES))
+    tot = c.sum(axis=1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(tot > 0, c / tot, np.nan)

@@ -144,7 +144,10 @@ class _BatchJob:
             from fhirsynth.model.visits import VisitLayout
             from fhirsynth.model.visitsampler import VisitSampler
 
-            self.visit_sampler = VisitSampler(self.lm.model, VisitLayout(vocab), self.grammar, cond.condition_tokens)
+            from fhirsynth.model.measurements import first_age_prior, load as load_measurements
+
+            self.visit_sampler = VisitSampler(self.lm.model, VisitLayout(vocab), self.grammar, cond.condition_tokens,
+                                              first_age=first_age_prior(load_measurements(model_dir)))
         if sex is not None and cond.condition_tokens and bool(
                 self.grammar.forbid[SEXES.index(sex), list(cond.condition_tokens)].all()):
             raise UsageError(f"condition {condition[0]}|{condition[1]} is not allowed for sex {sex} "

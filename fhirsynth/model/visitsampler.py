@@ -10,6 +10,9 @@ The result is written as tokens of the token grammar plus in-bucket draws (token
 Tokenizer.decode turns into a Timeline: one decoder for both models.
 A required condition (--condition) that a record did not produce by its end is put into the visit where the
 model gave it the highest probability (the visits after it were drawn without it: documented approximation).
+Where the record begins: when the model holds the DP histogram of the age at the first event per sex x age band
+(measurements.first_age_prior), each patient draws a bucket of it, and the record may not end (END is masked)
+while its earliest visit is at or above the bucket's upper edge, and must end once it is below the lower edge.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import torch
 
 from fhirsynth.model.bins import DAYS_PER_YEAR
 from fhirsynth.model.grammar import Grammar
+from fhirsynth.model.measurements import AGE_BANDS, FIRST_AGE_EDGES
 from fhirsynth.model.tokenizer import AGE_UNKNOWN
 from fhirsynth.model.visitmodel import VisitModel
 from fhirsynth.model.visits import NONE, VisitLayout
@@ -62,10 +66,15 @@ def same_code_items(layout: VisitLayout) -> np.ndarray:
 
 class VisitSampler:
     def __init__(self, model: VisitModel, layout: VisitLayout, grammar: Grammar,
-                 condition_tokens: tuple[int, ...] = ()) -> None:
+                 condition_tokens: tuple[int, ...] = (), first_age: np.ndarray | None = None) -> None:
         self.m, self.L, self.g = model, layout, grammar
         dev = grammar.device
         self.dev = dev
+        # P(first-event age bucket | sex x age band) [cells, buckets] (NaN rows: no constraint), or None
+        self.first_age = None if first_age is None else torch.as_tensor(first_age, dtype=torch.float64, device=dev)
+        edges = [e * DAYS_PER_YEAR for e in FIRST_AGE_EDGES]
+        self.first_lo = torch.as_tensor(edges, dtype=torch.float64, device=dev)
+        self.first_hi = torch.as_tensor(edges[1:] + [float("inf")], dtype=torch.float64, device=dev)
         v = layout.vocab
         ct = torch.as_tensor(layout.content_tokens, dtype=torch.long, device=dev)
         self.content_tokens = ct
@@ -121,6 +130,7 @@ class VisitSampler:
         end = torch.where(dead, death, lived)
         static[:, 4] = dead.long()
         static[:, 5] = torch.where(dead, dage, torch.zeros_like(dage))
+        start_hi, start_lo = self._record_start(sex, end, gen)
         toks: list[list[int]] = []
         draws: list[list[float]] = []
         for b in range(B):
@@ -150,6 +160,11 @@ class VisitSampler:
             # END or a gap that stays after birth
             eg_mask = torch.ones((n, 1 + L.n_gap), dtype=torch.bool, device=dev)
             eg_mask[:, 1:] = g.gap_lo[None] <= cur[alive][:, None]
+            if self.first_age is not None:  # where the record begins (see the module docstring)
+                c = cur[alive]
+                early = (c < start_lo[alive]) & (pos > 0)  # already before the bucket: end here
+                eg_mask[:, 1:] &= ~early[:, None]
+                eg_mask[:, 0] = (c < start_hi[alive]) | early | ~eg_mask[:, 1:].any(dim=1)
             eg = _masked_draw(m.eg_head(h), eg_mask, gen, temperature)
             go = eg > 0
             if not bool(go.any()):
@@ -307,3 +322,26 @@ class VisitSampler:
                     t_list.append(self.tok_dur + val - d0)
                 d_list.append(xval_l[i])
             visits[alive_l[r]].append((t_list, d_list))
+
+    def _record_start(self, sex: torch.Tensor, end: torch.Tensor, gen: torch.Generator
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(upper, lower) edge in days since birth of each patient's first-event age bucket, drawn from the
+        released histogram of the patient's cell (measurements.cell_of: female or not x age band at the end);
+        (inf, -inf) where there is none: no constraint."""
+        B = sex.shape[0]
+        hi = torch.full((B,), float("inf"), dtype=torch.float64, device=self.dev)
+        lo = torch.full((B,), float("-inf"), dtype=torch.float64, device=self.dev)
+        if self.first_age is None:
+            return hi, lo
+        years = torch.div(end.double(), DAYS_PER_YEAR, rounding_mode="floor").clamp(min=0)
+        band = torch.searchsorted(torch.as_tensor(AGE_BANDS, dtype=torch.float64, device=self.dev), years,
+                                  right=True)
+        cell = (sex != SEXES.index("female")).long() * (len(AGE_BANDS) + 1) + band
+        probs = self.first_age[cell]
+        ok = ~torch.isnan(probs).any(dim=1)
+        probs = probs.nan_to_num(0.0) * (self.first_lo[None] <= end.double()[:, None])  # no start after the end
+        ok &= probs.sum(dim=1) > 0
+        bucket = _draw(probs, gen)
+        hi = torch.where(ok, self.first_hi[bucket], hi)
+        lo = torch.where(ok, self.first_lo[bucket], lo)
+        return hi, lo

@@ -1,0 +1,144 @@
+"""Where a record begins (issue 14/15): the DP histogram of the age at the first event (measurements.first_age) and
+the visit sampler's use of it. The DP model alone ended half of its US records decades after birth, where every
+real (simulated) record starts at birth."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from datetime import date, datetime, timedelta, timezone
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_model_helpers import make_timelines, tiny_model_dir
+
+from fhirsynth.model import measurements as ms
+from fhirsynth.model.checkpoint import load_model
+from fhirsynth.model.dpnoise import NoiseSource
+from fhirsynth.model.sampler import sample_timelines
+from fhirsynth.timeline.types import Event, PatientInfo, Timeline
+
+T0 = datetime(2000, 1, 1, tzinfo=timezone.utc)
+
+
+def _patient(first_age_days: float | None, sex: str = "female", birth: date = date(2000, 1, 1)) -> Timeline:
+    evs = [] if first_age_days is None else [
+        Event(time=T0 + timedelta(days=first_age_days + d), kind="condition", system="http://snomed.info/sct",
+              code="44054006") for d in (400, 0, 9000)]
+    return Timeline(PatientInfo("p", sex=sex, birth_date=birth), evs)
+
+
+def test_first_age_bucket_reads_the_earliest_event():
+    assert ms.first_age_bucket(_patient(0)) == 0
+    assert ms.first_age_bucket(_patient(200)) == 0
+    assert ms.first_age_bucket(_patient(3 * 365.25 + 1)) == ms.FIRST_AGE_EDGES.index(2)
+    assert ms.first_age_bucket(_patient(70 * 365.25)) == len(ms.FIRST_AGE_EDGES) - 1
+    assert ms.first_age_bucket(_patient(None)) is None
+    assert ms.first_age_bucket(Timeline(PatientInfo("p", sex="male", birth_date=None), _patient(0).events)) is None
+
+
+def test_first_age_query_is_one_count_in_the_patients_cell():
+    spec = ms.Spec(codes=[("condition", "http://snomed.info/sct", "44054006")])
+    for tl in (_patient(0), _patient(20 * 365.25, sex="male")):
+        q = ms.patient_queries(tl, spec)["first_age"]
+        assert q == [ms.cell_of(tl) * len(ms.FIRST_AGE_EDGES) + ms.first_age_bucket(tl)]
+    assert ms.patient_queries(_patient(None), spec)["first_age"] == []
+    assert spec.sizes()["first_age"] == ms.N_CELLS * len(ms.FIRST_AGE_EDGES)
+    assert spec.sensitivities()["first_age"] == 1.0
+
+
+def test_a_document_measured_before_the_family_still_loads(tmp_path):
+    tls = make_timelines(30, 0)
+    lm_vocab = load_model(tiny_model_dir(tmp_path / "m", arch="visit"), "cpu").vocab
+    doc, _ = ms.measure(tls, lm_vocab, dp=True, epsilon=2.0, delta=1e-6, noise=NoiseSource.reproducible(1))
+    assert len(doc["families"]["first_age"]["counts"]) == ms.N_CELLS * len(ms.FIRST_AGE_EDGES)
+    old = json.loads(json.dumps(doc))
+    del old["families"]["first_age"]
+    del old["spec"]["first_age_edges"]
+    (tmp_path / "m" / ms.MEASUREMENTS).write_text(json.dumps(old))
+    loaded = ms.load(tmp_path / "m")
+    assert ms.Spec.from_json(loaded["spec"]).sizes()["first_age"] == 0
+    assert ms.first_age_prior(loaded) is None
+    # a document with the family but missing counts is refused
+    broken = json.loads(json.dumps(doc))
+    del broken["families"]["first_age"]
+    (tmp_path / "m" / ms.MEASUREMENTS).write_text(json.dumps(broken))
+    with pytest.raises(Exception, match="unreadable measurements"):
+        ms.load(tmp_path / "m")
+
+
+def test_first_age_prior_drops_counts_under_the_noise_floor_and_normalises():
+    nb = len(ms.FIRST_AGE_EDGES)
+    counts = np.zeros((ms.N_CELLS, nb))
+    counts[0, 0], counts[0, 3], counts[0, 5] = 90, 10, 30  # 10 < 2 sigma: noise, dropped
+    counts[1, 2] = -4  # a cell left with no mass: no constraint
+    counts[2, 1], counts[2, 8] = 40, 40
+    doc = {"families": {"first_age": {"counts": counts.ravel().tolist(), "sigma": 7.0}}}
+    prior = ms.first_age_prior(doc)
+    assert prior.shape == (ms.N_CELLS, nb)
+    assert prior[0, 0] == pytest.approx(0.75) and prior[0, 5] == pytest.approx(0.25) and prior[0, 3] == 0
+    assert np.isnan(prior[1]).all() and prior[2, 1] == prior[2, 8] == 0.5
+    assert ms.first_age_prior({"families": {}}) is None and ms.first_age_prior(None) is None
+
+
+def _with_first_age(model: Path, out: Path, bucket: int) -> Path:
+    shutil.copytree(model, out)
+    tls = make_timelines(40, 0)
+    doc, _ = ms.measure(tls, load_model(out, "cpu").vocab, dp=False, epsilon=None, delta=None,
+                        noise=NoiseSource.reproducible(0))
+    counts = np.zeros((ms.N_CELLS, len(ms.FIRST_AGE_EDGES)), dtype=int)
+    counts[:, bucket] = 50  # every cell: records begin in this bucket
+    doc["families"]["first_age"]["counts"] = counts.ravel().tolist()
+    (out / ms.MEASUREMENTS).write_text(json.dumps(doc))
+    return out
+
+
+def _first_ages(tls: list[Timeline]) -> list[tuple[float, int, list[float]]]:
+    """(age in years at the first event, visits, the visits' ages) of every record with an event."""
+    out = []
+    for tl in tls:
+        if not tl.events:
+            continue
+        birth = datetime.combine(tl.patient.birth_date, datetime.min.time(), tzinfo=timezone.utc)
+        visits = {}
+        for e in tl.events:
+            key = e.encounter_id or e.time.date()
+            t = e.time if e.time.tzinfo else e.time.replace(tzinfo=timezone.utc)
+            visits[key] = min(visits.get(key, t), t)
+        ages = sorted((t - birth).days / 365.25 for t in visits.values())
+        out.append((ages[0], len(visits), ages))
+    return out
+
+
+@pytest.fixture(scope="module")
+def untrained(tmp_path_factory):
+    return tiny_model_dir(tmp_path_factory.mktemp("start") / "model", arch="visit", n_patients=120)
+
+
+def test_records_do_not_end_before_the_drawn_start(untrained, tmp_path):
+    """Bucket [0, 1): a record that did not hit the visit cap reaches back into the first year of life; without
+    the histogram the same model ends most records far later."""
+    model = _with_first_age(untrained, tmp_path / "m0", 0)
+    cap = load_model(model, "cpu").model_config.max_visits
+    with_prior = _first_ages(list(sample_timelines(model, 150, seed=3, batch_size=150, device="cpu")))
+    without = _first_ages(list(sample_timelines(untrained, 150, seed=3, batch_size=150, device="cpu")))
+    # records near the visit cap may have been cut by it (visits without an event or sharing an encounter count
+    # once here)
+    uncapped = [a for a, n, _ in with_prior if n < cap - 2]
+    assert len(uncapped) >= 30
+    assert all(a < 1.0 + 2 / 365.25 for a in uncapped)
+    share = lambda rows: np.mean([a < 1.0 for a, _, _ in rows])  # noqa: E731
+    assert share(with_prior) > share(without) + 0.2
+
+
+def test_records_end_once_they_pass_the_lower_edge(untrained, tmp_path):
+    """Bucket [30, 45): at most one visit (the one whose gap crossed the edge) lies before age 30."""
+    model = _with_first_age(untrained, tmp_path / "m30", ms.FIRST_AGE_EDGES.index(30))
+    rows = _first_ages(list(sample_timelines(model, 150, seed=4, batch_size=150, device="cpu")))
+    constrained = [ages for _, _, ages in rows if ages[-1] >= 30]  # younger ones: no bucket fits, no constraint
+    assert len(constrained) >= 20
+    assert all(sum(age < 30 for age in ages) <= 1 for ages in constrained)
+    # and the constraint bit: without it the same model draws several visits before 30 in some records
+    free = _first_ages(list(sample_timelines(untrained, 150, seed=4, batch_size=150, device="cpu")))
+    assert any(sum(age < 30 for age in ages) > 1 for _, _, ages in free if ages[-1] >= 30)
