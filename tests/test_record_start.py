@@ -121,8 +121,12 @@ def test_records_do_not_end_before_the_drawn_start(untrained, tmp_path):
     the histogram the same model ends most records far later."""
     model = _with_first_age(untrained, tmp_path / "m0", 0)
     cap = load_model(model, "cpu").model_config.max_visits
-    with_prior = _first_ages(list(sample_timelines(model, 150, seed=3, batch_size=150, device="cpu")))
+    with_prior = _first_ages(list(sample_timelines(model, 150, seed=3, batch_size=150, device="cpu",
+                                                   record_start=True)))
+    # off by default: the same model dir samples as it did without the histogram
+    plain = _first_ages(list(sample_timelines(model, 150, seed=3, batch_size=150, device="cpu")))
     without = _first_ages(list(sample_timelines(untrained, 150, seed=3, batch_size=150, device="cpu")))
+    assert plain == without
     # records near the visit cap may have been cut by it (visits without an event or sharing an encounter count
     # once here)
     uncapped = [a for a, n, _ in with_prior if n < cap - 2]
@@ -135,10 +139,25 @@ def test_records_do_not_end_before_the_drawn_start(untrained, tmp_path):
 def test_records_end_once_they_pass_the_lower_edge(untrained, tmp_path):
     """Bucket [30, 45): at most one visit (the one whose gap crossed the edge) lies before age 30."""
     model = _with_first_age(untrained, tmp_path / "m30", ms.FIRST_AGE_EDGES.index(30))
-    rows = _first_ages(list(sample_timelines(model, 150, seed=4, batch_size=150, device="cpu")))
+    rows = _first_ages(list(sample_timelines(model, 150, seed=4, batch_size=150, device="cpu", record_start=True)))
     constrained = [ages for _, _, ages in rows if ages[-1] >= 30]  # younger ones: no bucket fits, no constraint
     assert len(constrained) >= 20
     assert all(sum(age < 30 for age in ages) <= 1 for ages in constrained)
     # and the constraint bit: without it the same model draws several visits before 30 in some records
     free = _first_ages(list(sample_timelines(untrained, 150, seed=4, batch_size=150, device="cpu")))
     assert any(sum(age < 30 for age in ages) > 1 for _, _, ages in free if ages[-1] >= 30)
+
+
+def test_generate_record_start_flag_reaches_the_sampler(untrained, tmp_path):
+    from fhirsynth.cli import main
+
+    model = _with_first_age(untrained, tmp_path / "m", 0)
+    outs = {}
+    for name, extra in (("plain", []), ("start", ["--record-start"])):
+        rc = main(["-q", "generate", str(model), "-n", "40", "--seed", "2", "--no-calibrate", "--out",
+                   str(tmp_path / name), *extra])
+        assert rc == 0
+        outs[name] = sorted((tmp_path / name).rglob("Observation*.ndjson"))
+        assert outs[name]
+    read = lambda files: b"".join(f.read_bytes() for f in files)  # noqa: E731
+    assert read(outs["plain"]) != read(outs["start"])

@@ -38,6 +38,10 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="CPU sampling processes; the output is identical for any value (default 1)")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (default 1.0)")
+    p.add_argument("--record-start", action="store_true",
+                   help="visit models trained with measurements: keep each record going back to a start age drawn "
+                        "from the DP first-event-age histogram (records of the real length; costs visit content, "
+                        "see BENCHMARKS.md)")
     p.add_argument("--no-calibrate", action="store_true",
                    help="skip calibration: output the model's samples as drawn, even when the model holds DP "
                         "measurements (measurements.json)")
@@ -116,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
     generator = GeneratorInfo(model_hash=model_hash(args.model_dir), epsilon=epsilon, delta=delta,
                               fhirsynth_version=__version__)
     sample = dict(seed=args.seed, batch_size=args.batch_size, device=args.device, temperature=args.temperature,
-                  top_p=args.top_p, workers=args.workers, **constraints)
+                  top_p=args.top_p, workers=args.workers, record_start=args.record_start, **constraints)
     timelines = generated_timelines(args.model_dir, args.n, sample, pool_factor=args.pool_factor,
                                     calibrate=not args.no_calibrate, repair=not args.no_repair)
     summary = write_export(
