@@ -104,6 +104,27 @@ def _order_cells(gaps: np.ndarray, eligible: list[list[int]], rng: np.random.Gen
     return best
 
 
+def _birth_days(tls: list[Timeline]) -> np.ndarray:
+    """Birth dates as day numbers (NaN without one)."""
+    return np.array([tl.patient.birth_date.toordinal() if tl.patient.birth_date else np.nan for tl in tls],
+                    dtype=float)
+
+
+NEAR_DONORS = 3
+
+
+def _near_donor(donors: np.ndarray, pool_births: np.ndarray, birth: float, rng: np.random.Generator) -> int:
+    """One of the NEAR_DONORS donors born closest to the recipient (a random one of them: variety): the donor's
+    events then fall at ages the recipient has encounters for (a cell spans decades of age; a random donor's
+    event missed every encounter of the recipient within MAX_AGE_SHIFT_DAYS and the copy was dropped)."""
+    if np.isnan(birth):
+        return int(rng.choice(donors))
+    dist = np.abs(pool_births[donors] - birth)
+    dist = np.where(np.isnan(dist), np.inf, dist)
+    near = donors[np.argsort(dist, kind="stable")[:NEAR_DONORS]]
+    return int(rng.choice(near))
+
+
 def _affinity(pool_held: np.ndarray, j: int) -> np.ndarray:
     """How much holding each measured code says about holding code j, in the pool: the share of j's holders
     minus the share of its non-holders that hold it (0 for j itself)."""
@@ -136,6 +157,7 @@ def repair(out: list[Timeline], pool: list[Timeline], targets: list[CodeTarget],
         return h
 
     cells, pool_cells = np.array([cell_of(tl) for tl in res]), np.array([cell_of(tl) for tl in pool])
+    births, pool_births = _birth_days(res), _birth_days(pool)
     held, pool_held = holding(res), holding(pool).astype(float)
     panel_codes = {_key(e) for tl in pool for e in tl.events if e.kind in PREVALENCE_KINDS and e.panel_code}
     added = removed = codes_moved = 0
@@ -177,7 +199,7 @@ def repair(out: list[Timeline], pool: list[Timeline], targets: list[CodeTarget],
                 if g is None:
                     break
                 i = int(eligible[g].pop())
-                new = transplant(res[i], pool[int(rng.choice(donors[g]))], ct.code)
+                new = transplant(res[i], pool[_near_donor(donors[g], pool_births, births[i], rng)], ct.code)
                 if not new:
                     continue
                 res[i].events = res[i].events + new
