@@ -77,7 +77,9 @@ def test_torchrun_two_processes_matches_single_process_accounting(tmp_path, caps
     assert sec["world_size"] == 2 and sec["reproducible_noise"] is False and "n" not in sec
     rdp = RDPAccountant()
     rdp.history = [(sec["noise_multiplier"], sec["sample_rate"], sec["steps"])]
-    assert rdp.get_epsilon(sec["delta_training"]) == pytest.approx(sec["epsilon_rdp"], rel=1e-6)
+    assert rdp.get_epsilon(sec["delta_conversion"]) == pytest.approx(sec["epsilon_rdp"], rel=1e-6)
+    # every rank composed the same releases (the measurements' report is broadcast) into the target
+    assert 0.97 * 8 <= sec["epsilon_total"] <= 8 * (1 + 1e-9)
     a = torch.load(m2 / "model.pt", weights_only=True)
     b = torch.load(tmp_path / "m2s" / "model.pt", weights_only=True)
     assert any(not torch.equal(a[k], b[k]) for k in a)
