@@ -74,9 +74,13 @@ def test_targets_skip_families_without_queries_only():
     assert spec_sizes["pairs_absent"] == 1
     tg = cb.targets(exact_doc(tls, pair_codes=2))  # A and B are in the 5-95% band: one pair
     assert tg.families == list(spec_sizes) and tg.offsets["pairs_absent"][1] - tg.offsets["pairs_absent"][0] == 1
-    tg = cb.targets(exact_doc(tls, pair_codes=0))  # no pair codes: the family has no query
-    assert tg.families == [f for f in spec_sizes if f != "pairs_absent"] and "pairs_absent" not in tg.offsets
-    assert len(tg.target) == sum(n for f, n in spec_sizes.items() if f != "pairs_absent")
+    tg = cb.targets(exact_doc(tls, pair_codes=0))  # no pair codes: the families over them have no query
+    empty = {"pairs_absent", "top_prevalence", "top_held"}
+    assert ms.Spec(codes=[A, B, C]).sizes().keys() == spec_sizes.keys()
+    assert {f for f, n in ms.Spec(codes=[A, B, C]).sizes().items() if n == 0} == empty
+    assert tg.families == [f for f in spec_sizes if f not in empty] and not empty & set(tg.offsets)
+    assert len(tg.target) == sum(n for f, n in spec_sizes.items() if f not in empty)
+    assert spec_sizes["top_prevalence"] == 2 and spec_sizes["top_held"] == 3  # with A and B: 0, 1 or 2 held
 
 
 def test_errors_are_max_or_mean_absolute_share_differences():

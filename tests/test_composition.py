@@ -109,3 +109,13 @@ def test_sgd_rdp_sums_the_history_entries():
     with pytest.raises(PrivacyBudgetError, match="0 < delta < 1"):
         C.epsilon_of(one, 0.0)
     assert math.isfinite(C.epsilon_of(one, 1e-5))
+
+
+def test_edges_of_the_inputs():
+    # a scale under 1 is a valid (strong) release; delta must be a probability strictly under 1
+    assert C.gaussian("g", 0.5, 1.0).rho == pytest.approx(2.0)
+    with pytest.raises(PrivacyBudgetError, match="0 < delta < 1"):
+        C.epsilon_of(C.sgd_rdp([(1.0, 0.1, 5)]), 1.0)
+    assert C.released_rdp([]).shape == (len(A),) and not C.released_rdp([]).any()
+    out = C.compose([C.laplace("l", 0.1)], [(1.0, 0.1, 5)], 1e-5)
+    assert out["delta"] == 1e-5 and out["delta_thresholds"] == 0.0 and out["delta_conversion"] == 1e-5

@@ -299,3 +299,19 @@ def test_load_names_what_is_wrong_and_where(tmp_path):
         with pytest.raises(ModelDirError, match="family events: counts or sigma are not finite numbers") as e:
             ms.load(tmp_path)
         assert e.value.where == path
+
+
+def test_top_families_count_the_pair_codes_held():
+    codes = [("condition", "s", str(i)) for i in range(6)]
+    spec = ms.Spec(codes=codes, pair_codes=[codes[4], codes[1], codes[2]])
+    q = ms.patient_queries(tl([codes[1], codes[4], codes[5]]), spec)
+    assert q["top_prevalence"] == [0, 1]  # indices into pair_codes: 4 and 1 held, 2 not
+    assert q["top_held"] == [2]
+    assert ms.patient_queries(tl([]), spec)["top_held"] == [0]
+    assert spec.sizes()["top_prevalence"] == 3 and spec.sizes()["top_held"] == 4
+    # a document measured before these families: none of them, and it still round-trips
+    d = spec.to_json()
+    d.pop("top_families")
+    old = ms.Spec.from_json(d)
+    assert old.sizes()["top_prevalence"] == old.sizes()["top_held"] == 0
+    assert ms.patient_queries(tl([codes[1]]), old)["top_held"] == []

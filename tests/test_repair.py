@@ -195,9 +195,22 @@ def test_code_targets_clip_noisy_counts_and_scale_the_tolerance():
     got = code_targets(doc, 0.5, 0.001)
     assert [t.code for t in got] == [A, B, F, OBS]
     sigma = float(fams["prevalence"]["sigma"])
+    pair_codes = [tuple(c) for c in doc["spec"]["pair_codes"]]
+    top = np.asarray(fams["top_prevalence"]["counts"], dtype=float)
+    s_top = max(float(fams["top_prevalence"]["sigma"]) / n_hat, 0.001)
+    s_prev = max(sigma / n_hat, 0.001)
+    assert pair_codes  # some codes were measured twice
     for j, t in enumerate(got):
-        assert t.target == pytest.approx(min(max(prev[j] / n_hat, 0.0), 1.0))
-        assert t.tolerance == pytest.approx(0.5 * max(sigma / n_hat, 0.001))
+        own = min(max(prev[j] / n_hat, 0.0), 1.0)
+        if t.code in pair_codes:  # inverse-variance combination with the top codes' own measurement
+            other = min(max(top[pair_codes.index(t.code)] / n_hat, 0.0), 1.0)
+            w1, w2 = s_prev ** -2, s_top ** -2
+            assert t.target == pytest.approx((w1 * own + w2 * other) / (w1 + w2))
+            assert t.tolerance == pytest.approx(0.5 * max((w1 + w2) ** -0.5, 0.001))
+            assert t.tolerance < 0.5 * s_prev  # tighter than either measurement alone
+            continue
+        assert t.target == pytest.approx(own)
+        assert t.tolerance == pytest.approx(0.5 * s_prev)
         assert t.cell_targets == pytest.approx(np.clip(by_cell[:, j] / n_hat, 0.0, 1.0))
         assert 0.0 <= t.target <= 1.0 and ((t.cell_targets >= 0) & (t.cell_targets <= 1)).all()
     wide = code_targets(doc, 2.0, 10.0)

@@ -52,7 +52,15 @@ def code_targets(doc: dict[str, Any], tolerance_sd: float, floor: float) -> list
     lo, hi = tg.offsets["prevalence"]
     c_lo, c_hi = tg.offsets["prevalence_cells"]
     by_cell = tg.target[c_lo:c_hi].reshape(N_CELLS, hi - lo)
-    return [CodeTarget(c, float(tg.target[lo + j]), tolerance_sd * float(tg.scale[lo + j]), by_cell[:, j])
+    target, scale = tg.target[lo:hi].copy(), tg.scale[lo:hi].copy()
+    if "top_prevalence" in tg.offsets:  # the top codes were measured twice: inverse-variance combination
+        t_lo, t_hi = tg.offsets["top_prevalence"]
+        for k, code in enumerate(tg.spec.pair_codes):
+            j = tg.spec.code_index[code]
+            w1, w2 = 1.0 / scale[j] ** 2, 1.0 / tg.scale[t_lo + k] ** 2
+            target[j] = (w1 * target[j] + w2 * tg.target[t_lo + k]) / (w1 + w2)
+            scale[j] = max((w1 + w2) ** -0.5, floor)
+    return [CodeTarget(c, float(target[j]), tolerance_sd * float(scale[j]), by_cell[:, j])
             for j, c in enumerate(tg.spec.codes)]
 
 
