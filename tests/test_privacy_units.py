@@ -502,3 +502,43 @@ def test_sex_release_reports_its_mechanism_and_budget():
     with pytest.raises(PrivacyBudgetError) as err:
         release_sex_shares(tls, dp=True, epsilon=0.0, noise=NoiseSource.reproducible(1))
     assert err.value.message == "the sex marginal needs epsilon > 0 (got 0.0)"
+
+
+# ---------------------------------------------------------------- train.py: the budget split in zCDP rho
+
+def _rho_of_target(eps: float, delta: float) -> float:
+    """The rho whose RDP curve a * rho converts to eps at delta, by Opacus' conversion (bisection here)."""
+    from opacus.accountants.analysis.rdp import get_privacy_spent
+
+    orders = list(composition.ORDERS)
+    lo, hi = 0.0, 50.0
+    for _ in range(80):
+        mid = (lo + hi) / 2
+        spent = get_privacy_spent(orders=orders, rdp=[a * mid for a in orders], delta=delta)[0]
+        lo, hi = (mid, hi) if spent <= eps else (lo, mid)
+    return lo
+
+
+@pytest.mark.parametrize("eps,delta,vf,mf", [(8.0, 1e-5, 0.25, 0.2), (1.0, 1e-6, 0.4, 0.1), (3.0, 2e-6, 0.25, 0.0)])
+def test_budget_split_gives_each_release_its_share_of_rho(eps, delta, vf, mf):
+    """The vocabulary's and the measurements' epsilons are those at which OpenDP's Gaussian (sensitivity 1, at
+    their deltas) has their share of the target's rho; the budget is read at delta minus the vocabulary's delta."""
+    from fhirsynth.model.train import _budget_split
+
+    tc = _config(dp=True, epsilon=eps, delta=delta, vocab_epsilon_fraction=vf, measure_epsilon_fraction=mf,
+                 measure_delta_fraction=0.1 if mf else 0.0)
+    rho = _rho_of_target(eps, delta * (1 - tc.vocab_delta_fraction))
+    eps_vocab, eps_meas = _budget_split(tc)
+    sigma = gaussian_sigma(eps_vocab, delta * tc.vocab_delta_fraction, 1.0)
+    assert 1 / (2 * sigma ** 2) == pytest.approx(vf * rho, rel=3e-3)
+    if mf:
+        sigma = gaussian_sigma(eps_meas, delta * tc.measure_delta_fraction, 1.0)
+        assert 1 / (2 * sigma ** 2) == pytest.approx(mf * rho, rel=3e-3)
+    else:
+        assert eps_meas is None
+
+
+def test_sex_epsilon_is_its_share_of_the_preprocessing_epsilon():
+    from fhirsynth.model.vocab import SEX_EPSILON_FRACTION, sex_epsilon
+
+    assert sex_epsilon(2.0) == pytest.approx(2.0 * SEX_EPSILON_FRACTION) and sex_epsilon(0.5) < sex_epsilon(2.0)
