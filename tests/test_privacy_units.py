@@ -374,6 +374,11 @@ def test_preprocessing_parts_are_the_documented_shares_of_rho_and_sum_to_it(eps,
     assert [g / parts.rho for g in got] == pytest.approx(expected, rel=2e-3)  # OpenDP's bisection tolerance
     assert sum(got) == pytest.approx(parts.rho, rel=2e-3)
     assert parts.items[1] + parts.kinds[1] + parts.values[1] == pytest.approx(delta, rel=1e-12)
+    from fhirsynth.model.valuekinds import KIND_DELTA_FRACTION
+    from fhirsynth.model.vocab import VALUE_DELTA_FRACTION
+
+    assert parts.values[1] == pytest.approx(delta * VALUE_DELTA_FRACTION, rel=1e-12)
+    assert parts.kinds[1] == pytest.approx(delta * (1 - VALUE_DELTA_FRACTION) * KIND_DELTA_FRACTION, rel=1e-12)
 
 
 def _cohort(sexes: list[str | None]) -> list[Timeline]:
