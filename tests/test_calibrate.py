@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_model_helpers import CodeVocab
 
 from fhirsynth.cli import main
 from fhirsynth.model import measurements as ms
@@ -21,15 +22,6 @@ T0 = datetime(2020, 1, 1, tzinfo=timezone.utc)
 A = ("condition", "http://snomed.info/sct", "1001")
 B = ("condition", "http://snomed.info/sct", "1002")
 C = ("observation", "http://loinc.org", "1003-1")
-
-
-class _Vocab:
-    """The two attributes measurements.vocab_codes reads (a real Vocab needs a cohort to release)."""
-
-    def __init__(self, codes):
-        from fhirsynth.model.vocab import Item
-
-        self.items = [Item(kind=k, system=s, code=c) for k, s, c in codes]
 
 
 def patient(i: int, codes, *, sex: str = "female", born: int = 1970, dead: bool = False, visits: int = 1) -> Timeline:
@@ -51,7 +43,8 @@ def cohort(n: int, share_a: float, seed: int = 0) -> list[Timeline]:
 # ---------------------------------------------------------------- measurements
 def test_exact_measurements_count_the_patients():
     tls = cohort(200, 0.3)
-    doc, rep = ms.measure(tls, _Vocab([A, B, C]), dp=False, epsilon=None, delta=None, noise=NoiseSource.reproducible(1))
+    doc, rep = ms.measure(tls, CodeVocab([A, B, C]), dp=False, epsilon=None, delta=None,
+                          noise=NoiseSource.reproducible(1))
     assert rep["epsilon"] is None and rep["mechanism"].startswith("exact")
     fam = doc["families"]
     assert sum(fam["cells"]["counts"]) == 200
@@ -85,7 +78,7 @@ def test_noise_scale_and_accounting():
     tls = cohort(300, 0.3)
     codes = [A, B, C] + [("observation", "http://loinc.org", f"x-{i}") for i in range(400)]
     eps, delta = 1.0, 1e-6
-    doc, rep = ms.measure(tls, _Vocab(codes), dp=True, epsilon=eps, delta=delta, noise=NoiseSource.reproducible(7))
+    doc, rep = ms.measure(tls, CodeVocab(codes), dp=True, epsilon=eps, delta=delta, noise=NoiseSource.reproducible(7))
     sigma0 = gaussian_sigma(eps, delta, 1.0)
     assert rep["sigma0"] == pytest.approx(sigma0)
     for f, v in doc["families"].items():
@@ -103,7 +96,8 @@ def test_noise_scale_and_accounting():
 # ---------------------------------------------------------------- calibration
 def test_calibration_moves_a_known_pool_to_known_targets():
     real = cohort(1000, 0.8, seed=1)  # 80% hold A
-    doc, _ = ms.measure(real, _Vocab([A, B, C]), dp=False, epsilon=None, delta=None, noise=NoiseSource.reproducible(1))
+    doc, _ = ms.measure(real, CodeVocab([A, B, C]), dp=False, epsilon=None, delta=None,
+                        noise=NoiseSource.reproducible(1))
     pool = cohort(1000, 0.3, seed=2)  # the "model" gives A to 30%
     out, rep = calibrate(pool, doc, 200, seed=3)
     share = sum(any((e.kind, e.system, e.code) == A for e in t.events) for t in out) / len(out)
@@ -118,7 +112,7 @@ def test_calibration_moves_a_known_pool_to_known_targets():
 
 
 def test_targets_clip_noise_and_tolerance_follows_sigma():
-    doc, _ = ms.measure(cohort(100, 0.5), _Vocab([A, B, C]), dp=True, epsilon=0.5, delta=1e-6,
+    doc, _ = ms.measure(cohort(100, 0.5), CodeVocab([A, B, C]), dp=True, epsilon=0.5, delta=1e-6,
                         noise=NoiseSource.reproducible(3))
     tg = targets(doc)
     assert tg.target.min() >= 0 and tg.target.max() <= 1
@@ -248,7 +242,8 @@ def test_calibration_accepts_a_negative_seed():
     """`generate --seed -1` and $synthesize?seed=-1 are accepted (the sampler folds the seed mod 2^63): the
     calibrated draw must not fail on numpy's non-negative seed rule."""
     real = cohort(200, 0.8, seed=1)
-    doc, _ = ms.measure(real, _Vocab([A, B, C]), dp=False, epsilon=None, delta=None, noise=NoiseSource.reproducible(1))
+    doc, _ = ms.measure(real, CodeVocab([A, B, C]), dp=False, epsilon=None, delta=None,
+                        noise=NoiseSource.reproducible(1))
     pool = cohort(100, 0.3, seed=2)
     out, _ = calibrate(pool, doc, 20, seed=-1 * 1_000_003)
     again, _ = calibrate(pool, doc, 20, seed=-1 * 1_000_003)
@@ -269,7 +264,7 @@ def test_constrained_generate_does_not_read_the_measurements(tiny, tmp_path):
 def test_measurements_missing_what_calibration_reads_are_a_clear_error(tmp_path, breakage):
     from fhirsynth.errors import ModelDirError
 
-    doc, _ = ms.measure(cohort(50, 0.5), _Vocab([A, B, C]), dp=False, epsilon=None, delta=None,
+    doc, _ = ms.measure(cohort(50, 0.5), CodeVocab([A, B, C]), dp=False, epsilon=None, delta=None,
                         noise=NoiseSource.reproducible(1))
     if breakage == "no_sigma":
         del doc["families"]["prevalence"]["sigma"]

@@ -11,22 +11,17 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 from scipy.optimize import brentq, minimize
+from test_model_helpers import CodeVocab
 
 from fhirsynth.model import calibrate as cb
 from fhirsynth.model import measurements as ms
 from fhirsynth.model.dpnoise import NoiseSource
-from fhirsynth.model.vocab import Item
 from fhirsynth.timeline.types import Event, PatientInfo, Timeline
 
 T0 = datetime(2020, 1, 1, tzinfo=timezone.utc)
 A = ("condition", "http://snomed.info/sct", "1001")
 B = ("condition", "http://snomed.info/sct", "1002")
 C = ("observation", "http://loinc.org", "1003-1")
-
-
-class _Vocab:
-    def __init__(self, codes):
-        self.items = [Item(kind=k, system=s, code=c) for k, s, c in codes]
 
 
 def cohort(n: int, share_a: float, seed: int) -> list[Timeline]:
@@ -42,7 +37,7 @@ def cohort(n: int, share_a: float, seed: int) -> list[Timeline]:
 
 
 def exact_doc(tls: list[Timeline], pair_codes: int = ms.DEFAULT_PAIR_CODES) -> dict:
-    return ms.measure(tls, _Vocab([A, B, C]), dp=False, epsilon=None, delta=None, noise=NoiseSource.reproducible(1),
+    return ms.measure(tls, CodeVocab([A, B, C]), dp=False, epsilon=None, delta=None, noise=NoiseSource.reproducible(1),
                       pair_codes=pair_codes)[0]
 
 

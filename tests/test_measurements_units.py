@@ -12,6 +12,7 @@ from itertools import combinations
 
 import numpy as np
 import pytest
+from test_model_helpers import CodeVocab
 
 from fhirsynth.errors import ModelDirError
 from fhirsynth.model import measurements as ms
@@ -23,17 +24,6 @@ T0 = datetime(2020, 1, 1, tzinfo=timezone.utc)
 A = ("condition", "http://snomed.info/sct", "1001")
 B = ("condition", "http://snomed.info/sct", "1002")
 C = ("observation", "http://loinc.org", "1003-1")
-
-
-class _Vocab:
-    """The one attribute measurements.vocab_codes reads (a real Vocab needs a cohort to release)."""
-
-    def __init__(self, items):
-        self.items = items
-
-
-def _vocab(codes) -> _Vocab:
-    return _Vocab([Item(kind=k, system=s, code=c) for k, s, c in codes])
 
 
 def tl(codes=(), *, sex="female", born: date | None = date(1970, 1, 1), times=None, death: datetime | None = None,
@@ -123,7 +113,7 @@ def test_vocab_codes_keep_clinical_codes_with_system_and_code_once():
              Item(kind="condition", system=None, code="2"), Item(kind="observation", system="l", code=None),
              Item(kind="encounter", system=None, code="AMB"), Item(kind="observation", system="l", code="3"),
              Item(kind="condition", system="s", code="1", display="again")]
-    assert ms.vocab_codes(_Vocab(items)) == [("condition", "s", "1"), ("medication", "rx", "9"),
+    assert ms.vocab_codes(CodeVocab(items)) == [("condition", "s", "1"), ("medication", "rx", "9"),
                                              ("observation", "l", "3")]
 
 
@@ -211,7 +201,7 @@ def _cohort(n: int) -> list[Timeline]:
 def test_exact_measure_releases_integer_counts_and_its_parameters(caplog):
     tls = _cohort(60)
     caplog.set_level(logging.INFO, logger="fhirsynth.model.measurements")
-    doc, rep = ms.measure(tls, _vocab([A, B, C]), dp=False, epsilon=None, delta=None,
+    doc, rep = ms.measure(tls, CodeVocab([A, B, C]), dp=False, epsilon=None, delta=None,
                           noise=NoiseSource.reproducible(1), max_codes=2, pair_codes=1, max_absent=3)
     assert doc["dp"] is False and doc["format"] == ms.FORMAT
     assert rep == {"mechanism": "exact counts (no DP)", "epsilon": None, "delta": None, "file": ms.MEASUREMENTS}
@@ -233,7 +223,7 @@ def test_exact_measure_releases_integer_counts_and_its_parameters(caplog):
 
 def test_dp_measure_reports_every_family():
     eps, delta = 2.0, 1e-6
-    doc, rep = ms.measure(_cohort(40), _vocab([A, B, C]), dp=True, epsilon=eps, delta=delta,
+    doc, rep = ms.measure(_cohort(40), CodeVocab([A, B, C]), dp=True, epsilon=eps, delta=delta,
                           noise=NoiseSource.reproducible(2))
     assert doc["dp"] is True
     assert rep["mechanism"] == ("discrete Gaussian per family (OpenDP, zCDP composition), bounded contribution "
@@ -248,14 +238,14 @@ def test_dp_measure_reports_every_family():
                                            (1.0, 0.0), (1.0, 1.0), (1.0, 1.5), (float("nan"), 1e-6)])
 def test_dp_measure_refuses_an_invalid_budget(epsilon, delta):
     with pytest.raises(ValueError, match=r"measurements need epsilon > 0 and 0 < delta < 1"):
-        ms.measure(_cohort(5), _vocab([A]), dp=True, epsilon=epsilon, delta=delta, noise=NoiseSource.reproducible(1))
+        ms.measure(_cohort(5), CodeVocab([A]), dp=True, epsilon=epsilon, delta=delta, noise=NoiseSource.reproducible(1))
 
 
 def test_measure_refuses_shares_that_overspend(monkeypatch):
     """The accounting guard: rho shares adding up to more than the whole make OpenDP's epsilon exceed the share."""
     monkeypatch.setitem(ms.RHO_SHARES, "cells", ms.RHO_SHARES["cells"] + 0.3)
     with pytest.raises(ValueError, match="exceeds its share"):
-        ms.measure(_cohort(20), _vocab([A, B, C]), dp=True, epsilon=1.0, delta=1e-6,
+        ms.measure(_cohort(20), CodeVocab([A, B, C]), dp=True, epsilon=1.0, delta=1e-6,
                    noise=NoiseSource.reproducible(1))
 
 
@@ -265,7 +255,7 @@ def _write(tmp_path, doc) -> None:
 
 
 def _exact_doc() -> dict:
-    return ms.measure(_cohort(30), _vocab([A, B, C]), dp=False, epsilon=None, delta=None,
+    return ms.measure(_cohort(30), CodeVocab([A, B, C]), dp=False, epsilon=None, delta=None,
                       noise=NoiseSource.reproducible(1))[0]
 
 

@@ -26,6 +26,17 @@ SMOKING = [("266919005", "Never smoked tobacco (finding)"), ("449868002", "Smoke
 ENC_TYPES = [("185349003", "Encounter for check up"), ("50849002", "Emergency room admission")]
 
 
+
+class CodeVocab:
+    """The one attribute measurements.vocab_codes reads, `items`, built from (kind, system, code) triples or Items:
+    a stand-in for a Vocab in tests of the measurements, calibration and repair (a real one needs a released
+    cohort)."""
+
+    def __init__(self, codes) -> None:
+        from fhirsynth.model.vocab import Item
+
+        self.items = [c if isinstance(c, Item) else Item(kind=c[0], system=c[1], code=c[2]) for c in codes]
+
 def random_timeline(rng: random.Random, pid: str, *, n_visits: tuple[int, int] = (2, 12)) -> Timeline:
     sex = rng.choice(["male", "female"])
     birth = date(rng.randint(1930, 2015), rng.randint(1, 12), rng.randint(1, 28))

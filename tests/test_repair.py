@@ -7,6 +7,7 @@ from datetime import date, datetime, timedelta, timezone
 
 import numpy as np
 import pytest
+from test_model_helpers import CodeVocab
 
 from fhirsynth.model import measurements as ms
 from fhirsynth.model.calibrate import DEADZONE, FLOOR, calibrate
@@ -21,13 +22,6 @@ B = ("condition", SCT, "1002")  # held by everyone in the pool, a fifth of the r
 F = ("condition", SCT, "1003")  # a female-only code
 SYS = ("observation", LOINC, "8480-6")  # a blood-pressure component: panel member
 OBS = ("observation", LOINC, "2345-7")
-
-
-class _Vocab:
-    def __init__(self, codes):
-        from fhirsynth.model.vocab import Item
-
-        self.items = [Item(kind=k, system=s, code=c) for k, s, c in codes]
 
 
 def person(i: int, codes: list[tuple[str, str, str]], *, sex: str, born: int, visits: int = 4,
@@ -78,7 +72,7 @@ def share(tls: list[Timeline], code) -> float:
 @pytest.fixture()
 def measured():
     real = real_cohort(400, seed=1)
-    doc, _ = ms.measure(real, _Vocab([A, B, F, SYS, OBS]), dp=False, epsilon=None, delta=None,
+    doc, _ = ms.measure(real, CodeVocab([A, B, F, SYS, OBS]), dp=False, epsilon=None, delta=None,
                         noise=NoiseSource.reproducible(1))
     return real, doc
 
@@ -157,11 +151,11 @@ def test_exact_measurements_cut_nothing():
     patients)."""
     codes = [("condition", SCT, str(5000 + i)) for i in range(ms.DEFAULT_MAX_CODES + 20)]
     big = person(1, codes, sex="female", born=1960)
-    doc, _ = ms.measure([big, person(2, codes[-3:], sex="male", born=1970)], _Vocab(codes), dp=False, epsilon=None,
+    doc, _ = ms.measure([big, person(2, codes[-3:], sex="male", born=1970)], CodeVocab(codes), dp=False, epsilon=None,
                         delta=None, noise=NoiseSource.reproducible(1))
     prev = doc["families"]["prevalence"]["counts"]
     assert prev[: len(codes) - 3] == [1] * (len(codes) - 3) and prev[-3:] == [2, 2, 2]
-    dp_doc, _ = ms.measure([big], _Vocab(codes), dp=True, epsilon=1.0, delta=1e-6, noise=NoiseSource.reproducible(1))
+    dp_doc, _ = ms.measure([big], CodeVocab(codes), dp=True, epsilon=1.0, delta=1e-6, noise=NoiseSource.reproducible(1))
     assert ms.Spec.from_json(dp_doc["spec"]).max_codes == ms.DEFAULT_MAX_CODES  # under DP the bound stays
 
 
@@ -171,7 +165,7 @@ def test_medications_and_vaccines_are_measured_and_repaired_too():
     cvx = ("immunization", "http://hl7.org/fhir/sid/cvx", "140")
     real = [person(i, [OBS] + ([med] if i % 2 else []) + ([cvx] if i % 4 == 0 else []),
                    sex="female" if i % 3 else "male", born=1950 + i % 30) for i in range(200)]
-    doc, _ = ms.measure(real, _Vocab([OBS, med, cvx]), dp=False, epsilon=None, delta=None,
+    doc, _ = ms.measure(real, CodeVocab([OBS, med, cvx]), dp=False, epsilon=None, delta=None,
                         noise=NoiseSource.reproducible(1))
     assert ms.Spec.from_json(doc["spec"]).codes == [OBS, med, cvx]
     pool = [person(500 + i, [OBS] + ([med, cvx] if i % 10 == 0 else []), sex="female" if i % 3 else "male",
@@ -184,7 +178,7 @@ def test_code_targets_clip_noisy_counts_and_scale_the_tolerance():
     """Targets from a noisy release: negative cells do not lower the patient count, shares are clipped to [0, 1],
     the tolerance is tolerance_sd noise standard deviations in share units (or the floor)."""
     real = real_cohort(40, seed=3)
-    doc, _ = ms.measure(real, _Vocab([A, B, F, OBS]), dp=True, epsilon=0.3, delta=1e-6,
+    doc, _ = ms.measure(real, CodeVocab([A, B, F, OBS]), dp=True, epsilon=0.3, delta=1e-6,
                         noise=NoiseSource.reproducible(5))
     fams = doc["families"]
     cells = np.asarray(fams["cells"]["counts"], dtype=float)
