@@ -87,8 +87,9 @@ def test_compose_adds_every_part_and_beats_basic_composition():
     assert out["delta_conversion"] == pytest.approx(1e-5 - 4.5e-7)
     recomputed = C.epsilon_of(sum(r.rdp() for r in rel) + C.sgd_rdp(history), out["delta_conversion"])
     assert out["epsilon"] == pytest.approx(recomputed)
-    assert max(out["epsilon_releases_alone"], out["epsilon_training_alone"]) < out["epsilon"] \
-        < out["epsilon_releases_alone"] + out["epsilon_training_alone"]
+    releases_alone = C.epsilon_of(C.released_rdp(rel), out["delta_conversion"])
+    training_alone = C.epsilon_of(C.sgd_rdp(history), out["delta_conversion"])
+    assert max(releases_alone, training_alone) < out["epsilon"] < releases_alone + training_alone
     # each part counts: a noisier vocabulary, no measurements, fewer steps all spend less
     assert C.compose(C.releases_of(*_reports(sigma_items=60.0)), history, 1e-5)["epsilon"] < out["epsilon"]
     assert C.compose(C.releases_of(*_reports(with_measurements=False)), history, 1e-5)["epsilon"] < out["epsilon"]
@@ -99,6 +100,9 @@ def test_compose_adds_every_part_and_beats_basic_composition():
 def test_compose_refuses_thresholds_that_take_all_of_delta():
     with pytest.raises(PrivacyBudgetError, match="leaves nothing"):
         C.compose([C.gaussian("g", 10.0, 1.0, threshold_delta=1e-5)], [], 1e-5)
+    with pytest.raises(PrivacyBudgetError, match="leaves nothing"):
+        C.conversion_delta([C.gaussian("g", 10.0, 1.0, threshold_delta=6e-6)] * 2, 1e-5)
+    assert C.conversion_delta([C.gaussian("g", 10.0, 1.0, threshold_delta=2e-6)] * 2, 1e-5) == pytest.approx(6e-6)
 
 
 def test_sgd_rdp_sums_the_history_entries():

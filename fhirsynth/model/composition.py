@@ -139,17 +139,20 @@ def released_rdp(releases: Iterable[Release]) -> np.ndarray:
     return sum((r.rdp() for r in releases), np.zeros(len(ORDERS)))
 
 
+def conversion_delta(releases: Iterable[Release], delta: float) -> float:
+    """delta minus the thresholds' failure probabilities: the delta the summed RDP curve is converted at."""
+    d_thr = sum(r.threshold_delta for r in releases)
+    if not delta - d_thr > 0:
+        raise PrivacyBudgetError(f"the thresholds' delta {d_thr:g} leaves nothing of delta {delta:g}")
+    return delta - d_thr
+
+
 def compose(releases: list[Release], history: list[tuple[float, float, int]], delta: float) -> dict[str, Any]:
     """The composed guarantee: epsilon at delta - the thresholds' deltas, and the parts."""
-    d_thr = sum(r.threshold_delta for r in releases)
-    d_conv = delta - d_thr
-    if not d_conv > 0:
-        raise PrivacyBudgetError(f"the thresholds' delta {d_thr:g} leaves nothing of delta {delta:g}")
-    rest = released_rdp(releases)
-    total = rest + sgd_rdp(history)
+    d_conv = conversion_delta(releases, delta)
+    total = released_rdp(releases) + sgd_rdp(history)
     return {"epsilon": epsilon_of(total, d_conv), "delta": delta, "delta_conversion": d_conv,
-            "delta_thresholds": d_thr, "epsilon_releases_alone": epsilon_of(rest, d_conv),
-            "epsilon_training_alone": epsilon_of(sgd_rdp(history), d_conv),
+            "delta_thresholds": delta - d_conv,
             "rho": {r.name: (r.rho if r.rho else r.pure_epsilon ** 2 / 2.0) for r in releases}}
 
 
@@ -160,18 +163,22 @@ def sgd_noise_multiplier(epsilon: float, delta_conv: float, q: float, steps: int
     def eps(sigma: float) -> float:
         return epsilon_of(released + sgd_rdp([(sigma, q, steps)]), delta_conv)
 
-    if epsilon_of(released, delta_conv) >= epsilon:
-        raise PrivacyBudgetError(f"the releases before training already spend epsilon "
-                                 f"{epsilon_of(released, delta_conv):.3f} of {epsilon:g}: lower their shares")
+    spent = epsilon_of(released, delta_conv)
+    if spent >= epsilon:
+        raise PrivacyBudgetError(f"the releases before training already spend epsilon {spent:.3f} of {epsilon:g}: "
+                                 "lower their shares")
     lo, hi = 0.0, 1.0
-    while eps(hi) > epsilon:
+    e_hi = eps(hi)  # each multiplier's epsilon is computed once (compute_rdp over every order)
+    while e_hi > epsilon:
         lo, hi = hi, hi * 2
         if hi > 1e4:
             raise PrivacyBudgetError(f"cannot reach epsilon={epsilon:g} with sample rate {q:g} and {steps} steps")
-    while hi - lo > 1e-4 and not (eps(hi) > epsilon - tolerance):
+        e_hi = eps(hi)
+    while hi - lo > 1e-4 and not (e_hi > epsilon - tolerance):
         mid = (lo + hi) / 2
-        if eps(mid) > epsilon:
+        e_mid = eps(mid)
+        if e_mid > epsilon:
             lo = mid
         else:
-            hi = mid
+            hi, e_hi = mid, e_mid
     return hi

@@ -345,7 +345,7 @@ def _train(tc, tdir, out, work, dev, tk, mc, delta, dp, seed, on_step, dctx, mai
         from fhirsynth.model import composition
 
         releases = composition.releases_of(vocab_report, meas_report)
-        d_conv = tc.delta - sum(r.threshold_delta for r in releases)
+        d_conv = composition.conversion_delta(releases, tc.delta)
         released_rdp = composition.released_rdp(releases)
 
     from fhirsynth.model.archs import build_arch
