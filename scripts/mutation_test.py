@@ -60,7 +60,7 @@ GROUPS: dict[str, dict[str, list[str]]] = {
                     "tests": ["tests/test_calibrate_units.py", "tests/test_measurements_units.py",
                               "tests/test_calibrate.py", "tests/test_repair.py"]},
     "dpbins": {"mutate": ["fhirsynth/model/dpbins.py"],
-               "tests": ["tests/test_privacy_units.py", "tests/test_dpbins.py"]},
+               "tests": ["tests/test_privacy_units.py", "tests/test_dpbins.py", "tests/test_dpbins_units.py"]},
 }
 
 

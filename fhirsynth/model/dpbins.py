@@ -122,7 +122,8 @@ def release_value_bins(
             hist[key][_cell(value)] += 1
             units[(key, unit)] += 1
     if dp:
-        assert epsilon is not None and delta is not None
+        if epsilon is None or delta is None:
+            raise ValueError("release_value_bins with dp=True needs epsilon and delta")
         sigma = gaussian_sigma(epsilon, delta / 2, math.sqrt(2 * m))
         threshold = set_union_threshold(sigma, delta, m)
         for c in codes:  # fixed order: the noise draw does not depend on dict order
