@@ -323,7 +323,9 @@ def test_privacy_report_takes_the_composed_total_and_reports_the_parts():
         assert (p["epsilon_preprocessing"], p["epsilon_measurements"]) == (1.2, 1.6)
         assert (p["delta_preprocessing"], p["delta_measurements"], p["delta"]) == (4e-6, 1e-6, 1e-5)
         assert (p["epsilon_prv"], p["epsilon_rdp"]) == (prv, rdp) and p["rho"] == {"a": 0.1}
-        assert p["budget_shares"]["preprocessing"] == tc.vocab_epsilon_fraction
+        assert p["budget_shares"] == {
+            "preprocessing": tc.vocab_epsilon_fraction, "measurements": tc.measure_epsilon_fraction,
+            "unit": "shares of the zCDP rho of (epsilon_target, delta); DP-SGD fills the rest"}
         assert (p["noise_multiplier"], p["sample_rate"], p["steps"], p["n_estimate"]) == (1.3, 0.02, 800, 500)
         assert p["epsilon_target"] == 8.0 and p["max_grad_norm"] == tc.max_grad_norm
         assert p["guarantee"].startswith("(epsilon_total, delta)-DP") and p["reproducible_noise"] is False
