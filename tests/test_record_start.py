@@ -161,3 +161,36 @@ def test_generate_record_start_flag_reaches_the_sampler(untrained, tmp_path):
         assert outs[name]
     read = lambda files: b"".join(f.read_bytes() for f in files)  # noqa: E731
     assert read(outs["plain"]) != read(outs["start"])
+
+
+def test_the_sampler_draws_from_the_cell_measurements_counted_the_patient_in():
+    """At the edges of the age bands (days // 365, as cell_of counts them) the sampler picks the same cell. Only
+    one sex's cells hold a histogram, the one of band b only bucket b, so the bucket drawn names the band, and the
+    other sex gets no constraint (an infinite upper edge)."""
+    import types
+
+    import torch
+
+    from fhirsynth.model.visitsampler import VisitSampler
+    from fhirsynth.model.vocab import SEXES
+
+    bands = len(ms.AGE_BANDS) + 1
+    edges = [e * 365.25 for e in ms.FIRST_AGE_EDGES]
+    birth = date(1950, 1, 1)
+    days = [d for edge in (18, 45, 65) for d in (edge * 365 - 1, edge * 365, edge * 365 + 12, edge * 365 + 14)]
+    for held in ("female", "male"):
+        first_age = torch.full((ms.N_CELLS, len(edges)), float("nan"), dtype=torch.float64)
+        offset = 0 if held == "female" else bands
+        first_age[offset:offset + bands] = torch.eye(bands, len(edges), dtype=torch.float64)
+        sampler = types.SimpleNamespace(dev=torch.device("cpu"), first_age=first_age,
+                                        first_lo=torch.tensor(edges, dtype=torch.float64),
+                                        first_hi=torch.tensor(edges[1:] + [float("inf")], dtype=torch.float64))
+        for sex in ("female", "male"):
+            sexes = torch.full((len(days),), SEXES.index(sex), dtype=torch.long)
+            hi, _ = VisitSampler._record_start(sampler, sexes, torch.tensor(days, dtype=torch.float64),
+                                                torch.Generator().manual_seed(0))
+            for d, h in zip(days, hi.tolist()):
+                death = datetime.combine(birth + timedelta(days=d), datetime.min.time(), tzinfo=timezone.utc)
+                cell = ms.cell_of(Timeline(PatientInfo("p", sex=sex, birth_date=birth, death_date=death), []))
+                expected = edges[cell % bands + 1] if sex == held else float("inf")
+                assert h == expected, (held, sex, d)

@@ -58,6 +58,7 @@ log = logging.getLogger(__name__)
 MEASUREMENTS = "measurements.json"
 FORMAT = 1
 AGE_BANDS = (18, 45, 65)  # band edges in years: 0-17, 18-44, 45-64, 65+
+CELL_YEAR_DAYS = 365  # a cell's age in years is whole days since birth // 365 (the sampler's record start too)
 N_CELLS = 2 * (len(AGE_BANDS) + 1)
 # half-octave buckets of a per-patient count: 0, 1, 2-3, 4, 5-7, 8-10, 11-15, 16-21, ... up to 2^16
 BUCKET_EDGES = tuple(sorted({0, 1} | {int(math.floor(2 ** (k / 2))) for k in range(2, 33)}))
@@ -155,7 +156,7 @@ def cell_of(tl: Timeline) -> int:
     end = p.death_date or (max((e.time for e in tl.events), key=_utc) if tl.events else None)
     age = 0
     if p.birth_date is not None and end is not None:
-        age = max(0, (_utc(end).date() - p.birth_date).days // 365)
+        age = max(0, (_utc(end).date() - p.birth_date).days // CELL_YEAR_DAYS)
     band = int(np.searchsorted(AGE_BANDS, age, side="right"))
     return (0 if p.sex == "female" else 1) * (len(AGE_BANDS) + 1) + band
 

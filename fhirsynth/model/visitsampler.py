@@ -22,7 +22,7 @@ import torch
 
 from fhirsynth.model.bins import DAYS_PER_YEAR
 from fhirsynth.model.grammar import Grammar
-from fhirsynth.model.measurements import AGE_BANDS, FIRST_AGE_EDGES
+from fhirsynth.model.measurements import AGE_BANDS, CELL_YEAR_DAYS, FIRST_AGE_EDGES
 from fhirsynth.model.tokenizer import AGE_UNKNOWN
 from fhirsynth.model.visitmodel import VisitModel
 from fhirsynth.model.visits import NONE, VisitLayout
@@ -333,7 +333,8 @@ class VisitSampler:
         lo = torch.full((B,), float("-inf"), dtype=torch.float64, device=self.dev)
         if self.first_age is None:
             return hi, lo
-        years = torch.div(end.double(), DAYS_PER_YEAR, rounding_mode="floor").clamp(min=0)
+        # the cell as measurements.cell_of counts it, so the histogram drawn from is the patient's own cell's
+        years = torch.div(end.double().floor(), CELL_YEAR_DAYS, rounding_mode="floor").clamp(min=0)
         band = torch.searchsorted(torch.as_tensor(AGE_BANDS, dtype=torch.float64, device=self.dev), years,
                                   right=True)
         cell = (sex != SEXES.index("female")).long() * (len(AGE_BANDS) + 1) + band
