@@ -236,7 +236,7 @@ def test_under_dp_each_patient_gives_at_most_m_codes():
 
 def test_dp_needs_epsilon_and_delta():
     for eps, delta in ((None, 1e-6), (1.0, None)):
-        with pytest.raises(ValueError, match="epsilon and delta"):
+        with pytest.raises(ValueError, match=r"^release_value_bins with dp=True needs epsilon and delta$"):
             _release(_cohort(3, "A", "mg", 3.0), [Item("observation", LOINC, "A")], dp=True, epsilon=eps,
                      delta=delta)
 
