@@ -33,7 +33,7 @@ log = logging.getLogger("mutation_test")
 GROUPS: dict[str, dict[str, list[str]]] = {
     "loader": {"mutate": ["fhirsynth/export/loader.py", "fhirsynth/export/loadplan.py"],
                "tests": ["tests/test_load.py", "tests/test_load_units.py", "tests/test_loadplan.py",
-                         "tests/test_load_server_ids.py"]},
+                         "tests/test_load_server_ids.py", "tests/test_load_answers.py"]},
     "search": {"mutate": ["fhirsynth/store/params.py", "fhirsynth/store/query.py"],
                "tests": ["tests/test_search_semantics.py", "tests/test_search_separation.py", "tests/test_api_search.py",
                          "tests/test_api_sort.py", "tests/test_api_errors.py", "tests/test_store.py"]},

@@ -75,10 +75,8 @@ def test_failed_entries_name_resource_status_and_every_issue():
 ])
 def test_an_answer_that_is_no_transaction_response_confirms_nothing(answer):
     failures, counts = check_transaction_response(_tx("Patient/p", "Encounter/e"), answer)
-    assert len(failures) == 1 and "not a transaction-response Bundle" in failures[0]
-    assert "nothing is confirmed stored" in failures[0]
-    kind = answer.get("resourceType") if isinstance(answer, dict) else type(answer).__name__
-    assert f"({kind})" in failures[0]
+    kind = {dict: lambda: answer["resourceType"], type(None): lambda: "not JSON", list: lambda: "list"}[type(answer)]()
+    assert failures == [f"2xx answer is not a transaction-response Bundle ({kind}): nothing is confirmed stored"]
     assert counts == Counter({("Patient", "unconfirmed"): 1, ("Encounter", "unconfirmed"): 1})
 
 
@@ -116,6 +114,8 @@ def test_retry_after_seconds_date_and_backoff():
     assert _retry_after(resp("9999"), 0, 0.5) == MAX_BACKOFF_S
     soon = format_datetime(datetime.now(timezone.utc) + timedelta(seconds=30), usegmt=True)
     assert 25 <= _retry_after(resp(soon), 0, 0.5) <= 30
+    past = format_datetime(datetime.now(timezone.utc) - timedelta(seconds=30), usegmt=True)
+    assert _retry_after(resp(past), 3, 0.5) == 0.0  # a date gone by: retry now, not after a backoff
     for attempt in range(4):  # exponential with jitter in [0.5, 1.5) x base x 2^attempt
         delay = _retry_after(resp(None), attempt, 0.5)
         assert 0.25 * 2**attempt <= delay < 0.75 * 2**attempt

@@ -194,9 +194,9 @@ def check_transaction_response(request: dict, body: Any, names: list[str] | None
     if not isinstance(body, dict) or body.get("resourceType") != "Bundle" \
             or body.get("type") not in ("transaction-response", "batch-response"):
         counts.update((n.split("/")[0], "unconfirmed") for n in names)
-        return [f"2xx answer is not a transaction-response Bundle "
-                f"({body.get('resourceType') if isinstance(body, dict) else type(body).__name__}): "
-                "nothing is confirmed stored"], counts
+        what = body.get("resourceType") if isinstance(body, dict) else "not JSON" if body is None \
+            else type(body).__name__
+        return [f"2xx answer is not a transaction-response Bundle ({what}): nothing is confirmed stored"], counts
     entries = body.get("entry") or []
     if len(entries) != len(req_entries):
         counts.update((n.split("/")[0], "unconfirmed") for n in names)
@@ -268,7 +268,7 @@ class Sender:
                     try:
                         answer = response.json()
                     except ValueError:
-                        answer = None
+                        answer = None  # said as "not JSON"
                     entry_failures, counts = check_transaction_response(bundle, answer, names)
                     self.report.entries.update(counts)
                     if not entry_failures:
