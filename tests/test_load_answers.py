@@ -20,10 +20,11 @@ from fhirsynth.export.loadplan import Located
 
 
 class ScriptedServer:
-    """Answers every POST with (status, body bytes); records the requests' bodies."""
+    """Answers the POSTs in turn with the scripted (status, body bytes, headers), repeating the last; records each
+    request's body and headers."""
 
-    def __init__(self, status: int, body: bytes) -> None:
-        self.status, self.body, self.seen = status, body, []
+    def __init__(self, answers: list[tuple[int, bytes, dict]]) -> None:
+        self.answers, self.seen, self.headers = answers, [], []
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -32,11 +33,15 @@ class ScriptedServer:
 
             def do_POST(self):  # noqa: N802 - http.server naming
                 server.seen.append(json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0)))))
-                self.send_response(server.status)
+                server.headers.append(dict(self.headers))
+                status, body, headers = server.answers[min(len(server.seen), len(server.answers)) - 1]
+                self.send_response(status)
                 self.send_header("Content-Type", "application/fhir+json")
-                self.send_header("Content-Length", str(len(server.body)))
+                self.send_header("Content-Length", str(len(body)))
+                for k, v in headers.items():
+                    self.send_header(k, v)
                 self.end_headers()
-                self.wfile.write(server.body)
+                self.wfile.write(body)
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/fhir"
@@ -47,12 +52,18 @@ class ScriptedServer:
         self.httpd.server_close()
 
 
+def _bytes(body: dict | bytes) -> bytes:
+    return body if isinstance(body, bytes) else json.dumps(body).encode()
+
+
 @pytest.fixture
 def scripted():
     servers = []
 
-    def start(status: int, body: dict | bytes) -> ScriptedServer:
-        s = ScriptedServer(status, body if isinstance(body, bytes) else json.dumps(body).encode())
+    def start(status: int, body: dict | bytes, *later: tuple[int, dict | bytes, dict],
+              headers: dict | None = None) -> ScriptedServer:
+        """The first answer (status, body, headers), then the `later` ones in turn."""
+        s = ScriptedServer([(status, _bytes(body), headers or {}), *[(st, _bytes(b), h) for st, b, h in later]])
         servers.append(s)
         return s
 
@@ -71,11 +82,12 @@ def _bundle(n: int) -> dict:
          "request": {"method": "PUT", "url": f"Basic/b{k}"}} for k in range(n)]}
 
 
-def _post(url: str, bundle: dict, names: list[str]) -> tuple[dict | None, LoadReport]:
+def _post(url: str, bundle: dict, names: list[str], *, retries: int = 0, backoff: float = 0.0
+          ) -> tuple[dict | None, LoadReport]:
     async def go():
         report = LoadReport()
         async with httpx.AsyncClient(timeout=10) as client:
-            sender = Sender(client, url, 0, 0.0, report, Located(), "client", False, 50)
+            sender = Sender(client, url, retries, backoff, report, Located(), "client", False, 50)
             failure, _ = await sender.post(bundle, names)
         return failure, report
 
@@ -145,3 +157,54 @@ def test_a_file_split_in_two_says_which_transaction_failed_and_logs_it(tmp_path:
     assert len(server.seen) == 1 and report.failed == 1 and report.loaded == 0
     assert [r.getMessage() for r in caplog.records] == [
         f"p.json: failed after 1 attempt(s): {failure['message']}"]
+
+
+def _response(n: int) -> dict:
+    return {"resourceType": "Bundle", "type": "transaction-response",
+            "entry": [{"response": {"status": "201 Created"}} for _ in range(n)]}
+
+
+def test_retries_follow_retry_after_and_stop_after_the_last_allowed(scripted, caplog):
+    """429 three times (Retry-After: 0), then 201: with 2 retries the third 429 is the end, each retry logged with
+    its number and the server's delay, not the 30 s backoff."""
+    slow = (429, _outcome("slow down"), {"Retry-After": "0"})
+    server = scripted(*slow[:2], slow, slow, (200, _response(1), {}), headers=slow[2])
+    with caplog.at_level(logging.DEBUG, logger="fhirsynth.export.loader"):
+        failure, report = _post(server.url, _bundle(1), ["Basic/b0"], retries=2, backoff=30.0)
+    assert failure == {"status": 429, "message": "HTTP 429: slow down", "attempts": 3}
+    assert report.retries == 2 and len(server.seen) == 3
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.DEBUG] == [
+        "HTTP 429: slow down; retry 1 in 0.00s", "HTTP 429: slow down; retry 2 in 0.00s"]
+    # one retry more and the fourth answer is the 201
+    server = scripted(*slow[:2], slow, slow, (200, _response(1), {}), headers=slow[2])
+    failure, report = _post(server.url, _bundle(1), ["Basic/b0"], retries=3, backoff=30.0)
+    assert failure is None and report.retries == 3 and report.entries == Counter({("Basic", "created"): 1})
+
+
+def test_requests_carry_the_fhir_media_type_and_the_token(tmp_path: Path, scripted):
+    server = scripted(200, _response(1))
+    (tmp_path / "p.json").write_text(json.dumps(_bundle(1)))
+    report = load_export(tmp_path, server.url, retries=0, token="s3cret")
+    assert report.loaded == 1
+    (headers,) = server.headers
+    headers = {k.lower(): v for k, v in headers.items()}
+    assert headers["content-type"] == headers["accept"] == "application/fhir+json"
+    assert headers["authorization"] == "Bearer s3cret"
+
+
+def test_a_batch_with_client_ids_is_one_request(tmp_path: Path, scripted):
+    """--batch with client ids: every id is known, so the chunk goes as one batch (server ids would need one batch
+    per dependency rank)."""
+    doc = {"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"fullUrl": "urn:uuid:p", "resource": {"resourceType": "Patient", "id": "p"},
+         "request": {"method": "PUT", "url": "Patient/p"}},
+        {"fullUrl": "urn:uuid:c", "resource": {"resourceType": "Condition", "id": "c",
+                                                "subject": {"reference": "urn:uuid:p"}},
+         "request": {"method": "PUT", "url": "Condition/c"}}]}
+    (tmp_path / "p.json").write_text(json.dumps(doc))
+    server = scripted(200, {"resourceType": "Bundle", "type": "batch-response",
+                            "entry": [{"response": {"status": "201 Created"}}] * 2})
+    report = load_export(tmp_path, server.url, retries=0, batch=True)
+    assert report.loaded == 1 and len(server.seen) == 1
+    (sent,) = server.seen
+    assert sent["type"] == "batch" and [e["resource"]["resourceType"] for e in sent["entry"]] == ["Patient", "Condition"]
