@@ -188,3 +188,45 @@ def test_posts_count_as_created_or_existing_and_other_2xx_as_stored():
     outcome = {"issue": [{"details": {"text": "from details"}}, {"code": "invalid"}]}
     failures, _ = check_transaction_response(_tx("Patient/p"), _answer("400 Bad Request", outcome=outcome))
     assert failures == ["Patient/p: HTTP 400 Bad Request: from details; invalid"]
+
+
+def _raises(call, kind, message: str, where: str):
+    with pytest.raises(kind) as info:
+        call()
+    assert (info.value.message, info.value.where) == (message, where)
+
+
+def test_bad_export_directories_say_what_and_where(tmp_path: Path):
+    _raises(lambda: load_sources(tmp_path / "missing"), UsageError, "no such file or directory",
+            str(tmp_path / "missing"))
+    for name, text, message in (
+            ("broken", "{nope", "invalid manifest.json: "),
+            ("listed", "[1, 2]", "manifest.json is not a JSON object"),
+            ("alien", json.dumps({"extension": {"fhirsynth": {"format": "xml"}}, "output": []}),
+             "unknown export format 'xml' (a fhirsynth export is one of "),
+    ):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "manifest.json").write_text(text)
+        with pytest.raises(LoadError) as info:
+            load_sources(d)
+        assert info.value.message.startswith(message) and info.value.where == str(d / "manifest.json"), name
+
+
+def test_a_single_file_and_a_manifest_of_each_kind(tmp_path: Path):
+    one = tmp_path / "Patient.ndjson"
+    one.write_text(json.dumps({"resourceType": "Patient", "id": "p"}) + "\n")
+    kind, files = load_sources(one)
+    assert kind == "ndjson" and [(f.path, f.rtype) for f in files] == [(one, "Patient")]
+    bundle = tmp_path / "b.json"
+    bundle.write_text(json.dumps(_tx("Patient/p")))
+    assert load_sources(bundle) == ("bundles", [bundle])
+    # a manifest names the files: its Bundles in its order, whatever else the directory holds
+    d = tmp_path / "exp"
+    d.mkdir()
+    for n in ("z.json", "a.json", "stray.json"):
+        (d / n).write_text(json.dumps(_tx("Patient/p")))
+    (d / "manifest.json").write_text(json.dumps({
+        "extension": {"fhirsynth": {"format": "transaction"}},
+        "output": [{"type": "Bundle", "url": "z.json"}, {"type": "Bundle", "url": "a.json"}, {"url": ""}]}))
+    assert load_sources(d) == ("bundles", [d / "z.json", d / "a.json"])
