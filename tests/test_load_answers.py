@@ -208,3 +208,21 @@ def test_a_batch_with_client_ids_is_one_request(tmp_path: Path, scripted):
     assert report.loaded == 1 and len(server.seen) == 1
     (sent,) = server.seen
     assert sent["type"] == "batch" and [e["resource"]["resourceType"] for e in sent["entry"]] == ["Patient", "Condition"]
+
+
+def test_a_failed_stage_stops_the_stages_after_it_and_says_how_many(tmp_path: Path, scripted, caplog):
+    """NDJSON loads type by type; the Encounters (the middle stage) fail, so the Observations that point at them
+    are not sent: one transaction not attempted, and the log says so."""
+    rows = {"Patient": {"resourceType": "Patient", "id": "p"},
+            "Encounter": {"resourceType": "Encounter", "id": "e", "status": "finished",
+                          "class": {"code": "AMB"}, "subject": {"reference": "Patient/p"}},
+            "Observation": {"resourceType": "Observation", "id": "o", "status": "final", "code": {"text": "x"},
+                            "subject": {"reference": "Patient/p"}, "encounter": {"reference": "Encounter/e"}}}
+    for rtype, row in rows.items():
+        (tmp_path / f"{rtype}.ndjson").write_text(json.dumps(row) + "\n")
+    server = scripted(200, _response(1), (422, _outcome("no"), {}))
+    with caplog.at_level(logging.ERROR, logger="fhirsynth.export.loader"):
+        report = load_export(tmp_path, server.url, retries=0, concurrency=1)
+    assert [e["entry"][0]["resource"]["resourceType"] for e in server.seen] == ["Patient", "Encounter"]
+    assert (report.loaded, report.failed, report.not_attempted) == (1, 1, 1)
+    assert caplog.records[-1].getMessage() == "stopped after a failed stage: 1 later transaction(s) not sent"
