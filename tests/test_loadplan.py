@@ -87,6 +87,16 @@ def test_a_reference_cycle_is_broken_not_dropped():
     assert [e.name for e in dependency_order([a, b, p])] == ["Patient/p", "Observation/a", "Observation/b"]
 
 
+def test_an_entry_released_from_a_cycle_and_freed_again_does_not_end_the_order():
+    """p <-> e is a cycle; p (rank first) is released, e follows, which frees p a second time while o, which
+    needs e, still waits: o must come out too."""
+    p = entry_for({"resourceType": "Patient", "id": "p", "link": [{"other": {"reference": "urn:uuid:e"}}]},
+                  "urn:uuid:p")
+    e = entry_for({"resourceType": "Encounter", "id": "e", "subject": {"reference": "urn:uuid:p"}}, "urn:uuid:e")
+    o = entry_for({"resourceType": "Observation", "id": "o", "encounter": {"reference": "urn:uuid:e"}}, "urn:uuid:o")
+    assert [x.name for x in dependency_order([o, e, p])] == ["Patient/p", "Encounter/e", "Observation/o"]
+
+
 def _patient_bundle() -> list:
     p = entry_for({"resourceType": "Patient", "id": "p", "identifier": [
         {"system": "urn:mrn", "value": "42"}, {"system": RESOURCE_ID_SYSTEM, "value": "p"}]}, "urn:uuid:p")
