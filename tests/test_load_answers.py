@@ -8,6 +8,7 @@ import json
 import logging
 import socket
 import threading
+import time
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -25,6 +26,7 @@ class ScriptedServer:
 
     def __init__(self, answers: list[tuple[int, bytes, dict]]) -> None:
         self.answers, self.seen, self.headers = answers, [], []
+        self.delay = 0.0  # seconds to wait before answering
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -34,6 +36,7 @@ class ScriptedServer:
             def do_POST(self):  # noqa: N802 - http.server naming
                 server.seen.append(json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0)))))
                 server.headers.append(dict(self.headers))
+                time.sleep(server.delay)
                 status, body, headers = server.answers[min(len(server.seen), len(server.answers)) - 1]
                 self.send_response(status)
                 self.send_header("Content-Type", "application/fhir+json")
@@ -226,3 +229,12 @@ def test_a_failed_stage_stops_the_stages_after_it_and_says_how_many(tmp_path: Pa
     assert [e["entry"][0]["resource"]["resourceType"] for e in server.seen] == ["Patient", "Encounter"]
     assert (report.loaded, report.failed, report.not_attempted) == (1, 1, 1)
     assert caplog.records[-1].getMessage() == "stopped after a failed stage: 1 later transaction(s) not sent"
+
+
+def test_a_server_slower_than_the_timeout_is_a_failure_not_a_wait(tmp_path: Path, scripted):
+    server = scripted(200, _response(1))
+    server.delay = 3.0
+    (tmp_path / "p.json").write_text(json.dumps(_bundle(1)))
+    report = load_export(tmp_path, server.url, retries=0, timeout=0.3)
+    assert (report.loaded, report.failed) == (0, 1)
+    assert report.failures[0]["message"].startswith("ReadTimeout")
