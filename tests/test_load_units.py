@@ -230,3 +230,11 @@ def test_a_single_file_and_a_manifest_of_each_kind(tmp_path: Path):
         "extension": {"fhirsynth": {"format": "transaction"}},
         "output": [{"type": "Bundle", "url": "z.json"}, {"type": "Bundle", "url": "a.json"}, {"url": ""}]}))
     assert load_sources(d) == ("bundles", [d / "z.json", d / "a.json"])
+    # a Bulk Data manifest of NDJSON outputs; an output without a url names no file
+    bulk = tmp_path / "bulk"
+    bulk.mkdir()
+    (bulk / "p.ndjson").write_text(json.dumps({"resourceType": "Patient", "id": "p"}) + "\n")
+    (bulk / "manifest.json").write_text(json.dumps({"output": [{"type": "Patient", "url": "p.ndjson"},
+                                                               {"type": "Observation"}]}))
+    kind, files = load_sources(bulk)
+    assert kind == "ndjson" and [(f.path, f.rtype) for f in files] == [(bulk / "p.ndjson", "Patient")]
