@@ -25,7 +25,7 @@ class ScriptedServer:
     request's body and headers."""
 
     def __init__(self, answers: list[tuple[int, bytes, dict]]) -> None:
-        self.answers, self.seen, self.headers = answers, [], []
+        self.answers, self.seen, self.headers, self.paths = answers, [], [], []
         self.delay = 0.0  # seconds to wait before answering
         server = self
 
@@ -36,6 +36,7 @@ class ScriptedServer:
             def do_POST(self):  # noqa: N802 - http.server naming
                 server.seen.append(json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0)))))
                 server.headers.append(dict(self.headers))
+                server.paths.append(self.path)
                 time.sleep(server.delay)
                 status, body, headers = server.answers[min(len(server.seen), len(server.answers)) - 1]
                 self.send_response(status)
@@ -238,3 +239,17 @@ def test_a_server_slower_than_the_timeout_is_a_failure_not_a_wait(tmp_path: Path
     report = load_export(tmp_path, server.url, retries=0, timeout=0.3)
     assert (report.loaded, report.failed) == (0, 1)
     assert report.failures[0]["message"].startswith("ReadTimeout")
+
+
+def test_a_trailing_slash_on_the_base_url_posts_to_the_base(tmp_path: Path, scripted):
+    server = scripted(200, _response(1))
+    (tmp_path / "p.json").write_text(json.dumps(_bundle(1)))
+    report = load_export(tmp_path, server.url + "/", retries=0)
+    assert report.loaded == 1 and server.paths == ["/fhir"]
+    assert 0.0 <= report.seconds < 60.0  # the wall time of this load, not a clock reading
+
+
+def test_an_https_url_is_accepted_and_a_failed_connection_is_reported(tmp_path: Path):
+    (tmp_path / "p.json").write_text(json.dumps(_bundle(1)))
+    report = load_export(tmp_path, f"https://127.0.0.1:{_closed_port()}/fhir", retries=0)
+    assert (report.loaded, report.failed) == (0, 1) and report.failures[0]["message"].startswith("ConnectError")

@@ -199,6 +199,9 @@ def _raises(call, kind, message: str, where: str):
 def test_bad_export_directories_say_what_and_where(tmp_path: Path):
     _raises(lambda: load_sources(tmp_path / "missing"), UsageError, "no such file or directory",
             str(tmp_path / "missing"))
+    (tmp_path / "empty").mkdir()
+    _raises(lambda: load_sources(tmp_path / "empty"), LoadError, "no transaction Bundles or NDJSON files found",
+            str(tmp_path / "empty"))
     for name, text, message in (
             ("broken", "{nope", "invalid manifest.json: "),
             ("listed", "[1, 2]", "manifest.json is not a JSON object"),
