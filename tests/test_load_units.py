@@ -241,3 +241,11 @@ def test_a_single_file_and_a_manifest_of_each_kind(tmp_path: Path):
                                                                {"type": "Observation"}]}))
     kind, files = load_sources(bulk)
     assert kind == "ndjson" and [(f.path, f.rtype) for f in files] == [(bulk / "p.ndjson", "Patient")]
+
+
+def test_a_directory_of_gzipped_bundles_without_a_manifest(tmp_path: Path):
+    import gzip
+
+    (tmp_path / "b.json.gz").write_bytes(gzip.compress(json.dumps(_tx("Patient/p")).encode()))
+    (tmp_path / "notes.txt").write_text("not a Bundle")
+    assert load_sources(tmp_path) == ("bundles", [tmp_path / "b.json.gz"])
