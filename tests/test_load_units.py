@@ -237,10 +237,15 @@ def test_a_single_file_and_a_manifest_of_each_kind(tmp_path: Path):
     bulk = tmp_path / "bulk"
     bulk.mkdir()
     (bulk / "p.ndjson").write_text(json.dumps({"resourceType": "Patient", "id": "p"}) + "\n")
-    (bulk / "manifest.json").write_text(json.dumps({"output": [{"type": "Patient", "url": "p.ndjson"},
-                                                               {"type": "Observation"}]}))
+    (bulk / "q.ndjson").write_text(json.dumps({"resourceType": "Patient", "id": "q"}) + "\n")
+    (bulk / "empty.ndjson").write_text("")
+    (bulk / "manifest.json").write_text(json.dumps({"output": [
+        {"type": "Observation", "url": "empty.ndjson"}, {"type": "Patient", "url": "p.ndjson"},
+        {"url": "q.ndjson"}, {"type": "Observation"}]}))
     kind, files = load_sources(bulk)
-    assert kind == "ndjson" and [(f.path, f.rtype) for f in files] == [(bulk / "p.ndjson", "Patient")]
+    # the manifest's type where it gives one (an empty file has no first line to read it from), else the first line
+    assert kind == "ndjson" and [(f.path, f.rtype) for f in files] == [
+        (bulk / "p.ndjson", "Patient"), (bulk / "q.ndjson", "Patient"), (bulk / "empty.ndjson", "Observation")]
 
 
 def test_a_directory_of_gzipped_bundles_without_a_manifest(tmp_path: Path):
