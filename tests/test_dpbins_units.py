@@ -11,14 +11,22 @@ from datetime import datetime, timedelta, timezone
 
 import numpy as np
 import pytest
+from test_model_helpers import LOINC
 
-from fhirsynth.model.dpbins import GRID, N_BINS, _cell, _decimals, _edges, _round_sig, patient_contributions, \
-    release_value_bins
+from fhirsynth.model.dpbins import (
+    GRID,
+    N_BINS,
+    _cell,
+    _decimals,
+    _edges,
+    _round_sig,
+    patient_contributions,
+    release_value_bins,
+)
 from fhirsynth.model.dpnoise import NoiseSource
 from fhirsynth.model.vocab import Item
 from fhirsynth.timeline.types import Event, PatientInfo, Timeline
 
-LOINC = "http://loinc.org"
 ZERO = 160  # the cell [-1e-4, 1e-4): 161 negative edges come first (-1e6 .. -1e-4)
 ONE = ZERO + 1 + 64  # the cell [1, 10 ** (1/16)): 1e-4 is GRID[161], and 64 cells later comes 1
 

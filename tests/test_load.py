@@ -8,6 +8,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from load_helpers import operation_outcome
 
 from fhirsynth.cli import main
 from fhirsynth.errors import UsageError
@@ -19,9 +20,6 @@ from fhirsynth.timeline.samples import random_timelines
 
 GEN = GeneratorInfo(model_hash="cd" * 32, epsilon=8.0, delta=1e-5, recorded="2026-03-04T05:06:07+00:00")
 
-
-def _outcome(text: str) -> dict:
-    return {"resourceType": "OperationOutcome", "issue": [{"severity": "error", "code": "processing", "diagnostics": text}]}
 
 
 class FhirServer:
@@ -72,11 +70,11 @@ class FhirServer:
                         server.throttled += 1
                 try:
                     if self.path != "/fhir":
-                        return self._send(404, _outcome(f"no endpoint {self.path}"))
+                        return self._send(404, operation_outcome(f"no endpoint {self.path}"))
                     if server.token and self.headers.get("Authorization") != f"Bearer {server.token}":
-                        return self._send(401, _outcome("missing or wrong bearer token"))
+                        return self._send(401, operation_outcome("missing or wrong bearer token"))
                     if throttle:
-                        return self._send(429, _outcome("slow down"), {"Retry-After": "0"})
+                        return self._send(429, operation_outcome("slow down"), {"Retry-After": "0"})
                     status, result = server.transact(json.loads(body))
                     self._send(status, result)
                 finally:
@@ -89,25 +87,25 @@ class FhirServer:
 
     def transact(self, bundle: dict) -> tuple[int, dict]:
         if bundle.get("resourceType") != "Bundle" or bundle.get("type") != "transaction":
-            return 400, _outcome("not a transaction Bundle")
+            return 400, operation_outcome("not a transaction Bundle")
         entries = bundle.get("entry") or []
         if self.max_updates is not None and len(entries) > self.max_updates:
-            return 400, _outcome("Transaction contains more update operations than allowed")
+            return 400, operation_outcome("Transaction contains more update operations than allowed")
         full_urls = {e.get("fullUrl") for e in entries}
         types = [e["resource"]["resourceType"] for e in entries]
         if "Patient" in types and types[0] != "Patient":
-            return 400, _outcome("Patient must come first")
+            return 400, operation_outcome("Patient must come first")
         for i, e in enumerate(entries):
             r, req = e["resource"], e.get("request") or {}
             if req.get("method") != "PUT" or req.get("url") != f"{r['resourceType']}/{r['id']}":
-                return 400, _outcome(f"entry[{i}]: expected PUT {r['resourceType']}/{r['id']}")
+                return 400, operation_outcome(f"entry[{i}]: expected PUT {r['resourceType']}/{r['id']}")
             for ref in iter_references(r):
                 if "?" in ref:
-                    return 400, _outcome(f"entry[{i}]: conditional reference {ref} not supported")
+                    return 400, operation_outcome(f"entry[{i}]: conditional reference {ref} not supported")
                 if ref not in full_urls and ref not in self.store:  # in this transaction, or stored before
-                    return 400, _outcome(f"entry[{i}]: unresolvable reference {ref}")
+                    return 400, operation_outcome(f"entry[{i}]: unresolvable reference {ref}")
         if self.non_bundle_200:
-            return 200, _outcome("accepted (nothing stored)")
+            return 200, operation_outcome("accepted (nothing stored)")
         # as a real server does: references to entries of the transaction now point where they were stored
         stored_as = {e["fullUrl"]: e["request"]["url"] for e in entries if e.get("fullUrl")}
         entries = [{**e, "resource": rewrite_refs(e["resource"], stored_as)} for e in entries]
@@ -119,7 +117,7 @@ class FhirServer:
                     self.entries_seen += 1
                     if self.entries_seen % self.reject_every == 0:
                         out.append({"response": {"status": "422 Unprocessable Entity",
-                                                 "outcome": _outcome(f"{r['resourceType']} failed profile check")}})
+                                                 "outcome": operation_outcome(f"{r['resourceType']} failed profile check")}})
                     else:
                         self.store[f"{r['resourceType']}/{r['id']}"] = r
                         out.append({"response": {"status": "201 Created"}})

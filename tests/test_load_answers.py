@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import socket
 import threading
 import time
 from collections import Counter
@@ -15,6 +14,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+from load_helpers import operation_outcome
+from serverproc import free_port
 
 from fhirsynth.export.loader import LoadReport, Sender, load_export
 from fhirsynth.export.loadplan import Located
@@ -76,9 +77,6 @@ def scripted():
         s.close()
 
 
-def _outcome(text: str) -> dict:
-    return {"resourceType": "OperationOutcome", "issue": [{"severity": "error", "code": "invalid", "diagnostics": text}]}
-
 
 def _bundle(n: int) -> dict:
     return {"resourceType": "Bundle", "type": "transaction", "entry": [
@@ -99,14 +97,14 @@ def _post(url: str, bundle: dict, names: list[str], *, retries: int = 0, backoff
 
 
 def test_a_3xx_answer_is_a_failure_not_a_confirmation(scripted):
-    server = scripted(300, _outcome("multiple choices"))
+    server = scripted(300, operation_outcome("multiple choices"))
     failure, report = _post(server.url, _bundle(2), ["a", "b"])
     assert failure == {"status": 300, "message": "HTTP 300: multiple choices", "attempts": 1}
     assert report.entries == Counter()  # nothing read from a non-2xx answer
 
 
 def test_entry_failures_use_the_callers_names_and_the_message_shows_five(scripted):
-    entries = [{"response": {"status": "422 Unprocessable Entity", "outcome": _outcome(f"bad {k}")}} for k in range(6)]
+    entries = [{"response": {"status": "422 Unprocessable Entity", "outcome": operation_outcome(f"bad {k}")}} for k in range(6)]
     server = scripted(200, {"resourceType": "Bundle", "type": "transaction-response", "entry": entries})
     names = [f"part.ndjson line {k + 1}" for k in range(6)]
     failure, report = _post(server.url, _bundle(6), names)
@@ -124,14 +122,9 @@ def test_a_2xx_answer_that_is_not_json_says_so(scripted):
     assert report.entries == Counter({("Basic", "unconfirmed"): 1})
 
 
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def test_a_network_error_is_named_by_its_type():
-    failure, report = _post(f"http://127.0.0.1:{_closed_port()}/fhir", _bundle(1), ["Basic/b0"])
+    failure, report = _post(f"http://127.0.0.1:{free_port()}/fhir", _bundle(1), ["Basic/b0"])
     assert failure["status"] is None and failure["attempts"] == 1
     assert failure["message"].startswith("ConnectError: ")
 
@@ -149,7 +142,7 @@ def test_an_unreadable_bundle_file_is_one_failure_with_its_name_and_a_log_line(t
 
 
 def test_a_file_split_in_two_says_which_transaction_failed_and_logs_it(tmp_path: Path, scripted, caplog):
-    server = scripted(422, _outcome("rejected"))
+    server = scripted(422, operation_outcome("rejected"))
     doc = _bundle(3)
     (tmp_path / "p.json").write_text(json.dumps(doc))
     with caplog.at_level(logging.ERROR, logger="fhirsynth.export.loader"):
@@ -171,7 +164,7 @@ def _response(n: int) -> dict:
 def test_retries_follow_retry_after_and_stop_after_the_last_allowed(scripted, caplog):
     """429 three times (Retry-After: 0), then 201: with 2 retries the third 429 is the end, each retry logged with
     its number and the server's delay, not the 30 s backoff."""
-    slow = (429, _outcome("slow down"), {"Retry-After": "0"})
+    slow = (429, operation_outcome("slow down"), {"Retry-After": "0"})
     server = scripted(*slow[:2], slow, slow, (200, _response(1), {}), headers=slow[2])
     with caplog.at_level(logging.DEBUG, logger="fhirsynth.export.loader"):
         failure, report = _post(server.url, _bundle(1), ["Basic/b0"], retries=2, backoff=30.0)
@@ -224,7 +217,7 @@ def test_a_failed_stage_stops_the_stages_after_it_and_says_how_many(tmp_path: Pa
                             "subject": {"reference": "Patient/p"}, "encounter": {"reference": "Encounter/e"}}}
     for rtype, row in rows.items():
         (tmp_path / f"{rtype}.ndjson").write_text(json.dumps(row) + "\n")
-    server = scripted(200, _response(1), (422, _outcome("no"), {}))
+    server = scripted(200, _response(1), (422, operation_outcome("no"), {}))
     with caplog.at_level(logging.ERROR, logger="fhirsynth.export.loader"):
         report = load_export(tmp_path, server.url, retries=0, concurrency=1)
     assert [e["entry"][0]["resource"]["resourceType"] for e in server.seen] == ["Patient", "Encounter"]
@@ -251,5 +244,5 @@ def test_a_trailing_slash_on_the_base_url_posts_to_the_base(tmp_path: Path, scri
 
 def test_an_https_url_is_accepted_and_a_failed_connection_is_reported(tmp_path: Path):
     (tmp_path / "p.json").write_text(json.dumps(_bundle(1)))
-    report = load_export(tmp_path, f"https://127.0.0.1:{_closed_port()}/fhir", retries=0)
+    report = load_export(tmp_path, f"https://127.0.0.1:{free_port()}/fhir", retries=0)
     assert (report.loaded, report.failed) == (0, 1) and report.failures[0]["message"].startswith("ConnectError")

@@ -16,6 +16,7 @@ from pathlib import Path
 from urllib.parse import parse_qsl
 
 import pytest
+from load_helpers import operation_outcome
 
 from fhirsynth.export.bundles import iter_references, rewrite_refs
 from fhirsynth.export.loader import load_export
@@ -25,9 +26,6 @@ from fhirsynth.timeline.samples import random_timelines
 
 GEN = GeneratorInfo(model_hash="ef" * 32, epsilon=8.0, delta=1e-5, recorded="2026-03-04T05:06:07+00:00")
 
-
-def _outcome(text: str) -> dict:
-    return {"resourceType": "OperationOutcome", "issue": [{"severity": "error", "code": "processing", "diagnostics": text}]}
 
 
 class AssigningServer:
@@ -103,7 +101,7 @@ class AssigningServer:
     def process(self, bundle: dict) -> tuple[int, dict]:
         kind = bundle.get("type")
         if bundle.get("resourceType") != "Bundle" or kind not in ("transaction", "batch"):
-            return 400, _outcome("not a transaction or batch Bundle")
+            return 400, operation_outcome("not a transaction or batch Bundle")
         if kind == "batch":
             return 200, {"resourceType": "Bundle", "type": "batch-response",
                          "entry": [self._one(e, {}, {}, batch=True) for e in bundle.get("entry") or []]}
@@ -115,11 +113,11 @@ class AssigningServer:
         for e in bundle.get("entry") or []:
             req, r = e.get("request") or {}, e["resource"]
             if req.get("method") == "PUT":
-                return 403, _outcome("this user may not choose ids (PUT)")
+                return 403, operation_outcome("this user may not choose ids (PUT)")
             query = req.get("ifNoneExist")
             found = self._match(r["resourceType"], query, pending) if query else []
             if len(found) > 1:
-                return 412, _outcome(f"If-None-Exist {query} matches {len(found)} resources")
+                return 412, operation_outcome(f"If-None-Exist {query} matches {len(found)} resources")
             name = found[0] if found else self._new_name(r["resourceType"])
             full_urls[e["fullUrl"]] = name
             plan.append((name, r, bool(found)))
@@ -133,7 +131,7 @@ class AssigningServer:
             r = {**rewrite_refs(r, full_urls), "id": name.split("/")[1]}
             for ref in iter_references(r):
                 if ref not in self.store and ref not in pending:
-                    return 400, _outcome(f"entry[{i}]: unresolvable reference {ref}")
+                    return 400, operation_outcome(f"entry[{i}]: unresolvable reference {ref}")
             stored[name] = r
             out.append(self._response(name, "201 Created", r))
         self.store.update(stored)
@@ -143,14 +141,14 @@ class AssigningServer:
         """A batch entry on its own: a reference must point at something stored already."""
         req, r = e.get("request") or {}, e["resource"]
         if req.get("method") == "PUT":
-            return {"response": {"status": "403 Forbidden", "outcome": _outcome("may not choose ids")}}
+            return {"response": {"status": "403 Forbidden", "outcome": operation_outcome("may not choose ids")}}
         query = req.get("ifNoneExist")
         found = self._match(r["resourceType"], query, {}) if query else []
         if found:
             return self._response(found[0], "200 OK", self.store[found[0]])
         for ref in iter_references(r):
             if ref not in self.store:
-                return {"response": {"status": "404 Not Found", "outcome": _outcome(f"unresolvable reference {ref}")}}
+                return {"response": {"status": "404 Not Found", "outcome": operation_outcome(f"unresolvable reference {ref}")}}
         name = self._new_name(r["resourceType"])
         self.store[name] = {**r, "id": name.split("/")[1]}
         return self._response(name, "201 Created", self.store[name])

@@ -6,17 +6,22 @@ from __future__ import annotations
 
 import json
 import shutil
+import types
 from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from test_model_helpers import make_timelines, tiny_model_dir
 
 from fhirsynth.model import measurements as ms
+from fhirsynth.model.bins import DAYS_PER_YEAR
 from fhirsynth.model.checkpoint import load_model
 from fhirsynth.model.dpnoise import NoiseSource
 from fhirsynth.model.sampler import sample_timelines
+from fhirsynth.model.visitsampler import VisitSampler
+from fhirsynth.model.vocab import SEXES
 from fhirsynth.timeline.types import Event, PatientInfo, Timeline
 
 T0 = datetime(2000, 1, 1, tzinfo=timezone.utc)
@@ -167,15 +172,8 @@ def test_the_sampler_draws_from_the_cell_measurements_counted_the_patient_in():
     """At the edges of the age bands (days // 365, as cell_of counts them) the sampler picks the same cell. Only
     one sex's cells hold a histogram, the one of band b only bucket b, so the bucket drawn names the band, and the
     other sex gets no constraint (an infinite upper edge)."""
-    import types
-
-    import torch
-
-    from fhirsynth.model.visitsampler import VisitSampler
-    from fhirsynth.model.vocab import SEXES
-
     bands = len(ms.AGE_BANDS) + 1
-    edges = [e * 365.25 for e in ms.FIRST_AGE_EDGES]
+    edges = [e * DAYS_PER_YEAR for e in ms.FIRST_AGE_EDGES]
     birth = date(1950, 1, 1)
     days = [d for edge in (18, 45, 65) for d in (edge * 365 - 1, edge * 365, edge * 365 + 12, edge * 365 + 14)]
     for held in ("female", "male"):
