@@ -28,6 +28,8 @@ class ScriptedServer:
     def __init__(self, answers: list[tuple[int, bytes, dict]]) -> None:
         self.answers, self.seen, self.headers, self.paths = answers, [], [], []
         self.delay = 0.0  # seconds to wait before answering
+        self.in_flight = self.most_in_flight = 0  # requests being answered at once
+        lock = threading.Lock()
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -35,11 +37,16 @@ class ScriptedServer:
                 pass
 
             def do_POST(self):  # noqa: N802 - http.server naming
-                server.seen.append(json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0)))))
-                server.headers.append(dict(self.headers))
-                server.paths.append(self.path)
+                with lock:
+                    server.seen.append(json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0)))))
+                    server.headers.append(dict(self.headers))
+                    server.paths.append(self.path)
+                    status, body, headers = server.answers[min(len(server.seen), len(server.answers)) - 1]
+                    server.in_flight += 1
+                    server.most_in_flight = max(server.most_in_flight, server.in_flight)
                 time.sleep(server.delay)
-                status, body, headers = server.answers[min(len(server.seen), len(server.answers)) - 1]
+                with lock:
+                    server.in_flight -= 1
                 self.send_response(status)
                 self.send_header("Content-Type", "application/fhir+json")
                 self.send_header("Content-Length", str(len(body)))
@@ -246,3 +253,90 @@ def test_an_https_url_is_accepted_and_a_failed_connection_is_reported(tmp_path: 
     (tmp_path / "p.json").write_text(json.dumps(_bundle(1)))
     report = load_export(tmp_path, f"https://127.0.0.1:{free_port()}/fhir", retries=0)
     assert (report.loaded, report.failed) == (0, 1) and report.failures[0]["message"].startswith("ConnectError")
+
+
+def _sent_types(server: ScriptedServer) -> list[str]:
+    return [e["entry"][0]["resource"]["resourceType"] for e in server.seen]
+
+
+def test_ndjson_with_client_ids_loads_what_is_referenced_first(tmp_path: Path, scripted):
+    """Patients that name their managing Organization: the Organizations go first even with client ids, so a server
+    that checks references on write finds them (the fixed order would put Patient first)."""
+    (tmp_path / "Patient.ndjson").write_text(json.dumps(
+        {"resourceType": "Patient", "id": "p", "managingOrganization": {"reference": "Organization/o"}}) + "\n")
+    (tmp_path / "Organization.ndjson").write_text(json.dumps({"resourceType": "Organization", "id": "o"}) + "\n")
+    server = scripted(200, _response(1))
+    report = load_export(tmp_path, server.url, retries=0, concurrency=1)
+    assert report.loaded == 2 and report.failed == 0
+    assert _sent_types(server) == ["Organization", "Patient"]
+    assert [e["entry"][0]["request"] for e in server.seen] == [
+        {"method": "PUT", "url": "Organization/o"}, {"method": "PUT", "url": "Patient/p"}]
+
+
+def test_a_manifest_output_without_a_type_takes_it_from_its_file(tmp_path: Path, scripted):
+    """Bulk Data's `type` is required, but an export without it still loads in reference order: the file's own
+    resources say it holds Patients, so they go before the Observations that point at them, whatever the manifest's
+    order."""
+    (tmp_path / "a.ndjson").write_text(json.dumps(
+        {"resourceType": "Observation", "id": "o", "status": "final", "code": {"text": "x"},
+         "subject": {"reference": "Patient/p"}}) + "\n")
+    (tmp_path / "b.ndjson").write_text(json.dumps({"resourceType": "Patient", "id": "p"}) + "\n")
+    (tmp_path / "manifest.json").write_text(json.dumps({"output": [
+        {"type": "Observation", "url": "a.ndjson"}, {"url": "b.ndjson"}]}))
+    server = scripted(200, _response(1))
+    report = load_export(tmp_path, server.url, retries=0, concurrency=1)
+    assert report.loaded == 2 and _sent_types(server) == ["Patient", "Observation"]
+
+
+def test_entry_failures_with_server_ids_name_each_resource_by_its_own_id(tmp_path: Path, scripted):
+    """With server-assigned ids the POSTed resources carry no id; a rejected entry is still named by the id it has
+    in the export, so the user can find it."""
+    doc = {"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"fullUrl": "urn:uuid:p", "resource": {"resourceType": "Patient", "id": "p1"},
+         "request": {"method": "PUT", "url": "Patient/p1"}},
+        {"fullUrl": "urn:uuid:c", "resource": {"resourceType": "Condition", "id": "c1",
+                                                "subject": {"reference": "urn:uuid:p"}},
+         "request": {"method": "PUT", "url": "Condition/c1"}}]}
+    (tmp_path / "p.json").write_text(json.dumps(doc))
+    server = scripted(200, {"resourceType": "Bundle", "type": "transaction-response", "entry": [
+        {"response": {"status": "201 Created", "location": "Patient/9/_history/1"}},
+        {"response": {"status": "422 Unprocessable Entity", "outcome": operation_outcome("no onset")}}]})
+    report = load_export(tmp_path, server.url, retries=0, ids="server")
+    (sent,) = server.seen
+    assert [e["request"] for e in sent["entry"]] == [{"method": "POST", "url": "Patient"},
+                                                     {"method": "POST", "url": "Condition"}]
+    assert "id" not in sent["entry"][1]["resource"]
+    assert report.failed == 1
+    assert report.failures[0]["entries"] == ["Condition/c1: HTTP 422 Unprocessable Entity: no onset"]
+
+
+def test_load_export_retries_five_times_by_default(tmp_path: Path, scripted):
+    busy = (503, operation_outcome("busy"), {"Retry-After": "0"})
+    server = scripted(*busy[:2], headers=busy[2])
+    (tmp_path / "p.json").write_text(json.dumps(_bundle(1)))
+    report = load_export(tmp_path, server.url)
+    assert len(server.seen) == 6 and report.retries == 5
+    assert report.failures[0]["attempts"] == 6 and report.failures[0]["status"] == 503
+
+
+def test_load_export_sends_four_bundles_at_once_by_default(tmp_path: Path, scripted):
+    server = scripted(200, _response(1))
+    server.delay = 0.4  # long enough for every worker to have its request open
+    for k in range(8):
+        (tmp_path / f"p{k}.json").write_text(json.dumps(_bundle(1)))
+    report = load_export(tmp_path, server.url, retries=0)
+    assert report.loaded == 8 and server.most_in_flight == 4
+
+
+def test_load_export_backs_off_half_a_second_by_default(tmp_path: Path, scripted, caplog, monkeypatch):
+    """Without Retry-After the first retry waits backoff x 2^0 x a jitter in [0.5, 1.5); the jitter pinned to 1."""
+    import fhirsynth.export.loader as loader
+
+    monkeypatch.setattr(loader.random, "random", lambda: 0.5)
+    server = scripted(503, operation_outcome("busy"), (200, _response(1), {}))
+    (tmp_path / "p.json").write_text(json.dumps(_bundle(1)))
+    with caplog.at_level(logging.DEBUG, logger="fhirsynth.export.loader"):
+        report = load_export(tmp_path, server.url)
+    assert report.loaded == 1 and report.retries == 1
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.DEBUG] == [
+        "HTTP 503: busy; retry 1 in 0.50s"]

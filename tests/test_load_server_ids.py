@@ -39,6 +39,8 @@ class AssigningServer:
         self.store: dict[str, dict] = {}
         self.next_id = 0
         self.posts = 0
+        self.sizes: list[int] = []  # entries of each Bundle received
+        self.bundles: list[dict] = []  # each Bundle received
         self.lock = threading.Lock()
         server = self
 
@@ -50,6 +52,8 @@ class AssigningServer:
                 body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
                 with server.lock:
                     server.posts += 1
+                    server.sizes.append(len(body.get("entry") or []))
+                    server.bundles.append(body)
                     status, result = server.process(body)
                 data = json.dumps(result).encode()
                 self.send_response(status)
@@ -287,3 +291,54 @@ def test_unknown_locations_are_named_three_at_most(tmp_path):
     assert len(named) == 3
     assert all(re.fullmatch(r"[A-Za-z]+/[\w.-]+: the server's answer says neither its location nor its id", n)
                for n in named), named
+
+
+def test_conditional_mode_sends_eight_entries_at_most_by_default_and_server_mode_fifty(tmp_path):
+    """Without --max-entries: conditional creates need serializable isolation, which servers cap lower (Medplum: 8);
+    server mode keeps the default 50 for the export's own entries (fhirsynth's Bundles carry no If-None-Exist)."""
+    expected, _ = _export(tmp_path / "d", n=2)
+    with AssigningServer() as server:
+        report = load_export(tmp_path / "d", server.url, ids="conditional", retries=0)
+    assert report.failed == 0 and server.counts() == expected
+    assert max(server.sizes) == 8 and len(server.sizes) > _files(tmp_path / "d")
+    with AssigningServer() as server:
+        report = load_export(tmp_path / "d", server.url, ids="server", retries=0)
+    assert report.failed == 0 and server.counts() == expected
+    assert max(server.sizes) == 50 and all(n <= 50 for n in server.sizes)
+    with AssigningServer() as server:  # a batch has no serializable transaction: the default stays 50
+        report = load_export(tmp_path / "d", server.url, ids="conditional", batch=True, retries=0)
+    assert report.failed == 0 and server.counts() == expected and max(server.sizes) > 8
+
+
+def test_conditional_bundles_send_provenance_once_its_patient_is_stored(tmp_path):
+    """A whole patient fits one transaction, yet its Provenance goes in a transaction of its own after it: its
+    If-None-Exist names the Patient by the id the server gave it, so a reload finds it instead of copying it."""
+    expected, _ = _export(tmp_path / "p", n=1)
+    with AssigningServer() as server:
+        report = load_export(tmp_path / "p", server.url, ids="conditional", max_entries=1000, retries=0)
+        again = load_export(tmp_path / "p", server.url, ids="conditional", max_entries=1000, retries=0)
+    assert report.failed == 0 and report.unconditional == 0 and server.counts() == expected
+    first, last = server.bundles[0], server.bundles[1]
+    assert "Provenance" not in {e["resource"]["resourceType"] for e in first["entry"]}
+    assert [e["resource"]["resourceType"] for e in last["entry"]] == ["Provenance"] * expected["Provenance"]
+    patient = next(n for n, r in server.store.items() if r["resourceType"] == "Patient")
+    assert all(e["request"]["ifNoneExist"].startswith(f"target={patient}&agent-type=") for e in last["entry"])
+    assert again.by_type() == {t: {"existing": n} for t, n in sorted(expected.items())}
+
+
+def test_ndjson_with_server_ids_refuses_a_reference_to_an_exported_resource_it_lacks(tmp_path):
+    """An Observation that points at Patient/ghost, which the export's Patient file does not hold: with
+    server-assigned ids the server would read `Patient/ghost` as one of its own, so the transaction is refused
+    before it is sent, saying why; what it does not touch loads."""
+    (tmp_path / "Patient.ndjson").write_text(json.dumps({"resourceType": "Patient", "id": "p"}) + "\n")
+    obs = [{"resourceType": "Observation", "id": f"o{k}", "status": "final", "code": {"text": "x"},
+            "subject": {"reference": f"Patient/{who}"}} for k, who in enumerate(["p", "ghost"])]
+    (tmp_path / "Observation.ndjson").write_text("".join(json.dumps(o) + "\n" for o in obs))
+    with AssigningServer() as server:
+        report = load_export(tmp_path, server.url, ids="server", retries=0)
+    assert server.counts() == Counter({"Patient": 1}) and server.posts == 1
+    (failure,) = report.failures
+    assert failure["file"] == "Observation.ndjson:1-end" and failure["attempts"] == 0 and failure["status"] is None
+    assert failure["message"] == ("Observation/o1 refers to Patient/ghost, which this export holds but has not "
+                                  "stored yet; with server-assigned ids the referenced type must load first (or "
+                                  "use --ids client)")

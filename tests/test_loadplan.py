@@ -154,6 +154,13 @@ def test_conditional_mode_matches_on_identifiers_and_sends_provenance_last_by_it
     assert prov["request"]["ifNoneExist"] == ("target=Patient/P1&agent-type=http://terminology.hl7.org/CodeSystem/"
                                               "provenance-participant-type|assembler")
     assert conditional_query({"resourceType": "Provenance", "target": []}) is None
+    # only a Provenance is searched by target and agent: another resource with the same agent and a target found
+    # for it would get a search its type does not have
+    agent = [{"type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/provenance-participant-type",
+                                   "code": "assembler"}]}}]
+    assert conditional_query({"resourceType": "AuditEvent", "agent": agent}, "Patient/P1") is None
+    assert conditional_query({"resourceType": "Provenance", "agent": agent}, "Patient/P1") == \
+        prov["request"]["ifNoneExist"]
     assert conditional_query({"resourceType": "Device", "identifier": {"system": "s", "value": "v"}}) == \
         "identifier=s|v"
 

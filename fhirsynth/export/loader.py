@@ -45,7 +45,6 @@ from fhirsynth.export.loadplan import (
 from fhirsynth.export.ndjson_source import (
     is_ndjson,
     ndjson_files,
-    stages,
     stages_by_references,
     transactions,
 )
@@ -368,9 +367,9 @@ async def _load(kind: str, sources: list, url: str, *, concurrency: int, retries
         plan = [iter(sources)]
         total, unit = len(sources), "bundle"
     else:
-        # server-assigned ids: a type loads after every type it refers to, as the data says
-        grouped = stages(sources) if mode == "client" else stages_by_references(sources)
-        plan = [transactions(stage, max_entries) for stage in grouped]
+        # a type loads after every type it refers to, as the data says: with server-assigned ids the loader needs
+        # the referenced ids, and with client ids a server that checks references on write needs the targets stored
+        plan = [transactions(stage, max_entries) for stage in stages_by_references(sources)]
         total, unit = None, "transaction"
     with progress(total=total, unit=unit, desc="load") as bar:
         async with httpx.AsyncClient(headers=headers, timeout=timeout, limits=limits) as client:

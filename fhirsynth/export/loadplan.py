@@ -194,7 +194,7 @@ class Located:
             return ref
         if urn in in_chunk and not batch:
             return urn
-        return self.stored.get(urn, ref if not ref.startswith(URN) else urn)
+        return self.stored.get(urn, ref)  # a urn reference: urn is ref itself
 
 
 def conditional_query(resource: dict[str, Any], provenance_target: str | None = None) -> str | None:

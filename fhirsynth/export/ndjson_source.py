@@ -1,8 +1,8 @@
 """NDJSON (Bulk Data layout) as transactions to load: one resource type after another, in dependency order.
 
-A Bulk Data export holds one resource type per file and references as `Type/id`. Loading it type by type, Patient
-first and Provenance last, with every resource PUT under its own id, means every reference points at something
-stored by an earlier stage: each stage is chunked into transactions of at most max_entries resources, streamed
+A Bulk Data export holds one resource type per file and references as `Type/id`. Loading it type by type, each
+type after the types its resources refer to (read from the data; Patient first and Provenance last in fhirsynth's
+own exports), means every reference points at something stored by an earlier stage: each stage is chunked into transactions of at most max_entries resources, streamed
 from the files (memory does not grow with the export).
 """
 
@@ -63,14 +63,6 @@ def ndjson_files(paths: list[Path], types: dict[Path, str] | None = None) -> lis
     """The files with their resource type (from the manifest when known, else their first line), in stage order."""
     found = [NdjsonFile(p, (types or {}).get(p) or _first_type(p)) for p in paths]
     return sorted((f for f in found if f.rtype), key=lambda f: f.stage)
-
-
-def stages(files: list[NdjsonFile]) -> list[list[NdjsonFile]]:
-    """The files grouped by stage (static dependency rank of their type)."""
-    out: dict[int, list[NdjsonFile]] = {}
-    for f in files:
-        out.setdefault(f.stage, []).append(f)
-    return [out[k] for k in sorted(out)]
 
 
 def referenced_types(path: Path) -> set[str]:
