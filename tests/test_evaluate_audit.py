@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from datetime import timedelta
 
 import numpy as np
 import pytest
@@ -75,6 +76,40 @@ def test_make_canaries_use_pool_codes():
     assert all(e.code in pool_codes for c in canaries for e in c.events if e.kind != "encounter")
     sequences = {tuple(e.code for e in c.events) for c in canaries}
     assert len(sequences) == 8  # distinct, memorisable trajectories
+
+
+def test_canaries_carry_every_clinical_kind_with_its_attributes():
+    """A drug list or a vaccine history identifies a patient as well as diagnoses do: canaries draw from every
+    clinical kind of the pool, each item a copy of a real one (category, status, reason, duration) at the canary's
+    own visit."""
+    from dataclasses import replace as copy_with
+
+    from fhirsynth.timeline.types import Event
+
+    pool = toy_timelines(30, seed=7)
+    rx = "http://www.nlm.nih.gov/research/umls/rxnorm"
+    for k, t in enumerate(pool):
+        visit = next(e for e in t.events if e.kind == "encounter")
+        t.events += [
+            Event(time=visit.time, kind="medication", system=rx, code=f"31{k % 3}", display="drug", status="active",
+                  value_system="http://snomed.info/sct", value_code="44054006", encounter_id=visit.encounter_id,
+                  end_time=visit.time + timedelta(days=30)),
+            Event(time=visit.time, kind="immunization", system="http://hl7.org/fhir/sid/cvx", code="140",
+                  status="completed", encounter_id=visit.encounter_id)]
+    canaries = make_canaries(pool, 40, seed=2)
+    items = [(c, e) for c in canaries for e in c.events if e.kind != "encounter"]
+    kinds = {e.kind for _, e in items}
+    assert {"medication", "immunization", "condition", "observation"} <= kinds
+    visits = {(c.patient.patient_id, e.encounter_id): e.time for c in canaries for e in c.events
+              if e.kind == "encounter"}
+    for c, e in items:
+        assert visits[(c.patient.patient_id, e.encounter_id)] == e.time  # at the canary's own visit
+        if e.kind == "medication":
+            assert (e.status, e.value_code, e.end_time - e.time) == ("active", "44054006", timedelta(days=30))
+        if e.kind == "immunization":
+            assert copy_with(e, time=None, encounter_id=None) == Event(
+                time=None, kind="immunization", system="http://hl7.org/fhir/sid/cvx", code="140",
+                status="completed")
 
 
 def test_canary_runner_with_real_training(tmp_path):

@@ -14,6 +14,7 @@ import shutil
 from collections import Counter
 import tempfile
 from collections.abc import Sequence
+from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 
@@ -86,22 +87,29 @@ def eps_lower_bound(scores: Sequence[float], inclusion: Sequence[bool], k_guesse
 
 
 # ---------------------------------------------------------------- canary runner
+# what a canary's items are drawn from: every clinical kind, so the audit covers the model's whole record (a drug
+# list or a vaccine history identifies a patient as well as a diagnosis list does)
+CANARY_KINDS = ("condition", "observation", "medication", "immunization", "procedure", "allergy")
+
+
 def make_canaries(pool: list[Timeline], m: int, seed: int | np.random.Generator, n_codes: int = 60) -> list[Timeline]:
-    """m canary patients: each takes the demographics and visit dates of a random pool patient but random codes
-    drawn from the pool's n_codes most widespread ones, so each canary is an unusual, memorisable sequence of
-    codes the model's vocabulary has (a rare code would be dropped by DP vocabulary selection)."""
+    """m canary patients: each takes the demographics and visit dates of a random pool patient but random items
+    drawn from the pool's n_codes most widespread codes of every clinical kind (CANARY_KINDS), so each canary is an
+    unusual, memorisable record made of codes the model's vocabulary has (a rare code would be dropped by DP
+    vocabulary selection). Each item copies the first pool event with its code (its category, status, reason,
+    criticality and duration, as the data holds them), at the canary's visit; a measured value is drawn anew."""
     rng = np.random.default_rng(seed)
     spread: Counter = Counter()
-    info: dict[tuple, tuple] = {}
+    template: dict[tuple, Event] = {}
     for t in pool:
         seen = set()
         for e in t.events:
-            if e.kind in ("condition", "observation"):
+            if e.kind in CANARY_KINDS:
                 key = (e.kind, e.system, e.code)
                 seen.add(key)
-                info.setdefault(key, (e.display, e.unit))
+                template.setdefault(key, e)
         spread.update(seen)
-    vocab = sorted((k + info[k]) for k, _ in spread.most_common(n_codes))
+    vocab = [template[k] for k in sorted(k for k, _ in spread.most_common(n_codes))]
     if not vocab or not pool:
         raise UsageError("canary audit needs a non-empty training cohort")
     out = []
@@ -113,11 +121,12 @@ def make_canaries(pool: list[Timeline], m: int, seed: int | np.random.Generator,
             events.append(Event(time=t, kind="encounter", system="http://terminology.hl7.org/CodeSystem/v3-ActCode",
                                 code="AMB", encounter_id=f"canary{i}-e{j}", end_time=t + timedelta(minutes=30)))
             for k in rng.choice(len(vocab), size=min(4, len(vocab)), replace=False):
-                kind, system, code, display, unit = vocab[int(k)]
-                value = float(np.round(rng.normal(100, 30), 1)) if (kind == "observation" and unit) else None
-                events.append(Event(time=t, kind=kind, system=system, code=code, display=display,
-                                    value=value, unit=unit if value is not None else None,
-                                    encounter_id=f"canary{i}-e{j}"))
+                like = vocab[int(k)]
+                numeric = like.kind == "observation" and like.value is not None and like.unit
+                events.append(replace(
+                    like, time=t, encounter_id=f"canary{i}-e{j}", source_id=None,
+                    end_time=t + (like.end_time - like.time) if like.end_time and like.end_time >= like.time else None,
+                    value=float(np.round(rng.normal(100, 30), 1)) if numeric else like.value))
         patient = PatientInfo(patient_id=f"canary-{i}", sex=src.patient.sex, birth_date=src.patient.birth_date)
         out.append(Timeline(patient=patient, events=events).sorted())
     return out
