@@ -2,6 +2,7 @@
 
     python benchmarks/bench_rest.py --work DIR [--data ../shared/data/us-full/ndjson] [--holdout 100]
         [--epochs 10] [--n-synthetic 200] [--epsilon inf] [--seed 1] [--pool-factor 5] [--draws 2]
+        [--record-start]
 
 Steps (each cached in --work): ingest the cohort (us-core mapping) and split it by patient (demo.split, seed 7:
 the shared us-full cohort gives 400 / 100), train one visit model (--epsilon inf = no DP), sample
@@ -15,7 +16,7 @@ whole-record metrics of records_metrics.compare go beside them:
   vaccine_age_band_max_diff_points  largest |share difference| of immunizations over the age bands, in
                                   percentage points (goal <= 5).
 Beside it the ceiling: the training patients against the holdout (real vs real). Prints a markdown table and
-writes the columns as JSON to WORK/bench-rest.json.
+writes the columns as JSON to WORK/bench-rest.json (bench-rest-record-start.json with --record-start).
 """
 
 from __future__ import annotations
@@ -67,6 +68,7 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--pool-factor", type=int, default=5, help="as generate's --pool-factor")
     ap.add_argument("--draws", type=int, default=2, help="calibrated draws from the one pool (seeds --seed, ...)")
+    ap.add_argument("--record-start", action="store_true", help="sample the pool as `generate --record-start` does")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     work = Path(args.work)
@@ -93,15 +95,17 @@ def main() -> int:
         train_model(train, model, epsilon=eps if math.isfinite(eps) else 8.0, dp=math.isfinite(eps),
                     epochs=args.epochs, seed=args.seed, model_config=ModelConfig(arch="visit"))
         log.info("%s trained in %.0f s", model.name, time.perf_counter() - t)
-    pool_path = model / f"pool-{args.n_synthetic * args.pool_factor}-s{args.seed}.pkl"
+    tag = "-record-start" if args.record_start else ""
+    pool_path = model / f"pool-{args.n_synthetic * args.pool_factor}-s{args.seed}{tag}.pkl"
     if pool_path.is_file():
         pool = pickle.loads(pool_path.read_bytes())
     else:
         t = time.perf_counter()
-        pool = list(sample_timelines(model, args.n_synthetic * args.pool_factor, seed=args.seed, device="cpu"))
+        pool = list(sample_timelines(model, args.n_synthetic * args.pool_factor, seed=args.seed, device="cpu",
+                                     record_start=args.record_start))
         log.info("sampled a pool of %d patients in %.0f s", len(pool), time.perf_counter() - t)
         pool_path.write_bytes(pickle.dumps(pool))
-    name = f"visit ε={args.epsilon} {args.epochs} epochs"
+    name = f"visit ε={args.epsilon} {args.epochs} epochs{', --record-start' if args.record_start else ''}"
     columns[f"{name}, as sampled"] = both(Records(pool[: args.n_synthetic]))
     doc = load_measurements(model)
     if doc is None:
@@ -117,7 +121,7 @@ def main() -> int:
     doc = {"benchmark": "benchmarks/bench_rest.py", "command": " ".join(sys.argv[1:]), "n_holdout": held.n,
            "columns": {name: {k: (v if math.isfinite(v) else None) for k, v in col.items()}
                        for name, col in columns.items()}}
-    (work / "bench-rest.json").write_text(json.dumps(doc, indent=1, ensure_ascii=False) + "\n")
+    (work / f"bench-rest{tag}.json").write_text(json.dumps(doc, indent=1, ensure_ascii=False) + "\n")
     return 0
 
 

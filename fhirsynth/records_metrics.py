@@ -366,6 +366,20 @@ def vaccine_age_band_labels() -> list[str]:
     return [f"{e[i]:g}-{e[i + 1]:g}y" if math.isfinite(e[i + 1]) else f"{e[i]:g}y+" for i in range(len(e) - 1)]
 
 
+def first_year(rec: Records) -> dict[str, float]:
+    """Where an infant's vaccines go missing: the share of patients whose record reaches the first year of life,
+    and, over those first years, encounters per such patient and vaccines per encounter."""
+    ev = rec.events
+    age = (ev["ts"].to_numpy() - rec.patients["birth_ts"].to_numpy()[ev["pidx"].to_numpy()]) / _YEAR_S
+    infant = ev[age < 1.0]
+    reached = infant["pidx"].nunique()
+    encounters = int((infant["kind"] == "encounter").sum())
+    return {"first_year_reached_share": reached / max(rec.n, 1),
+            "first_year_encounters_per_patient": encounters / reached if reached else math.nan,
+            "first_year_vaccines_per_encounter": (int((infant["kind"] == "immunization").sum()) / encounters
+                                                  if encounters else math.nan)}
+
+
 def rest_compare(real: Records, other: Records) -> dict[str, float]:
     """The issue-18 columns: per-kind prevalence R², drug-for-disease co-occurrence R², vaccine timing."""
     out: dict[str, float] = {}
@@ -382,4 +396,5 @@ def rest_compare(real: Records, other: Records) -> dict[str, float]:
     out["vaccine_age_band_max_diff_points"] = float(diff.max()) if len(diff) else math.nan
     for label, share in zip(vaccine_age_band_labels(), vo, strict=True):
         out[f"vaccine_share_{label}"] = float(share)
+    out.update(first_year(other))
     return out

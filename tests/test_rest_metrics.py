@@ -13,6 +13,7 @@ from fhirsynth.records_metrics import (
     Records,
     condition_medication_cooc_r2,
     condition_medication_shares,
+    first_year,
     kind_prevalence,
     kind_prevalence_r2,
     rest_compare,
@@ -77,6 +78,20 @@ def test_vaccine_band_difference_in_points() -> None:
     assert table["vaccine_share_0-1y"] == 1.0 and table["vaccine_share_65y+"] == 0.0
     assert table["immunization_patient_share"] == 1.0 and table["medication_patient_share"] == 0.0
     assert math.isnan(table["allergy_prevalence_r2"]) and table["allergy_codes"] == 0.0
+
+
+def test_first_year_counts_who_reaches_it_and_its_vaccines_per_encounter() -> None:
+    enc = ("encounter", "http://terminology.hl7.org/CodeSystem/v3-ActCode", "AMB")
+    cohort = Records([
+        _tl("a", (*enc, 0.2), ("immunization", CVX, "08", 0.2), ("immunization", CVX, "20", 0.2), (*enc, 0.5),
+            ("immunization", CVX, "20", 0.5), (*enc, 3.0), ("immunization", CVX, "03", 3.0)),
+        _tl("b", (*enc, 0.9)),
+        _tl("c", ("condition", SCT, "A", 30))])  # never seen as an infant
+    assert first_year(cohort) == pytest.approx({"first_year_reached_share": 2 / 3,
+                                                "first_year_encounters_per_patient": 1.5,
+                                                "first_year_vaccines_per_encounter": 1.0})
+    assert rest_compare(cohort, Records([_tl("c", ("condition", SCT, "A", 30))]))[
+        "first_year_reached_share"] == 0.0
 
 
 def test_evaluate_reports_the_rest_of_the_patient_only_where_real_has_it(tmp_path) -> None:
