@@ -340,3 +340,24 @@ def test_load_export_backs_off_half_a_second_by_default(tmp_path: Path, scripted
     assert report.loaded == 1 and report.retries == 1
     assert [r.getMessage() for r in caplog.records if r.levelno == logging.DEBUG] == [
         "HTTP 503: busy; retry 1 in 0.50s"]
+
+
+def test_client_ids_need_no_location_for_an_entry_posted_without_an_id(tmp_path: Path, scripted):
+    """Another generator's Bundle loaded with client ids: the entry without an id is POSTed, and an answer that says
+    nothing of where it went is no failure (only a later transaction that points at it would need it, and that
+    one is refused when prepared); with server ids the same answer fails the file."""
+    doc = {"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"fullUrl": "urn:uuid:p", "resource": {"resourceType": "Patient", "id": "p"},
+         "request": {"method": "PUT", "url": "Patient/p"}},
+        {"fullUrl": "urn:uuid:o", "resource": {"resourceType": "Observation", "status": "final",
+                                                "code": {"text": "x"}, "subject": {"reference": "urn:uuid:p"}},
+         "request": {"method": "POST", "url": "Observation"}}]}
+    (tmp_path / "p.json").write_text(json.dumps(doc))
+    server = scripted(200, {"resourceType": "Bundle", "type": "transaction-response",
+                            "entry": [{"response": {"status": "201 Created"}}] * 2})
+    report = load_export(tmp_path, server.url, retries=0)
+    assert (report.loaded, report.failed) == (1, 0)
+    assert [e["request"]["method"] for e in server.seen[0]["entry"]] == ["PUT", "POST"]
+    report = load_export(tmp_path, server.url, retries=0, ids="server")
+    assert (report.loaded, report.failed) == (0, 1)
+    assert "location(s) unknown" in report.failures[0]["message"]
