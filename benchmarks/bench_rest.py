@@ -2,7 +2,7 @@
 
     python benchmarks/bench_rest.py --work DIR [--data ../shared/data/us-full/ndjson] [--holdout 100]
         [--epochs 10] [--n-synthetic 200] [--epsilon inf] [--seed 1] [--pool-factor 5] [--draws 2]
-        [--record-start]
+        [--batch-size N] [--record-start]
 
 Steps (each cached in --work): ingest the cohort (us-core mapping) and split it by patient (demo.split, seed 7:
 the shared us-full cohort gives 400 / 100), train one visit model (--epsilon inf = no DP), sample
@@ -16,7 +16,7 @@ whole-record metrics of records_metrics.compare go beside them:
   vaccine_age_band_max_diff_points  largest |share difference| of immunizations over the age bands, in
                                   percentage points (goal <= 5).
 Beside it the ceiling: the training patients against the holdout (real vs real). Prints a markdown table and
-writes the columns as JSON to WORK/bench-rest.json (bench-rest-record-start.json with --record-start).
+writes the columns as JSON to WORK/bench-rest-<the model dir's settings>[-record-start].json.
 """
 
 from __future__ import annotations
@@ -68,6 +68,7 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--pool-factor", type=int, default=5, help="as generate's --pool-factor")
     ap.add_argument("--draws", type=int, default=2, help="calibrated draws from the one pool (seeds --seed, ...)")
+    ap.add_argument("--batch-size", type=int, default=None, help="train's --batch-size (default: train's own)")
     ap.add_argument("--record-start", action="store_true", help="sample the pool as `generate --record-start` does")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -89,11 +90,13 @@ def main() -> int:
 
     columns = {"real vs real (train vs holdout)": both(Records(list(read_timelines(train))))}
     eps = float(args.epsilon)
-    model = work / f"model-visit-eps{args.epsilon}-ep{args.epochs}-s{args.seed}"
+    model = work / (f"model-visit-eps{args.epsilon}-ep{args.epochs}-s{args.seed}"
+                    + (f"-b{args.batch_size}" if args.batch_size else ""))
     if not (model / "privacy.json").is_file():
         t = time.perf_counter()
         train_model(train, model, epsilon=eps if math.isfinite(eps) else 8.0, dp=math.isfinite(eps),
-                    epochs=args.epochs, seed=args.seed, model_config=ModelConfig(arch="visit"))
+                    epochs=args.epochs, seed=args.seed, model_config=ModelConfig(arch="visit"),
+                    **({"batch_size": args.batch_size} if args.batch_size else {}))
         log.info("%s trained in %.0f s", model.name, time.perf_counter() - t)
     tag = "-record-start" if args.record_start else ""
     pool_path = model / f"pool-{args.n_synthetic * args.pool_factor}-s{args.seed}{tag}.pkl"
@@ -105,7 +108,8 @@ def main() -> int:
                                      record_start=args.record_start))
         log.info("sampled a pool of %d patients in %.0f s", len(pool), time.perf_counter() - t)
         pool_path.write_bytes(pickle.dumps(pool))
-    name = f"visit ε={args.epsilon} {args.epochs} epochs{', --record-start' if args.record_start else ''}"
+    name = (f"visit ε={args.epsilon} {args.epochs} epochs" + (f" batch {args.batch_size}" if args.batch_size else "")
+            + (", --record-start" if args.record_start else ""))
     columns[f"{name}, as sampled"] = both(Records(pool[: args.n_synthetic]))
     doc = load_measurements(model)
     if doc is None:
@@ -121,7 +125,8 @@ def main() -> int:
     doc = {"benchmark": "benchmarks/bench_rest.py", "command": " ".join(sys.argv[1:]), "n_holdout": held.n,
            "columns": {name: {k: (v if math.isfinite(v) else None) for k, v in col.items()}
                        for name, col in columns.items()}}
-    (work / f"bench-rest{tag}.json").write_text(json.dumps(doc, indent=1, ensure_ascii=False) + "\n")
+    out_json = work / f"bench-rest{model.name.removeprefix('model-visit')}{tag}.json"
+    out_json.write_text(json.dumps(doc, indent=1, ensure_ascii=False) + "\n")
     return 0
 
 
