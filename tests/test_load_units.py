@@ -17,6 +17,7 @@ from fhirsynth.export.loader import (
     MAX_BACKOFF_S,
     LoadReport,
     _retry_after,
+    bundle_files,
     check_transaction_response,
     load_sources,
     outcome_text,
@@ -168,6 +169,14 @@ def test_sources_of_each_export_layout(tmp_path: Path):
     (tx / "b.json").write_text(json.dumps(_tx("Patient/p")))
     (tx / ".hidden.json").write_text("{}")
     assert load_sources(tx) == ("bundles", [tx / "b.json"])
+    # bundle_files (bench_load_medplum's input): the Bundles of a Bundle export, and a clear no for NDJSON
+    (tx / "a.json").write_text(json.dumps(_tx("Patient/q")))
+    (tx / "manifest.json").write_text(json.dumps({"output": [{"type": "Bundle", "url": "b.json"},
+                                                              {"type": "Bundle", "url": "a.json"}]}))
+    assert bundle_files(tx) == [tx / "b.json", tx / "a.json"]  # manifest order
+    with pytest.raises(LoadError) as info:
+        bundle_files(nd)
+    assert (info.value.message, info.value.where) == ("not a Bundle export (it holds NDJSON)", str(nd))
 
 
 def test_posts_count_as_created_or_existing_and_other_2xx_as_stored():

@@ -78,12 +78,6 @@ class LoadReport:
             out.setdefault(rtype, {})[outcome] = n
         return out
 
-    def as_dict(self) -> dict[str, Any]:
-        return {"loaded": self.loaded, "failed": self.failed, "not_attempted": self.not_attempted,
-                "unconditional": self.unconditional,
-                "retries": self.retries,
-                "failures": self.failures, "entries": self.by_type(), "seconds": round(self.seconds, 3)}
-
 
 def _manifest(export_dir: Path) -> dict | None:
     manifest = export_dir / MANIFEST
