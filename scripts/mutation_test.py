@@ -58,7 +58,7 @@ GROUPS: dict[str, dict[str, list[str]]] = {
     "calibration": {"mutate": ["fhirsynth/model/measurements.py", "fhirsynth/model/calibrate.py",
                                "fhirsynth/model/repair.py"],
                     "tests": ["tests/test_calibrate_units.py", "tests/test_measurements_units.py",
-                              "tests/test_calibrate.py", "tests/test_repair.py"]},
+                              "tests/test_calibrate.py", "tests/test_repair.py", "tests/test_repair_units.py"]},
     "dpbins": {"mutate": ["fhirsynth/model/dpbins.py"],
                "tests": ["tests/test_privacy_units.py", "tests/test_dpbins.py", "tests/test_dpbins_units.py"]},
 }
