@@ -39,9 +39,14 @@ def holds(tl: Timeline, code) -> bool:
     return any((e.kind, e.system, e.code) == code for e in tl.events)
 
 
-def pool_where_y_goes_with_x(n: int = 20) -> list[Timeline]:
-    """Half hold X and Y, half neither, in both sexes: holding Y is what X's holders have in common."""
-    return [patient(f"d{i}", (X, Y) if i % 2 else (), sex="female" if i % 4 < 2 else "male") for i in range(n)]
+W = ("condition", SCT, "444")  # held by X's non-holders in the pool: says who does not look like X's holders
+
+
+def pool_where_y_goes_with_x(n: int = 40) -> list[Timeline]:
+    """Half hold X, three in four of them with Y; the other half hold W; in both sexes. Affinity to X: Y +0.75,
+    W -1 (a holder's share minus a non-holder's)."""
+    return [patient(f"d{i}", ((X, Y) if i % 8 != 7 else (X,)) if i % 2 else (W,),
+                    sex="female" if i % 4 < 2 else "male") for i in range(n)]
 
 
 def inert(code) -> CodeTarget:
@@ -61,13 +66,13 @@ F_CELL, M_CELL = cell_of(patient("f", ())), cell_of(patient("m", (), sex="male")
 
 
 def removal_cohort() -> list[Timeline]:
-    """16 patients: women 0-7, men 8-15. X: women 0-5 (3-5 with Y), men 8-11 (8-10 with Y): 10 of 16."""
+    """16 patients: women 0-7, men 8-15. X: women 0-5 (3-5 with Y, 0 with W), men 8-11 (8-10 with Y): 10 of 16."""
     out = []
     for i in range(16):
         female = i < 8
         has_x = i <= 5 if female else 8 <= i <= 11
         has_y = 3 <= i <= 5 or 8 <= i <= 10
-        out.append(patient(f"p{i}", (X,) * has_x + (Y,) * has_y, sex="female" if female else "male"))
+        out.append(patient(f"p{i}", (X,) * has_x + (Y,) * has_y + (W,) * (i == 0), sex="female" if female else "male"))
     return out
 
 
@@ -75,13 +80,14 @@ def test_a_code_above_its_target_loses_the_least_alike_holders_cell_by_cell(capl
     """Share 10/16 against 6/16 with a tolerance of 1/16: k = (10/16 - 6/16 - 1/16) x 16 = 3 holders lose X.
     Gaps (measured holders minus holders, in patients): women 3.75 - 6 = -2.25, men 2.5 - 4 = -1.5. The cell
     furthest above goes first: women (-2.25 -> -1.25), men (-1.5 -> -0.5), women (-1.25 -> -0.25). In each, the
-    holders without Y (the least like the pool's X holders) lose it: two of women 0-2, man 11."""
+    holders without Y (the least like the pool's X holders) lose it: woman 0 first (she also holds W, which X's
+    holders lack), then one of women 1-2; man 11."""
     out = removal_cohort()
     ct = target(X, 6 / 16, {F_CELL: 3.75 / 16, M_CELL: 2.5 / 16}, tolerance=1 / 16)
     with caplog.at_level(logging.INFO, logger="fhirsynth.model.repair"):
-        res, report = repair(out, pool_where_y_goes_with_x(), [ct, inert(Y)], seed=3)
+        res, report = repair(out, pool_where_y_goes_with_x(), [ct, inert(Y), inert(W)], seed=3)
     lost = {tl.patient.patient_id for tl, before in zip(res, out) if holds(before, X) and not holds(tl, X)}
-    assert len(lost) == 3 and "p11" in lost and lost - {"p11"} <= {"p0", "p1", "p2"}
+    assert len(lost) == 3 and {"p0", "p11"} <= lost and lost - {"p0", "p11"} <= {"p1", "p2"}
     assert sum(holds(tl, X) for tl in res) == 7  # 7/16 = target + tolerance
     assert all(holds(tl, Y) == holds(before, Y) for tl, before in zip(res, out))  # only X moved
     assert report == {"codes_repaired": 1, "holders_added": 0, "holders_removed": 3, "codes_short": 0}
@@ -95,7 +101,7 @@ def test_a_code_within_one_patient_of_its_tolerance_is_still_repaired():
     """k = 1 (one patient over target + tolerance): one holder loses it, the report counts the code."""
     out = removal_cohort()
     ct = target(X, 9 / 16, {F_CELL: 5 / 16, M_CELL: 4 / 16})
-    res, report = repair(out, pool_where_y_goes_with_x(), [ct, inert(Y)], seed=1)
+    res, report = repair(out, pool_where_y_goes_with_x(), [ct, inert(Y), inert(W)], seed=1)
     assert sum(holds(tl, X) for tl in res) == 9
     assert report == {"codes_repaired": 1, "holders_added": 0, "holders_removed": 1, "codes_short": 0}
     # the woman's cell is 1 above its target, the men's exactly on it: a woman without Y loses X
@@ -119,7 +125,7 @@ def test_a_code_below_its_target_goes_to_the_most_alike_in_the_cells_furthest_be
     1.5) men, women. The most alike first: women with Y (0-2) before the others, the man with Y (8)."""
     out = addition_cohort()
     ct = target(X, 4 / 16, {F_CELL: 3 / 16, M_CELL: 1.5 / 16})
-    res, report = repair(out, pool_where_y_goes_with_x(), [ct, inert(Y)], seed=5)
+    res, report = repair(out, pool_where_y_goes_with_x(), [ct, inert(Y), inert(W)], seed=5)
     gained = sorted(tl.patient.patient_id for tl in res if holds(tl, X))
     assert len(gained) == 4 and {"p0", "p1", "p2", "p8"} == set(gained)
     assert report == {"codes_repaired": 1, "holders_added": 4, "holders_removed": 0, "codes_short": 0}
@@ -133,7 +139,7 @@ def test_every_cell_short_of_donors_or_recipients_is_reported():
     panel member (skipped: a lone component breaks its panel), is still repaired."""
     out = addition_cohort()
     targets = [target(P, 1.0, {F_CELL: 0.5, M_CELL: 0.5}), target(Z, 0.5, {F_CELL: 0.25, M_CELL: 0.25}),
-               target(X, 2 / 16, {F_CELL: 1 / 16, M_CELL: 1 / 16}), inert(Y)]
+               target(X, 2 / 16, {F_CELL: 1 / 16, M_CELL: 1 / 16}), inert(Y), inert(W)]
     pool = pool_where_y_goes_with_x() + [patient("d-panel", (P,))]
     res, report = repair(out, pool, targets, seed=2)
     assert not any(holds(tl, Z) or holds(tl, P) for tl in res)
@@ -182,7 +188,47 @@ def test_transplant_keeps_an_event_exactly_at_the_age_window_and_goes_on_after_a
 def test_repair_is_deterministic_given_the_seed(seed):
     out, pool = addition_cohort(), pool_where_y_goes_with_x()
     ct = target(X, 4 / 16, {F_CELL: 3 / 16, M_CELL: 1.5 / 16})
-    a, _ = repair(out, pool, [ct, inert(Y)], seed=seed)
-    b, _ = repair(out, pool, [ct, inert(Y)], seed=seed)
+    a, _ = repair(out, pool, [ct, inert(Y), inert(W)], seed=seed)
+    b, _ = repair(out, pool, [ct, inert(Y), inert(W)], seed=seed)
     assert [[(e.kind, e.code, e.time) for e in t.events] for t in a] == \
         [[(e.kind, e.code, e.time) for e in t.events] for t in b]
+
+
+def test_every_top_code_combines_its_two_measurements_by_inverse_variance():
+    """The top codes are measured twice (prevalence, and top_prevalence at a smaller sensitivity): each one's
+    target combines its own two estimates, weighted by the inverse of each one's noise variance in share units."""
+    from test_model_helpers import CodeVocab
+    from test_repair import A, B, F, OBS, real_cohort
+
+    from fhirsynth.model import measurements as ms
+    from fhirsynth.model.calibrate import targets
+    from fhirsynth.model.dpnoise import NoiseSource
+    from fhirsynth.model.repair import code_targets
+
+    doc, _ = ms.measure(real_cohort(300, seed=4), CodeVocab([A, B, F, OBS]), dp=True, epsilon=4.0, delta=1e-6,
+                        noise=NoiseSource.reproducible(6))
+    tg = targets(doc, 0.001)
+    lo, _ = tg.offsets["prevalence"]
+    t_lo, _ = tg.offsets["top_prevalence"]
+    pair_codes = list(tg.spec.pair_codes)
+    assert len(pair_codes) >= 2  # more than one top code: each reads its own measurement
+    got = {t.code: t for t in code_targets(doc, 1.0, 0.001)}
+    for k, code in enumerate(pair_codes):
+        j = tg.spec.code_index[code]
+        w1, w2 = tg.scale[lo + j] ** -2, tg.scale[t_lo + k] ** -2
+        assert got[code].target == pytest.approx((w1 * tg.target[lo + j] + w2 * tg.target[t_lo + k]) / (w1 + w2))
+        assert got[code].tolerance == pytest.approx(max((w1 + w2) ** -0.5, 0.001))
+
+
+def test_patients_and_donors_without_a_birth_date_are_passed_over():
+    """A boy without a birth date (cell: male, band 0-17) is eligible but can take no copy (no age to place it
+    at), and a donor without one is never among the three nearest while three with one exist: the boy with a
+    birth date gets X from a dated donor, the undated boy nothing, and the code falls one short."""
+    boys = [patient("b0", (), sex="male", born=date(2000, 1, 1)), patient("b1", (), sex="male", born=None)]
+    pool = [patient("d-undated", (X,), sex="male", born=None)] + [
+        patient(f"d{k}", (X,), sex="male", born=date(2000, 1, 1 + k)) for k in range(3)]
+    cell = cell_of(boys[0])
+    assert cell == cell_of(boys[1]) == cell_of(pool[0])  # both boys and every donor share the cell
+    res, report = repair(boys, pool, [target(X, 1.0, {cell: 1.0})], seed=7)
+    assert [holds(tl, X) for tl in res] == [True, False]
+    assert report == {"codes_repaired": 1, "holders_added": 1, "holders_removed": 0, "codes_short": 1}
