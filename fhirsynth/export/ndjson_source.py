@@ -2,8 +2,8 @@
 
 A Bulk Data export holds one resource type per file and references as `Type/id`. Loading it type by type, each
 type after the types its resources refer to (read from the data; Patient first and Provenance last in fhirsynth's
-own exports), means every reference points at something stored by an earlier stage: each stage is chunked into transactions of at most max_entries resources, streamed
-from the files (memory does not grow with the export).
+own exports), means every reference points at something stored by an earlier stage: each stage is chunked into
+transactions of at most max_entries resources, streamed from the files (memory does not grow with the export).
 """
 
 from __future__ import annotations
