@@ -22,7 +22,7 @@ import numpy as np
 from scipy import stats
 
 from fhirsynth.errors import UsageError
-from fhirsynth.timeline.types import Event, PatientInfo, Timeline
+from fhirsynth.timeline.types import CLINICAL_KINDS, Event, PatientInfo, Timeline
 
 log = logging.getLogger(__name__)
 
@@ -87,14 +87,10 @@ def eps_lower_bound(scores: Sequence[float], inclusion: Sequence[bool], k_guesse
 
 
 # ---------------------------------------------------------------- canary runner
-# what a canary's items are drawn from: every clinical kind, so the audit covers the model's whole record (a drug
-# list or a vaccine history identifies a patient as well as a diagnosis list does)
-CANARY_KINDS = ("condition", "observation", "medication", "immunization", "procedure", "allergy")
-
-
 def make_canaries(pool: list[Timeline], m: int, seed: int | np.random.Generator, n_codes: int = 60) -> list[Timeline]:
     """m canary patients: each takes the demographics and visit dates of a random pool patient but random items
-    drawn from the pool's n_codes most widespread codes of every clinical kind (CANARY_KINDS), so each canary is an
+    drawn from the pool's n_codes most widespread codes of every clinical kind (a drug list or a vaccine history
+    identifies a patient as well as a diagnosis list does), so each canary is an
     unusual, memorisable record made of codes the model's vocabulary has (a rare code would be dropped by DP
     vocabulary selection). Each item copies the first pool event with its code (its category, status, reason,
     criticality and duration, as the data holds them), at the canary's visit; a measured value is drawn anew."""
@@ -104,7 +100,7 @@ def make_canaries(pool: list[Timeline], m: int, seed: int | np.random.Generator,
     for t in pool:
         seen = set()
         for e in t.events:
-            if e.kind in CANARY_KINDS:
+            if e.kind in CLINICAL_KINDS:
                 key = (e.kind, e.system, e.code)
                 seen.add(key)
                 template.setdefault(key, e)

@@ -30,6 +30,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from fhirsynth.evaluate.cohort import Cohort
+from fhirsynth.timeline.types import CLINICAL_KINDS
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +111,7 @@ def attack_metrics(member_scores: np.ndarray, nonmember_scores: np.ndarray) -> d
 
 # ---------------------------------------------------------------- code sets and distances
 # every clinical code kind: a record is as identifiable by its drugs, vaccines and procedures as by its diagnoses
-CODE_SET_KINDS = ("condition", "observation", "medication", "immunization", "procedure", "allergy")
+CODE_SET_KINDS = CLINICAL_KINDS
 
 
 def code_sets(cohorts: list[Cohort], kinds: tuple[str, ...] = CODE_SET_KINDS) -> list[sp.csr_matrix]:

@@ -12,6 +12,8 @@ from typing import Literal
 
 EventKind = Literal["condition", "observation", "encounter", "medication", "immunization", "procedure", "allergy"]
 EVENT_KINDS: tuple[str, ...] = ("condition", "observation", "encounter", "medication", "immunization", "procedure", "allergy")
+# the kinds whose codes say what happened to a patient (every kind but the visit itself)
+CLINICAL_KINDS: tuple[str, ...] = tuple(k for k in EVENT_KINDS if k != "encounter")
 # The code system of AllergyIntolerance.criticality, kept in value_system/value_code of an allergy event.
 CRITICALITY_SYSTEM = "http://hl7.org/fhir/allergy-intolerance-criticality"
 
