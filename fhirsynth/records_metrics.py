@@ -350,12 +350,17 @@ def condition_medication_cooc_r2(real: Records, other: Records, top: int = TOP_C
     return _r2(r, o), int(r.size)
 
 
+def _age_years(rec: Records, ev: pd.DataFrame) -> np.ndarray:
+    """The patient's age at each event of ev (rows of rec.events), in years; NaN without a birth date."""
+    return (ev["ts"].to_numpy() - rec.patients["birth_ts"].to_numpy()[ev["pidx"].to_numpy()]) / _YEAR_S
+
+
 def vaccine_age_shares(rec: Records) -> np.ndarray:
     """Share of immunization events in each VACCINE_AGE_EDGES band of the patient's age at the event."""
     ev = rec.events[rec.events["kind"] == "immunization"]
     if not len(ev):
         return np.zeros(len(VACCINE_AGE_EDGES) - 1)
-    age = (ev["ts"].to_numpy() - rec.patients["birth_ts"].to_numpy()[ev["pidx"].to_numpy()]) / _YEAR_S
+    age = _age_years(rec, ev)
     age = age[~np.isnan(age)]
     counts, _ = np.histogram(np.clip(age, 0.0, None), bins=np.array(VACCINE_AGE_EDGES))
     return counts / max(counts.sum(), 1)
@@ -369,9 +374,7 @@ def vaccine_age_band_labels() -> list[str]:
 def first_year(rec: Records) -> dict[str, float]:
     """Where an infant's vaccines go missing: the share of patients whose record reaches the first year of life,
     and, over those first years, encounters per such patient and vaccines per encounter."""
-    ev = rec.events
-    age = (ev["ts"].to_numpy() - rec.patients["birth_ts"].to_numpy()[ev["pidx"].to_numpy()]) / _YEAR_S
-    infant = ev[age < 1.0]
+    infant = rec.events[_age_years(rec, rec.events) < 1.0]
     reached = infant["pidx"].nunique()
     encounters = int((infant["kind"] == "encounter").sum())
     return {"first_year_reached_share": reached / max(rec.n, 1),
