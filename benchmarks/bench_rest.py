@@ -111,14 +111,14 @@ def main() -> int:
     name = (f"visit ε={args.epsilon} {args.epochs} epochs" + (f" batch {args.batch_size}" if args.batch_size else "")
             + (", --record-start" if args.record_start else ""))
     columns[f"{name}, as sampled"] = both(Records(pool[: args.n_synthetic]))
-    doc = load_measurements(model)
-    if doc is None:
+    measured = load_measurements(model)
+    if measured is None:
         log.warning("%s holds no measurements: no calibrated column", model)
     else:
         for s in range(args.seed, args.seed + args.draws):  # calibration's own draw varies too
-            out, _ = calibrate(pool, doc, args.n_synthetic, seed=s, repair=False)
+            out, _ = calibrate(pool, measured, args.n_synthetic, seed=s, repair=False)
             columns[f"{name}, reweighted only, draw {s}"] = rest_compare(held, Records(out))
-            out, report = calibrate(pool, doc, args.n_synthetic, seed=s)
+            out, report = calibrate(pool, measured, args.n_synthetic, seed=s)
             log.info("%s", summary(report))
             columns[f"{name}, calibrated (generate's default), draw {s}"] = both(Records(out))
     print(markdown(columns))
