@@ -196,16 +196,25 @@ def test_requests_carry_the_fhir_media_type_and_the_token(tmp_path: Path, script
     assert headers["authorization"] == "Bearer s3cret"
 
 
+def _patient_with_condition(pid: str, cid: str) -> dict:
+    """A transaction Bundle: Patient/pid and Condition/cid about it, both PUT under their ids."""
+    return {"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"fullUrl": "urn:uuid:p", "resource": {"resourceType": "Patient", "id": pid},
+         "request": {"method": "PUT", "url": f"Patient/{pid}"}},
+        {"fullUrl": "urn:uuid:c", "resource": {"resourceType": "Condition", "id": cid,
+                                                "subject": {"reference": "urn:uuid:p"}},
+         "request": {"method": "PUT", "url": f"Condition/{cid}"}}]}
+
+
+def _sent_types(server: ScriptedServer) -> list[str]:
+    """The resource type of the first entry of each request the server saw."""
+    return [e["entry"][0]["resource"]["resourceType"] for e in server.seen]
+
+
 def test_a_batch_with_client_ids_is_one_request(tmp_path: Path, scripted):
     """--batch with client ids: every id is known, so the chunk goes as one batch (server ids would need one batch
     per dependency rank)."""
-    doc = {"resourceType": "Bundle", "type": "transaction", "entry": [
-        {"fullUrl": "urn:uuid:p", "resource": {"resourceType": "Patient", "id": "p"},
-         "request": {"method": "PUT", "url": "Patient/p"}},
-        {"fullUrl": "urn:uuid:c", "resource": {"resourceType": "Condition", "id": "c",
-                                                "subject": {"reference": "urn:uuid:p"}},
-         "request": {"method": "PUT", "url": "Condition/c"}}]}
-    (tmp_path / "p.json").write_text(json.dumps(doc))
+    (tmp_path / "p.json").write_text(json.dumps(_patient_with_condition("p", "c")))
     server = scripted(200, {"resourceType": "Bundle", "type": "batch-response",
                             "entry": [{"response": {"status": "201 Created"}}] * 2})
     report = load_export(tmp_path, server.url, retries=0, batch=True)
@@ -227,7 +236,7 @@ def test_a_failed_stage_stops_the_stages_after_it_and_says_how_many(tmp_path: Pa
     server = scripted(200, _response(1), (422, operation_outcome("no"), {}))
     with caplog.at_level(logging.ERROR, logger="fhirsynth.export.loader"):
         report = load_export(tmp_path, server.url, retries=0, concurrency=1)
-    assert [e["entry"][0]["resource"]["resourceType"] for e in server.seen] == ["Patient", "Encounter"]
+    assert _sent_types(server) == ["Patient", "Encounter"]
     assert (report.loaded, report.failed, report.not_attempted) == (1, 1, 1)
     assert caplog.records[-1].getMessage() == "stopped after a failed stage: 1 later transaction(s) not sent"
 
@@ -253,10 +262,6 @@ def test_an_https_url_is_accepted_and_a_failed_connection_is_reported(tmp_path: 
     (tmp_path / "p.json").write_text(json.dumps(_bundle(1)))
     report = load_export(tmp_path, f"https://127.0.0.1:{free_port()}/fhir", retries=0)
     assert (report.loaded, report.failed) == (0, 1) and report.failures[0]["message"].startswith("ConnectError")
-
-
-def _sent_types(server: ScriptedServer) -> list[str]:
-    return [e["entry"][0]["resource"]["resourceType"] for e in server.seen]
 
 
 def test_ndjson_with_client_ids_loads_what_is_referenced_first(tmp_path: Path, scripted):
@@ -291,13 +296,7 @@ def test_a_manifest_output_without_a_type_takes_it_from_its_file(tmp_path: Path,
 def test_entry_failures_with_server_ids_name_each_resource_by_its_own_id(tmp_path: Path, scripted):
     """With server-assigned ids the POSTed resources carry no id; a rejected entry is still named by the id it has
     in the export, so the user can find it."""
-    doc = {"resourceType": "Bundle", "type": "transaction", "entry": [
-        {"fullUrl": "urn:uuid:p", "resource": {"resourceType": "Patient", "id": "p1"},
-         "request": {"method": "PUT", "url": "Patient/p1"}},
-        {"fullUrl": "urn:uuid:c", "resource": {"resourceType": "Condition", "id": "c1",
-                                                "subject": {"reference": "urn:uuid:p"}},
-         "request": {"method": "PUT", "url": "Condition/c1"}}]}
-    (tmp_path / "p.json").write_text(json.dumps(doc))
+    (tmp_path / "p.json").write_text(json.dumps(_patient_with_condition("p1", "c1")))
     server = scripted(200, {"resourceType": "Bundle", "type": "transaction-response", "entry": [
         {"response": {"status": "201 Created", "location": "Patient/9/_history/1"}},
         {"response": {"status": "422 Unprocessable Entity", "outcome": operation_outcome("no onset")}}]})

@@ -39,7 +39,6 @@ class AssigningServer:
         self.store: dict[str, dict] = {}
         self.next_id = 0
         self.posts = 0
-        self.sizes: list[int] = []  # entries of each Bundle received
         self.bundles: list[dict] = []  # each Bundle received
         self.lock = threading.Lock()
         server = self
@@ -52,7 +51,6 @@ class AssigningServer:
                 body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
                 with server.lock:
                     server.posts += 1
-                    server.sizes.append(len(body.get("entry") or []))
                     server.bundles.append(body)
                     status, result = server.process(body)
                 data = json.dumps(result).encode()
@@ -156,6 +154,11 @@ class AssigningServer:
         name = self._new_name(r["resourceType"])
         self.store[name] = {**r, "id": name.split("/")[1]}
         return self._response(name, "201 Created", self.store[name])
+
+    @property
+    def sizes(self) -> list[int]:
+        """Entries of each Bundle received."""
+        return [len(b.get("entry") or []) for b in self.bundles]
 
     def counts(self) -> Counter:
         return Counter(r["resourceType"] for r in self.store.values())

@@ -174,9 +174,7 @@ def test_sources_of_each_export_layout(tmp_path: Path):
     (tx / "manifest.json").write_text(json.dumps({"output": [{"type": "Bundle", "url": "b.json"},
                                                               {"type": "Bundle", "url": "a.json"}]}))
     assert bundle_files(tx) == [tx / "b.json", tx / "a.json"]  # manifest order
-    with pytest.raises(LoadError) as info:
-        bundle_files(nd)
-    assert (info.value.message, info.value.where) == ("not a Bundle export (it holds NDJSON)", str(nd))
+    _raises(lambda: bundle_files(nd), LoadError, "not a Bundle export (it holds NDJSON)", str(nd))
 
 
 def test_posts_count_as_created_or_existing_and_other_2xx_as_stored():
