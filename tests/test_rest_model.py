@@ -143,3 +143,22 @@ def test_samples_of_the_new_kinds_follow_the_contract_and_constraints(tmp_path: 
                 assert lo <= (e.time - birth).days / 365.25 < hi, (e.code, (e.time - birth).days / 365.25)
                 given[e.code] += 1
     assert given["113"] and given["140"]  # the age-limited vaccines were drawn, inside their limits
+
+
+def test_every_sampled_drug_has_its_indication_in_the_record(tmp_path: Path) -> None:
+    """A drug drawn with a reason (metformin for diabetes, ...) finds that condition in its record at or before
+    its start (reasons.py): an untrained model draws visit items independently, so without the closure most of
+    its drugs would treat a disease the patient never had."""
+    model = _model_dir(tmp_path / "m", "visit")
+    tls = list(sample_timelines(model, 120, seed=3, batch_size=120, device="cpu"))
+    n_drugs = 0
+    for tl in tls:
+        onsets: dict[str, datetime] = {}
+        for e in tl.events:
+            if e.kind == "condition":
+                onsets[e.code] = min(onsets.get(e.code, e.time), e.time)
+        for e in tl.events:
+            if e.kind == "medication" and e.value_code is not None:
+                n_drugs += 1
+                assert e.value_code in onsets and onsets[e.value_code] <= e.time, (e.code, e.value_code)
+    assert n_drugs > 30

@@ -308,3 +308,79 @@ def test_criticality_is_an_allergy_value_only():
     g = Grammar(v, None, 4096, torch.device("cpu"))
     assert not g.allowed[ST_AOBS, crit].any() and not g.allowed[ST_AENC, crit].any()
     assert g.allowed[ST_AALG, crit].all()
+
+
+def _infants(n: int, seed: int = 0):
+    """Infants born up to three years before the reference date (2026-01-01), seen on a well-child schedule
+    (0, 1, 2, 4, 6, 9, 12, 15, 18, 24, 30 months, a few days late), a weight at each visit."""
+    import random
+
+    from fhirsynth.timeline.types import Event, PatientInfo, Timeline
+    from test_model_helpers import ACT, SNOMED
+
+    rng = random.Random(seed)
+    ref = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    out = []
+    for i in range(n):
+        birth = ref - timedelta(days=rng.randint(5, 3 * 365))
+        evs = []
+        for m in (0, 1, 2, 4, 6, 9, 12, 15, 18, 24, 30):
+            t = birth + timedelta(days=round(m * 30.44) + rng.randint(0, 3), hours=9)
+            if t >= ref:
+                break
+            eid = f"p{i}-{m}"
+            evs += [Event(time=t, kind="encounter", system=ACT, code="AMB", value_system=SNOMED,
+                          value_code="410620009", value_display="Well child visit", encounter_id=eid,
+                          end_time=t + timedelta(minutes=30), status="finished"),
+                    Event(time=t, kind="observation", system=LOINC, code="29463-7", value=3.5 + 0.4 * m, unit="kg",
+                          category="vital-signs", encounter_id=eid, status="final")]
+        out.append(Timeline(PatientInfo(f"p{i}", sex=rng.choice(["male", "female"]), birth_date=birth.date()),
+                            evs).sorted())
+    return out
+
+
+def test_infant_visits_carry_their_week_or_month():
+    """Under three years a visit's age enters the model in weeks and months (bins.early_age_id), from the exact
+    days since birth of the encoding (tokenizer.encode_with_days), and the encode/decode ceiling places every
+    infant visit back inside its own week or month; from three years on the early-age id is 0."""
+    from fhirsynth.model.bins import EARLY_AGE_EDGES, early_age_id
+    from fhirsynth.model.visits import decode_encoded
+
+    tls = _infants(40, seed=2)
+    vocab = _vocab(tls)
+    tok, layout = Tokenizer(vocab), VisitLayout(vocab)
+    patients = [encode_visits(tok, layout, tl, 10_000, Counter()) for tl in tls]
+    n_vis = 0
+    for tl, p in zip(tls, patients):
+        birth = datetime.combine(tl.patient.birth_date, datetime.min.time(), tzinfo=timezone.utc)
+        days = sorted({(e.time - birth).total_seconds() / 86400 for e in tl.events}, reverse=True)  # newest first
+        assert p.early.tolist() == [early_age_id(d) for d in days]
+        assert p.end_early == early_age_id((datetime(2026, 1, 2, tzinfo=timezone.utc) - birth).days)
+        n_vis += len(days)
+    assert n_vis > 150 and len({e for p in patients for e in p.early.tolist()}) >= 10
+    back = decode_encoded(tok, layout, patients, seed=1)
+    same = 0
+    for rt, p in zip(back, patients):
+        birth = datetime.combine(rt.patient.birth_date, datetime.min.time(), tzinfo=timezone.utc)
+        starts = sorted({min(e.time for e in evs) for evs in _events_by_visit(rt).values()}, reverse=True)
+        same += sum(early_age_id((t - birth).total_seconds() / 86400) == e for t, e in zip(starts, p.early.tolist()))
+    assert same >= 0.97 * n_vis, (same, n_vis)
+    # the week / month edges: the first week, half months to two months, months to three years
+    assert EARLY_AGE_EDGES[:3] == (0.0, 7.0, pytest.approx(365.25 / 24)) and early_age_id(3 * 365.25) == 0
+
+
+def test_the_sampler_reads_the_early_age_as_training_wrote_it(visit_model):
+    """The sampler's batched early-age ids (exact draws in days since birth) equal bins.early_age_id, the
+    function the training encoding uses, at every edge and between them."""
+    from fhirsynth.model.bins import EARLY_AGE_EDGES, early_age_id
+    from fhirsynth.model.grammar import Grammar
+    from fhirsynth.model.visitsampler import VisitSampler
+
+    lm = load_model(visit_model, "cpu")
+    layout = VisitLayout(lm.vocab)
+    sampler = VisitSampler(lm.model, layout, Grammar(lm.vocab, None, 64, torch.device("cpu")))
+    days = sorted({0.0, 0.5, 2000.0, 40_000.0, *EARLY_AGE_EDGES, *(e - 1e-6 for e in EARLY_AGE_EDGES[1:]),
+                   *(e + 0.3 for e in EARLY_AGE_EDGES)})
+    got = sampler._early(torch.tensor(days, dtype=torch.float64)).tolist()
+    assert got == [early_age_id(d) for d in days]
+    assert len(set(got)) == len(EARLY_AGE_EDGES)  # 0 and every bucket

@@ -15,7 +15,8 @@ from fhirsynth import __version__
 # 3: an age input beside every token (the record's current age in years, tokenizer.encode_with_ages).
 # 4: a GAP token begins a visit (no VISIT marker token).
 # 5: the visit model (model.arch = "visit", visitmodel.py) beside the token model ("token").
-FORMAT_VERSION = 5
+# 6: the visit model reads the age in weeks and months under three years (bins.early_age_id).
+FORMAT_VERSION = 6
 ARCHS = ("visit", "token")
 
 

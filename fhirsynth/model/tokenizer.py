@@ -62,6 +62,7 @@ grammar's state machine (grammar.py) with a seeded RNG; decode() turns tokens + 
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from datetime import date, datetime, timedelta, timezone
 
@@ -172,6 +173,17 @@ class Tokenizer:
                          compress: bool = True) -> tuple[list[int], list[int]] | None:
         """(token ids, age ids) of one patient, or None when the patient has no birth date (counted in stats).
         compress=False keeps every visit whatever the length (the visit model windows visits itself)."""
+        got = self.encode_with_days(tl, stats, compress)
+        if got is None:
+            return None
+        toks, days = got
+        return toks, [AGE_UNKNOWN if math.isnan(d) else age_id(d) for d in days]
+
+    def encode_with_days(self, tl: Timeline, stats: Counter | None = None,
+                         compress: bool = True) -> tuple[list[int], list[float]] | None:
+        """(token ids, the record's current time after each token in days since birth, NaN before the birth
+        band) of one patient, or None without a birth date: encode_with_ages before the age ids are taken (the
+        visit model reads finer ages in early childhood, bins.early_age_id)."""
         stats = stats if stats is not None else Counter()
         v, p = self.vocab, tl.patient
         if p.birth_date is None:
@@ -232,25 +244,26 @@ class Tokenizer:
         # the record's end: death, else the end of the reference day (a living record runs up to "today")
         ref_days = (_midnight(v.cfg.ref_date) - birth).total_seconds() / 86400.0 + 1.0
         toks = list(prefix)
-        ages = [AGE_UNKNOWN, AGE_UNKNOWN] + [age_id(ref_days)] * (len(prefix) - 2)  # known from the birth band on
+        nan = float("nan")
+        times = [nan, nan] + [ref_days] * (len(prefix) - 2)  # known from the birth band on
         if death_days is not None:
             toks += [v.DEATH, v.start("age") + v.age_bucket(death_days)]
-            ages += [age_id(ref_days), age_id(death_days)]
+            times += [ref_days, death_days]
         prev = death_days if death_days is not None else ref_days
         for days, entries in reversed(visits):  # newest first: every gap counts back from the later time
             toks.append(v.start("gap") + bucket_of(max(prev - days, 0.0), GAP_EDGES))
-            ages.append(age_id(min(days, prev)))
             prev = min(days, prev)
+            times.append(prev)
             for _, tok, extra in entries:
                 toks.append(tok)
                 toks.extend(extra)
-            ages += [age_id(prev)] * (len(toks) - len(ages))
+            times += [prev] * (len(toks) - len(times))
         if truncated:  # older history exists but did not fit: no END, which means "no older history"
             stats["sequences_truncated"] += 1
         else:
             toks.append(v.END)
-            ages.append(age_id(prev))
-        return toks, ages
+            times.append(prev)
+        return toks, times
 
     @staticmethod
     def _fit(visits: list, budget: int, stats: Counter, recent: int = RECENT_VISITS) -> list:

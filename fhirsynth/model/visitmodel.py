@@ -2,7 +2,8 @@
 
 Position 0 is the patient's static part; position t >= 1 is visit t (newest first, visits.py), entered as ONE
 embedding: a linear map of its multi-hot features (encounter class, type and duration, content items, each
-binned code's own value bin, answers, condition durations) plus embeddings of its gap and age. The output at
+binned code's own value bin, answers, condition durations) plus embeddings of its gap and age (whole years,
+and under three years its week or month, bins.early_age_id: infant care runs by weeks and months). The output at
 position t predicts visit t + 1:
   * END or its gap bucket (categorical);
   * given that gap and the visit's age, its content as a MIXTURE of K product distributions: a component k
@@ -30,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fhirsynth.model.bins import N_EARLY_AGE_IDS
 from fhirsynth.model.config import ModelConfig
 from fhirsynth.model.transformer import Block, KVCache
 
@@ -74,6 +76,7 @@ class VisitModel(nn.Module):
         self.visit_in = nn.Linear(sz.n_features, d, bias=False)
         self.gap_in = nn.Embedding(sz.n_gap + 1, d)  # + "no gap" at the static position
         self.age_in = nn.Embedding(cfg.n_age_ids, d)
+        self.early_in = nn.Embedding(N_EARLY_AGE_IDS, d)
         self.pos = nn.Embedding(cfg.max_visits + 1, d)
         self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.n_layers)])
         self.ln_f = nn.LayerNorm(d)
@@ -81,6 +84,7 @@ class VisitModel(nn.Module):
         # the next visit, given its gap and age
         self.gap_q = nn.Embedding(sz.n_gap, d)
         self.age_q = nn.Embedding(cfg.n_age_ids, d)
+        self.early_q = nn.Embedding(N_EARLY_AGE_IDS, d)
         self.ln_c = nn.LayerNorm(d)
         self.mix_head = nn.Linear(d, K)
         self.comp = nn.Linear(d, K * d)
@@ -121,8 +125,13 @@ class VisitModel(nn.Module):
         return (self.band_head(F.gelu(sx)), self.race_head(F.gelu(sx + bd)), self.eth_head(F.gelu(sx + bd + rc)),
                 self.dage_head(F.gelu(sx + bd)))
 
-    def context(self, h: torch.Tensor, gq: torch.Tensor, aq: torch.Tensor) -> torch.Tensor:
-        return self.ln_c(h + self.gap_q(gq) + self.age_q(aq))
+    def time_embedding(self, gap: torch.Tensor, age: torch.Tensor, early: torch.Tensor) -> torch.Tensor:
+        """The input embedding of a position's gap, age id and early-age id."""
+        return self.gap_in(gap) + self.age_in(age) + self.early_in(early)
+
+    def context(self, h: torch.Tensor, gq: torch.Tensor, aq: torch.Tensor, eq: torch.Tensor) -> torch.Tensor:
+        """The state that draws the next visit's content, given its gap, age id and early-age id."""
+        return self.ln_c(h + self.gap_q(gq) + self.age_q(aq) + self.early_q(eq))
 
     def components(self, c: torch.Tensor) -> torch.Tensor:
         """c [..., d] -> component states [..., K, d]."""
@@ -133,12 +142,12 @@ class VisitModel(nn.Module):
 
     # ---- training ----------------------------------------------------------------------------------------
 
-    def forward(self, feats, gap_in, age_in, static, eg_tgt, gq, aq, x_tgt, enc_tgt, type_tgt, edur_tgt,
-                vi_pos, vi_item, vi_val, vi_prev, allowed) -> torch.Tensor:
+    def forward(self, feats, gap_in, age_in, early_in, static, eg_tgt, gq, aq, eq, x_tgt, enc_tgt, type_tgt,
+                edur_tgt, vi_pos, vi_item, vi_val, vi_prev, allowed) -> torch.Tensor:
         """The summed NLL of each patient [B] (the batch tensors of visits.VisitCollate; allowed [NC, n_values])."""
         B, T, _ = feats.shape
         pos = torch.arange(T, device=feats.device).unsqueeze(0).expand(B, T)
-        x = self.visit_in(feats) + self.gap_in(gap_in) + self.age_in(age_in) + self.pos(pos)
+        x = self.visit_in(feats) + self.time_embedding(gap_in, age_in, early_in) + self.pos(pos)
         x = torch.cat([x[:, :1] + self.static_embedding(static)[:, None], x[:, 1:]], dim=1)
         for blk in self.blocks:
             x = blk(x)
@@ -154,7 +163,7 @@ class VisitModel(nn.Module):
         nll = nll + (F.cross_entropy(eg.transpose(1, 2), eg_tgt.clamp(min=0), reduction="none") * ok).sum(1)
         # visit content: mixture over K components
         vis = enc_tgt >= 0  # [B, T] a visit follows
-        c = self.context(h, gq, aq)
+        c = self.context(h, gq, aq, eq)
         z = self.components(c)  # [B, T, K, d]
         logp_k = F.log_softmax(self.mix_head(c), dim=-1)  # [B, T, K]
         il = self.item_head(z)  # [B, T, K, NC]

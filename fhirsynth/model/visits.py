@@ -7,8 +7,9 @@ years and its chronic care. What a patient is here:
 
     static:  sex, birth band, race, ethnicity, deceased + death age (years)
     visits:  newest first (as tokenizer.py explains: a record starts at the present, and running out of context
-             drops the oldest history); each one a gap back in time (GAP bucket), its age (years), an encounter
-             class (or none: events grouped by day), an encounter type and duration, and a SET of content items
+             drops the oldest history); each one a gap back in time (GAP bucket), its age (years, and under
+             three years its week or month: bins.early_age_id), an encounter class (or none: events grouped by
+             day), an encounter type and duration, and a SET of content items
              (conditions, observations, medications, immunizations, procedures, allergies), each with one value
              from its own value space:
                observation: one of the value kinds released for its code (valuekinds.py): none, a bin of its
@@ -27,6 +28,7 @@ Tokenizer.decode: one decoder for both models.
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from dataclasses import dataclass
 
@@ -34,9 +36,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from fhirsynth.model.bins import DAYS_PER_YEAR, GAP_EDGES
+from fhirsynth.model.bins import DAYS_PER_YEAR, EARLY_AGE_EDGES, GAP_EDGES, early_age_id
 from fhirsynth.model.grammar import Grammar, replay
-from fhirsynth.model.tokenizer import AGE_UNKNOWN, Tokenizer
+from fhirsynth.model.tokenizer import AGE_UNKNOWN, Tokenizer, age_id
 from fhirsynth.model.tokenizer import DUR_KINDS
 from fhirsynth.model.vocab import CONTENT_KINDS, Vocab
 from fhirsynth.timeline.types import CRITICALITY_SYSTEM, Timeline
@@ -161,9 +163,11 @@ class PatientVisits:
     dead: int
     death_age: int  # years (0 when alive)
     end_age: int  # age id at the record's end (death, else the reference date)
+    end_early: int  # early-age id there (bins.early_age_id)
     truncated: bool  # older visits exist beyond max_visits (no END target)
     gap: np.ndarray  # [T] gap bucket
     age: np.ndarray  # [T] age id of the visit
+    early: np.ndarray  # [T] early-age id of the visit (bins.early_age_id: weeks and months up to 3 years)
     enc: np.ndarray  # [T] 0 | 1 + encounter class
     etype: np.ndarray  # [T] 0 | 1 + encounter type
     edur: np.ndarray  # [T] 0 | 1 + duration bucket
@@ -178,22 +182,23 @@ def encode_visits(tokenizer: Tokenizer, layout: VisitLayout, tl: Timeline, max_v
                   stats: Counter | None = None) -> PatientVisits | None:
     """A timeline as PatientVisits (None without a birth date), through the token encoder without compression."""
     stats = stats if stats is not None else Counter()
-    got = tokenizer.encode_with_ages(tl, stats, compress=False)
+    got = tokenizer.encode_with_days(tl, stats, compress=False)
     if got is None:
         return None
-    toks, ages = got
+    toks, days = got
+    ages = [AGE_UNKNOWN if math.isnan(d) else age_id(d) for d in days]
     v = layout.vocab
     groups = [v.group_of(t) for t in toks]
     sex = toks[1] - v.start("sex")
     band = toks[2] - v.start("by")
     race = toks[3] - v.start("race")
     eth = toks[4] - v.start("eth")
-    end_age = ages[4]
+    end_age, end_early = ages[4], early_age_id(days[4])
     i, dead, death_age = 5, 0, 0
     if i < len(toks) and toks[i] == v.DEATH:
         dead, death_age = 1, toks[i + 1] - v.start("age")
         i += 2
-    gap, age, enc, etype, edur = [], [], [], [], []
+    gap, age, early, enc, etype, edur = [], [], [], [], [], []
     iv, item, value = [], [], []
     truncated = True
     last_j = -1  # content index of the last content entry (its value follows)
@@ -208,6 +213,7 @@ def encode_visits(tokenizer: Tokenizer, layout: VisitLayout, tl: Timeline, max_v
                 break  # older visits do not fit: a window over the newest ones, no END
             gap.append(t - v.start("gap"))
             age.append(ages[i])
+            early.append(early_age_id(days[i]))
             enc.append(NONE)
             etype.append(NONE)
             edur.append(NONE)
@@ -245,8 +251,9 @@ def encode_visits(tokenizer: Tokenizer, layout: VisitLayout, tl: Timeline, max_v
                 value[-1] = 1 + b
         i += 1
     a = lambda x: np.asarray(x, dtype=np.int64)  # noqa: E731
-    return PatientVisits(sex, band, race, eth, dead, death_age, end_age, truncated, a(gap), a(age), a(enc),
-                         a(etype), a(edur), a(iv), a(item), a(value), a(previous_values(layout, iv, item, value)))
+    return PatientVisits(sex, band, race, eth, dead, death_age, end_age, end_early, truncated, a(gap), a(age),
+                         a(early), a(enc), a(etype), a(edur), a(iv), a(item), a(value),
+                         a(previous_values(layout, iv, item, value)))
 
 
 def previous_values(layout: VisitLayout, iv: list[int], item: list[int], value: list[int]) -> list[int]:
@@ -302,16 +309,20 @@ def visit_time_draws(layout: VisitLayout, grammar: Grammar, p: PatientVisits, rn
                      ) -> list[float]:
     """Times for visit_tokens(layout, p) (NaN at the tokens without one) that use everything the representation
     holds: the birth day inside the band AND the age at the reference date, the death inside its age year, and
-    every visit inside its own age year as well as its gap bucket (grammar.replay's `times`). Drawing each gap
-    uniformly in its bucket alone drifts: a yearly wellness gap of ~365 days is drawn in [362, 512), and over
-    a hundred visits the sum runs past the birth date drawn anywhere in a 5-year band (the oldest visits then
-    pile onto the birth day)."""
+    every visit inside its own age year as well as its gap bucket (grammar.replay's `times`); under three years
+    the week or month as well (bins.early_age_id). Drawing each gap uniformly in its bucket alone drifts: a
+    yearly wellness gap of ~365 days is drawn in [362, 512), and over a hundred visits the sum runs past the
+    birth date drawn anywhere in a 5-year band (the oldest visits then pile onto the birth day)."""
     Y = DAYS_PER_YEAR
     toks = visit_tokens(layout, p)
     out = [float("nan")] * len(toks)
     # birth day number: lived = ref_end - birth in [end_age, end_age + 1) years
-    lo = max(float(grammar.band_lo[p.band]), np.floor(grammar.ref_end - (p.end_age + 1) * Y) + 1)
-    hi = min(float(grammar.band_hi[p.band]), np.floor(grammar.ref_end - p.end_age * Y))
+    e_edges = np.asarray(EARLY_AGE_EDGES, dtype=np.float64)
+    l_lo, l_hi = p.end_age * Y, (p.end_age + 1) * Y
+    if p.end_early and not p.dead:  # an infant at the reference date: its week or month as well
+        l_lo, l_hi = max(l_lo, e_edges[p.end_early - 1]), min(l_hi, e_edges[p.end_early])
+    lo = max(float(grammar.band_lo[p.band]), np.floor(grammar.ref_end - l_hi) + 1)
+    hi = min(float(grammar.band_hi[p.band]), np.floor(grammar.ref_end - l_lo))
     if lo > hi:  # the age id was clamped (very old): the band alone
         lo, hi = float(grammar.band_lo[p.band]), float(grammar.band_hi[p.band])
     birth = float(np.floor(lo + rng.random() * (hi - lo + 1)))
@@ -320,6 +331,8 @@ def visit_time_draws(layout: VisitLayout, grammar: Grammar, p: PatientVisits, rn
     end = grammar.ref_end - birth
     if p.dead:
         a_lo, a_hi = p.death_age * Y, min((p.death_age + 1) * Y, end)
+        if p.end_early:  # died an infant: in its week or month as well
+            a_lo, a_hi = max(a_lo, e_edges[p.end_early - 1]), min(a_hi, e_edges[p.end_early])
         end = a_lo + rng.random() * max(a_hi - a_lo, 0.0)
         out[6] = end
     # feasible interval of every visit: its age year, and its gap bucket back from the feasible interval of the
@@ -332,6 +345,9 @@ def visit_time_draws(layout: VisitLayout, grammar: Grammar, p: PatientVisits, rn
     old = p.age >= AGE_UNKNOWN - 1  # the last age id holds every older age
     w_lo = np.where(old, 0.0, p.age * Y)
     w_hi = np.minimum(np.where(old, end, (p.age + 1) * Y - eps), end)
+    early = p.early > 0  # under three years: the visit's week or month as well
+    w_lo = np.where(early, np.maximum(w_lo, e_edges[np.maximum(p.early - 1, 0)]), w_lo)
+    w_hi = np.where(early, np.minimum(w_hi, e_edges[np.minimum(p.early, len(e_edges) - 1)] - eps), w_hi)
     f_lo, f_hi = w_lo.copy(), w_hi.copy()
     prev_lo = prev_hi = end
     for t in range(n):
@@ -420,8 +436,8 @@ def visit_dataset(tokenizer: Tokenizer, layout: VisitLayout, timelines: list[Tim
     return dataset, VisitCollate(layout, dataset), kept
 
 
-BATCH_KEYS = ("feats", "gap_in", "age_in", "static", "eg_tgt", "gq", "aq", "x_tgt", "enc_tgt", "type_tgt",
-              "edur_tgt", "vi_pos", "vi_item", "vi_val", "vi_prev")
+BATCH_KEYS = ("feats", "gap_in", "age_in", "early_in", "static", "eg_tgt", "gq", "aq", "eq", "x_tgt", "enc_tgt",
+              "type_tgt", "edur_tgt", "vi_pos", "vi_item", "vi_val", "vi_prev")
 
 
 class VisitCollate:
@@ -442,10 +458,12 @@ class VisitCollate:
         feats = torch.zeros((B, T, L.n_features))
         gap_in = torch.full((B, T), L.n_gap, dtype=torch.long)  # n_gap = "no gap" (the static position)
         age_in = torch.full((B, T), AGE_UNKNOWN, dtype=torch.long)
+        early_in = torch.zeros((B, T), dtype=torch.long)
         static = torch.zeros((B, 6), dtype=torch.long)
         eg_tgt = torch.full((B, T), -1, dtype=torch.long)
         gq = torch.zeros((B, T), dtype=torch.long)
         aq = torch.zeros((B, T), dtype=torch.long)
+        eq = torch.zeros((B, T), dtype=torch.long)
         x_tgt = torch.zeros((B, T, L.NC))
         enc_tgt = torch.full((B, T), -1, dtype=torch.long)
         type_tgt = torch.full((B, T), -1, dtype=torch.long)
@@ -458,14 +476,17 @@ class VisitCollate:
             n = len(p.gap)
             static[b] = torch.tensor([p.sex, p.band, p.race, p.eth, p.dead, p.death_age])
             age_in[b, 0] = p.end_age
+            early_in[b, 0] = p.end_early
             for t, f in enumerate(fs):
                 feats[b, t + 1, f] = 1.0
             if n:
                 gap_in[b, 1: n + 1] = torch.from_numpy(p.gap)
                 age_in[b, 1: n + 1] = torch.from_numpy(p.age)
+                early_in[b, 1: n + 1] = torch.from_numpy(p.early)
                 eg_tgt[b, :n] = torch.from_numpy(p.gap) + 1
                 gq[b, :n] = torch.from_numpy(p.gap)
                 aq[b, :n] = torch.from_numpy(p.age)
+                eq[b, :n] = torch.from_numpy(p.early)
                 enc_tgt[b, :n] = torch.from_numpy(p.enc)
                 type_tgt[b, :n] = torch.from_numpy(p.etype)
                 edur_tgt[b, :n] = torch.from_numpy(p.edur)
@@ -478,8 +499,9 @@ class VisitCollate:
                 vi_item[b, :m] = torch.from_numpy(p.item)
                 vi_val[b, :m] = torch.from_numpy(p.value)
                 vi_prev[b, :m] = torch.from_numpy(p.prev)
-        return {"feats": feats, "gap_in": gap_in, "age_in": age_in, "static": static, "eg_tgt": eg_tgt, "gq": gq,
-                "aq": aq, "x_tgt": x_tgt, "enc_tgt": enc_tgt, "type_tgt": type_tgt, "edur_tgt": edur_tgt,
+        return {"feats": feats, "gap_in": gap_in, "age_in": age_in, "early_in": early_in, "static": static,
+                "eg_tgt": eg_tgt, "gq": gq, "aq": aq, "eq": eq, "x_tgt": x_tgt, "enc_tgt": enc_tgt,
+                "type_tgt": type_tgt, "edur_tgt": edur_tgt,
                 "vi_pos": vi_pos, "vi_item": vi_item, "vi_val": vi_val, "vi_prev": vi_prev}
 
     def empty(self) -> dict[str, torch.Tensor]:

@@ -5,7 +5,10 @@ race, ethnicity, deceased (the released share of the band) and death age; then v
 back from the later time (never before birth, never after death: the record ends there), its mixture
 component, its items under the clinical constraints (mappings/constraints.toml: sex-specific codes, age
 limits), complete public panels, and every item's value from its own value space (a numeric code always gets a
-quantity inside its bins; durations never run past the record's end).
+quantity inside its bins; durations never run past the record's end). Each step reads the visit's age in whole
+years and, under three years, in weeks and months (bins.early_age_id), as training did.
+Once a record is drawn, every drug or procedure with a reason condition finds that condition in the record no
+later than its first use (reasons.py).
 The result is written as tokens of the token grammar plus in-bucket draws (tokenizer.py), which
 Tokenizer.decode turns into a Timeline: one decoder for both models.
 A required condition (--condition) that a record did not produce by its end is put into the visit where the
@@ -17,16 +20,22 @@ while its earliest visit is at or above the bucket's upper edge, and must end on
 
 from __future__ import annotations
 
+import logging
+from collections import Counter
+
 import numpy as np
 import torch
 
-from fhirsynth.model.bins import DAYS_PER_YEAR
+from fhirsynth.model.bins import DAYS_PER_YEAR, EARLY_AGE_EDGES
 from fhirsynth.model.grammar import Grammar
 from fhirsynth.model.measurements import AGE_BANDS, CELL_YEAR_DAYS, FIRST_AGE_EDGES
+from fhirsynth.model.reasons import close_reasons, reason_conditions
 from fhirsynth.model.tokenizer import AGE_UNKNOWN
 from fhirsynth.model.visitmodel import VisitModel
 from fhirsynth.model.visits import NONE, VisitLayout
 from fhirsynth.model.vocab import SEXES
+
+log = logging.getLogger(__name__)
 
 
 def _draw(probs: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -75,6 +84,7 @@ class VisitSampler:
         edges = [e * DAYS_PER_YEAR for e in FIRST_AGE_EDGES]
         self.first_lo = torch.as_tensor(edges, dtype=torch.float64, device=dev)
         self.first_hi = torch.as_tensor(edges[1:] + [float("inf")], dtype=torch.float64, device=dev)
+        self.early_edges = torch.as_tensor(EARLY_AGE_EDGES, dtype=torch.float64, device=dev)
         v = layout.vocab
         ct = torch.as_tensor(layout.content_tokens, dtype=torch.long, device=dev)
         self.content_tokens = ct
@@ -96,6 +106,20 @@ class VisitSampler:
         self.tok_race, self.tok_eth = v.start("race"), v.start("eth")
         self.tok_age, self.tok_gap = v.start("age"), v.start("gap")
         self.tok_dur, self.tok_val = v.start("dur"), v.start("val")
+        # a drug's indication in the record (reasons.py): the constraints of each reason condition
+        self.reasons = reason_conditions(layout)
+        self.reason_stats: Counter = Counter()
+        cols = {t: j for j, t in enumerate(layout.content_tokens)}
+        self._forbid_l = self.forbid.cpu().tolist()  # [sex][content index]
+        self._cond_limits = {cols[t]: [] for t in set(self.reasons.values())}
+        for k, j in enumerate(self.lim_j.tolist()):
+            if j in self._cond_limits:
+                self._cond_limits[j].append((float(self.lim_lo[k]), float(self.lim_hi[k])))
+        self._content_col = cols
+        d0, d1 = v.offsets["dur"]
+        v0, v1 = v.offsets["val"]
+        answers = set(layout.answer_tokens)
+        self._is_value = lambda t: d0 <= t < d1 or v0 <= t < v1 or t in answers
 
     @torch.no_grad()
     def generate(self, batch: int, gen: torch.Generator, *, temperature: float = 1.0
@@ -145,8 +169,8 @@ class VisitSampler:
         visits: list[list[tuple[list[int], list[float]]]] = [[] for _ in range(B)]
         # ---- visits, newest first
         cache = m.new_cache(B, dev, next(m.parameters()).dtype)
-        x_in = (m.static_embedding(static) + m.gap_in(torch.full((B,), L.n_gap, device=dev))
-                + m.age_in(_years(end)))
+        x_in = m.static_embedding(static) + m.time_embedding(torch.full((B,), L.n_gap, device=dev), _years(end),
+                                                              self._early(end))
         alive = torch.arange(B, device=dev)
         cur = end.clone()
         best_p = torch.full((B,), -1.0, device=dev)
@@ -177,8 +201,8 @@ class VisitSampler:
             gi = eg - 1
             t_vis = g.visit_before(cur[alive], gi, u(n))
             cur[alive] = t_vis
-            aid = _years(t_vis)
-            c = m.context(h, gi, aid)
+            aid, eid = _years(t_vis), self._early(t_vis)
+            c = m.context(h, gi, aid, eid)
             k = _draw(torch.softmax(m.mix_head(c).float() / temperature, dim=-1), gen)
             z = m.components(c)[torch.arange(n, device=dev), k]  # [n, d]
             p_item = torch.sigmoid(m.item_head(z).float() / temperature)
@@ -228,8 +252,16 @@ class VisitSampler:
                 same = torch.arange(rows.numel(), device=dev)
             feats, vfeat = self._features(n, enc, ety, edur, rows, cols, vals)
             last_feat[alive[rows], cols] = vfeat
-            x_in = m.visit_in(feats) + m.gap_in(gi) + m.age_in(aid)
+            x_in = m.visit_in(feats) + m.time_embedding(gi, aid, eid)
             self._emit(visits, alive, gi, t_vis, enc, ety, edur, rows, cols, vals, end, gen, same)
+        # ---- every drug's indication in its record (reasons.py)
+        if self.reasons:
+            sex_l = sex.tolist()
+            for b in range(B):
+                close_reasons(visits[b], self.reasons, self._is_value,
+                              lambda tok, day, s=sex_l[b]: self._condition_allowed(tok, s, day), self.reason_stats)
+            log.debug("sampler: reason conditions added %d, reason items removed %d (so far)",
+                      self.reason_stats["reason_conditions_added"], self.reason_stats["reason_items_removed"])
         # ---- a required condition that never came: into its likeliest visit
         if self.cond_j:
             tok = int(self.content_tokens[self.cond_j[0]])
@@ -244,6 +276,16 @@ class VisitSampler:
                 toks[b] += t_list
                 draws[b] += d_list
         return toks, draws
+
+    def _condition_allowed(self, tok: int, sex: int, day: float) -> bool:
+        """Whether the constraints let a patient of this sex have the condition token at this day since birth."""
+        j = self._content_col[tok]
+        return not self._forbid_l[sex][j] and all(lo <= day < hi for lo, hi in self._cond_limits[j])
+
+    def _early(self, days: torch.Tensor) -> torch.Tensor:
+        """bins.early_age_id of times in days since birth, batched."""
+        i = torch.searchsorted(self.early_edges, days.double(), right=True)  # 1 + bucket inside the edges
+        return torch.where(days.double() < self.early_edges[-1], i.clamp(min=1), torch.zeros_like(i))
 
     def _features(self, n, enc, ety, edur, rows, cols, vals) -> tuple[torch.Tensor, torch.Tensor]:
         L = self.L
