@@ -1,7 +1,7 @@
 """Whole records (issue 14): the visit model and the token model against the holdout, beside the ceilings.
 
     python benchmarks/bench_records.py --work DIR [--cohort us|es-ips] [--data DIR] [--holdout N]
-        [--runs visit:inf:1,visit:8:1,visit:8:2,token:inf:1] [--epochs 10] [--n-synthetic 400]
+        [--runs visit:inf:1,visit:8:1,visit:8:2,token:inf:1] [--epochs 10] [--n-synthetic 400] [--record-start]
 
 Steps (each cached in --work): ingest the cohort and split it by patient (bench_fidelity.split, seed 7: the
 shared US 800/200 split; --cohort es-ips: the shared Spanish IPS cohort's NDJSON with the "ips" mapping, 120/30),
@@ -12,7 +12,8 @@ the holdout using records_metrics.compare. Columns printed beside them:
   * independent codes ε=E: for every DP run's epsilon, the simplest DP peer (dp_independent.py: per-code patient
     counts released once with the Gaussian mechanism, codes drawn independently per patient); only prevalence
     and patient co-occurrence are reported for it (it has no visits, times or values);
-  * the sampling speed of each model (patients/s, this machine, one process).
+  * the sampling speed of each model (patients/s, this machine, one process);
+  * with --record-start, each visit model sampled again as `generate --record-start` samples it.
 Prints one markdown table for BENCHMARKS.md and writes the same columns as JSON (--json, default the package's
 fhirsynth/data/benchmark-records.json, which `fhirsynth demo` reads to put its own small-cohort numbers beside
 these).
@@ -56,6 +57,8 @@ def main() -> int:
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--n-synthetic", type=int, default=400)
     ap.add_argument("--no-ceiling", action="store_true", help="skip the encode/decode column")
+    ap.add_argument("--record-start", action="store_true",
+                    help="also sample each visit model as `generate --record-start` does (a column beside it)")
     ap.add_argument("--json", type=Path, default=RESULTS_FILE, help="where to write the columns as JSON")
     args = ap.parse_args()
     default_data, mapping, default_holdout = COHORTS[args.cohort]
@@ -97,6 +100,9 @@ def main() -> int:
         runs.append({"column": f"{arch} ε={eps_s} s{seed}", "arch": arch, "epsilon": eps_s, "seed": seed,
                      "dp": math.isfinite(eps)})
         log.info("%s:\n%s", model.name, markdown({"real vs real": columns["real vs real"], model.name: col}))
+        if args.record_start and arch == "visit":
+            synth = list(sample_timelines(model, args.n_synthetic, seed=seed, device="cpu", record_start=True))
+            columns[f"{arch} ε={eps_s} s{seed} --record-start"] = compare(held, Records(synth))
     for eps_s in sorted({r["epsilon"] for r in runs if r["dp"]}, key=float):
         columns[f"independent codes ε={eps_s}"] = independent_column(train, held, float(eps_s), args.n_synthetic)
     if first_visit_model is not None and not args.no_ceiling:

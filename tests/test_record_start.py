@@ -34,13 +34,32 @@ def _patient(first_age_days: float | None, sex: str = "female", birth: date = da
     return Timeline(PatientInfo("p", sex=sex, birth_date=birth), evs)
 
 
-def test_first_age_bucket_reads_the_earliest_event():
+def test_first_age_bucket_reads_the_earliest_visit():
+    """Weeks and months under three years (the visit model's early ages), then years."""
+    from fhirsynth.model.bins import early_age_id
+
     assert ms.first_age_bucket(_patient(0)) == 0
-    assert ms.first_age_bucket(_patient(200)) == 0
-    assert ms.first_age_bucket(_patient(3 * 365.25 + 1)) == ms.FIRST_AGE_EDGES.index(2)
+    assert ms.first_age_bucket(_patient(10)) == 1  # the second week
+    assert ms.first_age_bucket(_patient(200)) == early_age_id(200) - 1  # the seventh month
+    assert ms.first_age_bucket(_patient(3 * 365.25 + 1)) == ms.FIRST_AGE_EDGES.index(3)
     assert ms.first_age_bucket(_patient(70 * 365.25)) == len(ms.FIRST_AGE_EDGES) - 1
     assert ms.first_age_bucket(_patient(None)) is None
     assert ms.first_age_bucket(Timeline(PatientInfo("p", sex="male", birth_date=None), _patient(0).events)) is None
+
+
+def test_a_finding_dated_at_birth_does_not_start_the_record_its_encounter_does():
+    """A simulator records "Medication review due" with an onset at birth at the infant's first well-child
+    encounter, weeks later (every us-full record): the record begins at that encounter, as the visit encoding
+    places it; an event outside any encounter begins on its own day."""
+    enc = [Event(time=T0 + timedelta(days=49, hours=8), kind="encounter", system="http://x", code="AMB",
+                 encounter_id="e1"),
+           Event(time=T0 + timedelta(hours=8), kind="condition", system="http://snomed.info/sct", code="314529007",
+                 encounter_id="e1")]
+    tl = Timeline(PatientInfo("p", sex="female", birth_date=date(2000, 1, 1)), enc)
+    assert ms.first_visit_time(tl) == T0 + timedelta(days=49, hours=8)
+    assert ms.first_age_bucket(tl) == ms.first_age_bucket(_patient(49))
+    loose = Event(time=T0 + timedelta(days=20), kind="observation", system="http://loinc.org", code="8302-2")
+    assert ms.first_visit_time(Timeline(tl.patient, enc + [loose])) == T0 + timedelta(days=20)
 
 
 def test_first_age_query_is_one_count_in_the_patients_cell():

@@ -19,8 +19,9 @@ calibrate.py, which reweights the pool to match. Families (privacy unit: one pat
   top_held     histogram of how many of the pair codes a patient holds (0..len(pair_codes)); sensitivity 1. The
                US records are bimodal (77% lack at most 4 of the top 40, 23% lack 33 or more): the mix of full and
                sparse records moves every pair's joint share at once
-  first_age    age at the first event (years, FIRST_AGE_EDGES buckets) per cell: where a record begins (at birth
-               for a simulator, at the first contact for an EHR export); sensitivity 1. The visit sampler draws
+  first_age    age at the first visit (first_visit_time; FIRST_AGE_EDGES buckets: weeks and months under three
+               years, then years) per cell: where a record begins (near birth for a simulator, at the first
+               contact for an EHR export); sensitivity 1. The visit sampler draws
                each patient's bucket from it and does not end the record (visits are drawn newest first) before
                it (visitsampler.py): the DP model alone ended half of its US records decades after birth, where
                every real one starts at birth. Models measured before it lack the family (no constraint).
@@ -50,6 +51,7 @@ from typing import Any
 
 import numpy as np
 
+from fhirsynth.model.bins import DAYS_PER_YEAR, EARLY_AGE_EDGES
 from fhirsynth.model.dpnoise import NoiseSource, gaussian_epsilon, gaussian_sigma
 from fhirsynth.timeline.types import Timeline
 
@@ -67,7 +69,11 @@ CODE_KINDS = ("condition", "observation")  # the events histogram counts these (
 # immunizations, procedures and allergies to their measured shares (issue 18)
 PREVALENCE_KINDS = CODE_KINDS + ("medication", "immunization", "procedure", "allergy")
 PAIR_BAND = (0.05, 0.95)
-FIRST_AGE_EDGES = (0, 1, 2, 5, 10, 18, 30, 45, 65)  # lower edges in years; the last bucket is open
+# lower edges in years, the last bucket open: under three years the visit model's own weeks and months
+# (bins.EARLY_AGE_EDGES), so that an infant's record may end only near where real ones begin (with whole years,
+# any time in the first year was allowed, and the sampler packed visits into the first weeks: 3.8 encounters in
+# the first month per us-full record against 0.6, fourteenth session); then years
+FIRST_AGE_EDGES = tuple(e / DAYS_PER_YEAR for e in EARLY_AGE_EDGES) + (5, 10, 18, 30, 45, 65)
 FIRST_AGE_FLOOR = 2.0  # noise SDs under which a first-age count is read as 0 (first_age_prior)
 # rho shares of the families (public); the prevalence and the pairs are the many-query families
 # measured on the US split: at these noise scales the pair counts carried no usable signal (BENCHMARKS.md,
@@ -161,12 +167,24 @@ def cell_of(tl: Timeline) -> int:
     return (0 if p.sex == "female" else 1) * (len(AGE_BANDS) + 1) + band
 
 
+def first_visit_time(tl: Timeline) -> datetime | None:
+    """When the record's first visit begins, as the visit encoding sees it (tokenizer.py): an encounter's events
+    begin at the encounter's start (a condition whose onset predates the encounter it was recorded at, such as a
+    simulator's finding dated at birth, does not start the record), other events on their own day."""
+    groups: dict[tuple, list] = {}
+    for e in tl.events:
+        groups.setdefault(("e", e.encounter_id) if e.encounter_id else ("d", _utc(e.time).date()), []).append(e)
+    starts = [min(_utc(e.time) for e in ([e for e in evs if e.kind == "encounter"] or evs)) for evs in groups.values()]
+    return min(starts) if starts else None
+
+
 def first_age_bucket(tl: Timeline) -> int | None:
-    """The FIRST_AGE_EDGES bucket of the age at the first event; None without a birth date or an event."""
-    if tl.patient.birth_date is None or not tl.events:
+    """The FIRST_AGE_EDGES bucket of the age at the first visit (first_visit_time); None without a birth date or
+    an event."""
+    first = first_visit_time(tl) if tl.patient.birth_date is not None else None
+    if first is None:
         return None
-    first = min((e.time for e in tl.events), key=_utc)
-    years = max(0, (_utc(first).date() - tl.patient.birth_date).days) / 365.25
+    years = max(0, (first.date() - tl.patient.birth_date).days) / DAYS_PER_YEAR
     return int(np.searchsorted(FIRST_AGE_EDGES, years, side="right") - 1)
 
 
