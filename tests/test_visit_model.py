@@ -384,3 +384,37 @@ def test_the_sampler_reads_the_early_age_as_training_wrote_it(visit_model):
     got = sampler._early(torch.tensor(days, dtype=torch.float64)).tolist()
     assert got == [early_age_id(d) for d in days]
     assert len(set(got)) == len(EARLY_AGE_EDGES)  # 0 and every bucket
+
+
+def test_the_static_position_reads_the_age_at_the_reference_date_as_in_training(visit_model):
+    """Training gives the static position the age at the reference date (PatientVisits.end_age), for the
+    deceased too; the sampler must feed the same, not the age at death (it did until the fourteenth session)."""
+    from fhirsynth.model.bins import early_age_id
+    from fhirsynth.model.constraints import load_constraints
+    from fhirsynth.model.grammar import Grammar
+    from fhirsynth.model.tokenizer import age_id
+    from fhirsynth.model.visitsampler import VisitSampler
+
+    lm = load_model(visit_model, "cpu")
+    v = lm.vocab
+    layout = VisitLayout(v)
+    grammar = Grammar(v, load_constraints(), 64, torch.device("cpu"))
+    sampler = VisitSampler(lm.model, layout, grammar)
+    seen = []
+    real = lm.model.time_embedding
+    lm.model.time_embedding = lambda g, a, e: (seen.append((a.clone(), e.clone())), real(g, a, e))[1]
+    toks, draws = sampler.generate(200, torch.Generator().manual_seed(4))
+    ages, earlies = seen[0]
+    dead = [len(t) > 5 and t[5] == v.DEATH for t in toks]
+    assert sum(dead) >= 5
+    for b, d in enumerate(draws):
+        lived = grammar.ref_end - d[2]  # d[2]: the birth day number
+        assert int(ages[b]) == age_id(lived) and int(earlies[b]) == early_age_id(lived)
+    # the training side: the encoded end_age of a deceased patient is its age at the reference date
+    tls = [tl for tl in make_timelines(60, seed=9) if tl.patient.death_date is not None]
+    vocab = _vocab(tls)
+    tok, lay = Tokenizer(vocab), VisitLayout(vocab)
+    for tl in tls[:5]:
+        p = encode_visits(tok, lay, tl, 10_000, Counter())
+        ref_days = (datetime(2026, 1, 2) - datetime.combine(tl.patient.birth_date, datetime.min.time())).days
+        assert p.dead and p.end_age == age_id(ref_days)

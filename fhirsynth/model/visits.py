@@ -162,7 +162,7 @@ class PatientVisits:
     eth: int
     dead: int
     death_age: int  # years (0 when alive)
-    end_age: int  # age id at the record's end (death, else the reference date)
+    end_age: int  # age id at the reference date (the deceased too: the death has its own age, death_age)
     end_early: int  # early-age id there (bins.early_age_id)
     truncated: bool  # older visits exist beyond max_visits (no END target)
     gap: np.ndarray  # [T] gap bucket

@@ -169,8 +169,10 @@ class VisitSampler:
         visits: list[list[tuple[list[int], list[float]]]] = [[] for _ in range(B)]
         # ---- visits, newest first
         cache = m.new_cache(B, dev, next(m.parameters()).dtype)
-        x_in = m.static_embedding(static) + m.time_embedding(torch.full((B,), L.n_gap, device=dev), _years(end),
-                                                              self._early(end))
+        # the static position reads the age at the reference date, as training does (visits.PatientVisits.end_age:
+        # the time after the ethnicity token), also for the deceased
+        x_in = m.static_embedding(static) + m.time_embedding(torch.full((B,), L.n_gap, device=dev), _years(lived),
+                                                              self._early(lived))
         alive = torch.arange(B, device=dev)
         cur = end.clone()
         best_p = torch.full((B,), -1.0, device=dev)
