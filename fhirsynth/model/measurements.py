@@ -133,7 +133,7 @@ class Spec:
         if list(d.get("age_bands", [])) != list(AGE_BANDS) or list(d.get("bucket_edges", [])) != list(BUCKET_EDGES):
             raise ValueError("age bands or buckets differ from this fhirsynth's")
         if "first_age_edges" in d and list(d["first_age_edges"]) != list(FIRST_AGE_EDGES):
-            raise ValueError("first-event age buckets differ from this fhirsynth's")
+            raise ValueError("first-visit age buckets differ from this fhirsynth's")
         return cls(codes=[tuple(c) for c in d["codes"]], max_codes=int(d["max_codes"]),
                    pair_codes=[tuple(c) for c in d["pair_codes"]], max_absent=int(d["max_absent"]),
                    first_age="first_age_edges" in d, top=bool(d.get("top_families", False)))
