@@ -173,7 +173,7 @@ def first_visit_time(tl: Timeline) -> datetime | None:
     simulator's finding dated at birth, does not start the record), other events on their own day."""
     groups: dict[tuple, list] = {}
     for e in tl.events:
-        groups.setdefault(("e", e.encounter_id) if e.encounter_id else ("d", _utc(e.time).date()), []).append(e)
+        groups.setdefault(_visit_key(e), []).append(e)
     starts = [min(_utc(e.time) for e in ([e for e in evs if e.kind == "encounter"] or evs)) for evs in groups.values()]
     return min(starts) if starts else None
 
@@ -190,8 +190,12 @@ def first_age_bucket(tl: Timeline) -> int | None:
 
 def n_visits(tl: Timeline) -> int:
     """Distinct encounter ids plus distinct UTC days of events without one (records_metrics' visits)."""
-    keys = {("e", e.encounter_id) if e.encounter_id else ("d", _utc(e.time).date()) for e in tl.events}
-    return len(keys)
+    return len({_visit_key(e) for e in tl.events})
+
+
+def _visit_key(e) -> tuple:
+    """The visit an event belongs to: its encounter, else its UTC day."""
+    return ("e", e.encounter_id) if e.encounter_id else ("d", _utc(e.time).date())
 
 
 def patient_queries(tl: Timeline, spec: Spec) -> dict[str, list[int]]:

@@ -89,7 +89,9 @@ AGE_UNKNOWN = 127
 
 
 def age_id(days: float) -> int:
-    """Age id of a time `days` after birth."""
+    """Age id of a time `days` after birth (AGE_UNKNOWN for NaN: not known yet)."""
+    if math.isnan(days):
+        return AGE_UNKNOWN
     return min(max(int(days // DAYS_PER_YEAR), 0), AGE_UNKNOWN - 1)
 
 
@@ -177,7 +179,7 @@ class Tokenizer:
         if got is None:
             return None
         toks, days = got
-        return toks, [AGE_UNKNOWN if math.isnan(d) else age_id(d) for d in days]
+        return toks, [age_id(d) for d in days]
 
     def encode_with_days(self, tl: Timeline, stats: Counter | None = None,
                          compress: bool = True) -> tuple[list[int], list[float]] | None:

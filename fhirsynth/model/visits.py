@@ -28,7 +28,6 @@ Tokenizer.decode: one decoder for both models.
 
 from __future__ import annotations
 
-import math
 from collections import Counter
 from dataclasses import dataclass
 
@@ -186,7 +185,7 @@ def encode_visits(tokenizer: Tokenizer, layout: VisitLayout, tl: Timeline, max_v
     if got is None:
         return None
     toks, days = got
-    ages = [AGE_UNKNOWN if math.isnan(d) else age_id(d) for d in days]
+    ages = [age_id(d) for d in days]
     v = layout.vocab
     groups = [v.group_of(t) for t in toks]
     sex = toks[1] - v.start("sex")

@@ -109,17 +109,14 @@ class VisitSampler:
         # a drug's indication in the record (reasons.py): the constraints of each reason condition
         self.reasons = reason_conditions(layout)
         self.reason_stats: Counter = Counter()
-        cols = {t: j for j, t in enumerate(layout.content_tokens)}
         self._forbid_l = self.forbid.cpu().tolist()  # [sex][content index]
-        self._cond_limits = {cols[t]: [] for t in set(self.reasons.values())}
+        self._cond_limits = {layout.content_index[t]: [] for t in set(self.reasons.values())}
         for k, j in enumerate(self.lim_j.tolist()):
             if j in self._cond_limits:
                 self._cond_limits[j].append((float(self.lim_lo[k]), float(self.lim_hi[k])))
-        self._content_col = cols
         d0, d1 = v.offsets["dur"]
         v0, v1 = v.offsets["val"]
-        answers = set(layout.answer_tokens)
-        self._is_value = lambda t: d0 <= t < d1 or v0 <= t < v1 or t in answers
+        self._is_value = lambda t: d0 <= t < d1 or v0 <= t < v1 or t in layout.answer_index
 
     @torch.no_grad()
     def generate(self, batch: int, gen: torch.Generator, *, temperature: float = 1.0
@@ -281,7 +278,7 @@ class VisitSampler:
 
     def _condition_allowed(self, tok: int, sex: int, day: float) -> bool:
         """Whether the constraints let a patient of this sex have the condition token at this day since birth."""
-        j = self._content_col[tok]
+        j = self.L.content_index[tok]
         return not self._forbid_l[sex][j] and all(lo <= day < hi for lo, hi in self._cond_limits[j])
 
     def _early(self, days: torch.Tensor) -> torch.Tensor:
