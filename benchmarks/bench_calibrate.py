@@ -2,12 +2,14 @@
 
     python benchmarks/bench_calibrate.py --work DIR --train TL_DIR --holdout TL_DIR \
         --models inf=/tmp/bf/model-visit-epsinf-ep10-s1,8:1=/tmp/bf/model-visit-eps8-ep10-s1,... \
-        [--n 400] [--pool-factor 5] [--meas-fraction 0.2] [--attach]
+        [--n 400] [--pool-factor 5] [--meas-fraction 0.2] [--attach] [--record-start]
 
 Each model is LABEL=MODEL_DIR, LABEL = EPS[:SEED] (EPS "inf" = a --no-dp model). For every model: one pool of
 n x pool-factor patients (seed 1, cached in --work), the uncalibrated output (the pool's first n) and the calibrated
 one (measurements -> calibrate.calibrate: "reweighted" without the repair step, "calibrated" with it, the default
-of generate). Measurements:
+of generate). --record-start: every visit model is sampled a second time as `generate --record-start` samples it
+(each record goes back to a first-visit age drawn from the model's measurements), columns "LABEL record-start ...".
+Measurements:
   * a model dir holding measurements.json (trained with them): those are used, the epsilon is the model's;
   * --attach: measured here on --train with the model's vocabulary, at meas-fraction x EPS (exact for inf), noise
     from NoiseSource.reproducible(SEED) (replayable: a benchmark, no guarantee). The epsilon of such an output is
@@ -83,15 +85,16 @@ def smartnoise_codes(method: str, python: str, train: list[Timeline], n: int, ep
     return dps.table_timelines(syn, codes, prefix=f"{method}-s{seed}"), fit_s, table.shape[1]
 
 
-def pool_for(label: str, model: Path, size: int, work: Path) -> list[Timeline]:
+def pool_for(label: str, model: Path, size: int, work: Path, record_start: bool = False) -> list[Timeline]:
     from fhirsynth.model.sampler import sample_timelines
 
-    path = work / f"pool-{label.replace(':', '_')}-{size}.pkl"
+    path = work / f"pool-{label.replace(':', '_')}-{size}{'-rs' if record_start else ''}.pkl"
     if path.is_file():
         return pickle.loads(path.read_bytes())
     t0 = time.perf_counter()
-    pool = list(sample_timelines(model, size, seed=1, device="cpu"))
-    log.info("%s: sampled a pool of %d in %.0f s", label, size, time.perf_counter() - t0)
+    pool = list(sample_timelines(model, size, seed=1, device="cpu", record_start=record_start))
+    log.info("%s: sampled a pool of %d in %.0f s (record start %s)", label, size, time.perf_counter() - t0,
+             record_start)
     path.write_bytes(pickle.dumps(pool))
     return pool
 
@@ -128,6 +131,7 @@ def main() -> int:
     ap.add_argument("--pool-factor", type=int, default=5)
     ap.add_argument("--meas-fraction", type=float, default=0.2)
     ap.add_argument("--attach", action="store_true")
+    ap.add_argument("--record-start", action="store_true", help="also sample every model with record_start")
     ap.add_argument("--baseline-seeds", default="1,2,3")
     ap.add_argument("--baseline", default="none", help="comma list of smartnoise-synth methods (mst, aim) or none")
     ap.add_argument("--baseline-python", default=os.environ.get("FHIRSYNTH_BASELINE_PYTHON", ""),
@@ -170,16 +174,18 @@ def main() -> int:
                 cols[name] = compare(held, Records(syn))
     for item in args.models.split(","):
         label, _, path = item.partition("=")
-        pool = pool_for(label, Path(path), args.n * args.pool_factor, args.work)
-        cols[f"{label} uncalibrated"] = compare(held, Records(pool[: args.n]))
         doc = measurements_for(label, Path(path), train, args.meas_fraction, args.attach)
-        out, _ = calibrate(pool, doc, args.n, seed=1, repair=False)
-        cols[f"{label} reweighted"] = compare(held, Records(out))
-        t0 = time.perf_counter()
-        out, rep = calibrate(pool, doc, args.n, seed=1)
-        log.info("%s: %s (%.1f s)", label, summary(rep), time.perf_counter() - t0)
-        cols[f"{label} calibrated"] = compare(held, Records(out))
-        cols[f"{label} calibrated"]["effective_pool"] = rep["effective_pool"]
+        for record_start in (False, True) if args.record_start else (False,):
+            name = f"{label} record-start" if record_start else label
+            pool = pool_for(label, Path(path), args.n * args.pool_factor, args.work, record_start)
+            cols[f"{name} uncalibrated"] = compare(held, Records(pool[: args.n]))
+            out, _ = calibrate(pool, doc, args.n, seed=1, repair=False)
+            cols[f"{name} reweighted"] = compare(held, Records(out))
+            t0 = time.perf_counter()
+            out, rep = calibrate(pool, doc, args.n, seed=1)
+            log.info("%s: %s (%.1f s)", name, summary(rep), time.perf_counter() - t0)
+            cols[f"{name} calibrated"] = compare(held, Records(out))
+            cols[f"{name} calibrated"]["effective_pool"] = rep["effective_pool"]
     table = {name: {k: c[k] for k in KEYS if k in c} for name, c in cols.items()}
     if methods:
         import dp_smartnoise

@@ -1,11 +1,14 @@
 """Whole records (issue 14): the visit model and the token model against the holdout, beside the ceilings.
 
     python benchmarks/bench_records.py --work DIR [--cohort us|es-ips] [--data DIR] [--holdout N]
-        [--runs visit:inf:1,visit:8:1,visit:8:2,token:inf:1] [--epochs 10] [--n-synthetic 400] [--record-start]
+        [--runs visit:inf:1,visit:8:1,visit:8:2,token:inf:1,visit:8:1:batch=256:epochs=30] [--epochs 10]
+        [--n-synthetic 400] [--record-start]
 
 Steps (each cached in --work): ingest the cohort and split it by patient (bench_fidelity.split, seed 7: the
 shared US 800/200 split; --cohort es-ips: the shared Spanish IPS cohort's NDJSON with the "ips" mapping, 120/30),
-train one model per run ARCH:EPSILON:SEED (inf = --no-dp), sample n synthetic patients, and compare each with
+train one model per run ARCH:EPSILON:SEED (inf = --no-dp; optional :batch=B, :epochs=E, :lr=L override train's
+defaults for that run: a DP-regime sweep in one run, e.g. visit:8:1:batch=800:epochs=40; :init=MODEL_DIR starts
+from a public prior, `train --init`), sample n synthetic patients, and compare each with
 the holdout using records_metrics.compare. Columns printed beside them:
   * real vs real: the training patients against the holdout (the ceiling of any generator on this split);
   * encode/decode: the holdout through the visit representation and back (what the representation keeps);
@@ -81,14 +84,20 @@ def main() -> int:
     runs: list[dict] = []
     first_visit_model = None
     for run in args.runs.split(","):
-        arch, eps_s, seed_s = run.split(":")
+        arch, eps_s, seed_s, settings, tag = parse_run(run, ap)
         eps, seed = float(eps_s), int(seed_s)
-        model = work / f"model-{arch}-eps{eps_s}-ep{args.epochs}-s{seed}"
+        epochs = int(settings.get("epochs", args.epochs))
+        model = work / f"model-{arch}-eps{eps_s}-ep{epochs}-s{seed}{tag}"
         if not (model / "privacy.json").is_file():
             t = time.perf_counter()
             train_model(train, model, epsilon=eps if math.isfinite(eps) else 8.0, dp=math.isfinite(eps),
-                        epochs=args.epochs, seed=seed, model_config=ModelConfig(arch=arch))
+                        epochs=epochs, seed=seed,
+                        model_config=ModelConfig(arch=arch) if "init" not in settings else None,
+                        batch_size=int(settings.get("batch", 64)),
+                        lr=float(settings["lr"]) if "lr" in settings else None, init=settings.get("init"))
             log.info("%s trained in %.0f s", model.name, time.perf_counter() - t)
+        privacy = json.loads((model / "privacy.json").read_text())
+        log.info("%s: %s", model.name, {k: privacy.get(k) for k in ("epsilon_total", "noise_multiplier", "steps")})
         if arch == "visit" and first_visit_model is None:
             first_visit_model = model
         t = time.perf_counter()
@@ -96,13 +105,14 @@ def main() -> int:
         rate = len(synth) / (time.perf_counter() - t)
         col = compare(held, Records(synth))
         col["sampling patients/s (1 process)"] = rate
-        columns[f"{arch} ε={eps_s} s{seed}"] = col
-        runs.append({"column": f"{arch} ε={eps_s} s{seed}", "arch": arch, "epsilon": eps_s, "seed": seed,
-                     "dp": math.isfinite(eps)})
+        name = f"{arch} ε={eps_s} s{seed}{tag}"
+        columns[name] = col
+        runs.append({"column": name, "arch": arch, "epsilon": eps_s, "seed": seed, "dp": math.isfinite(eps),
+                     **settings})
         log.info("%s:\n%s", model.name, markdown({"real vs real": columns["real vs real"], model.name: col}))
         if args.record_start and arch == "visit":
             synth = list(sample_timelines(model, args.n_synthetic, seed=seed, device="cpu", record_start=True))
-            columns[f"{arch} ε={eps_s} s{seed} --record-start"] = compare(held, Records(synth))
+            columns[f"{name} --record-start"] = compare(held, Records(synth))
     for eps_s in sorted({r["epsilon"] for r in runs if r["dp"]}, key=float):
         columns[f"independent codes ε={eps_s}"] = independent_column(train, held, float(eps_s), args.n_synthetic)
     if first_visit_model is not None and not args.no_ceiling:
@@ -111,6 +121,29 @@ def main() -> int:
     print(markdown(columns))
     write_results(args, columns, runs, n_train=n_train, n_holdout=held.n)
     return 0
+
+
+RUN_SETTINGS = ("batch", "epochs", "lr", "init")
+
+
+def parse_run(run: str, ap: argparse.ArgumentParser) -> tuple[str, str, str, dict[str, str], str]:
+    """ARCH:EPS:SEED[:key=value...] -> (arch, eps, seed, settings, a tag for names such as "-batch256")."""
+    parts = run.split(":")
+    if len(parts) < 3:
+        ap.error(f"--runs {run}: expected ARCH:EPSILON:SEED[:key=value...]")
+    arch, eps_s, seed_s, *rest = parts
+    settings: dict[str, str] = {}
+    for part in rest:
+        key, _, value = part.partition("=")
+        if key not in RUN_SETTINGS or not value:
+            ap.error(f"--runs {run}: {part!r} is not one of {', '.join(k + '=VALUE' for k in RUN_SETTINGS)}")
+        settings[key] = value
+    try:
+        float(eps_s), int(seed_s), *(float(v) for k, v in settings.items() if k != "init")
+    except ValueError:
+        ap.error(f"--runs {run}: expected ARCH:EPSILON:SEED[:key=value...] with numbers")
+    tag = "".join("-prior" if k == "init" else f"-{k}{v}" for k, v in settings.items() if k != "epochs")
+    return arch, eps_s, seed_s, settings, tag
 
 
 def split_cohort(work: Path, data: str, mapping: str, n_holdout: int) -> tuple[Path, Path]:

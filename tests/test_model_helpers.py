@@ -93,11 +93,15 @@ def make_timelines(n: int, seed: int = 0, **kw) -> list[Timeline]:
     return [random_timeline(rng, f"real-{seed}-{i}", **kw) for i in range(n)]
 
 
-def write_dir(path: Path, n: int, seed: int = 0, **kw) -> Path:
+def write_timelines(path: Path, timelines: list[Timeline]) -> Path:
     with TimelineWriter(path) as w:
-        for tl in make_timelines(n, seed, **kw):
+        for tl in timelines:
             w.add(tl)
     return path
+
+
+def write_dir(path: Path, n: int, seed: int = 0, **kw) -> Path:
+    return write_timelines(path, make_timelines(n, seed, **kw))
 
 
 def test_generator_is_deterministic_and_sorted():

@@ -69,15 +69,20 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--arch", choices=ARCHS, default=ModelConfig.arch,
                    help="visit: one transformer position per visit, whole records (default); token: one per token, "
                         "long records compressed to --max-len tokens")
-    p.add_argument("--max-visits", type=int, default=ModelConfig.max_visits,
+    p.add_argument("--max-visits", type=int, default=None,
                    help=f"visit model: context in visits, the newest kept (default {ModelConfig.max_visits})")
-    p.add_argument("--components", type=int, default=ModelConfig.n_components,
+    p.add_argument("--components", type=int, default=None,
                    help=f"visit model: mixture components of a visit's content (default {ModelConfig.n_components})")
     p.add_argument("--max-len", type=int, default=512, help="token model: context length in tokens (default 512)")
-    p.add_argument("--d-model", type=int, default=128)
-    p.add_argument("--layers", type=int, default=ModelConfig.n_layers,
+    p.add_argument("--d-model", type=int, default=None, help=f"width (default {ModelConfig.d_model})")
+    p.add_argument("--layers", type=int, default=None,
                    help=f"transformer layers (default {ModelConfig.n_layers})")
-    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--heads", type=int, default=None, help=f"attention heads (default {ModelConfig.n_heads})")
+    p.add_argument("--init", type=Path, default=None, metavar="PUBLIC_MODEL",
+                   help="start from a visit model trained on PUBLIC data (e.g. a simulated cohort, --no-dp): its "
+                        "code vocabulary joins the released one and its weights initialise the network, whose "
+                        "sizes are then the prior's. No privacy budget is spent on it; privacy.json names it. "
+                        "You vouch that its training data is public")
     p.add_argument("--reference-date", default=None,
                    help="YYYY-MM-DD: 'today' of the synthetic world, nothing sampled after it (default: today)")
     p.add_argument("--distributed", action="store_true",
@@ -94,13 +99,25 @@ def run(args: argparse.Namespace) -> int:
     from fhirsynth.model.config import TokenizerConfig
     from fhirsynth.model.train import train_model
 
-    if args.max_len < 16 or args.d_model < 8 or args.layers < 1 or args.heads < 1 or args.d_model % args.heads:
+    shape_flags = {"--d-model": args.d_model, "--layers": args.layers, "--heads": args.heads,
+                   "--max-visits": args.max_visits, "--components": args.components}
+    if args.init is not None and (given := [f for f, v in shape_flags.items() if v is not None]):
+        raise UsageError(f"{', '.join(given)}: the network sizes of a model started --init come from the prior",
+                         where="--init")
+    if args.init is not None and args.arch != "visit":
+        raise UsageError("a prior initialises the visit model only", where="--arch")
+    d_model = args.d_model if args.d_model is not None else ModelConfig.d_model
+    layers = args.layers if args.layers is not None else ModelConfig.n_layers
+    heads = args.heads if args.heads is not None else ModelConfig.n_heads
+    max_visits = args.max_visits if args.max_visits is not None else ModelConfig.max_visits
+    components = args.components if args.components is not None else ModelConfig.n_components
+    if args.max_len < 16 or d_model < 8 or layers < 1 or heads < 1 or d_model % heads:
         raise UsageError("--max-len >= 16, --d-model >= 8 and a multiple of --heads, --layers >= 1 required")
     if args.max_items_per_patient < 0:
         raise UsageError("must be >= 1, or 0 for the default (chosen from the cohort size)",
                          where="--max-items-per-patient")
-    if args.max_visits < 1 or args.components < 1:
-        raise UsageError("--max-visits and --components must be >= 1", where="--max-visits" if args.max_visits < 1
+    if max_visits < 1 or components < 1:
+        raise UsageError("--max-visits and --components must be >= 1", where="--max-visits" if max_visits < 1
                          else "--components")
     tk = TokenizerConfig(max_len=args.max_len, max_items_per_patient=args.max_items_per_patient)
     if args.reference_date:
@@ -109,8 +126,8 @@ def run(args: argparse.Namespace) -> int:
         except ValueError:
             raise UsageError(f"not a date: {args.reference_date!r}", where="--reference-date") from None
         tk.reference_date = args.reference_date
-    mc = ModelConfig(arch=args.arch, d_model=args.d_model, n_layers=args.layers, n_heads=args.heads,
-                     d_ff=4 * args.d_model, max_visits=args.max_visits, n_components=args.components)
+    mc = ModelConfig(arch=args.arch, d_model=d_model, n_layers=layers, n_heads=heads,
+                     d_ff=4 * d_model, max_visits=max_visits, n_components=components)
     report = train_model(
         args.timelines, args.out, epsilon=None if args.no_dp else args.epsilon, delta=args.delta,
         dp=not args.no_dp, epochs=args.epochs, device=args.device, seed=args.seed, batch_size=args.batch_size,
@@ -118,7 +135,9 @@ def run(args: argparse.Namespace) -> int:
         warmup_frac=args.warmup_frac, reproducible_noise=args.reproducible_noise, work_dir=args.work_dir,
         vocab_epsilon_fraction=args.vocab_epsilon_fraction,
         measure_epsilon_fraction=args.measure_epsilon_fraction,
-        model_config=mc, tokenizer_config=tk, distributed=True if args.distributed else None,
+        # with --init the network sizes are the prior's: only the architecture is passed on
+        model_config=mc if args.init is None else None, tokenizer_config=tk,
+        distributed=True if args.distributed else None, init=args.init,
     )
     if int(os.environ.get("RANK", "0")) != 0:  # one summary per job, from the rank that wrote the model dir
         return 0
@@ -128,6 +147,8 @@ def run(args: argparse.Namespace) -> int:
         "epsilon_total": eps, "delta": report.get("delta"),  # null when --no-dp (epsilon = infinity)
         "steps": report["steps"], "noise_multiplier": report["noise_multiplier"],
     }
+    if report.get("prior"):
+        summary["prior"] = report["prior"]["model"]
     if report.get("reproducible_noise"):
         summary["warning"] = "reproducible noise: NO privacy guarantee (tests and research only)"
     sys.stdout.write(json.dumps(summary, default=str) + "\n")

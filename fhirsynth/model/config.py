@@ -118,6 +118,9 @@ class TrainConfig:
     # research / tests only: DP noise and sampling drawn from `seed` (replayable: NO privacy guarantee)
     reproducible_noise: bool = False
     seed: int = 1  # weight initialisation (and DP noise only when reproducible_noise)
+    # a public prior model the weights start from (prior.py), and its checkpoint.model_hash
+    init: str | None = None
+    init_model_hash: str | None = None
     checkpoint_every: int = 50
 
 

@@ -219,6 +219,7 @@ def train_model(
     tokenizer_config: TokenizerConfig | None = None,
     on_step: Callable[[int], None] | None = None,
     distributed: bool | None = None,
+    init: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """Train a model dir from a timelines dir; returns the privacy report (privacy.json).
 
@@ -226,6 +227,8 @@ def train_model(
     sibling of MODEL_DIR, see default_work_dir). reproducible_noise: research / tests only (no guarantee).
     on_step(step) is called after every optimizer step (tests use it to simulate a kill).
     distributed: one process of a torchrun job (None = when env WORLD_SIZE > 1); see model/distributed.py.
+    init: a public prior model dir (prior.py): its vocabulary joins this one's, its weights initialise the
+    network, whose sizes are then the prior's (a model_config with other sizes is refused). No budget is spent on it.
     """
     if lr is None:
         lr = default_lr(model_config.arch if model_config else ModelConfig.arch, dp)
@@ -245,6 +248,13 @@ def train_model(
     # copies: training fills in sizes, and a caller's config reused for a resume must not carry them
     tk = dataclasses.replace(tokenizer_config) if tokenizer_config else TokenizerConfig()
     mc = dataclasses.replace(model_config) if model_config else ModelConfig()
+    prior = None
+    if init is not None:
+        from fhirsynth.model.prior import load_prior, network_config
+
+        prior = load_prior(init, tk, mc, explicit_shape=model_config is not None)
+        mc = network_config(prior, mc)
+        tc.init, tc.init_model_hash = str(Path(init).resolve()), prior.model_hash
     mc.max_len = tk.max_len
     from fhirsynth.model import distributed as dd
 
@@ -263,7 +273,7 @@ def train_model(
     ok = False
     owner: list[bool] = [False]  # set once this run has claimed the work dir (a new one, or its own checkpoint)
     try:
-        privacy = _train(tc, tdir, out, work, dev, tk, mc, delta, dp, seed, on_step, dctx, main, owner)
+        privacy = _train(tc, tdir, out, work, dev, tk, mc, delta, dp, seed, on_step, dctx, main, owner, prior)
         ok = True
         return privacy
     except FhirsynthError:
@@ -282,7 +292,8 @@ def train_model(
             dd.teardown(dctx, wait=ok)  # no barrier after a failure: the other ranks may be stuck mid-collective
 
 
-def _train(tc, tdir, out, work, dev, tk, mc, delta, dp, seed, on_step, dctx, main, owner) -> dict[str, Any]:
+def _train(tc, tdir, out, work, dev, tk, mc, delta, dp, seed, on_step, dctx, main, owner, prior=None
+           ) -> dict[str, Any]:
     from fhirsynth.model import distributed as dd
 
     timelines = list(read_timelines(tdir))
@@ -327,7 +338,7 @@ def _train(tc, tdir, out, work, dev, tk, mc, delta, dp, seed, on_step, dctx, mai
             if dp:
                 eps_vocab, eps_meas = _budget_split(tc)
             vocab, vocab_report = build_vocab(timelines, tk, dp=dp, epsilon=eps_vocab, delta=d_vocab, noise=noise,
-                                              sex_release=sex_release)
+                                              sex_release=sex_release, prior=prior)
             work.mkdir(parents=True, exist_ok=True)
             ck.atomic_write_json(work / ck.VOCAB, vocab.to_json())
             meas_doc, meas_report = _measure(tc, timelines, vocab, noise, eps_meas)
@@ -358,6 +369,10 @@ def _train(tc, tdir, out, work, dev, tk, mc, delta, dp, seed, on_step, dctx, mai
         log.debug("encoder: %s = %d", k, v)  # exact counts: the operator's console only, at debug level
     if not len(arch.dataset):
         raise InputError("no patient could be encoded (all lack a birth date)", where=str(tdir))
+    if prior is not None and resume is None:  # (a resumed run's weights come from its checkpoint)
+        from fhirsynth.model.prior import transfer
+
+        vocab_report["prior"] = prior.report(transfer(arch.model, vocab, prior))
     model = arch.model.to(dev)
     opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
     ds = arch.dataset
@@ -506,6 +521,9 @@ def _train(tc, tdir, out, work, dev, tk, mc, delta, dp, seed, on_step, dctx, mai
     privacy = _privacy_report(tc, n_estimate, sigma, q, total_steps, eps_prv, eps_rdp, vocab_report, meas_report,
                               composed)
     privacy["world_size"] = dctx.world_size if dctx is not None else 1
+    if "prior" in vocab_report:
+        privacy["prior"] = vocab_report["prior"]
+        privacy["vocabulary"] = {k: v for k, v in privacy["vocabulary"].items() if k != "prior"}
     if not main:
         return privacy
     config = {**versions(), "model": to_json(mc), "tokenizer": to_json(tk), "training": to_json(tc)}

@@ -40,7 +40,7 @@ import math
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -49,6 +49,9 @@ from fhirsynth.model.bins import DAYS_PER_YEAR, DUR_EDGES, GAP_EDGES, ValueBins
 from fhirsynth.model.config import TokenizerConfig
 from fhirsynth.model.dpnoise import NoiseSource, gaussian_sigma, set_union_threshold
 from fhirsynth.timeline.types import Event, Timeline
+
+if TYPE_CHECKING:
+    from fhirsynth.model.prior import Prior
 
 ITEM_KINDS = ("encounter", "condition", "observation", "medication", "immunization", "procedure", "allergy", "value")
 # The kinds a visit holds as content, beside its encounter (the event kinds of timeline/types.py but encounters).
@@ -224,9 +227,15 @@ def select_items(
     delta: float | None,
     min_count: int,
     noise: NoiseSource,
+    prior: list[Item] | None = None,
 ) -> VocabSelection:
-    """Choose the item vocabulary. With dp, (epsilon, delta)-DP w.r.t. adding/removing one patient."""
-    counts = bounded_counts(timelines, matcher, {it.key for it in public}, k if dp else None)
+    """Choose the item vocabulary. With dp, (epsilon, delta)-DP w.r.t. adding/removing one patient.
+
+    prior: the items of a public prior model (prior.py), taken as they are like the public ones; the release
+    decides only about the codes neither holds (the vocabulary is the union)."""
+    known = {it.key for it in public}
+    extra = [it for it in dict.fromkeys(prior or []) if it.key not in known]
+    counts = bounded_counts(timelines, matcher, known | {it.key for it in extra}, k if dp else None)
     keys = sorted(counts, key=repr)  # fixed order so the noise draw does not depend on dict order
     if dp:
         assert epsilon is not None and delta is not None
@@ -244,8 +253,10 @@ def select_items(
         mech = {"mechanism": "exact counts (no DP)", "min_count": min_count, "epsilon": None, "delta": None}
     kept.sort(key=lambda ck: (-ck[0], repr(ck[1])))
     kept = kept[:max_items]
-    items = list(public) + [Item(*key) for _, key in sorted(kept, key=lambda ck: repr(ck[1]))]
+    items = list(public) + extra + [Item(*key) for _, key in sorted(kept, key=lambda ck: repr(ck[1]))]
     mech.update({"public_items": len(public), "selected_items": len(kept), "max_vocab_items": max_items})
+    if prior is not None:
+        mech["prior_items"] = len(extra)
     return VocabSelection(items=items, report=mech)
 
 
@@ -396,11 +407,14 @@ def build_vocab(
     delta: float | None,
     noise: NoiseSource,
     sex_release: tuple[list[float], dict[str, Any]] | None = None,
+    prior: Prior | None = None,
 ) -> tuple[Vocab, dict[str, Any]]:
     """Public bins + items chosen by select_items -> the Vocab and the mechanism's report.
 
     sex_release: the result of release_sex_shares when the caller released it first (train.py does, to derive
-    delta and the sampling rate from its DP patient-count estimate); it is then not released a second time."""
+    delta and the sampling rate from its DP patient-count estimate); it is then not released a second time.
+    prior: a public prior model (prior.py): its items join the vocabulary and its value bins are used as they
+    are, at no privacy cost."""
     from fhirsynth.model.bins import load_value_bins
     from fhirsynth.model.dpbins import release_value_bins
 
@@ -428,16 +442,19 @@ def build_vocab(
     sel = select_items(
         timelines, matcher=ItemMatcher(value_bins, panels, public_codes), public=public, k=k,
         max_items=cfg.max_vocab_items, dp=dp, epsilon=eps_items, delta=d_items, min_count=cfg.min_count_no_dp,
-        noise=noise,
+        noise=noise, prior=prior.items if prior is not None else None,
     )
+    prior_bins = prior.value_bins if prior is not None else {}
     private_bins, bins_report = release_value_bins(
-        timelines, sel.items, public_codes=set(value_bins), m=cfg.max_value_codes_per_patient, dp=dp,
-        epsilon=eps_values, delta=d_values, min_count=cfg.min_count_no_dp, noise=noise)
+        timelines, sel.items, public_codes=set(value_bins) | set(prior_bins), m=cfg.max_value_codes_per_patient,
+        dp=dp, epsilon=eps_values, delta=d_values, min_count=cfg.min_count_no_dp, noise=noise)
+    private_bins = {**prior_bins, **private_bins}
     vocab = Vocab(cfg, sel.items, value_bins, shares, private_bins)
     vocab.death_shares, death_report = release_death_shares(timelines, vocab, dp=dp, epsilon=eps_death, noise=noise)
     vocab.value_kinds, kinds_report = release_value_kinds(timelines, vocab, k=k,
                                                           dp=dp, epsilon=eps_kinds, delta=d_kinds, noise=noise)
-    report = {**sel.report, "sex_marginal": sex_report, "value_bins": bins_report, "death_by_birth_band": death_report,
+    report = {**sel.report, **({"prior_value_bins": len(prior_bins)} if prior is not None else {}),
+              "sex_marginal": sex_report, "value_bins": bins_report, "death_by_birth_band": death_report,
               "value_kinds": kinds_report,
               "epsilon_total": epsilon if dp else None, "delta_total": delta if dp else None,
               "noise_source": noise.description if dp else None,
