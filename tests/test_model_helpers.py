@@ -93,15 +93,11 @@ def make_timelines(n: int, seed: int = 0, **kw) -> list[Timeline]:
     return [random_timeline(rng, f"real-{seed}-{i}", **kw) for i in range(n)]
 
 
-def write_timelines(path: Path, timelines: list[Timeline]) -> Path:
+def write_dir(path: Path, n: int, seed: int = 0, **kw) -> Path:
     with TimelineWriter(path) as w:
-        for tl in timelines:
+        for tl in make_timelines(n, seed, **kw):
             w.add(tl)
     return path
-
-
-def write_dir(path: Path, n: int, seed: int = 0, **kw) -> Path:
-    return write_timelines(path, make_timelines(n, seed, **kw))
 
 
 def test_generator_is_deterministic_and_sorted():

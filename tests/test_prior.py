@@ -11,7 +11,7 @@ from datetime import timedelta
 
 import pytest
 import torch
-from test_model_helpers import make_timelines, write_timelines
+from test_model_helpers import make_timelines
 
 from fhirsynth.cli import main as cli_main
 from fhirsynth.errors import UsageError
@@ -23,7 +23,7 @@ from fhirsynth.model.prior import layout_keys, load_prior, network_config, trans
 from fhirsynth.model.train import train_model
 from fhirsynth.model.visits import VisitLayout
 from fhirsynth.model.vocab import build_vocab
-from fhirsynth.timeline.io import read_timelines
+from fhirsynth.timeline.io import read_timelines, write_timelines
 from fhirsynth.timeline.types import Event
 
 torch.set_num_threads(1)
@@ -51,8 +51,9 @@ def _with_condition(timelines, code):
 @pytest.fixture(scope="module")
 def cohorts(tmp_path_factory):
     root = tmp_path_factory.mktemp("prior")
-    public = write_timelines(root / "public", _with_condition(make_timelines(60, seed=1), PRIOR_ONLY))
-    private = write_timelines(root / "private", _with_condition(make_timelines(60, seed=2), PRIVATE_ONLY))
+    public, private = root / "public", root / "private"
+    write_timelines(_with_condition(make_timelines(60, seed=1), PRIOR_ONLY), public)
+    write_timelines(_with_condition(make_timelines(60, seed=2), PRIVATE_ONLY), private)
     prior = root / "prior-model"
     train_model(public, prior, dp=False, epochs=1, batch_size=16, device="cpu", seed=1,
                 model_config=ModelConfig(arch="visit", **SHAPE), tokenizer_config=TokenizerConfig(**TK))

@@ -15,7 +15,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from test_model_helpers import make_timelines, write_timelines
+from test_model_helpers import make_timelines
 
 from fhirsynth.cli import main
 from fhirsynth.errors import PrivacyBudgetError
@@ -34,6 +34,7 @@ from fhirsynth.model.train import (
 )
 from fhirsynth.model.transformer import Transformer, patient_loss
 from fhirsynth.model.vocab import SEXES
+from fhirsynth.timeline.io import TimelineWriter
 
 torch.set_num_threads(1)
 N = 48
@@ -42,12 +43,19 @@ TINY = ["--d-model", "16", "--layers", "1", "--heads", "2", "--max-len", "64", "
         "--max-items-per-patient", "8"]
 
 
+def _write(path, timelines):
+    with TimelineWriter(path) as w:
+        for tl in timelines:
+            w.add(tl)
+    return path
+
+
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory):
     """The full training set, and the same set without its last patient (the replay attack's two hypotheses)."""
     d = tmp_path_factory.mktemp("cohort")
     tls = make_timelines(N, seed=11)
-    return write_timelines(d / "with-target", tls), write_timelines(d / "without-target", tls[:-1]), tls
+    return _write(d / "with-target", tls), _write(d / "without-target", tls[:-1]), tls
 
 
 def _train_cli(tl_dir, out, *extra, capsys=None) -> dict:
