@@ -205,6 +205,36 @@ def test_value_kinds_are_released_per_code(dp):
         assert rep["sigma"] > 0 and rep["epsilon"] == 1.0
 
 
+def test_codes_under_the_kinds_floor_take_public_knowledge_before_noise():
+    """A cohort so small that no count should clear the floor (the es-ips case): a code with value bins gets a
+    quantity, never what the noise happens to favour; a public prior's kinds come first; a code with neither gets
+    none or coded, never a quantity it has no bins for. (A pure-noise count clears the 3-sigma floor with
+    probability 0.13%: the few cells that do keep their released kinds, so the checks count violations.)"""
+    from fhirsynth.model.valuekinds import release_value_kinds
+
+    tls = _kinds_cohort(12)
+    vocab, _ = build_vocab(tls, TokenizerConfig(reference_date="2026-01-01"), dp=False, epsilon=None, delta=None,
+                           noise=NoiseSource.reproducible(1))
+    obs = [i for i, it in enumerate(vocab.items) if it.kind == "observation"]
+    with_bins = [i for i in obs if vocab.item_bins(vocab.items[i]) is not None]
+    smoking = next(i for i in obs if vocab.items[i].code == "72166-2")
+    heart = next(i for i in obs if vocab.items[i].code == "8867-4" and vocab.items[i].panel_code is None)
+    assert smoking not in with_bins and heart in with_bins
+    prior = {vocab.items[smoking].key: ["coded"], vocab.items[heart].key: ["quantity", "none"]}
+    bad_bins = bad_prior = checks = 0
+    for draw in range(10):  # sigma about 30, the floor about 90: far above 12 patients, every count is noise
+        kinds, rep = release_value_kinds(tls, vocab, k=8, dp=True, epsilon=0.5, delta=1e-6,
+                                         noise=NoiseSource.reproducible(draw))
+        bad_bins += sum(kinds[i] != ["quantity"] for i in with_bins)
+        checks += len(with_bins)
+        assert kinds[smoking] in (["none"], ["coded"], ["none", "coded"])  # never a quantity without bins
+        with_prior, rep_p = release_value_kinds(tls, vocab, k=8, dp=True, epsilon=0.5, delta=1e-6,
+                                                noise=NoiseSource.reproducible(draw), prior_kinds=prior)
+        bad_prior += (with_prior[smoking] != ["coded"]) + (with_prior[heart] != ["quantity", "none"])
+        assert rep_p["codes_under_the_floor"].get("prior", 0) >= 1
+    assert bad_bins <= 0.02 * checks and bad_prior <= 1, (bad_bins, checks, bad_prior)
+
+
 def test_an_empty_first_poisson_batch_is_a_noise_only_step():
     """Opacus builds the first batch, when it is empty, from the shapes and dtypes of the dataset's first item;
     the visit model's batches then still give a zero-size loss, not a crash (a DP step with noise only)."""

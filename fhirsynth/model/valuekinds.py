@@ -6,10 +6,13 @@ an answer (visits.py). Learned from the data, so it is a release like any other 
 of (code, kind) pairs seen, at most k pairs per patient (the least frequent), counts of distinct patients per
 pair, discrete Gaussian noise for L2 sensitivity sqrt(k). The pairs range over the already released vocabulary
 times three kinds, so no set-union threshold is needed: every noisy count is released. Post-processing: a kind
-is allowed when its noisy count reaches KIND_MIN_SHARE of the code's noisy total and a floor of 3 sigma; a code
-with no kind above the floor gets the one kind with the largest noisy count (at epsilon 8 on 800 patients the
-floor is about 160 patients; falling back to "none or coded" there let the model write 17,108 observations of
-18 codes with a kind the data never has, BENCHMARKS.md). A code whose
+is allowed when its noisy count reaches KIND_MIN_SHARE of the code's noisy total and a floor of 3 sigma. A code
+with no kind above the floor (at epsilon 8 the floor is about 160 patients on 800, and above every count on a
+cohort of 120) gets, in this order: the kinds a public prior model holds for it (prior.py; public, no budget); a
+quantity when the code has value bins (public reference ranges, or DP bins, which are only released for codes
+the data records with numbers); else none or coded, whichever has the larger noisy count (falling back to "none or coded"
+once let the model write 17,108 observations of 18 codes with a kind the data never has; the noisy argmax alone
+gave a vital sign no value on the 120-patient es-ips cohort, BENCHMARKS.md). A code whose
 only kind is a quantity but which has no value bins (no DP bins were released for it) is never sampled
 (visits.VisitLayout.blocked): a numeric lab without its value would be a record no real system writes.
 """
@@ -39,8 +42,10 @@ def _kind(ev) -> str:
 
 
 def release_value_kinds(timelines: list[Timeline], vocab, *, k: int, dp: bool, epsilon: float | None,
-                        delta: float | None, noise: NoiseSource) -> tuple[dict[int, list[str]], dict[str, Any]]:
-    """{item index: allowed kinds} for the vocabulary's observation items, and the mechanism's report."""
+                        delta: float | None, noise: NoiseSource, prior_kinds: dict[tuple, list[str]] | None = None
+                        ) -> tuple[dict[int, list[str]], dict[str, Any]]:
+    """{item index: allowed kinds} for the vocabulary's observation items, and the mechanism's report.
+    prior_kinds: item key -> kinds of a public prior model, for the codes the release leaves undecided."""
     from fhirsynth.model.tokenizer import Tokenizer
 
     matcher = Tokenizer(vocab).matcher  # the events' items exactly as the encoder maps them
@@ -77,14 +82,23 @@ def release_value_kinds(timelines: list[Timeline], vocab, *, k: int, dp: bool, e
         noisy, floor = counts.astype(np.float64), 1.0
         report = {"mechanism": "exact counts (no DP)", "epsilon": None, "delta": None}
     allowed: dict[int, list[str]] = {}
+    undecided: Counter = Counter()
     for i in obs:
         c = np.array([max(noisy[col[(i, kd)]], 0.0) for kd in KINDS])
         total = c.sum()
         ok = [kd for kd, x in zip(KINDS, c) if x >= floor and x >= KIND_MIN_SHARE * total]
-        if not ok and c.max() > 0:  # nothing above the floor: the kind with the largest noisy count
-            ok = [KINDS[int(np.argmax(c))]]
-        if not ok:  # no count at all (a public code the data lacks): what the code's bins say
-            ok = ["quantity"] if bins[i] is not None else ["none", "coded"]
+        if not ok:  # nothing above the floor: public knowledge first, then the noisy counts
+            from_prior = (prior_kinds or {}).get(vocab.items[i].key)
+            if from_prior:
+                ok, why = list(from_prior), "prior"
+            elif bins[i] is not None:
+                ok, why = ["quantity"], "bins"
+            elif c[[0, 2]].max() > 0:  # no bins, so no quantity to draw: none or coded, the larger noisy count
+                ok, why = [KINDS[0] if c[0] >= c[2] else KINDS[2]], "largest count"
+            else:  # no count at all (a public code the data lacks)
+                ok, why = ["none", "coded"], "none counted"
+            undecided[why] += 1
         allowed[i] = ok
     report["codes_with_each_kind"] = {kd: sum(kd in v for v in allowed.values()) for kd in KINDS}
+    report["codes_under_the_floor"] = dict(undecided)  # how the undecided codes got their kinds
     return allowed, report
