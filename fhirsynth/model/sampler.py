@@ -199,10 +199,10 @@ def sample_timelines(
     model's reference date); condition: (system, code) that every patient gets.
     workers > 1: CPU sampling in that many processes (one thread each); the output is identical to workers=1
     because batch b always uses the generator seeded from (seed, b) and batches are yielded in order.
-    record_start: visit models only, when the model holds the DP first-event-age histogram: each record goes
-    back to a start drawn from it (visitsampler.py). Off by default: on the US split it brought events and visits
-    per patient to the real shape (KS 0.27 -> 0.16, 0.16 -> 0.08) but cost the visit content (within-visit
-    co-occurrence R^2 0.90 -> 0.57, transitions 0.84 -> 0.26; BENCHMARKS.md).
+    record_start: visit models only, when the model holds the DP first-visit-age histogram: each record goes
+    back to a start drawn from it (visitsampler.py). Off by default: on the US split at epsilon 8 (format 6, three
+    seeds, calibrated) it brings the record shape closer (events per patient KS 0.27 -> 0.23, visits 0.115 ->
+    0.087) at a cost in within-visit co-occurrence (R^2 0.88 -> 0.83; BENCHMARKS.md, fifteenth session).
     """
     if n < 0:
         raise UsageError(f"-n must be >= 0 (got {n})", where="-n")
