@@ -99,25 +99,25 @@ def run(args: argparse.Namespace) -> int:
     from fhirsynth.model.config import TokenizerConfig
     from fhirsynth.model.train import train_model
 
-    shape_flags = {"--d-model": args.d_model, "--layers": args.layers, "--heads": args.heads,
-                   "--max-visits": args.max_visits, "--components": args.components}
-    if args.init is not None and (given := [f for f, v in shape_flags.items() if v is not None]):
-        raise UsageError(f"{', '.join(given)}: the network sizes of a model started --init come from the prior",
-                         where="--init")
+    # ModelConfig field -> the flag that sets it (None: not given, ModelConfig's default)
+    shape_flags = {"d_model": ("--d-model", args.d_model), "n_layers": ("--layers", args.layers),
+                   "n_heads": ("--heads", args.heads), "max_visits": ("--max-visits", args.max_visits),
+                   "n_components": ("--components", args.components)}
+    given = {field: v for field, (_, v) in shape_flags.items() if v is not None}
+    if args.init is not None and given:
+        raise UsageError(f"{', '.join(shape_flags[f][0] for f in given)}: the network sizes of a model started "
+                         "--init come from the prior", where="--init")
     if args.init is not None and args.arch != "visit":
         raise UsageError("a prior initialises the visit model only", where="--arch")
-    d_model = args.d_model if args.d_model is not None else ModelConfig.d_model
-    layers = args.layers if args.layers is not None else ModelConfig.n_layers
-    heads = args.heads if args.heads is not None else ModelConfig.n_heads
-    max_visits = args.max_visits if args.max_visits is not None else ModelConfig.max_visits
-    components = args.components if args.components is not None else ModelConfig.n_components
-    if args.max_len < 16 or d_model < 8 or layers < 1 or heads < 1 or d_model % heads:
+    mc = ModelConfig(arch=args.arch, **given)
+    mc.d_ff = 4 * mc.d_model
+    if args.max_len < 16 or mc.d_model < 8 or mc.n_layers < 1 or mc.n_heads < 1 or mc.d_model % mc.n_heads:
         raise UsageError("--max-len >= 16, --d-model >= 8 and a multiple of --heads, --layers >= 1 required")
     if args.max_items_per_patient < 0:
         raise UsageError("must be >= 1, or 0 for the default (chosen from the cohort size)",
                          where="--max-items-per-patient")
-    if max_visits < 1 or components < 1:
-        raise UsageError("--max-visits and --components must be >= 1", where="--max-visits" if max_visits < 1
+    if mc.max_visits < 1 or mc.n_components < 1:
+        raise UsageError("--max-visits and --components must be >= 1", where="--max-visits" if mc.max_visits < 1
                          else "--components")
     tk = TokenizerConfig(max_len=args.max_len, max_items_per_patient=args.max_items_per_patient)
     if args.reference_date:
@@ -126,8 +126,6 @@ def run(args: argparse.Namespace) -> int:
         except ValueError:
             raise UsageError(f"not a date: {args.reference_date!r}", where="--reference-date") from None
         tk.reference_date = args.reference_date
-    mc = ModelConfig(arch=args.arch, d_model=d_model, n_layers=layers, n_heads=heads,
-                     d_ff=4 * d_model, max_visits=max_visits, n_components=components)
     report = train_model(
         args.timelines, args.out, epsilon=None if args.no_dp else args.epsilon, delta=args.delta,
         dp=not args.no_dp, epochs=args.epochs, device=args.device, seed=args.seed, batch_size=args.batch_size,

@@ -50,6 +50,11 @@ class Prior:
         return list(self.vocab.items)
 
     @property
+    def value_kinds(self) -> dict[tuple, list[str]]:
+        """Item key -> the value kinds the prior holds for it (public to this training)."""
+        return {self.vocab.items[i].key: kinds for i, kinds in (self.vocab.value_kinds or {}).items()}
+
+    @property
     def value_bins(self) -> dict[tuple[str, str], ValueBins]:
         """Bins of the prior's non-public observation codes (public to this training)."""
         return dict(self.vocab.private_value_bins)
@@ -160,17 +165,10 @@ def transfer(model: nn.Module, vocab: Vocab, prior: Prior) -> dict[str, int]:
                 dst.copy_(src)
                 out["parameters_copied_whole"] += 1
                 continue
-            rows = cols = None
-            if spaces[0] is not None:
-                rows = index[spaces[0]]
-            if len(spaces) > 1 and spaces[1] is not None:
-                cols = index[spaces[1]]
-            if rows is not None and cols is None:
-                dst[rows[0]] = src[rows[1]]
-            elif cols is not None and rows is None:
-                dst[:, cols[0]] = src[:, cols[1]]
-            else:  # not used by the visit model (no parameter is indexed by two spaces)
-                raise AssertionError(f"{name}: two vocabulary-dependent dimensions")
+            # one vocabulary-dependent dimension per parameter: copy the matched entries along it
+            dim = next(d for d, sp in enumerate(spaces) if sp is not None)
+            new_i, old_i = index[spaces[dim]]
+            dst.index_copy_(dim, new_i, src.index_select(dim, old_i))
     model.load_state_dict(state)
     log.info("prior %s: %s", prior.path, out)
     return out

@@ -451,10 +451,9 @@ def build_vocab(
     private_bins = {**prior_bins, **private_bins}
     vocab = Vocab(cfg, sel.items, value_bins, shares, private_bins)
     vocab.death_shares, death_report = release_death_shares(timelines, vocab, dp=dp, epsilon=eps_death, noise=noise)
-    prior_kinds = ({prior.vocab.items[i].key: kinds for i, kinds in (prior.vocab.value_kinds or {}).items()}
-                   if prior is not None else None)
-    vocab.value_kinds, kinds_report = release_value_kinds(timelines, vocab, k=k, dp=dp, epsilon=eps_kinds,
-                                                          delta=d_kinds, noise=noise, prior_kinds=prior_kinds)
+    vocab.value_kinds, kinds_report = release_value_kinds(
+        timelines, vocab, k=k, dp=dp, epsilon=eps_kinds, delta=d_kinds, noise=noise,
+        prior_kinds=prior.value_kinds if prior is not None else None)
     report = {**sel.report, **({"prior_value_bins": len(prior_bins)} if prior is not None else {}),
               "sex_marginal": sex_report, "value_bins": bins_report, "death_by_birth_band": death_report,
               "value_kinds": kinds_report,
