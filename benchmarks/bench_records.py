@@ -7,7 +7,8 @@
 Steps (each cached in --work): ingest the cohort and split it by patient (bench_fidelity.split, seed 7: the
 shared US 800/200 split; --cohort es-ips: the shared Spanish IPS cohort's NDJSON with the "ips" mapping, 120/30),
 train one model per run ARCH:EPSILON:SEED (inf = --no-dp; optional :batch=B, :epochs=E, :lr=L override train's
-defaults for that run: a DP-regime sweep in one run, e.g. visit:8:1:batch=800:epochs=40; :init=MODEL_DIR starts
+defaults for that run, :width=D and :layers=L the network's d_model (feed-forward 4D) and depth: a DP-regime sweep
+in one run, e.g. visit:8:1:batch=800:epochs=40; :init=MODEL_DIR starts
 from a public prior, `train --init`), sample n synthetic patients, and compare each with
 the holdout using records_metrics.compare. Columns printed beside them:
   * real vs real: the training patients against the holdout (the ceiling of any generator on this split);
@@ -71,7 +72,6 @@ def main() -> int:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
 
-    from fhirsynth.model.config import ModelConfig
     from fhirsynth.model.sampler import sample_timelines
     from fhirsynth.model.train import train_model
 
@@ -92,7 +92,7 @@ def main() -> int:
             t = time.perf_counter()
             train_model(train, model, epsilon=eps if math.isfinite(eps) else 8.0, dp=math.isfinite(eps),
                         epochs=epochs, seed=seed,
-                        model_config=ModelConfig(arch=arch) if "init" not in settings else None,
+                        model_config=run_model_config(arch, settings),
                         batch_size=int(settings.get("batch", 64)),
                         lr=float(settings["lr"]) if "lr" in settings else None, init=settings.get("init"))
             log.info("%s trained in %.0f s", model.name, time.perf_counter() - t)
@@ -123,7 +123,23 @@ def main() -> int:
     return 0
 
 
-RUN_SETTINGS = ("batch", "epochs", "lr", "init")
+RUN_SETTINGS = ("batch", "epochs", "lr", "init", "width", "layers")
+
+
+def run_model_config(arch: str, settings: dict[str, str]):
+    """The network of one run: the defaults, width=D (d_model D, feed-forward 4D) and layers=L; None with init=
+    (the prior's sizes, which train refuses to change)."""
+    from fhirsynth.model.config import ModelConfig
+
+    if "init" in settings:
+        return None
+    mc = ModelConfig(arch=arch)
+    if "width" in settings:
+        mc.d_model = int(settings["width"])
+        mc.d_ff = 4 * mc.d_model
+    if "layers" in settings:
+        mc.n_layers = int(settings["layers"])
+    return mc
 
 
 def parse_run(run: str, ap: argparse.ArgumentParser) -> tuple[str, str, str, dict[str, str], str]:
