@@ -1,7 +1,7 @@
 """Whole records (issue 14): the visit model and the token model against the holdout, beside the ceilings.
 
     python benchmarks/bench_records.py --work DIR [--cohort us|es-ips] [--data DIR] [--holdout N]
-        [--runs visit:inf:1,visit:8:1,visit:8:2,token:inf:1,visit:8:1:batch=256:epochs=30] [--epochs 10]
+        [--runs visit:inf:1,visit:8:1,visit:8:2,token:inf:1,visit:8:1:batch=256:epochs=30] [--epochs E]
         [--n-synthetic 400] [--record-start]
 
 Steps (each cached in --work): ingest the cohort and split it by patient (bench_fidelity.split, seed 7: the
@@ -58,7 +58,7 @@ def main() -> int:
     ap.add_argument("--data", default=None, help="NDJSON / bundle dir (default: the cohort's shared data)")
     ap.add_argument("--holdout", type=int, default=None, help="holdout patients (default: 200 us, 30 es-ips)")
     ap.add_argument("--runs", default="visit:inf:1,visit:8:1,visit:8:2")
-    ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--epochs", type=int, default=None, help="default: train's (10, more under DP for a small cohort)")
     ap.add_argument("--n-synthetic", type=int, default=400)
     ap.add_argument("--no-ceiling", action="store_true", help="skip the encode/decode column")
     ap.add_argument("--record-start", action="store_true",
@@ -86,8 +86,8 @@ def main() -> int:
     for run in args.runs.split(","):
         arch, eps_s, seed_s, settings, tag = parse_run(run, ap)
         eps, seed = float(eps_s), int(seed_s)
-        epochs = int(settings.get("epochs", args.epochs))
-        model = work / f"model-{arch}-eps{eps_s}-ep{epochs}-s{seed}{tag}"
+        epochs = int(settings["epochs"]) if "epochs" in settings else args.epochs  # None: train's default
+        model = work / f"model-{arch}-eps{eps_s}-ep{epochs or 'auto'}-s{seed}{tag}"
         if not (model / "privacy.json").is_file():
             t = time.perf_counter()
             train_model(train, model, epsilon=eps if math.isfinite(eps) else 8.0, dp=math.isfinite(eps),
@@ -105,7 +105,7 @@ def main() -> int:
         rate = len(synth) / (time.perf_counter() - t)
         col = compare(held, Records(synth))
         col["sampling patients/s (1 process)"] = rate
-        name = f"{arch} ε={eps_s} s{seed}{tag}"
+        name = f"{arch} ε={eps_s} s{seed}{tag}" + (f"-epochs{settings['epochs']}" if "epochs" in settings else "")
         columns[name] = col
         runs.append({"column": name, "arch": arch, "epsilon": eps_s, "seed": seed, "dp": math.isfinite(eps),
                      **settings})

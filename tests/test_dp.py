@@ -181,3 +181,20 @@ def test_bad_inputs(tl_dir, tmp_path):
         _train(tl_dir, tmp_path / "m", epochs=0)
     with pytest.raises(UsageError, match="warmup"):
         _train(tl_dir, tmp_path / "m", warmup_frac=1.0)
+
+
+def test_without_epochs_a_small_dp_cohort_trains_min_dp_steps_and_a_plain_one_ten_epochs(tl_dir, tmp_path):
+    """--epochs not given: 48 patients at batch 16 make ~3 steps per epoch, so DP training runs the fewest epochs
+    that reach MIN_DP_STEPS (more than the usual 10); without DP it stays at DEFAULT_EPOCHS. Given epochs win."""
+    from fhirsynth.model.config import DEFAULT_EPOCHS, MIN_DP_STEPS
+    from fhirsynth.model.train import steps_per_epoch_for
+
+    rep = _train(tl_dir, tmp_path / "dp", epochs=None)
+    per_epoch = steps_per_epoch_for(rep["n_estimate"], 16)
+    assert rep["epochs"] > DEFAULT_EPOCHS and rep["steps"] == rep["epochs"] * per_epoch
+    assert rep["steps"] >= MIN_DP_STEPS > (rep["epochs"] - 1) * per_epoch  # the fewest epochs that reach it
+    saved = json.loads((tmp_path / "dp" / "config.json").read_text())["training"]
+    assert saved["epochs"] == rep["epochs"]
+    plain = _train(tl_dir, tmp_path / "plain", epochs=None, dp=False)
+    assert plain["epochs"] == DEFAULT_EPOCHS and plain["steps"] == DEFAULT_EPOCHS * steps_per_epoch_for(48, 16)
+    assert _train(tl_dir, tmp_path / "given", epochs=3)["epochs"] == 3

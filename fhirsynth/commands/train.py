@@ -32,7 +32,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--epsilon", type=float, default=8.0, help="total privacy budget (default 8)")
     p.add_argument("--delta", type=_delta, default=None, help="delta or 'auto' = min(1e-5, n^-1.1) (default auto)")
     p.add_argument("--no-dp", action="store_true", help="train without privacy (epsilon = infinity), for comparison")
-    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--epochs", type=int, default=None,
+                   help="passes over the cohort (default 10; with DP more for a small cohort, so that training makes "
+                        "at least 80 optimizer steps: measured in BENCHMARKS.md)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto)")
     p.add_argument("--max-grad-norm", type=float, default=1.0, help="per-patient gradient clipping norm")
     p.add_argument("--batch-size", type=int, default=64, help="expected (logical) batch size of Poisson sampling")

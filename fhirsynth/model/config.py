@@ -87,6 +87,16 @@ DEFAULT_LR_DP = 1e-2
 DEFAULT_LR_VISIT = 1e-2
 
 
+# Training length when --epochs is not given (train.default_epochs): 10 epochs, and under DP at least MIN_DP_STEPS
+# optimizer steps. On the es-ips split (120 patients, ε = 8: two Poisson steps per epoch at batch 64) 80 steps
+# (40 epochs, noise multiplier 3.93) beat 20 (10 epochs, 2.10) on every seed: prevalence R² 0.57 / 0.59 against
+# 0.36-0.47, within-visit co-occurrence -0.40 / -0.49 against -1.11 to -0.77; on the US split (800) the same
+# compute spent on fewer, less noisy steps (batch 256: 40 steps) lost to 130 steps at batch 64 (BENCHMARKS.md,
+# sixteenth session). The US default already makes 130 steps; only small cohorts train longer.
+DEFAULT_EPOCHS = 10
+MIN_DP_STEPS = 80
+
+
 def default_lr(arch: str, dp: bool) -> float:
     """The learning rate train_model uses when none is given."""
     if dp:
@@ -101,7 +111,7 @@ class TrainConfig:
     epsilon: float | None = 8.0
     delta: float | None = None  # None = auto: min(1e-5, n^-1.1)
     dp: bool = True
-    epochs: int = 10
+    epochs: int | None = None  # None: train.default_epochs (resolved once the DP patient count is known)
     batch_size: int = 64
     max_physical_batch: int = 32
     max_grad_norm: float = 1.0

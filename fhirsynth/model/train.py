@@ -49,6 +49,8 @@ from fhirsynth.errors import FhirsynthError, InputError, PrivacyBudgetError, Usa
 from fhirsynth.logs import progress
 from fhirsynth.model import checkpoint as ck
 from fhirsynth.model.config import (
+    DEFAULT_EPOCHS,
+    MIN_DP_STEPS,
     default_lr,
     ModelConfig,
     TokenizerConfig,
@@ -137,7 +139,7 @@ def _validate(tc: TrainConfig) -> None:
             raise PrivacyBudgetError(f"must be > 0 (got {tc.max_grad_norm})", where="--max-grad-norm")
     if not 0 <= tc.measure_epsilon_fraction < 1:
         problems.append(f"--measure-epsilon-fraction must be in [0, 1) (got {tc.measure_epsilon_fraction})")
-    if tc.epochs < 1:
+    if tc.epochs is not None and tc.epochs < 1:
         problems.append(f"--epochs must be >= 1 (got {tc.epochs})")
     if tc.batch_size < 1:
         problems.append(f"--batch-size must be >= 1 (got {tc.batch_size})")
@@ -163,6 +165,14 @@ def default_work_dir(out: Path) -> Path:
     """Where the resumable state of a run writing `out` lives: a hidden sibling, never inside the model dir."""
     out = out.resolve()
     return out.parent / f".{out.name}.fhirsynth-train"
+
+
+def default_epochs(steps_per_epoch: int, dp: bool) -> int:
+    """The epochs when none are given: DEFAULT_EPOCHS, and under DP enough for MIN_DP_STEPS optimizer steps (a small
+    cohort makes few steps per epoch; config.py says what was measured). From the DP patient count, never n."""
+    if not dp:
+        return DEFAULT_EPOCHS
+    return max(DEFAULT_EPOCHS, math.ceil(MIN_DP_STEPS / steps_per_epoch))
 
 
 def steps_per_epoch_for(n_estimate: int, batch_size: int) -> int:
@@ -202,7 +212,7 @@ def train_model(
     epsilon: float | None = 8.0,
     delta: float | None = None,
     dp: bool = True,
-    epochs: int = 10,
+    epochs: int | None = None,
     device: str = "auto",
     seed: int = 1,
     batch_size: int = 64,
@@ -226,6 +236,7 @@ def train_model(
     Rerunning with the same arguments after an interruption resumes from the work directory (default: a hidden
     sibling of MODEL_DIR, see default_work_dir). reproducible_noise: research / tests only (no guarantee).
     on_step(step) is called after every optimizer step (tests use it to simulate a kill).
+    epochs: None = default_epochs (10, or more under DP for a cohort too small to make MIN_DP_STEPS steps in 10).
     distributed: one process of a torchrun job (None = when env WORLD_SIZE > 1); see model/distributed.py.
     init: a public prior model dir (prior.py): its vocabulary joins this one's, its weights initialise the
     network, whose sizes are then the prior's (a model_config with other sizes is refused). No budget is spent on it.
@@ -378,6 +389,8 @@ def _train(tc, tdir, out, work, dev, tk, mc, delta, dp, seed, on_step, dctx, mai
     ds = arch.dataset
     # every size-dependent setting comes from the DP estimate (under --no-dp it is the exact count)
     steps_per_epoch = steps_per_epoch_for(n_estimate, tc.batch_size)
+    if tc.epochs is None:  # after the signature: a resumed run resolves it again from the same saved n_estimate
+        tc.epochs = default_epochs(steps_per_epoch, dp)
     total_steps = tc.epochs * steps_per_epoch
     q = 1.0 / steps_per_epoch
     step = 0
