@@ -108,7 +108,7 @@ def main() -> int:
         name = f"{arch} ε={eps_s} s{seed}{tag}" + (f"-epochs{settings['epochs']}" if "epochs" in settings else "")
         columns[name] = col
         runs.append({"column": name, "arch": arch, "epsilon": eps_s, "seed": seed, "dp": math.isfinite(eps),
-                     **settings})
+                     **settings, "epochs": privacy.get("epochs")})  # the epochs trained (train's default: resolved)
         log.info("%s:\n%s", model.name, markdown({"real vs real": columns["real vs real"], model.name: col}))
         if args.record_start and arch == "visit":
             synth = list(sample_timelines(model, args.n_synthetic, seed=seed, device="cpu", record_start=True))
@@ -214,7 +214,7 @@ def write_results(args: argparse.Namespace, columns: dict[str, dict[str, float]]
         "measured": datetime.date.today().isoformat(),
         "n_train": n_train,
         "n_holdout": n_holdout,
-        "epochs": args.epochs,
+        "epochs": runs[0]["epochs"] if runs else args.epochs,  # the demo quotes it: the first run's
         "n_synthetic": args.n_synthetic,
         "runs": runs,
         "columns": {name: {k: clean(float(v)) for k, v in col.items()} for name, col in columns.items()},
