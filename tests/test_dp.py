@@ -198,3 +198,15 @@ def test_without_epochs_a_small_dp_cohort_trains_min_dp_steps_and_a_plain_one_te
     plain = _train(tl_dir, tmp_path / "plain", epochs=None, dp=False)
     assert plain["epochs"] == DEFAULT_EPOCHS and plain["steps"] == DEFAULT_EPOCHS * steps_per_epoch_for(48, 16)
     assert _train(tl_dir, tmp_path / "given", epochs=3)["epochs"] == 3
+
+
+def test_dp_regime_plans_the_noise_train_used(tl_dir, tmp_path):
+    """benchmarks/dp_regime.py recomputes from privacy.json alone the noise multiplier train picked for the run's
+    own batch and epochs (and more noise for more steps at the same budget)."""
+    from bench_module import benchmark_module
+
+    rep = _train(tl_dir, tmp_path / "m")  # epochs 2, batch 16
+    rows = {(r["batch"], r["epochs"]): r for r in benchmark_module("dp_regime").regime_rows(rep, [16], [2, 8])}
+    assert rows[16, 2]["steps"] == rep["steps"]
+    assert rows[16, 2]["sigma"] == pytest.approx(rep["noise_multiplier"], rel=1e-6)
+    assert rows[16, 8]["sigma"] > rows[16, 2]["sigma"]

@@ -145,7 +145,7 @@ def run(args: argparse.Namespace) -> int:
     summary = {
         "model_dir": str(args.out), "n_estimate": report["n_estimate"], "dp": report["dp"],
         "epsilon_total": eps, "delta": report.get("delta"),  # null when --no-dp (epsilon = infinity)
-        "steps": report["steps"], "noise_multiplier": report["noise_multiplier"],
+        "epochs": report["epochs"], "steps": report["steps"], "noise_multiplier": report["noise_multiplier"],
     }
     if report.get("prior"):
         summary["prior"] = report["prior"]["model"]
