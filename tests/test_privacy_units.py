@@ -189,7 +189,8 @@ def test_noise_multiplier_names_an_unreachable_budget():
 def _config(**kw):
     from fhirsynth.model.config import TrainConfig
 
-    return replace(TrainConfig(), **kw)
+    # the report is written after train_model resolved the epochs (TrainConfig's None = default_epochs)
+    return replace(TrainConfig(epochs=10), **kw)
 
 
 @pytest.mark.parametrize("kw,where", [
