@@ -89,8 +89,8 @@ DEFAULT_LR_VISIT = 1e-2
 
 # Training length when --epochs is not given (train.default_epochs): 10 epochs, and under DP at least MIN_DP_STEPS
 # optimizer steps. On the es-ips split (120 patients, ε = 8: two Poisson steps per epoch at batch 64) 80 steps
-# (40 epochs, noise multiplier 3.93) beat 20 (10 epochs, 2.10) on every seed: prevalence R² 0.57 / 0.59 against
-# 0.36-0.47, within-visit co-occurrence -0.40 / -0.49 against -1.11 to -0.77; on the US split (800) the same
+# (40 epochs, noise multiplier 3.93) beat 20 (10 epochs, 2.10), three seeds each: prevalence R² 0.57-0.59 against
+# 0.36-0.47, within-visit co-occurrence -0.49 to -0.35 against -1.11 to -0.77; on the US split (800) the same
 # compute spent on fewer, less noisy steps (batch 256: 40 steps) lost to 130 steps at batch 64 (BENCHMARKS.md,
 # sixteenth session). The US default already makes 130 steps; only small cohorts train longer.
 DEFAULT_EPOCHS = 10
