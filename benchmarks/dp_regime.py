@@ -24,11 +24,15 @@ from fhirsynth.model import composition  # noqa: E402
 from fhirsynth.model.train import _quiet_opacus, steps_per_epoch_for  # noqa: E402
 
 
+def released_before_training(privacy: dict):
+    """(RDP curve of the releases before training, the delta it converts at), composed as train composes them."""
+    releases = composition.releases_of(privacy["vocabulary"], privacy.get("measurements"))
+    return composition.released_rdp(releases), composition.conversion_delta(releases, privacy["delta"])
+
+
 def regime_rows(privacy: dict, batches: list[int], epochs: list[int]) -> list[dict]:
     """(batch, epochs, steps, q, sigma, sigma / B) for one model's privacy.json; batches above the DP count skipped."""
-    releases = composition.releases_of(privacy["vocabulary"], privacy.get("measurements"))
-    d_conv = composition.conversion_delta(releases, privacy["delta"])
-    released = composition.released_rdp(releases)
+    released, d_conv = released_before_training(privacy)
     n = int(privacy["n_estimate"])
     rows = []
     for b in batches:
@@ -61,9 +65,7 @@ def main() -> int:
             ap.error(f"{model}: no readable privacy.json ({exc})")
         if not privacy.get("dp"):
             ap.error(f"{model}: trained without DP (no noise to plan)")
-        pre = composition.epsilon_of(
-            composition.released_rdp(composition.releases_of(privacy["vocabulary"], privacy.get("measurements"))),
-            privacy["delta_conversion"])
+        pre = composition.epsilon_of(*released_before_training(privacy))
         print(f"\n{model}: DP patient count {privacy['n_estimate']}, ε {privacy['epsilon_target']:g}, "
               f"the releases before training alone ε {pre:.2f}\n")
         print("| batch | epochs | steps | sampling rate | σ | σ / B |\n|---|---|---|---|---|---|")
