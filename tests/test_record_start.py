@@ -130,7 +130,8 @@ def _first_ages(tls: list[Timeline]) -> list[tuple[float, int, list[float]]]:
             key = e.encounter_id or e.time.date()
             t = e.time if e.time.tzinfo else e.time.replace(tzinfo=timezone.utc)
             visits[key] = min(visits.get(key, t), t)
-        ages = sorted((t - birth).days / 365.25 for t in visits.values())
+        # exact ages: whole days (timedelta.days) put a visit at 30 years (10957.5 days) at 29.9986
+        ages = sorted((t - birth).total_seconds() / 86400 / 365.25 for t in visits.values())
         out.append((ages[0], len(visits), ages))
     return out
 

@@ -37,13 +37,14 @@ def _vocab(timelines, max_len=4096):
 
 
 def _round_trip(timelines, max_visits=10_000):
-    """(patients whose visit encoding gives back their uncompressed token sequence, patients, stats)."""
+    """(patients whose visit encoding gives back their uncompressed token sequence with every repeat, patients,
+    stats)."""
     vocab = _vocab(timelines)
     tok, layout = Tokenizer(vocab), VisitLayout(vocab)
     same = n = 0
     stats: Counter = Counter()
     for tl in timelines:
-        full = tok.encode_with_ages(tl, stats, compress=False)
+        full = tok.encode_with_days(tl, stats, compress=False, keep_repeats=True)
         p = encode_visits(tok, layout, tl, max_visits, stats)
         if p is None:
             continue

@@ -16,7 +16,8 @@ from fhirsynth import __version__
 # 4: a GAP token begins a visit (no VISIT marker token).
 # 5: the visit model (model.arch = "visit", visitmodel.py) beside the token model ("token").
 # 6: the visit model reads the age in weeks and months under three years (bins.early_age_id).
-FORMAT_VERSION = 6
+# 7: the visit model keeps an item's repeats within a visit (bins.REPEAT_EDGES; the same vital written twice).
+FORMAT_VERSION = 7
 ARCHS = ("visit", "token")
 
 

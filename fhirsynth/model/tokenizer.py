@@ -182,10 +182,12 @@ class Tokenizer:
         return toks, [age_id(d) for d in days]
 
     def encode_with_days(self, tl: Timeline, stats: Counter | None = None,
-                         compress: bool = True) -> tuple[list[int], list[float]] | None:
+                         compress: bool = True, keep_repeats: bool = False) -> tuple[list[int], list[float]] | None:
         """(token ids, the record's current time after each token in days since birth, NaN before the birth
         band) of one patient, or None without a birth date: encode_with_ages before the age ids are taken (the
-        visit model reads finer ages in early childhood, bins.early_age_id)."""
+        visit model reads finer ages in early childhood, bins.early_age_id). keep_repeats: an item written again
+        in its visit with the same value stays (the visit model counts repeats, visits.py); else it is dropped
+        (the token model's budget)."""
         stats = stats if stats is not None else Counter()
         v, p = self.vocab, tl.patient
         if p.birth_date is None:
@@ -223,7 +225,7 @@ class Tokenizer:
                 if ev.kind == "encounter":
                     enc_done = True
                 tok, extra = got
-                if (tok, extra) in seen:
+                if (tok, extra) in seen and not keep_repeats:
                     stats["repeats_in_visit_dropped"] += 1
                     continue
                 seen.add((tok, extra))

@@ -14,6 +14,8 @@ position t predicts visit t + 1:
   * the value of each present content item, from its own value space only (visits.VisitLayout.allowed), given
     the context, the item and the same item's value at its previous visit (so a patient's blood pressure, weight
     and labs follow a trajectory instead of being drawn afresh from the population at every visit).
+    Beside it, from the same state, how many times the item occurs in the visit with that value (a REPEAT_EDGES
+    bucket: a vital written twice, a lab repeated through a stay).
 The static part (birth band given sex, race, ethnicity, death age) comes from small heads on its own embeddings;
 sex and the deceased share are drawn from the DP releases of the vocabulary (vocab.py), not from the model.
 
@@ -31,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fhirsynth.model.bins import N_EARLY_AGE_IDS
+from fhirsynth.model.bins import N_EARLY_AGE_IDS, N_REPEAT
 from fhirsynth.model.config import ModelConfig
 from fhirsynth.model.transformer import Block, KVCache
 
@@ -97,6 +99,7 @@ class VisitModel(nn.Module):
         self.v_prev = nn.Embedding(sz.n_features + 1, d)  # the code's value at its previous visit (or none)
         self.v_fc = nn.Linear(d, d)
         self.v_head = nn.Linear(d, sz.n_values)
+        self.r_head = nn.Linear(d, N_REPEAT)  # repeats of the item (with its value) in the visit
         self.apply(self._init)
         for name, p in self.named_parameters():
             if name.endswith("proj.weight") or name.endswith("out.weight"):
@@ -104,6 +107,9 @@ class VisitModel(nn.Module):
         # a visit holds a few of hundreds of items: start every item near a 2% chance, not 50% (a public
         # constant; from 50% the first epochs only learn that items are rare)
         nn.init.constant_(self.item_head.bias, -4.0)
+        # most entries occur once: start there (P(once) ~ 0.9, a public constant), not at 1 / N_REPEAT
+        with torch.no_grad():
+            self.r_head.bias[0] = 4.0
 
     @staticmethod
     def _init(m: nn.Module) -> None:
@@ -137,13 +143,17 @@ class VisitModel(nn.Module):
         """c [..., d] -> component states [..., K, d]."""
         return F.gelu(self.comp(c)).view(*c.shape[:-1], self.K, c.shape[-1])
 
+    def value_state(self, c: torch.Tensor, item: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
+        """The state that draws an entry's value (v_head) and its repeats in the visit (r_head)."""
+        return F.gelu(self.v_fc(c + self.v_item(item) + self.v_prev(prev)))
+
     def value_logits(self, c: torch.Tensor, item: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
-        return self.v_head(F.gelu(self.v_fc(c + self.v_item(item) + self.v_prev(prev))))
+        return self.v_head(self.value_state(c, item, prev))
 
     # ---- training ----------------------------------------------------------------------------------------
 
     def forward(self, feats, gap_in, age_in, early_in, static, eg_tgt, gq, aq, eq, x_tgt, enc_tgt, type_tgt,
-                edur_tgt, vi_pos, vi_item, vi_val, vi_prev, allowed) -> torch.Tensor:
+                edur_tgt, vi_pos, vi_item, vi_val, vi_prev, vi_rep, allowed) -> torch.Tensor:
         """The summed NLL of each patient [B] (the batch tensors of visits.VisitCollate; allowed [NC, n_values])."""
         B, T, _ = feats.shape
         pos = torch.arange(T, device=feats.device).unsqueeze(0).expand(B, T)
@@ -176,10 +186,13 @@ class VisitModel(nn.Module):
         nll = nll - (visit_ll * vis).sum(1)
         # values of the present items
         cv = c.gather(1, vi_pos[:, :, None].expand(B, vi_pos.shape[1], c.shape[-1]))  # [B, M, d]
-        vl = self.value_logits(cv, vi_item, vi_prev).masked_fill(~allowed[vi_item], float("-inf"))
+        hv = self.value_state(cv, vi_item, vi_prev)
+        vl = self.v_head(hv).masked_fill(~allowed[vi_item], float("-inf"))
         vok = (vi_val >= 0) & allowed[vi_item, vi_val.clamp(min=0)]
         vnll = F.cross_entropy(vl.transpose(1, 2), vi_val.clamp(min=0), reduction="none")
         nll = nll + torch.where(vok, vnll, torch.zeros_like(vnll)).sum(1)
+        rnll = F.cross_entropy(self.r_head(hv).transpose(1, 2), vi_rep, reduction="none")
+        nll = nll + (rnll * (vi_val >= 0)).sum(1)  # every entry (padding has vi_val -1)
         return nll / float(self.cfg.max_visits)
 
     # ---- sampling ----------------------------------------------------------------------------------------

@@ -11,7 +11,8 @@ years and its chronic care. What a patient is here:
              three years its week or month: bins.early_age_id), an encounter class (or none: events grouped by
              day), an encounter type and duration, and a SET of content items
              (conditions, observations, medications, immunizations, procedures, allergies), each with one value
-             from its own value space:
+             from its own value space and how many times it occurs in the visit with that value (bins.REPEAT_EDGES:
+             a vital written twice, a lab repeated through a stay):
                observation: one of the value kinds released for its code (valuekinds.py): none, a bin of its
                public / DP value bins (a quantity in its unit), or a coded answer (a value item that is not a
                public encounter type: no visit concept as a lab value);
@@ -35,7 +36,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from fhirsynth.model.bins import DAYS_PER_YEAR, EARLY_AGE_EDGES, GAP_EDGES, early_age_id
+from fhirsynth.model.bins import DAYS_PER_YEAR, EARLY_AGE_EDGES, GAP_EDGES, early_age_id, repeat_bucket
 from fhirsynth.model.grammar import Grammar, replay
 from fhirsynth.model.tokenizer import AGE_UNKNOWN, Tokenizer, age_id
 from fhirsynth.model.tokenizer import DUR_KINDS
@@ -175,13 +176,14 @@ class PatientVisits:
     value: np.ndarray  # [M] value id (NONE: no value; scored only where the code's value kinds allow it)
     prev: np.ndarray  # [M] the input feature of the same code's value at its last earlier-drawn (newer) visit,
     #                   or layout.n_features: none (the value head reads it: a patient's values stay coherent)
+    count: np.ndarray  # [M] how many times the entry (item and value) occurs in its visit (>= 1)
 
 
 def encode_visits(tokenizer: Tokenizer, layout: VisitLayout, tl: Timeline, max_visits: int,
                   stats: Counter | None = None) -> PatientVisits | None:
     """A timeline as PatientVisits (None without a birth date), through the token encoder without compression."""
     stats = stats if stats is not None else Counter()
-    got = tokenizer.encode_with_days(tl, stats, compress=False)
+    got = tokenizer.encode_with_days(tl, stats, compress=False, keep_repeats=True)
     if got is None:
         return None
     toks, days = got
@@ -249,10 +251,28 @@ def encode_visits(tokenizer: Tokenizer, layout: VisitLayout, tl: Timeline, max_v
             if last_kind == "observation" and b < layout.n_bins[last_j]:
                 value[-1] = 1 + b
         i += 1
+    iv, item, value, count = merge_repeats(iv, item, value, stats)
     a = lambda x: np.asarray(x, dtype=np.int64)  # noqa: E731
     return PatientVisits(sex, band, race, eth, dead, death_age, end_age, end_early, truncated, a(gap), a(age),
                          a(early), a(enc), a(etype), a(edur), a(iv), a(item), a(value),
-                         a(previous_values(layout, iv, item, value)))
+                         a(previous_values(layout, iv, item, value)), a(count))
+
+
+def merge_repeats(iv: list[int], item: list[int], value: list[int], stats: Counter
+                  ) -> tuple[list[int], list[int], list[int], list[int]]:
+    """One entry per (visit, item, value) with its count: the tokenizer writes a visit's entries sorted, so
+    repeats are adjacent."""
+    out_v, out_i, out_x, count = [], [], [], []
+    for t, j, x in zip(iv, item, value):
+        if out_v and out_v[-1] == t and out_i[-1] == j and out_x[-1] == x:
+            count[-1] += 1
+            stats["repeats_in_visit_counted"] += 1
+            continue
+        out_v.append(t)
+        out_i.append(j)
+        out_x.append(x)
+        count.append(1)
+    return out_v, out_i, out_x, count
 
 
 def previous_values(layout: VisitLayout, iv: list[int], item: list[int], value: list[int]) -> list[int]:
@@ -281,15 +301,16 @@ def visit_tokens(layout: VisitLayout, p: PatientVisits) -> list[int]:
     if p.dead:
         toks += [v.DEATH, v.start("age") + p.death_age]
     per_visit: list[list[int]] = [[] for _ in range(len(p.gap))]
-    for t, j, val in zip(p.item_visit.tolist(), p.item.tolist(), p.value.tolist()):
-        per_visit[t].append(layout.content_tokens[j])
+    for t, j, val, c in zip(p.item_visit.tolist(), p.item.tolist(), p.value.tolist(), p.count.tolist()):
+        entry = [layout.content_tokens[j]]
         if val > NONE:
             if val <= layout.n_val:
-                per_visit[t].append(v.start("val") + val - 1)
+                entry.append(v.start("val") + val - 1)
             elif val <= layout.n_val + layout.NA:
-                per_visit[t].append(layout.answer_tokens[val - 1 - layout.n_val])
+                entry.append(layout.answer_tokens[val - 1 - layout.n_val])
             else:
-                per_visit[t].append(v.start("dur") + val - layout.dur_value(0))
+                entry.append(v.start("dur") + val - layout.dur_value(0))
+        per_visit[t] += entry * c
     for t in range(len(p.gap)):
         toks.append(v.start("gap") + int(p.gap[t]))
         if p.enc[t]:
@@ -436,7 +457,7 @@ def visit_dataset(tokenizer: Tokenizer, layout: VisitLayout, timelines: list[Tim
 
 
 BATCH_KEYS = ("feats", "gap_in", "age_in", "early_in", "static", "eg_tgt", "gq", "aq", "eq", "x_tgt", "enc_tgt",
-              "type_tgt", "edur_tgt", "vi_pos", "vi_item", "vi_val", "vi_prev")
+              "type_tgt", "edur_tgt", "vi_pos", "vi_item", "vi_val", "vi_prev", "vi_rep")
 
 
 class VisitCollate:
@@ -471,6 +492,7 @@ class VisitCollate:
         vi_item = torch.zeros((B, M), dtype=torch.long)
         vi_val = torch.full((B, M), -1, dtype=torch.long)
         vi_prev = torch.full((B, M), L.n_features, dtype=torch.long)
+        vi_rep = torch.zeros((B, M), dtype=torch.long)  # REPEAT_EDGES bucket of each entry's count
         for b, (p, fs) in enumerate(batch):
             n = len(p.gap)
             static[b] = torch.tensor([p.sex, p.band, p.race, p.eth, p.dead, p.death_age])
@@ -498,10 +520,12 @@ class VisitCollate:
                 vi_item[b, :m] = torch.from_numpy(p.item)
                 vi_val[b, :m] = torch.from_numpy(p.value)
                 vi_prev[b, :m] = torch.from_numpy(p.prev)
+                vi_rep[b, :m] = torch.tensor([repeat_bucket(c) for c in p.count.tolist()], dtype=torch.long)
         return {"feats": feats, "gap_in": gap_in, "age_in": age_in, "early_in": early_in, "static": static,
                 "eg_tgt": eg_tgt, "gq": gq, "aq": aq, "eq": eq, "x_tgt": x_tgt, "enc_tgt": enc_tgt,
                 "type_tgt": type_tgt, "edur_tgt": edur_tgt,
-                "vi_pos": vi_pos, "vi_item": vi_item, "vi_val": vi_val, "vi_prev": vi_prev}
+                "vi_pos": vi_pos, "vi_item": vi_item, "vi_val": vi_val, "vi_prev": vi_prev,
+                "vi_rep": vi_rep}
 
     def empty(self) -> dict[str, torch.Tensor]:
         return self([])

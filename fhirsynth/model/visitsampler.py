@@ -5,7 +5,8 @@ race, ethnicity, deceased (the released share of the band) and death age; then v
 back from the later time (never before birth, never after death: the record ends there), its mixture
 component, its items under the clinical constraints (mappings/constraints.toml: sex-specific codes, age
 limits), complete public panels, and every item's value from its own value space (a numeric code always gets a
-quantity inside its bins; durations never run past the record's end). Each step reads the visit's age in whole
+quantity inside its bins; durations never run past the record's end) and how many times it occurs in the visit
+(its REPEAT_EDGES bucket, then a count inside it: the repeats carry the same value). Each step reads the visit's age in whole
 years and, under three years, in weeks and months (bins.early_age_id), as training did.
 Once a record is drawn, every drug or procedure with a reason condition finds that condition in the record no
 later than its first use (reasons.py).
@@ -26,7 +27,7 @@ from collections import Counter
 import numpy as np
 import torch
 
-from fhirsynth.model.bins import DAYS_PER_YEAR, EARLY_AGE_EDGES
+from fhirsynth.model.bins import DAYS_PER_YEAR, EARLY_AGE_EDGES, MAX_REPEAT, REPEAT_EDGES
 from fhirsynth.model.grammar import Grammar
 from fhirsynth.model.measurements import AGE_BANDS, CELL_YEAR_DAYS, FIRST_AGE_EDGES
 from fhirsynth.model.reasons import close_reasons, reason_conditions
@@ -85,6 +86,9 @@ class VisitSampler:
         self.first_lo = torch.as_tensor(edges, dtype=torch.float64, device=dev)
         self.first_hi = torch.as_tensor(edges[1:] + [float("inf")], dtype=torch.float64, device=dev)
         self.early_edges = torch.as_tensor(EARLY_AGE_EDGES, dtype=torch.float64, device=dev)
+        edges = list(REPEAT_EDGES) + [MAX_REPEAT + 1]
+        self.rep_lo = torch.as_tensor(edges[:-1], dtype=torch.long, device=dev)
+        self.rep_width = torch.as_tensor([b - a for a, b in zip(edges, edges[1:])], dtype=torch.long, device=dev)
         v = layout.vocab
         ct = torch.as_tensor(layout.content_tokens, dtype=torch.long, device=dev)
         self.content_tokens = ct
@@ -235,7 +239,12 @@ class VisitSampler:
                 d0 = L.dur_value(0)
                 vmask[:, d0: d0 + L.n_dur] &= dur_ok[rows]
                 prev = last_feat[alive[rows], cols]
-                vals = _masked_draw(m.value_logits(c[rows], cols, prev), vmask, gen, temperature)
+                hv = m.value_state(c[rows], cols, prev)
+                vals = _masked_draw(m.v_head(hv), vmask, gen, temperature)
+                rb = _masked_draw(m.r_head(hv), torch.ones((rows.numel(), len(REPEAT_EDGES)), dtype=torch.bool,
+                                                           device=dev), gen, temperature)
+                ur = torch.rand(rows.numel(), generator=gen, dtype=f64, device=dev)
+                reps = self.rep_lo[rb] + (ur * self.rep_width[rb]).long().clamp(max=self.rep_width[rb] - 1)
                 if self.has_twins:  # one measurement, one value (same_code_items)
                     at = torch.full((n, L.NC), -1, dtype=torch.long, device=dev)
                     at[rows, cols] = torch.arange(rows.numel(), device=dev)
@@ -247,12 +256,13 @@ class VisitSampler:
                     same = torch.where(copy, src, torch.arange(rows.numel(), device=dev))
             else:
                 vals = torch.zeros(0, dtype=torch.long, device=dev)
+                reps = torch.zeros(0, dtype=torch.long, device=dev)
             if not (self.has_twins and rows.numel()):
                 same = torch.arange(rows.numel(), device=dev)
             feats, vfeat = self._features(n, enc, ety, edur, rows, cols, vals)
             last_feat[alive[rows], cols] = vfeat
             x_in = m.visit_in(feats) + m.time_embedding(gi, aid, eid)
-            self._emit(visits, alive, gi, t_vis, enc, ety, edur, rows, cols, vals, end, gen, same)
+            self._emit(visits, alive, gi, t_vis, enc, ety, edur, rows, cols, vals, end, gen, same, reps)
         # ---- every drug's indication in its record (reasons.py)
         if self.reasons:
             sex_l = sex.tolist()
@@ -310,9 +320,10 @@ class VisitSampler:
         vfeat[is_dur] = L.f_cdur + vals[is_dur] - 1 - L.n_val - L.NA
         return f, vfeat
 
-    def _emit(self, visits, alive, gi, t_vis, enc, ety, edur, rows, cols, vals, end, gen, same) -> None:
+    def _emit(self, visits, alive, gi, t_vis, enc, ety, edur, rows, cols, vals, end, gen, same, reps) -> None:
         """Append each row's visit as tokens + draws (tokenizer grammar: GAP, encounter [type] [dur], items);
-        same[i]: the entry whose in-bucket draw entry i shares (one measurement of one code, same_code_items)."""
+        same[i]: the entry whose in-bucket draw entry i shares (one measurement of one code, same_code_items);
+        reps[i]: how many times entry i is written (its repeats carry its value)."""
         L, g, dev = self.L, self.g, self.dev
         f64 = torch.float64
         n = alive.shape[0]
@@ -331,6 +342,7 @@ class VisitSampler:
         alive_l, gi_l, tv_l = alive.tolist(), gi.tolist(), t_vis.tolist()
         enc_l, ety_l, edur_l, ee_l = enc.tolist(), ety.tolist(), edur.tolist(), enc_end.tolist()
         rows_l, cols_l, vals_l, xval_l = rows.tolist(), cols.tolist(), vals.tolist(), xval.tolist()
+        reps_l = reps.tolist()
         per_row: list[list[int]] = [[] for _ in range(n)]
         for i, r in enumerate(rows_l):
             per_row[r].append(i)
@@ -348,20 +360,21 @@ class VisitSampler:
                     t_list.append(self.tok_dur + edur_l[r] - 1)
                     d_list.append(ee_l[r])
             for i in per_row[r]:
-                t_list.append(ct[cols_l[i]])
-                d_list.append(0.0)
+                e_t, e_d = [ct[cols_l[i]]], [0.0]
                 val = vals_l[i]
                 if val == NONE:
-                    continue
-                if val <= L.n_val:
-                    t_list.append(self.tok_val + val - 1)
+                    pass
+                elif val <= L.n_val:
+                    e_t.append(self.tok_val + val - 1)
+                    e_d.append(xval_l[i])
                 elif val < d0:
-                    t_list.append(L.answer_tokens[val - 1 - L.n_val])
-                    d_list.append(0.0)
-                    continue
+                    e_t.append(L.answer_tokens[val - 1 - L.n_val])
+                    e_d.append(0.0)
                 else:
-                    t_list.append(self.tok_dur + val - d0)
-                d_list.append(xval_l[i])
+                    e_t.append(self.tok_dur + val - d0)
+                    e_d.append(xval_l[i])
+                t_list += e_t * reps_l[i]
+                d_list += e_d * reps_l[i]
             visits[alive_l[r]].append((t_list, d_list))
 
     def _record_start(self, sex: torch.Tensor, end: torch.Tensor, gen: torch.Generator

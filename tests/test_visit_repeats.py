@@ -1,0 +1,96 @@
+"""Repeats within a visit (model format 7): an item written twice in one visit with the same value (the shared US
+cohort writes a third of its visits' vitals twice: 13% of its events) survives the visit encoding, is learnt as a
+count, and is sampled with its value on every copy."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+
+import torch
+from test_model_helpers import LOINC, make_timelines
+
+from fhirsynth.model.bins import REPEAT_EDGES, repeat_bucket
+from fhirsynth.model.config import ModelConfig, TokenizerConfig
+from fhirsynth.model.dpnoise import NoiseSource
+from fhirsynth.model.sampler import sample_timelines
+from fhirsynth.model.tokenizer import Tokenizer
+from fhirsynth.model.visits import VisitCollate, VisitLayout, decode_encoded, encode_visits, visit_tokens
+from fhirsynth.model.vocab import build_vocab
+
+torch.set_num_threads(1)
+WEIGHT, HEART_RATE = "29463-7", "8867-4"
+
+
+def _with_weight_twice(timelines):
+    """Every body weight written a second time in its visit, same value (as the shared cohort does)."""
+    for tl in timelines:
+        extra = [dataclasses.replace(e, source_id=f"{e.source_id}-again") for e in tl.events if e.code == WEIGHT]
+        tl.events.extend(extra)
+        tl.events.sort(key=lambda e: e.time)
+    return timelines
+
+
+def _by_visit(tl) -> dict:
+    visits: dict = {}
+    for e in tl.events:
+        visits.setdefault(e.encounter_id or e.time.date(), []).append(e)
+    return visits
+
+
+def test_repeat_buckets_cover_every_count():
+    assert [repeat_bucket(c) for c in (1, 2, 3, 4, 5, 6, 8, 9, 19, 500)] == [0, 1, 2, 3, 3, 4, 4, 5, 7, 7]
+    assert repeat_bucket(REPEAT_EDGES[-1]) == len(REPEAT_EDGES) - 1
+
+
+def test_the_visit_encoding_counts_repeats_and_decodes_every_copy():
+    tls = _with_weight_twice(make_timelines(12, seed=3))
+    tk = TokenizerConfig(reference_date="2026-01-01")
+    vocab, _ = build_vocab(tls, tk, dp=False, epsilon=None, delta=None, noise=NoiseSource.reproducible(0))
+    tok, layout = Tokenizer(vocab), VisitLayout(vocab)
+    stats: Counter = Counter()
+    patients = [encode_visits(tok, layout, tl, 10_000, stats) for tl in tls]
+    weight_j = {layout.content_index[t] for t in layout.content_tokens if vocab.item_of(t).code == WEIGHT}
+    counts = [c for p in patients for j, c in zip(p.item.tolist(), p.count.tolist()) if j in weight_j]
+    others = [c for p in patients for j, c in zip(p.item.tolist(), p.count.tolist()) if j not in weight_j]
+    assert counts and set(counts) == {2} and set(others) == {1}
+    assert stats["repeats_in_visit_counted"] == len(counts) and stats["repeats_in_visit_dropped"] == 0
+    # the token sequence written back holds both copies, and the decoder gives back every event
+    assert all(visit_tokens(layout, p) == tok.encode_with_days(tl, Counter(), compress=False, keep_repeats=True)[0]
+               for p, tl in zip(patients, tls))
+    back = decode_encoded(tok, layout, patients)
+    for tl, rt in zip(tls, back):
+        assert Counter(e.code for e in rt.events) == Counter(e.code for e in tl.events)
+    # the batch holds the count's bucket of every entry, beside its value
+    batch = VisitCollate(layout)([(p, [[] for _ in p.gap]) for p in patients[:3]])
+    m = len(patients[0].item)
+    assert batch["vi_rep"][0, :m].tolist() == [repeat_bucket(c) for c in patients[0].count.tolist()]
+
+
+def test_a_trained_model_writes_the_repeats_the_data_has(tmp_path):
+    """Trained without DP on a cohort whose every visit writes the weight twice and the heart rate once: sampled
+    visits write the weight twice (both copies with one value) and the heart rate once."""
+    from fhirsynth.model.train import train_model
+    from fhirsynth.timeline.io import write_timelines
+
+    write_timelines(_with_weight_twice(make_timelines(120, seed=5)), tmp_path / "tl")
+    mc = ModelConfig(d_model=32, n_layers=1, n_heads=2, d_ff=64, max_visits=16, n_components=4)
+    train_model(tmp_path / "tl", tmp_path / "m", dp=False, epochs=8, device="cpu", model_config=mc, batch_size=16,
+                tokenizer_config=TokenizerConfig(reference_date="2026-01-01"))
+    twice = hr_twice = n_weight = n_hr = 0
+    for tl in sample_timelines(tmp_path / "m", 60, seed=1, device="cpu"):
+        for key, evs in _by_visit(tl).items():
+            if not isinstance(key, str):  # days without an encounter may merge: encounters only
+                continue
+            w = [e for e in evs if e.code == WEIGHT and e.system == LOINC]
+            h = [e for e in evs if e.code == HEART_RATE and e.system == LOINC]
+            if w:
+                n_weight += 1
+                twice += len(w) == 2
+                assert len({e.value for e in w}) == 1, [e.value for e in w]  # the copies carry one value
+            if h:
+                n_hr += 1
+                hr_twice += len(h) > 1
+    assert n_weight > 100 and n_hr > 100
+    assert twice / n_weight > 0.8, (twice, n_weight)
+    assert hr_twice / n_hr < 0.1, (hr_twice, n_hr)
