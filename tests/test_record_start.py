@@ -126,10 +126,14 @@ def _first_ages(tls: list[Timeline]) -> list[tuple[float, int, list[float]]]:
             continue
         birth = datetime.combine(tl.patient.birth_date, datetime.min.time(), tzinfo=timezone.utc)
         visits = {}
-        for e in tl.events:
+        for e in tl.events:  # a visit is at its encounter's start (a condition's onset may precede it)
             key = e.encounter_id or e.time.date()
             t = e.time if e.time.tzinfo else e.time.replace(tzinfo=timezone.utc)
-            visits[key] = min(visits.get(key, t), t)
+            if e.kind == "encounter":
+                visits[key] = (True, t)
+            elif not visits.get(key, (False, None))[0]:
+                visits[key] = (False, min(visits[key][1], t) if key in visits else t)
+        visits = {k: t for k, (_, t) in visits.items()}
         # exact ages: whole days (timedelta.days) put a visit at 30 years (10957.5 days) at 29.9986
         ages = sorted((t - birth).total_seconds() / 86400 / 365.25 for t in visits.values())
         out.append((ages[0], len(visits), ages))

@@ -182,12 +182,15 @@ class Tokenizer:
         return toks, [age_id(d) for d in days]
 
     def encode_with_days(self, tl: Timeline, stats: Counter | None = None,
-                         compress: bool = True, keep_repeats: bool = False) -> tuple[list[int], list[float]] | None:
+                         compress: bool = True, keep_repeats: bool = False,
+                         leads: list[float] | None = None) -> tuple[list[int], list[float]] | None:
         """(token ids, the record's current time after each token in days since birth, NaN before the birth
         band) of one patient, or None without a birth date: encode_with_ages before the age ids are taken (the
         visit model reads finer ages in early childhood, bins.early_age_id). keep_repeats: an item written again
         in its visit with the same value stays (the visit model counts repeats, visits.py); else it is dropped
-        (the token model's budget)."""
+        (the token model's budget). leads: filled with one number per token, how many days before its visit's
+        start an entry's own time lies (a condition whose onset precedes the encounter that records it), 0 for
+        every other token (the visit model learns it, visits.py; the token grammar places events at their visit)."""
         stats = stats if stats is not None else Counter()
         v, p = self.vocab, tl.patient
         if p.birth_date is None:
@@ -207,7 +210,7 @@ class Tokenizer:
             t = _as_utc(ev.time)
             gkey = ("e", ev.encounter_id) if ev.encounter_id else ("d", t.date())
             groups.setdefault(gkey, []).append(ev)
-        visits: list[tuple[float, list[tuple[int, int, tuple[int, ...]]]]] = []
+        visits: list[tuple] = []  # (days, entries (kind order, token, extra), their leads in days)
         for evs in groups.values():
             encs = [e for e in evs if e.kind == "encounter"]
             start = min(_as_utc(e.time) for e in (encs or evs))
@@ -229,12 +232,15 @@ class Tokenizer:
                     stats["repeats_in_visit_dropped"] += 1
                     continue
                 seen.add((tok, extra))
-                entries.append((_KIND_ORDER[ev.kind], tok, extra))
+                lead = max((start - _as_utc(ev.time)).total_seconds() / 86400.0, 0.0)
+                entries.append((_KIND_ORDER[ev.kind], tok, extra, lead))
             if entries:
                 entries.sort()
                 days = max((start - birth).total_seconds() / 86400.0, 0.0)
-                visits.append((days, entries))
+                visits.append((days, [e[:3] for e in entries], [e[3] for e in entries]))
         visits.sort(key=lambda vis: vis[0])
+        visit_leads = [vis[2] for vis in visits]
+        visits = [vis[:2] for vis in visits]
         death_days = None
         if p.death_date is not None:
             death_days = max((_as_utc(p.death_date) - birth).total_seconds() / 86400.0, 0.0)
@@ -254,19 +260,28 @@ class Tokenizer:
             toks += [v.DEATH, v.start("age") + v.age_bucket(death_days)]
             times += [ref_days, death_days]
         prev = death_days if death_days is not None else ref_days
-        for days, entries in reversed(visits):  # newest first: every gap counts back from the later time
+        lead_of = [0.0] * len(toks)
+        for k in range(len(visits) - 1, -1, -1):  # newest first: every gap counts back from the later time
+            days, entries = visits[k]
             toks.append(v.start("gap") + bucket_of(max(prev - days, 0.0), GAP_EDGES))
+            lead_of.append(0.0)
             prev = min(days, prev)
             times.append(prev)
-            for _, tok, extra in entries:
+            for e, (_, tok, extra) in enumerate(entries):
                 toks.append(tok)
                 toks.extend(extra)
+                lead_of += [0.0 if compress else visit_leads[k][e]] + [0.0] * len(extra)
             times += [prev] * (len(toks) - len(times))
         if truncated:  # older history exists but did not fit: no END, which means "no older history"
             stats["sequences_truncated"] += 1
         else:
             toks.append(v.END)
             times.append(prev)
+            lead_of.append(0.0)
+        if leads is not None:
+            if compress:  # compression may slim a visit's entries: their leads no longer line up
+                raise ValueError("leads are kept for uncompressed encodings only")
+            leads[:] = lead_of
         return toks, times
 
     @staticmethod
@@ -390,7 +405,10 @@ class Tokenizer:
                     continue
                 if t_visit is None:
                     raise ValueError("event outside a visit")
-                ev = Event(time=t_visit, kind=it.kind, system=it.system or "", code=it.code or "",
+                # an entry's draw: how many days before its visit it lies (visit model leads; the token grammar
+                # draws 0 for items), e.g. a condition's onset before the encounter that records it
+                when_ev = t_visit - timedelta(days=float(draw)) if draw > 0 and it.kind != "encounter" else t_visit
+                ev = Event(time=when_ev, kind=it.kind, system=it.system or "", code=it.code or "",
                            display=it.display, category=it.category, panel_system=it.panel_system,
                            panel_code=it.panel_code, panel_display=it.panel_display)
                 if it.kind == "encounter":

@@ -15,7 +15,8 @@ position t predicts visit t + 1:
     the context, the item and the same item's value at its previous visit (so a patient's blood pressure, weight
     and labs follow a trajectory instead of being drawn afresh from the population at every visit).
     Beside it, from the same state, how many times the item occurs in the visit with that value (a REPEAT_EDGES
-    bucket: a vital written twice, a lab repeated through a stay).
+    bucket: a vital written twice, a lab repeated through a stay) and how long before the visit its own time lies
+    (a gap bucket, 0 = the visit's day: a condition's onset before the encounter that records it).
 The static part (birth band given sex, race, ethnicity, death age) comes from small heads on its own embeddings;
 sex and the deceased share are drawn from the DP releases of the vocabulary (vocab.py), not from the model.
 
@@ -100,6 +101,7 @@ class VisitModel(nn.Module):
         self.v_fc = nn.Linear(d, d)
         self.v_head = nn.Linear(d, sz.n_values)
         self.r_head = nn.Linear(d, N_REPEAT)  # repeats of the item (with its value) in the visit
+        self.l_head = nn.Linear(d, sz.n_gap)  # the entry's lead before the visit (a gap bucket)
         self.apply(self._init)
         for name, p in self.named_parameters():
             if name.endswith("proj.weight") or name.endswith("out.weight"):
@@ -107,9 +109,10 @@ class VisitModel(nn.Module):
         # a visit holds a few of hundreds of items: start every item near a 2% chance, not 50% (a public
         # constant; from 50% the first epochs only learn that items are rare)
         nn.init.constant_(self.item_head.bias, -4.0)
-        # most entries occur once: start there (P(once) ~ 0.9, a public constant), not at 1 / N_REPEAT
+        # most entries occur once: start there (P(once) ~ 0.9, public constants), not at 1 / N_REPEAT
         with torch.no_grad():
             self.r_head.bias[0] = 4.0
+            self.l_head.bias[0] = 5.0  # and on the visit's day (P ~ 0.85)
 
     @staticmethod
     def _init(m: nn.Module) -> None:
@@ -153,7 +156,7 @@ class VisitModel(nn.Module):
     # ---- training ----------------------------------------------------------------------------------------
 
     def forward(self, feats, gap_in, age_in, early_in, static, eg_tgt, gq, aq, eq, x_tgt, enc_tgt, type_tgt,
-                edur_tgt, vi_pos, vi_item, vi_val, vi_prev, vi_rep, allowed) -> torch.Tensor:
+                edur_tgt, vi_pos, vi_item, vi_val, vi_prev, vi_rep, vi_lead, allowed) -> torch.Tensor:
         """The summed NLL of each patient [B] (the batch tensors of visits.VisitCollate; allowed [NC, n_values])."""
         B, T, _ = feats.shape
         pos = torch.arange(T, device=feats.device).unsqueeze(0).expand(B, T)
@@ -192,6 +195,7 @@ class VisitModel(nn.Module):
         vnll = F.cross_entropy(vl.transpose(1, 2), vi_val.clamp(min=0), reduction="none")
         nll = nll + torch.where(vok, vnll, torch.zeros_like(vnll)).sum(1)
         rnll = F.cross_entropy(self.r_head(hv).transpose(1, 2), vi_rep, reduction="none")
+        rnll = rnll + F.cross_entropy(self.l_head(hv).transpose(1, 2), vi_lead, reduction="none")
         nll = nll + (rnll * (vi_val >= 0)).sum(1)  # every entry (padding has vi_val -1)
         return nll / float(self.cfg.max_visits)
 

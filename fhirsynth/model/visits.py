@@ -9,10 +9,12 @@ years and its chronic care. What a patient is here:
     visits:  newest first (as tokenizer.py explains: a record starts at the present, and running out of context
              drops the oldest history); each one a gap back in time (GAP bucket), its age (years, and under
              three years its week or month: bins.early_age_id), an encounter class (or none: events grouped by
-             day), an encounter type and duration, and a SET of content items
+             day), an encounter type and duration, and a set of content entries
              (conditions, observations, medications, immunizations, procedures, allergies), each with one value
-             from its own value space and how many times it occurs in the visit with that value (bins.REPEAT_EDGES:
-             a vital written twice, a lab repeated through a stay):
+             from its own value space, how many times it occurs in the visit with that value (bins.REPEAT_EDGES:
+             a vital written twice, a lab repeated through a stay) and how long before the visit's start its own
+             time lies (a GAP bucket, 0 = the visit's day: a condition's onset before the encounter that records
+             it, 4% of the US cohort's events and a fifth of its days with events):
                observation: one of the value kinds released for its code (valuekinds.py): none, a bin of its
                public / DP value bins (a quantity in its unit), or a coded answer (a value item that is not a
                public encounter type: no visit concept as a lab value);
@@ -36,7 +38,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from fhirsynth.model.bins import DAYS_PER_YEAR, EARLY_AGE_EDGES, GAP_EDGES, early_age_id, repeat_bucket
+from fhirsynth.model.bins import (DAYS_PER_YEAR, EARLY_AGE_EDGES, GAP_EDGES, bucket_of, early_age_id,
+                                  repeat_bucket)
 from fhirsynth.model.grammar import Grammar, replay
 from fhirsynth.model.tokenizer import AGE_UNKNOWN, Tokenizer, age_id
 from fhirsynth.model.tokenizer import DUR_KINDS
@@ -176,14 +179,16 @@ class PatientVisits:
     value: np.ndarray  # [M] value id (NONE: no value; scored only where the code's value kinds allow it)
     prev: np.ndarray  # [M] the input feature of the same code's value at its last earlier-drawn (newer) visit,
     #                   or layout.n_features: none (the value head reads it: a patient's values stay coherent)
-    count: np.ndarray  # [M] how many times the entry (item and value) occurs in its visit (>= 1)
+    count: np.ndarray  # [M] how many times the entry (item, value and lead) occurs in its visit (>= 1)
+    lead: np.ndarray  # [M] GAP bucket of how long before the visit's start the entry lies (0: the visit's day)
 
 
 def encode_visits(tokenizer: Tokenizer, layout: VisitLayout, tl: Timeline, max_visits: int,
                   stats: Counter | None = None) -> PatientVisits | None:
     """A timeline as PatientVisits (None without a birth date), through the token encoder without compression."""
     stats = stats if stats is not None else Counter()
-    got = tokenizer.encode_with_days(tl, stats, compress=False, keep_repeats=True)
+    leads: list[float] = []
+    got = tokenizer.encode_with_days(tl, stats, compress=False, keep_repeats=True, leads=leads)
     if got is None:
         return None
     toks, days = got
@@ -200,7 +205,7 @@ def encode_visits(tokenizer: Tokenizer, layout: VisitLayout, tl: Timeline, max_v
         dead, death_age = 1, toks[i + 1] - v.start("age")
         i += 2
     gap, age, early, enc, etype, edur = [], [], [], [], [], []
-    iv, item, value = [], [], []
+    iv, item, value, lead = [], [], [], []
     truncated = True
     last_j = -1  # content index of the last content entry (its value follows)
     last_kind = ""
@@ -240,6 +245,7 @@ def encode_visits(tokenizer: Tokenizer, layout: VisitLayout, tl: Timeline, max_v
                 iv.append(len(gap) - 1)
                 item.append(last_j)
                 value.append(NONE)  # until a value token follows
+                lead.append(bucket_of(leads[i], GAP_EDGES))
         elif g == "dur":
             d = t - v.start("dur")
             if last_kind == "encounter":
@@ -251,28 +257,28 @@ def encode_visits(tokenizer: Tokenizer, layout: VisitLayout, tl: Timeline, max_v
             if last_kind == "observation" and b < layout.n_bins[last_j]:
                 value[-1] = 1 + b
         i += 1
-    iv, item, value, count = merge_repeats(iv, item, value, stats)
+    iv, item, value, lead, count = merge_repeats(iv, item, value, lead, stats)
     a = lambda x: np.asarray(x, dtype=np.int64)  # noqa: E731
     return PatientVisits(sex, band, race, eth, dead, death_age, end_age, end_early, truncated, a(gap), a(age),
                          a(early), a(enc), a(etype), a(edur), a(iv), a(item), a(value),
-                         a(previous_values(layout, iv, item, value)), a(count))
+                         a(previous_values(layout, iv, item, value)), a(count), a(lead))
 
 
-def merge_repeats(iv: list[int], item: list[int], value: list[int], stats: Counter
-                  ) -> tuple[list[int], list[int], list[int], list[int]]:
-    """One entry per (visit, item, value) with its count: the tokenizer writes a visit's entries sorted, so
-    repeats are adjacent."""
-    out_v, out_i, out_x, count = [], [], [], []
-    for t, j, x in zip(iv, item, value):
-        if out_v and out_v[-1] == t and out_i[-1] == j and out_x[-1] == x:
+def merge_repeats(iv: list[int], item: list[int], value: list[int], lead: list[int], stats: Counter
+                  ) -> tuple[list[int], list[int], list[int], list[int], list[int]]:
+    """One entry per (visit, item, value, lead) with its count. The tokenizer writes a visit's entries sorted by
+    item and value, so repeats are adjacent (two copies with different leads stay two entries)."""
+    out: list[tuple[int, int, int, int]] = []
+    count: list[int] = []
+    for key in zip(iv, item, value, lead):
+        if out and out[-1] == key:
             count[-1] += 1
             stats["repeats_in_visit_counted"] += 1
             continue
-        out_v.append(t)
-        out_i.append(j)
-        out_x.append(x)
+        out.append(key)
         count.append(1)
-    return out_v, out_i, out_x, count
+    cols = [list(c) for c in zip(*out)] if out else [[], [], [], []]
+    return cols[0], cols[1], cols[2], cols[3], count
 
 
 def previous_values(layout: VisitLayout, iv: list[int], item: list[int], value: list[int]) -> list[int]:
@@ -296,12 +302,20 @@ def previous_values(layout: VisitLayout, iv: list[int], item: list[int], value: 
 def visit_tokens(layout: VisitLayout, p: PatientVisits) -> list[int]:
     """The token-grammar sequence of an encoded patient (what the sampler writes for Tokenizer.decode); equal to
     the uncompressed token encoding except for what encode_visits drops (counted in its stats)."""
+    return visit_tokens_and_leads(layout, p)[0]
+
+
+def visit_tokens_and_leads(layout: VisitLayout, p: PatientVisits) -> tuple[list[int], list[int]]:
+    """visit_tokens, and beside every token its entry's lead bucket (0 at every other token)."""
     v = layout.vocab
     toks = [v.BOS, v.start("sex") + p.sex, v.start("by") + p.band, v.start("race") + p.race, v.start("eth") + p.eth]
     if p.dead:
         toks += [v.DEATH, v.start("age") + p.death_age]
+    leads = [0] * len(toks)
     per_visit: list[list[int]] = [[] for _ in range(len(p.gap))]
-    for t, j, val, c in zip(p.item_visit.tolist(), p.item.tolist(), p.value.tolist(), p.count.tolist()):
+    per_lead: list[list[int]] = [[] for _ in range(len(p.gap))]
+    for t, j, val, c, ld in zip(p.item_visit.tolist(), p.item.tolist(), p.value.tolist(), p.count.tolist(),
+                                p.lead.tolist()):
         entry = [layout.content_tokens[j]]
         if val > NONE:
             if val <= layout.n_val:
@@ -311,18 +325,28 @@ def visit_tokens(layout: VisitLayout, p: PatientVisits) -> list[int]:
             else:
                 entry.append(v.start("dur") + val - layout.dur_value(0))
         per_visit[t] += entry * c
+        per_lead[t] += ([ld] + [0] * (len(entry) - 1)) * c
     for t in range(len(p.gap)):
-        toks.append(v.start("gap") + int(p.gap[t]))
+        head = [v.start("gap") + int(p.gap[t])]
         if p.enc[t]:
-            toks.append(layout.enc_tokens[int(p.enc[t]) - 1])
+            head.append(layout.enc_tokens[int(p.enc[t]) - 1])
             if p.etype[t]:
-                toks.append(layout.type_tokens[int(p.etype[t]) - 1])
+                head.append(layout.type_tokens[int(p.etype[t]) - 1])
             if p.edur[t]:
-                toks.append(v.start("dur") + int(p.edur[t]) - 1)
-        toks += per_visit[t]
+                head.append(v.start("dur") + int(p.edur[t]) - 1)
+        toks += head + per_visit[t]
+        leads += [0] * len(head) + per_lead[t]
     if not p.truncated:
         toks.append(v.END)
-    return toks
+        leads.append(0)
+    return toks, leads
+
+
+def lead_days(bucket: np.ndarray, u: np.ndarray) -> np.ndarray:
+    """Days before the visit inside each lead's GAP bucket (u uniform in [0, 1)); bucket 0 is the visit itself."""
+    edges = np.asarray(GAP_EDGES, dtype=np.float64)
+    days = edges[bucket] + u * (edges[np.minimum(bucket + 1, len(edges) - 1)] - edges[bucket])
+    return np.where(bucket > 0, days, 0.0)
 
 
 def visit_time_draws(layout: VisitLayout, grammar: Grammar, p: PatientVisits, rng: np.random.Generator
@@ -398,7 +422,8 @@ def decode_encoded(tokenizer: Tokenizer, layout: VisitLayout, patients: list[Pat
                    id_prefix: str = "rt") -> list[Timeline]:
     """Encoded patients back to timelines through the shared decoder, times placed by visit_time_draws (the
     encode/decode ceiling of benchmarks/bench_records.py: what the visit representation keeps)."""
-    seqs = [visit_tokens(layout, p) for p in patients]
+    both = [visit_tokens_and_leads(layout, p) for p in patients]
+    seqs = [s for s, _ in both]
     if not seqs:
         return []
     L = max(len(s) for s in seqs)
@@ -410,7 +435,19 @@ def decode_encoded(tokenizer: Tokenizer, layout: VisitLayout, patients: list[Pat
         batch[i, : len(s)] = torch.tensor(s)
         times[i, : len(s)] = torch.tensor(visit_time_draws(layout, grammar, p, rng), dtype=torch.float64)
     draws = replay(grammar, batch, torch.Generator().manual_seed(seed), times=times)
-    return [tokenizer.decode(s, draws[i].tolist(), f"{id_prefix}-{i}") for i, s in enumerate(seqs)]
+    out = []
+    for i, (s, lb) in enumerate(both):
+        d = draws[i, : len(s)].numpy().copy()
+        lb_a = np.asarray(lb, dtype=np.int64)
+        at = np.flatnonzero(lb_a)
+        if at.size:  # an entry's draw is its lead in days, never before birth (the visit's time, carried forward)
+            visit_time = times[i, : len(s)].numpy().copy()
+            for k in range(1, len(visit_time)):
+                if np.isnan(visit_time[k]):
+                    visit_time[k] = visit_time[k - 1]
+            d[at] = np.minimum(lead_days(lb_a[at], rng.random(at.size)), np.nan_to_num(visit_time[at]))
+        out.append(tokenizer.decode(s, d.tolist(), f"{id_prefix}-{i}"))
+    return out
 
 
 def visit_features(layout: VisitLayout, p: PatientVisits) -> list[list[int]]:
@@ -457,7 +494,7 @@ def visit_dataset(tokenizer: Tokenizer, layout: VisitLayout, timelines: list[Tim
 
 
 BATCH_KEYS = ("feats", "gap_in", "age_in", "early_in", "static", "eg_tgt", "gq", "aq", "eq", "x_tgt", "enc_tgt",
-              "type_tgt", "edur_tgt", "vi_pos", "vi_item", "vi_val", "vi_prev", "vi_rep")
+              "type_tgt", "edur_tgt", "vi_pos", "vi_item", "vi_val", "vi_prev", "vi_rep", "vi_lead")
 
 
 class VisitCollate:
@@ -493,6 +530,7 @@ class VisitCollate:
         vi_val = torch.full((B, M), -1, dtype=torch.long)
         vi_prev = torch.full((B, M), L.n_features, dtype=torch.long)
         vi_rep = torch.zeros((B, M), dtype=torch.long)  # REPEAT_EDGES bucket of each entry's count
+        vi_lead = torch.zeros((B, M), dtype=torch.long)  # GAP bucket of each entry's lead before its visit
         for b, (p, fs) in enumerate(batch):
             n = len(p.gap)
             static[b] = torch.tensor([p.sex, p.band, p.race, p.eth, p.dead, p.death_age])
@@ -521,11 +559,12 @@ class VisitCollate:
                 vi_val[b, :m] = torch.from_numpy(p.value)
                 vi_prev[b, :m] = torch.from_numpy(p.prev)
                 vi_rep[b, :m] = torch.tensor([repeat_bucket(c) for c in p.count.tolist()], dtype=torch.long)
+                vi_lead[b, :m] = torch.from_numpy(p.lead)
         return {"feats": feats, "gap_in": gap_in, "age_in": age_in, "early_in": early_in, "static": static,
                 "eg_tgt": eg_tgt, "gq": gq, "aq": aq, "eq": eq, "x_tgt": x_tgt, "enc_tgt": enc_tgt,
                 "type_tgt": type_tgt, "edur_tgt": edur_tgt,
                 "vi_pos": vi_pos, "vi_item": vi_item, "vi_val": vi_val, "vi_prev": vi_prev,
-                "vi_rep": vi_rep}
+                "vi_rep": vi_rep, "vi_lead": vi_lead}
 
     def empty(self) -> dict[str, torch.Tensor]:
         return self([])

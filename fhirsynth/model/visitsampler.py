@@ -6,7 +6,9 @@ back from the later time (never before birth, never after death: the record ends
 component, its items under the clinical constraints (mappings/constraints.toml: sex-specific codes, age
 limits), complete public panels, and every item's value from its own value space (a numeric code always gets a
 quantity inside its bins; durations never run past the record's end) and how many times it occurs in the visit
-(its REPEAT_EDGES bucket, then a count inside it: the repeats carry the same value). Each step reads the visit's age in whole
+(its REPEAT_EDGES bucket, then a count inside it: the repeats carry the same value) and how long before the
+visit its own time lies (a gap bucket, never before birth; a condition's abatement counts from that onset). Each
+step reads the visit's age in whole
 years and, under three years, in weeks and months (bins.early_age_id), as training did.
 Once a record is drawn, every drug or procedure with a reason condition finds that condition in the record no
 later than its first use (reasons.py).
@@ -27,7 +29,7 @@ from collections import Counter
 import numpy as np
 import torch
 
-from fhirsynth.model.bins import DAYS_PER_YEAR, EARLY_AGE_EDGES, MAX_REPEAT, REPEAT_EDGES
+from fhirsynth.model.bins import DAYS_PER_YEAR, EARLY_AGE_EDGES, GAP_EDGES, MAX_REPEAT, REPEAT_EDGES
 from fhirsynth.model.grammar import Grammar
 from fhirsynth.model.measurements import AGE_BANDS, CELL_YEAR_DAYS, FIRST_AGE_EDGES
 from fhirsynth.model.reasons import close_reasons, reason_conditions
@@ -89,6 +91,13 @@ class VisitSampler:
         edges = list(REPEAT_EDGES) + [MAX_REPEAT + 1]
         self.rep_lo = torch.as_tensor(edges[:-1], dtype=torch.long, device=dev)
         self.rep_width = torch.as_tensor([b - a for a, b in zip(edges, edges[1:])], dtype=torch.long, device=dev)
+        gap_edges = torch.as_tensor(GAP_EDGES, dtype=torch.float64, device=dev)
+        self.lead_lo, self.lead_hi = gap_edges[:-1], gap_edges[1:]
+        # members of a public panel are one measurement at the visit: no lead (a component alone on another day
+        # would break the panel)
+        self.no_lead = torch.zeros(layout.NC, dtype=torch.bool, device=dev)
+        for grp in layout.panels:
+            self.no_lead[grp] = True
         v = layout.vocab
         ct = torch.as_tensor(layout.content_tokens, dtype=torch.long, device=dev)
         self.content_tokens = ct
@@ -245,6 +254,14 @@ class VisitSampler:
                                                            device=dev), gen, temperature)
                 ur = torch.rand(rows.numel(), generator=gen, dtype=f64, device=dev)
                 reps = self.rep_lo[rb] + (ur * self.rep_width[rb]).long().clamp(max=self.rep_width[rb] - 1)
+                lb = _masked_draw(m.l_head(hv), torch.ones((rows.numel(), L.n_gap), dtype=torch.bool, device=dev),
+                                  gen, temperature)
+                ul = torch.rand(rows.numel(), generator=gen, dtype=f64, device=dev)
+                leads = torch.where(lb > 0, self.lead_lo[lb] + ul * (self.lead_hi[lb] - self.lead_lo[lb]),
+                                    torch.zeros_like(ul))
+                leads = torch.minimum(leads, t_vis[rows].double())  # never before birth
+                # a day without an encounter is its events' day (training never sees a lead there)
+                leads = torch.where(self.no_lead[cols] | (enc[rows] == NONE), torch.zeros_like(leads), leads)
                 if self.has_twins:  # one measurement, one value (same_code_items)
                     at = torch.full((n, L.NC), -1, dtype=torch.long, device=dev)
                     at[rows, cols] = torch.arange(rows.numel(), device=dev)
@@ -257,12 +274,13 @@ class VisitSampler:
             else:
                 vals = torch.zeros(0, dtype=torch.long, device=dev)
                 reps = torch.zeros(0, dtype=torch.long, device=dev)
+                leads = torch.zeros(0, dtype=f64, device=dev)
             if not (self.has_twins and rows.numel()):
                 same = torch.arange(rows.numel(), device=dev)
             feats, vfeat = self._features(n, enc, ety, edur, rows, cols, vals)
             last_feat[alive[rows], cols] = vfeat
             x_in = m.visit_in(feats) + m.time_embedding(gi, aid, eid)
-            self._emit(visits, alive, gi, t_vis, enc, ety, edur, rows, cols, vals, end, gen, same, reps)
+            self._emit(visits, alive, gi, t_vis, enc, ety, edur, rows, cols, vals, end, gen, same, reps, leads)
         # ---- every drug's indication in its record (reasons.py)
         if self.reasons:
             sex_l = sex.tolist()
@@ -320,10 +338,12 @@ class VisitSampler:
         vfeat[is_dur] = L.f_cdur + vals[is_dur] - 1 - L.n_val - L.NA
         return f, vfeat
 
-    def _emit(self, visits, alive, gi, t_vis, enc, ety, edur, rows, cols, vals, end, gen, same, reps) -> None:
+    def _emit(self, visits, alive, gi, t_vis, enc, ety, edur, rows, cols, vals, end, gen, same, reps,
+              leads) -> None:
         """Append each row's visit as tokens + draws (tokenizer grammar: GAP, encounter [type] [dur], items);
         same[i]: the entry whose in-bucket draw entry i shares (one measurement of one code, same_code_items);
-        reps[i]: how many times entry i is written (its repeats carry its value)."""
+        reps[i]: how many times entry i is written (its repeats carry its value); leads[i]: days before the visit
+        (the item token's draw, Tokenizer.decode)."""
         L, g, dev = self.L, self.g, self.dev
         f64 = torch.float64
         n = alive.shape[0]
@@ -336,13 +356,13 @@ class VisitSampler:
         xv = g.value_in_bin(self.content_tokens[cols], (vals - 1).clamp(0, L.n_val - 1), uv)
         d0 = L.dur_value(0)
         is_dur = vals >= d0
-        cend = g.end_after(t_vis[rows], (vals - d0).clamp(0, L.n_dur - 1), rec_end[rows], uv)
+        cend = g.end_after(t_vis[rows] - leads, (vals - d0).clamp(0, L.n_dur - 1), rec_end[rows], uv)
         xval = torch.where(is_bin, xv, torch.where(is_dur, cend, torch.zeros_like(xv)))[same]
         # to python once
         alive_l, gi_l, tv_l = alive.tolist(), gi.tolist(), t_vis.tolist()
         enc_l, ety_l, edur_l, ee_l = enc.tolist(), ety.tolist(), edur.tolist(), enc_end.tolist()
         rows_l, cols_l, vals_l, xval_l = rows.tolist(), cols.tolist(), vals.tolist(), xval.tolist()
-        reps_l = reps.tolist()
+        reps_l, leads_l = reps.tolist(), leads.tolist()
         per_row: list[list[int]] = [[] for _ in range(n)]
         for i, r in enumerate(rows_l):
             per_row[r].append(i)
@@ -360,7 +380,7 @@ class VisitSampler:
                     t_list.append(self.tok_dur + edur_l[r] - 1)
                     d_list.append(ee_l[r])
             for i in per_row[r]:
-                e_t, e_d = [ct[cols_l[i]]], [0.0]
+                e_t, e_d = [ct[cols_l[i]]], [leads_l[i]]
                 val = vals_l[i]
                 if val == NONE:
                     pass
