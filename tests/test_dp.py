@@ -155,6 +155,18 @@ def test_resume_after_interruption_gives_same_epsilon_and_weights(tl_dir, tmp_pa
         _train(tl_dir, tmp_path / "cut2", epochs=3, checkpoint_every=2, on_step=kill, reproducible_noise=True)
     with pytest.raises(UsageError, match="different settings"):
         _train(tl_dir, tmp_path / "cut2", epochs=3, epsilon=4.0)
+    # ... so is one written by another model format, or holding a network this code does not build: a clear
+    # message, never a traceback from load_state_dict
+    state_path = default_work_dir(tmp_path / "cut2") / "state.pt"
+    state = torch.load(state_path, weights_only=True)
+    older = {**state, "signature": {**state["signature"], "format_version": state["signature"]["format_version"] - 1}}
+    torch.save(older, state_path)
+    with pytest.raises(UsageError, match="different settings"):
+        _train(tl_dir, tmp_path / "cut2", epochs=3, checkpoint_every=2, reproducible_noise=True)
+    state["model"].pop(next(iter(state["model"])))
+    torch.save(state, state_path)
+    with pytest.raises(UsageError, match="does not build"):
+        _train(tl_dir, tmp_path / "cut2", epochs=3, checkpoint_every=2, reproducible_noise=True)
 
 
 def test_learning_rate_warms_up_linearly_then_stays():

@@ -158,7 +158,8 @@ def _signature(tc: TrainConfig, mc: ModelConfig, tk: TokenizerConfig, n: int) ->
     work directory only (never published)."""
     t = to_json(tc)
     t.pop("checkpoint_every", None)
-    return {"train": t, "model": to_json(mc), "tokenizer": to_json(tk), "n": n}
+    # the model format too: a checkpoint of another format's network cannot be continued
+    return {"train": t, "model": to_json(mc), "tokenizer": to_json(tk), "n": n, **versions()}
 
 
 def default_work_dir(out: Path) -> Path:
@@ -396,7 +397,12 @@ def _train(tc, tdir, out, work, dev, tk, mc, delta, dp, seed, on_step, dctx, mai
     step = 0
     curve: list[dict[str, Any]] = []
     if resume is not None:
-        model.load_state_dict(resume["model"])
+        try:
+            model.load_state_dict(resume["model"])
+        except RuntimeError as exc:  # a network of other code (same settings): it cannot be continued
+            why = str(exc).splitlines()[-1].strip()
+            raise UsageError(f"the checkpoint holds a network this fhirsynth does not build ({why}); delete it to "
+                             "start over", where=str(work)) from None
         opt.load_state_dict(resume["optimizer"])
         step = int(resume["step"])
         curve = list(resume["curve"])
