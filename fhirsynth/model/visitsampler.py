@@ -108,6 +108,10 @@ class VisitSampler:
                                       if int(c) in layout.content_index], dtype=torch.long, device=dev)
         keep = [i for i, c in enumerate(grammar.lim_cols.tolist()) if int(c) in layout.content_index]
         self.lim_lo, self.lim_hi = grammar.lim_lo[keep], grammar.lim_hi[keep]
+        # a lead never takes an item below its lowest allowed age (mappings/constraints.toml)
+        self.lead_floor = torch.zeros(layout.NC, dtype=torch.float64, device=dev)
+        for j, lo in zip(self.lim_j.tolist(), self.lim_lo.tolist()):
+            self.lead_floor[j] = max(float(self.lead_floor[j]), lo)
         self.allowed = torch.as_tensor(layout.allowed, device=dev)
         self.type_ok = torch.as_tensor(layout.type_ok, device=dev)[None, :]
         self.is_cond = torch.as_tensor(layout.is_condition, device=dev)
@@ -259,7 +263,7 @@ class VisitSampler:
                 ul = torch.rand(rows.numel(), generator=gen, dtype=f64, device=dev)
                 leads = torch.where(lb > 0, self.lead_lo[lb] + ul * (self.lead_hi[lb] - self.lead_lo[lb]),
                                     torch.zeros_like(ul))
-                leads = torch.minimum(leads, t_vis[rows].double())  # never before birth
+                leads = torch.minimum(leads, (t_vis[rows].double() - self.lead_floor[cols]).clamp(min=0.0))
                 # a day without an encounter is its events' day (training never sees a lead there)
                 leads = torch.where(self.no_lead[cols] | (enc[rows] == NONE), torch.zeros_like(leads), leads)
                 if self.has_twins:  # one measurement, one value (same_code_items)
