@@ -77,6 +77,10 @@ _KIND_ORDER = {"encounter": 0, "condition": 1, "observation": 2, "allergy": 3, "
                "medication": 6}
 # Kinds with a DUR token (end_time - time) and the kinds whose coded value is a VALUE item.
 DUR_KINDS = ("encounter", "condition", "medication", "procedure")
+# Kinds whose entries keep their own time before their visit's start (encode_with_days' leads): a condition's
+# onset, an allergy's onset, an observation taken before the encounter. A drug, procedure or vaccine stays at its
+# visit: its reason condition (reasons.py) and the schedule's minimum ages (constraints.toml) are kept there.
+LEAD_KINDS = ("condition", "observation", "allergy")
 # What a decoded event's status is when the record does not say (FHIR required value sets).
 _STATUS = {"condition": "active", "observation": "final", "medication": "active", "immunization": "completed",
            "procedure": "completed", "allergy": "active"}
@@ -232,7 +236,7 @@ class Tokenizer:
                     stats["repeats_in_visit_dropped"] += 1
                     continue
                 seen.add((tok, extra))
-                lead = max((start - _as_utc(ev.time)).total_seconds() / 86400.0, 0.0)
+                lead = max((start - _as_utc(ev.time)).total_seconds() / 86400.0, 0.0) if ev.kind in LEAD_KINDS else 0.0
                 entries.append((_KIND_ORDER[ev.kind], tok, extra, lead))
             if entries:
                 entries.sort()
@@ -407,7 +411,7 @@ class Tokenizer:
                     raise ValueError("event outside a visit")
                 # an entry's draw: how many days before its visit it lies (visit model leads; the token grammar
                 # draws 0 for items), e.g. a condition's onset before the encounter that records it
-                when_ev = t_visit - timedelta(days=float(draw)) if draw > 0 and it.kind != "encounter" else t_visit
+                when_ev = t_visit - timedelta(days=float(draw)) if draw > 0 and it.kind in LEAD_KINDS else t_visit
                 ev = Event(time=when_ev, kind=it.kind, system=it.system or "", code=it.code or "",
                            display=it.display, category=it.category, panel_system=it.panel_system,
                            panel_code=it.panel_code, panel_display=it.panel_display)

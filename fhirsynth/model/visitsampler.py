@@ -33,7 +33,7 @@ from fhirsynth.model.bins import DAYS_PER_YEAR, EARLY_AGE_EDGES, GAP_EDGES, MAX_
 from fhirsynth.model.grammar import Grammar
 from fhirsynth.model.measurements import AGE_BANDS, CELL_YEAR_DAYS, FIRST_AGE_EDGES
 from fhirsynth.model.reasons import close_reasons, reason_conditions
-from fhirsynth.model.tokenizer import AGE_UNKNOWN
+from fhirsynth.model.tokenizer import AGE_UNKNOWN, LEAD_KINDS
 from fhirsynth.model.visitmodel import VisitModel
 from fhirsynth.model.visits import NONE, VisitLayout
 from fhirsynth.model.vocab import SEXES
@@ -95,7 +95,8 @@ class VisitSampler:
         self.lead_lo, self.lead_hi = gap_edges[:-1], gap_edges[1:]
         # members of a public panel are one measurement at the visit: no lead (a component alone on another day
         # would break the panel)
-        self.no_lead = torch.zeros(layout.NC, dtype=torch.bool, device=dev)
+        self.no_lead = torch.as_tensor([layout.vocab.item_of(t).kind not in LEAD_KINDS for t in layout.content_tokens],
+                                       dtype=torch.bool, device=dev).reshape(layout.NC)  # tokenizer.LEAD_KINDS
         for grp in layout.panels:
             self.no_lead[grp] = True
         v = layout.vocab
