@@ -5,11 +5,11 @@ race, ethnicity, deceased (the released share of the band) and death age; then v
 back from the later time (never before birth, never after death: the record ends there), its mixture
 component, its items under the clinical constraints (mappings/constraints.toml: sex-specific codes, age
 limits), complete public panels, and every item's value from its own value space (a numeric code always gets a
-quantity inside its bins; durations never run past the record's end) and how many times it occurs in the visit
+quantity inside its bins; durations never run past the record's end), how many times it occurs in the visit
 (its REPEAT_EDGES bucket, then a count inside it: the repeats carry the same value) and how long before the
-visit its own time lies (a gap bucket, never before birth; a condition's abatement counts from that onset). Each
-step reads the visit's age in whole
-years and, under three years, in weeks and months (bins.early_age_id), as training did.
+visit its own time lies (a gap bucket for tokenizer.LEAD_KINDS, never before birth nor below the item's lowest
+allowed age; a condition's abatement counts from that onset). Each step reads the visit's age in whole years
+and, under three years, in weeks and months (bins.early_age_id), as training did.
 Once a record is drawn, every drug or procedure with a reason condition finds that condition in the record no
 later than its first use (reasons.py).
 The result is written as tokens of the token grammar plus in-bucket draws (tokenizer.py), which
@@ -95,8 +95,9 @@ class VisitSampler:
         self.lead_lo, self.lead_hi = gap_edges[:-1], gap_edges[1:]
         # members of a public panel are one measurement at the visit: no lead (a component alone on another day
         # would break the panel)
-        self.no_lead = torch.as_tensor([layout.vocab.item_of(t).kind not in LEAD_KINDS for t in layout.content_tokens],
-                                       dtype=torch.bool, device=dev).reshape(layout.NC)  # tokenizer.LEAD_KINDS
+        kinds = [layout.vocab.item_of(t).kind for t in layout.content_tokens]
+        self.no_lead = torch.as_tensor([k not in LEAD_KINDS for k in kinds], dtype=torch.bool,
+                                       device=dev).reshape(layout.NC)
         for grp in layout.panels:
             self.no_lead[grp] = True
         v = layout.vocab
