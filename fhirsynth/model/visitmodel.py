@@ -147,11 +147,9 @@ class VisitModel(nn.Module):
         return F.gelu(self.comp(c)).view(*c.shape[:-1], self.K, c.shape[-1])
 
     def value_state(self, c: torch.Tensor, item: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
-        """The state that draws an entry's value (v_head) and its repeats in the visit (r_head)."""
+        """The state that draws an entry's value (v_head), its repeats in the visit (r_head) and its lead before
+        the visit (l_head)."""
         return F.gelu(self.v_fc(c + self.v_item(item) + self.v_prev(prev)))
-
-    def value_logits(self, c: torch.Tensor, item: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
-        return self.v_head(self.value_state(c, item, prev))
 
     # ---- training ----------------------------------------------------------------------------------------
 
