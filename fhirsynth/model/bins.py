@@ -30,12 +30,13 @@ DUR_EDGES: tuple[float, ...] = (
 # repeat a measurement many times. A set of items per visit dropped them all.
 REPEAT_EDGES: tuple[int, ...] = (1, 2, 3, 4, 6, 9, 13, 19)
 MAX_REPEAT = 24
+REPEAT_BOUNDS = REPEAT_EDGES + (MAX_REPEAT + 1,)  # bucket i holds the counts [bounds i, bounds i+1)
 N_REPEAT = len(REPEAT_EDGES)
 
 
 def repeat_bucket(count: int) -> int:
-    """The REPEAT_EDGES bucket of a count >= 1."""
-    return max(i for i, e in enumerate(REPEAT_EDGES) if count >= e)
+    """The REPEAT_EDGES bucket of a count >= 1 (counts above MAX_REPEAT in the last)."""
+    return bucket_of(count, REPEAT_BOUNDS)
 
 
 DAYS_PER_YEAR = 365.25

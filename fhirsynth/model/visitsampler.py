@@ -29,7 +29,7 @@ from collections import Counter
 import numpy as np
 import torch
 
-from fhirsynth.model.bins import DAYS_PER_YEAR, EARLY_AGE_EDGES, GAP_EDGES, MAX_REPEAT, REPEAT_EDGES
+from fhirsynth.model.bins import DAYS_PER_YEAR, EARLY_AGE_EDGES, GAP_EDGES, N_REPEAT, REPEAT_BOUNDS
 from fhirsynth.model.grammar import Grammar
 from fhirsynth.model.measurements import AGE_BANDS, CELL_YEAR_DAYS, FIRST_AGE_EDGES
 from fhirsynth.model.reasons import close_reasons, reason_conditions
@@ -88,9 +88,8 @@ class VisitSampler:
         self.first_lo = torch.as_tensor(edges, dtype=torch.float64, device=dev)
         self.first_hi = torch.as_tensor(edges[1:] + [float("inf")], dtype=torch.float64, device=dev)
         self.early_edges = torch.as_tensor(EARLY_AGE_EDGES, dtype=torch.float64, device=dev)
-        edges = list(REPEAT_EDGES) + [MAX_REPEAT + 1]
-        self.rep_lo = torch.as_tensor(edges[:-1], dtype=torch.long, device=dev)
-        self.rep_width = torch.as_tensor([b - a for a, b in zip(edges, edges[1:])], dtype=torch.long, device=dev)
+        bounds = torch.as_tensor(REPEAT_BOUNDS, dtype=torch.long, device=dev)
+        self.rep_lo, self.rep_width = bounds[:-1], bounds[1:] - bounds[:-1]
         gap_edges = torch.as_tensor(GAP_EDGES, dtype=torch.float64, device=dev)
         self.lead_lo, self.lead_hi = gap_edges[:-1], gap_edges[1:]
         # members of a public panel are one measurement at the visit: no lead (a component alone on another day
@@ -256,7 +255,7 @@ class VisitSampler:
                 prev = last_feat[alive[rows], cols]
                 hv = m.value_state(c[rows], cols, prev)
                 vals = _masked_draw(m.v_head(hv), vmask, gen, temperature)
-                rb = _masked_draw(m.r_head(hv), torch.ones((rows.numel(), len(REPEAT_EDGES)), dtype=torch.bool,
+                rb = _masked_draw(m.r_head(hv), torch.ones((rows.numel(), N_REPEAT), dtype=torch.bool,
                                                            device=dev), gen, temperature)
                 ur = torch.rand(rows.numel(), generator=gen, dtype=f64, device=dev)
                 reps = self.rep_lo[rb] + (ur * self.rep_width[rb]).long().clamp(max=self.rep_width[rb] - 1)
