@@ -342,11 +342,12 @@ def visit_tokens_and_leads(layout: VisitLayout, p: PatientVisits) -> tuple[list[
     return toks, leads
 
 
-def lead_days(bucket: np.ndarray, u: np.ndarray) -> np.ndarray:
-    """Days before the visit inside each lead's GAP bucket (u uniform in [0, 1)); bucket 0 is the visit itself."""
-    edges = np.asarray(GAP_EDGES, dtype=np.float64)
-    days = edges[bucket] + u * (edges[np.minimum(bucket + 1, len(edges) - 1)] - edges[bucket])
-    return np.where(bucket > 0, days, 0.0)
+def lead_days(bucket: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Days before the visit inside each lead's GAP bucket (u uniform in [0, 1), float64); bucket 0 is the visit
+    itself. The sampler and the encode/decode ceiling both place leads with it."""
+    edges = torch.as_tensor(GAP_EDGES, dtype=torch.float64, device=bucket.device)
+    days = edges[bucket] + u * (edges[bucket + 1] - edges[bucket])
+    return torch.where(bucket > 0, days, torch.zeros_like(days))
 
 
 def visit_time_draws(layout: VisitLayout, grammar: Grammar, p: PatientVisits, rng: np.random.Generator
@@ -445,7 +446,8 @@ def decode_encoded(tokenizer: Tokenizer, layout: VisitLayout, patients: list[Pat
             for k in range(1, len(visit_time)):
                 if np.isnan(visit_time[k]):
                     visit_time[k] = visit_time[k - 1]
-            d[at] = np.minimum(lead_days(lb_a[at], rng.random(at.size)), np.nan_to_num(visit_time[at]))
+            lead = lead_days(torch.from_numpy(lb_a[at]), torch.from_numpy(rng.random(at.size))).numpy()
+            d[at] = np.minimum(lead, np.nan_to_num(visit_time[at]))
         out.append(tokenizer.decode(s, d.tolist(), f"{id_prefix}-{i}"))
     return out
 

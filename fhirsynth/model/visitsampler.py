@@ -29,13 +29,13 @@ from collections import Counter
 import numpy as np
 import torch
 
-from fhirsynth.model.bins import DAYS_PER_YEAR, EARLY_AGE_EDGES, GAP_EDGES, N_REPEAT, REPEAT_BOUNDS
+from fhirsynth.model.bins import DAYS_PER_YEAR, EARLY_AGE_EDGES, N_REPEAT, REPEAT_BOUNDS
 from fhirsynth.model.grammar import Grammar
 from fhirsynth.model.measurements import AGE_BANDS, CELL_YEAR_DAYS, FIRST_AGE_EDGES
 from fhirsynth.model.reasons import close_reasons, reason_conditions
 from fhirsynth.model.tokenizer import AGE_UNKNOWN, LEAD_KINDS
 from fhirsynth.model.visitmodel import VisitModel
-from fhirsynth.model.visits import NONE, VisitLayout
+from fhirsynth.model.visits import NONE, VisitLayout, lead_days
 from fhirsynth.model.vocab import SEXES
 
 log = logging.getLogger(__name__)
@@ -90,8 +90,6 @@ class VisitSampler:
         self.early_edges = torch.as_tensor(EARLY_AGE_EDGES, dtype=torch.float64, device=dev)
         bounds = torch.as_tensor(REPEAT_BOUNDS, dtype=torch.long, device=dev)
         self.rep_lo, self.rep_width = bounds[:-1], bounds[1:] - bounds[:-1]
-        gap_edges = torch.as_tensor(GAP_EDGES, dtype=torch.float64, device=dev)
-        self.lead_lo, self.lead_hi = gap_edges[:-1], gap_edges[1:]
         # members of a public panel are one measurement at the visit: no lead (a component alone on another day
         # would break the panel)
         kinds = [layout.vocab.item_of(t).kind for t in layout.content_tokens]
@@ -262,9 +260,8 @@ class VisitSampler:
                 lb = _masked_draw(m.l_head(hv), torch.ones((rows.numel(), L.n_gap), dtype=torch.bool, device=dev),
                                   gen, temperature)
                 ul = torch.rand(rows.numel(), generator=gen, dtype=f64, device=dev)
-                leads = torch.where(lb > 0, self.lead_lo[lb] + ul * (self.lead_hi[lb] - self.lead_lo[lb]),
-                                    torch.zeros_like(ul))
-                leads = torch.minimum(leads, (t_vis[rows].double() - self.lead_floor[cols]).clamp(min=0.0))
+                room = (t_vis[rows].double() - self.lead_floor[cols]).clamp(min=0.0)  # birth, lowest allowed age
+                leads = torch.minimum(lead_days(lb, ul), room)
                 # a day without an encounter is its events' day (training never sees a lead there)
                 leads = torch.where(self.no_lead[cols] | (enc[rows] == NONE), torch.zeros_like(leads), leads)
                 if self.has_twins:  # one measurement, one value (same_code_items)
