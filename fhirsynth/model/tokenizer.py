@@ -195,6 +195,8 @@ class Tokenizer:
         (the token model's budget). leads: filled with one number per token, how many days before its visit's
         start an entry's own time lies (a condition whose onset precedes the encounter that records it), 0 for
         every other token (the visit model learns it, visits.py; the token grammar places events at their visit)."""
+        if leads is not None and compress:  # compression may slim a visit's entries: their leads would not line up
+            raise ValueError("leads are kept for uncompressed encodings only")
         stats = stats if stats is not None else Counter()
         v, p = self.vocab, tl.patient
         if p.birth_date is None:
@@ -264,28 +266,26 @@ class Tokenizer:
             toks += [v.DEATH, v.start("age") + v.age_bucket(death_days)]
             times += [ref_days, death_days]
         prev = death_days if death_days is not None else ref_days
-        lead_of = [0.0] * len(toks)
+        if leads is not None:
+            leads[:] = [0.0] * len(toks)
         for k in range(len(visits) - 1, -1, -1):  # newest first: every gap counts back from the later time
             days, entries = visits[k]
             toks.append(v.start("gap") + bucket_of(max(prev - days, 0.0), GAP_EDGES))
-            lead_of.append(0.0)
             prev = min(days, prev)
             times.append(prev)
             for e, (_, tok, extra) in enumerate(entries):
+                if leads is not None:  # the entry's lead at its item token, 0 at the gap before and the extras
+                    leads += [0.0] * (len(toks) - len(leads)) + [visit_leads[k][e]] + [0.0] * len(extra)
                 toks.append(tok)
                 toks.extend(extra)
-                lead_of += [0.0 if compress else visit_leads[k][e]] + [0.0] * len(extra)
             times += [prev] * (len(toks) - len(times))
         if truncated:  # older history exists but did not fit: no END, which means "no older history"
             stats["sequences_truncated"] += 1
         else:
             toks.append(v.END)
             times.append(prev)
-            lead_of.append(0.0)
         if leads is not None:
-            if compress:  # compression may slim a visit's entries: their leads no longer line up
-                raise ValueError("leads are kept for uncompressed encodings only")
-            leads[:] = lead_of
+            leads += [0.0] * (len(toks) - len(leads))
         return toks, times
 
     @staticmethod
