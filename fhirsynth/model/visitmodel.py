@@ -156,6 +156,15 @@ class VisitModel(nn.Module):
     def forward(self, feats, gap_in, age_in, early_in, static, eg_tgt, gq, aq, eq, x_tgt, enc_tgt, type_tgt,
                 edur_tgt, vi_pos, vi_item, vi_val, vi_prev, vi_rep, vi_lead, allowed) -> torch.Tensor:
         """The summed NLL of each patient [B] (the batch tensors of visits.VisitCollate; allowed [NC, n_values])."""
+        terms = self.loss_terms(feats, gap_in, age_in, early_in, static, eg_tgt, gq, aq, eq, x_tgt, enc_tgt,
+                                type_tgt, edur_tgt, vi_pos, vi_item, vi_val, vi_prev, vi_rep, vi_lead, allowed)
+        return sum(terms.values()) / float(self.cfg.max_visits)
+
+    def loss_terms(self, feats, gap_in, age_in, early_in, static, eg_tgt, gq, aq, eq, x_tgt, enc_tgt, type_tgt,
+                   edur_tgt, vi_pos, vi_item, vi_val, vi_prev, vi_rep, vi_lead, allowed) -> dict[str, torch.Tensor]:
+        """Each patient's NLL [B] per term (static, gap, content, value, repeat, lead), before the division by
+        max_visits: what each part of the record costs, and under DP how the clipped per-patient gradient is
+        shared among them (benchmarks/dp_gradient_share.py)."""
         B, T, _ = feats.shape
         pos = torch.arange(T, device=feats.device).unsqueeze(0).expand(B, T)
         x = self.visit_in(feats) + self.time_embedding(gap_in, age_in, early_in) + self.pos(pos)
@@ -165,13 +174,14 @@ class VisitModel(nn.Module):
         h = self.ln_f(x)  # [B, T, d]
         # static terms
         bl, rl, el, dl = self.static_logits(static)
-        nll = (F.cross_entropy(bl, static[:, 1], reduction="none") + F.cross_entropy(rl, static[:, 2], reduction="none")
-               + F.cross_entropy(el, static[:, 3], reduction="none")
-               + F.cross_entropy(dl, static[:, 5], reduction="none") * static[:, 4].to(h.dtype))
+        static_nll = (F.cross_entropy(bl, static[:, 1], reduction="none")
+                      + F.cross_entropy(rl, static[:, 2], reduction="none")
+                      + F.cross_entropy(el, static[:, 3], reduction="none")
+                      + F.cross_entropy(dl, static[:, 5], reduction="none") * static[:, 4].to(h.dtype))
         # END / gap
         eg = self.eg_head(h)
         ok = eg_tgt >= 0
-        nll = nll + (F.cross_entropy(eg.transpose(1, 2), eg_tgt.clamp(min=0), reduction="none") * ok).sum(1)
+        gap_nll = (F.cross_entropy(eg.transpose(1, 2), eg_tgt.clamp(min=0), reduction="none") * ok).sum(1)
         # visit content: mixture over K components
         vis = enc_tgt >= 0  # [B, T] a visit follows
         c = self.context(h, gq, aq, eq)
@@ -184,18 +194,19 @@ class VisitModel(nn.Module):
             lp = F.log_softmax(head(z), dim=-1)  # [B, T, K, n]
             ll = ll + lp.gather(-1, tgt.clamp(min=0)[:, :, None, None].expand(B, T, self.K, 1)).squeeze(-1)
         visit_ll = torch.logsumexp(logp_k + ll, dim=-1)  # [B, T]
-        nll = nll - (visit_ll * vis).sum(1)
+        content_nll = -(visit_ll * vis).sum(1)
         # values of the present items
         cv = c.gather(1, vi_pos[:, :, None].expand(B, vi_pos.shape[1], c.shape[-1]))  # [B, M, d]
         hv = self.value_state(cv, vi_item, vi_prev)
         vl = self.v_head(hv).masked_fill(~allowed[vi_item], float("-inf"))
         vok = (vi_val >= 0) & allowed[vi_item, vi_val.clamp(min=0)]
         vnll = F.cross_entropy(vl.transpose(1, 2), vi_val.clamp(min=0), reduction="none")
-        nll = nll + torch.where(vok, vnll, torch.zeros_like(vnll)).sum(1)
-        rnll = F.cross_entropy(self.r_head(hv).transpose(1, 2), vi_rep, reduction="none")
-        rnll = rnll + F.cross_entropy(self.l_head(hv).transpose(1, 2), vi_lead, reduction="none")
-        nll = nll + (rnll * (vi_val >= 0)).sum(1)  # every entry (padding has vi_val -1)
-        return nll / float(self.cfg.max_visits)
+        value_nll = torch.where(vok, vnll, torch.zeros_like(vnll)).sum(1)
+        entry = (vi_val >= 0).to(h.dtype)  # every entry (padding has vi_val -1)
+        repeat_nll = (F.cross_entropy(self.r_head(hv).transpose(1, 2), vi_rep, reduction="none") * entry).sum(1)
+        lead_nll = (F.cross_entropy(self.l_head(hv).transpose(1, 2), vi_lead, reduction="none") * entry).sum(1)
+        return {"static": static_nll, "gap": gap_nll, "content": content_nll, "value": value_nll,
+                "repeat": repeat_nll, "lead": lead_nll}
 
     # ---- sampling ----------------------------------------------------------------------------------------
 
