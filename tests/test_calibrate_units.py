@@ -74,7 +74,8 @@ def test_targets_skip_families_without_queries_only():
     assert ms.Spec(codes=[A, B, C]).sizes().keys() == spec_sizes.keys()
     assert {f for f, n in ms.Spec(codes=[A, B, C]).sizes().items() if n == 0} == empty
     assert tg.families == [f for f in spec_sizes if f not in empty] and not empty & set(tg.offsets)
-    assert len(tg.target) == sum(n for f, n in spec_sizes.items() if f not in empty)
+    # a cumulative family has one query fewer than its histogram (bucket 0 and above is everyone)
+    assert len(tg.target) == sum(n - (f in cb.CUMULATIVE_FAMILIES) for f, n in spec_sizes.items() if f not in empty)
     assert spec_sizes["top_prevalence"] == 2 and spec_sizes["top_held"] == 3  # with A and B: 0, 1 or 2 held
 
 
@@ -88,6 +89,35 @@ def test_errors_are_max_or_mean_absolute_share_differences():
     gaps = [abs(shares[0] - 0.5), abs(shares[1] - 0.1), abs(shares[2] - 0.9)]
     assert cb.errors(Q, w, tg) == pytest.approx({"x": gaps[0], "y": max(gaps[1:]), "z": 0.0})
     assert cb.errors(Q, w, tg, "mean") == pytest.approx({"x": gaps[0], "y": (gaps[1] + gaps[2]) / 2, "z": 0.0})
+
+
+def test_tail_counts_combine_the_sum_above_and_the_count_minus_the_sum_below():
+    c = np.array([1.0, 2.0, 3.0, 4.0])
+    up, sd = cb.tail_counts(c, 0.0, 10.0, 0.0)  # exact: the sums from bucket j up
+    assert up.tolist() == [9.0, 7.0, 4.0] and sd.tolist() == [0.0, 0.0, 0.0]
+    # noisy: above j sums 3, 2, 1 buckets (variance 3, 2, 1), below j 1, 2, 3 buckets plus the count's variance 0
+    tail, sd = cb.tail_counts(c, 1.0, 12.0, 0.0)
+    below = np.array([11.0, 9.0, 6.0])  # 12 - 1, 12 - 3, 12 - 6
+    v_up, v_below = np.array([3.0, 2.0, 1.0]), np.array([1.0, 2.0, 3.0])
+    assert tail == pytest.approx((np.array([9.0, 7.0, 4.0]) / v_up + below / v_below) / (1 / v_up + 1 / v_below))
+    assert sd == pytest.approx((1 / v_up + 1 / v_below) ** -0.5)
+    # a noisier patient count moves the estimate toward the sums above
+    assert np.all(np.abs(cb.tail_counts(c, 1.0, 12.0, 100.0)[0] - [9.0, 7.0, 4.0]) < np.abs(tail - [9.0, 7.0, 4.0]))
+
+
+def test_the_measured_cohort_meets_every_exact_target_and_lengths_are_cumulative():
+    """Exact measurements of a cohort, read back on the same cohort: every query's share is its target; the
+    events and visits queries are "at least bucket j" (a patient counts toward every edge up to its bucket)."""
+    tls = cohort(40, 0.3, 2)
+    tg = cb.targets(exact_doc(tls, pair_codes=2))
+    assert set(tg.cumulative) == {"visits", "events"}
+    Q = cb.query_matrix(tls, tg)
+    assert np.allclose(Q.T @ np.full(len(tls), 1 / len(tls)), tg.target)
+    lo, hi = tg.offsets["events"]
+    n_events = [sum(e.kind in ms.CODE_KINDS for e in tl.events) for tl in tls]
+    for i, n in enumerate(n_events):
+        row = Q[i, lo:hi].toarray().ravel()
+        assert row.tolist() == [1.0 if n >= ms.BUCKET_EDGES[j] else 0.0 for j in range(1, hi - lo + 1)]
 
 
 # ---------------------------------------------------------------- fit_weights
@@ -111,7 +141,8 @@ def objective(w: np.ndarray, Q, tg: cb.Targets, n_out: int, tau: float) -> float
     for f in tg.families:
         lo, hi = tg.offsets[f]
         h = np.maximum(np.abs(a[lo:hi] - tg.target[lo:hi]) / tg.scale[lo:hi] - cb.DEADZONE, 0.0)
-        fit += np.mean(h ** 2) / len(tg.families)
+        h = np.where(h <= cb.HUBER, h ** 2, 2 * cb.HUBER * h - cb.HUBER ** 2)
+        fit += cb.FAMILY_WEIGHTS.get(f, 1.0) * np.mean(h) / len(tg.families)
     kl = float(np.sum(w * np.log(w)) + np.log(len(w)))  # KL(w || uniform)
     return fit + tau * kl + cb.CAP_PENALTY * float(np.sum(np.maximum(n_out * w - 1.0, 0.0) ** 2))
 
@@ -138,6 +169,51 @@ def test_fit_weights_reach_the_minimum_of_the_documented_objective(n_out, tau):
     assert w.sum() == pytest.approx(1.0) and (w > 0).all()
     assert objective(w, Q, tg, n_out, tau) <= objective(ref, Q, tg, n_out, tau) * (1 + 2e-5)
     assert np.abs(w - ref).max() < 2e-4
+
+
+def test_fit_weights_reach_the_minimum_with_a_target_out_of_reach_and_a_weighted_family():
+    """A target HUBER noise standard deviations beyond what any weighting reaches (the linear part of the loss)
+    and a family with a FAMILY_WEIGHTS weight."""
+    Q, tg = _problem()
+    far = tg.target.copy()
+    far[1] = 1.0  # query 1 is held by a few patients only: no weighting reaches a share of 1
+    tg = cb.Targets(**{**tg.__dict__, "target": far, "families": ["a", "events"],
+                       "offsets": {"a": tg.offsets["a"], "events": tg.offsets["b"]}})
+    assert cb.FAMILY_WEIGHTS["events"] != 1.0
+    w = cb.fit_weights(Q, tg, 5, tau=0.2)
+    ref = reference_weights(Q, tg, 5, 0.2)
+    assert abs((Q.T @ w)[1] - 1.0) / tg.scale[1] - cb.DEADZONE > cb.HUBER  # the linear part is where it ends
+    assert objective(w, Q, tg, 5, 0.2) <= objective(ref, Q, tg, 5, 0.2) * (1 + 2e-5)
+    assert np.abs(w - ref).max() < 2e-4
+
+
+def length_cohort(n: int, holds_a, seed: int) -> list[Timeline]:
+    """Patients of 1-22 days with C and either A or B every day (the same events per day whichever they hold)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        days = 1 + 3 * (i % 8)
+        codes = [C, A if holds_a(days, rng) else B]
+        evs = [Event(time=T0 + timedelta(days=d), kind=k, system=s, code=c, encounter_id=f"e{i}-{d}")
+               for d in range(days) for (k, s, c) in codes]
+        out.append(Timeline(PatientInfo(f"p{i}", sex="female" if i % 2 else "male",
+                                        birth_date=date(1950 + i % 60, 1, 1)), evs))
+    return out
+
+
+def test_a_code_share_out_of_reach_does_not_cost_the_record_lengths():
+    """80% of the real patients hold A at every length; in the pool only some one-day patients do, too few for
+    any draw of 100 to reach 80%. Squared, the pull toward A took the draw's mass to the one-day records (events
+    per patient 0.42 from the measured distribution, KS); with the Huber loss and the length families' weight
+    the lengths stay within 0.2 (A's share is left to repair)."""
+    real = length_cohort(200, lambda d, r: r.random() < 0.8, 1)
+    pool = length_cohort(400, lambda d, r: d == 1 and r.random() < 0.5, 2)
+    tg = cb.targets(exact_doc(real))
+    Q = cb.query_matrix(pool, tg)
+    squared = cb.errors(Q, cb.fit_weights(Q, tg, 100, weights={}, huber_sd=np.inf), tg)
+    default = cb.errors(Q, cb.fit_weights(Q, tg, 100), tg)
+    assert squared["events"] > 0.35 and default["events"] < 0.2 and default["visits"] < 0.2
+    assert squared["prevalence"] < default["prevalence"]  # what the lengths were traded for
 
 
 def test_fit_weights_keep_every_weight_under_one_over_n():
@@ -203,7 +279,9 @@ def test_systematic_draw_replaces_a_repeat_by_the_likeliest_others():
 
 # ---------------------------------------------------------------- calibrate's report
 def _shares(tls: list[Timeline], spec: ms.Spec, families) -> dict[str, np.ndarray]:
-    return {f: c / len(tls) for f, c in ms.exact_counts(tls, spec, tuple(families)).items()}
+    """Each query's share; for a cumulative family (visits, events) of its histogram's tails, bucket 1 up."""
+    return {f: (np.cumsum(c[::-1])[::-1][1:] if f in cb.CUMULATIVE_FAMILIES else c) / len(tls)
+            for f, c in ms.exact_counts(tls, spec, tuple(families)).items()}
 
 
 def test_calibrate_reports_errors_recomputed_from_its_output():

@@ -97,6 +97,17 @@ def test_a_code_above_its_target_loses_the_least_alike_holders_cell_by_cell(capl
     assert [e for e in out[0].events if (e.kind, e.system, e.code) == X]  # the input is not modified
 
 
+@pytest.mark.parametrize("share,moved", [(9.6 / 16, 0), (9.4 / 16, 1)])
+def test_a_code_is_not_moved_further_past_its_target_than_it_started(share, moved):
+    """Exact measurements have a tolerance under one patient: 0.4 of a patient above the target stays (removing
+    one holder would leave it 0.6 below), 0.6 above loses one holder (0.4 below)."""
+    out = removal_cohort()
+    ct = target(X, share, {F_CELL: 5 / 16, M_CELL: 4 / 16}, tolerance=0.01 / 16)
+    res, report = repair(out, pool_where_y_goes_with_x(), [ct, inert(Y), inert(W)], seed=1)
+    assert sum(holds(tl, X) for tl in res) == 10 - moved
+    assert report["holders_removed"] == moved
+
+
 def test_a_code_within_one_patient_of_its_tolerance_is_still_repaired():
     """k = 1 (one patient over target + tolerance): one holder loses it, the report counts the code."""
     out = removal_cohort()

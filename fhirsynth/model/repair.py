@@ -177,7 +177,10 @@ def repair(out: list[Timeline], pool: list[Timeline], targets: list[CodeTarget],
         holders = held[:, j].copy()
         share = holders.mean() if n else 0.0
         excess = share - ct.target
+        # patients to move: enough to come within the tolerance, but never so many that the share ends further
+        # past the target than it started (a tolerance under half a patient, as exact measurements have)
         k = int(np.ceil((abs(excess) - ct.tolerance) * n)) if abs(excess) > ct.tolerance else 0
+        k = min(k, int(np.floor(2 * abs(excess) * n + 1e-9)))
         if k <= 0:
             continue
         # the cell's gap in patients: measured share of all patients x n - current holders there
