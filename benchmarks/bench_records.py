@@ -94,7 +94,8 @@ def main() -> int:
                         epochs=epochs, seed=seed,
                         model_config=run_model_config(arch, settings),
                         batch_size=int(settings.get("batch", 64)),
-                        lr=float(settings["lr"]) if "lr" in settings else None, init=settings.get("init"))
+                        lr=float(settings["lr"]) if "lr" in settings else None, init=settings.get("init"),
+                        entry_weight=float(settings.get("entry", 1.0)))
             log.info("%s trained in %.0f s", model.name, time.perf_counter() - t)
         privacy = json.loads((model / "privacy.json").read_text())
         log.info("%s: %s", model.name, {k: privacy.get(k) for k in ("epsilon_total", "noise_multiplier", "steps")})
@@ -123,7 +124,7 @@ def main() -> int:
     return 0
 
 
-RUN_SETTINGS = ("batch", "epochs", "lr", "init", "width", "layers")
+RUN_SETTINGS = ("batch", "epochs", "lr", "init", "width", "layers", "entry")
 
 
 def run_model_config(arch: str, settings: dict[str, str]):

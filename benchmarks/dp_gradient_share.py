@@ -1,7 +1,7 @@
 """How the visit model's per-patient gradient is shared among its loss terms (the DP-SGD question of issue 15).
 
     python benchmarks/dp_gradient_share.py --train TL_DIR [--model MODEL_DIR] [--patients 32] [--steps 0]
-        [--clip 1.0] [--term-weights repeat=0.1,lead=0.1]
+        [--clip 1.0] [--entry-weight 0.2]
 
 DP-SGD clips each patient's gradient to norm C and adds noise of norm about sigma C sqrt(parameters) to the sum:
 a term that takes most of a patient's gradient takes most of what the clip lets through, whatever its worth for
@@ -9,7 +9,7 @@ the output. For --patients training patients (the first ones of TL_DIR, encoded 
 TL_DIR, or with --model's vocabulary and weights) this prints, per term of VisitModel.loss_terms, the median
 per-patient gradient norm and the term's share of the patient's total gradient (g_t . g / g . g: the shares of a
 patient add up to 1), at the network's initial weights, after --steps plain Adam steps on batches of the same
-patients, or at --model's trained weights. --term-weights scales terms as train's --term-weights would.
+patients, or at --model's trained weights. --entry-weight scales the repeat and lead terms as train's --entry-weight does.
 Not DP itself (exact data, a measurement for the developer); nothing here is released.
 """
 
@@ -30,14 +30,6 @@ sys.path.insert(0, str(REPO))
 from fhirsynth.timeline.io import read_timelines  # noqa: E402
 
 log = logging.getLogger("dp_gradient_share")
-
-
-def parse_weights(text: str) -> dict[str, float]:
-    out = {}
-    for part in filter(None, text.split(",")):
-        k, _, v = part.partition("=")
-        out[k.strip()] = float(v)
-    return out
 
 
 def build(train: Path, model_dir: Path | None, n: int):
@@ -110,10 +102,12 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=0)
     ap.add_argument("--lr", type=float, default=1e-2)
     ap.add_argument("--clip", type=float, default=1.0)
-    ap.add_argument("--term-weights", default="")
+    ap.add_argument("--entry-weight", type=float, default=1.0)
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    weights = parse_weights(args.term_weights)
+    from fhirsynth.model.visitmodel import ENTRY_TERMS
+
+    weights = {k: args.entry_weight for k in ENTRY_TERMS}
     model, items, collate, allowed = build(args.train, args.model, args.patients)
     if args.steps:
         train_steps(model, items, collate, allowed, weights, args.steps, args.lr)

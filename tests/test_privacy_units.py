@@ -233,7 +233,8 @@ def test_validate_messages_say_what_and_which_value():
     problems = {"epochs": (0, "--epochs must be >= 1 (got 0)"), "batch_size": (0, "--batch-size must be >= 1 (got 0)"),
                 "max_physical_batch": (0, "--max-physical-batch must be >= 1 (got 0)"),
                 "lr": (0.0, "learning rate must be > 0 (got 0.0)"),
-                "warmup_frac": (1.0, "warmup fraction must be in [0, 1) (got 1.0)")}
+                "warmup_frac": (1.0, "warmup fraction must be in [0, 1) (got 1.0)"),
+                "entry_weight": (1.5, "entry weight must be in [0, 1] (got 1.5)")}
     for name, (value, message) in problems.items():
         with pytest.raises(UsageError) as err:
             _validate(_config(dp=False, **{name: value}))

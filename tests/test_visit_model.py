@@ -258,6 +258,27 @@ def test_an_empty_first_poisson_batch_is_a_noise_only_step():
     assert per.shape == (4,) and bool(torch.isfinite(per).all()) and units > 4
 
 
+def test_the_entry_weight_scales_the_repeat_and_lead_terms_of_the_training_loss():
+    """arch.loss (what training minimises) is the sum of loss_terms over max_visits, the repeat and lead terms
+    times entry_weight; 0 drops them, and a patient with entries has non-zero repeat and lead terms to drop."""
+    from fhirsynth.model.archs import build_arch
+    from fhirsynth.model.config import ModelConfig
+    from fhirsynth.model.visitmodel import ENTRY_TERMS
+    from fhirsynth.model.visits import VisitLayout
+
+    tls = make_timelines(6, seed=4)
+    for weight in (1.0, 0.25, 0.0):
+        mc = ModelConfig(d_model=16, n_layers=1, n_heads=2, d_ff=32, max_visits=8, n_components=2)
+        torch.manual_seed(0)
+        arch = build_arch(mc, _vocab(tls), tls, Counter(), entry_weight=weight)
+        batch = arch.to_device(arch.collate([arch.dataset[i] for i in range(4)]), torch.device("cpu"))
+        per, _ = arch.loss(arch.model, batch)
+        terms = arch.model.loss_terms(**batch, allowed=torch.as_tensor(VisitLayout(_vocab(tls)).allowed))
+        assert all(bool((terms[k] > 0).all()) for k in ENTRY_TERMS)
+        want = sum(t * (weight if k in ENTRY_TERMS else 1.0) for k, t in terms.items()) / mc.max_visits
+        assert torch.allclose(per, want)
+
+
 def test_decoded_visit_times_stay_in_their_age_year():
     """The encode/decode ceiling places each visit inside its gap bucket AND its own age year (a feasible interval
     per visit, visits.visit_time_draws), the birth inside its band and its age at the reference date: long

@@ -42,6 +42,10 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=None,
                    help=f"learning rate (default {DEFAULT_LR_DP:g} with DP; with --no-dp {DEFAULT_LR_VISIT:g} for the visit "
                         f"model, {DEFAULT_LR:g} for the token model)")
+    p.add_argument("--entry-weight", type=float, default=TrainConfig.entry_weight,
+                   help="visit model: weight of each entry's repeat and lead terms in the training loss, 0-1 (default "
+                        "1; under DP a smaller weight leaves more of each patient's clipped gradient to the visit "
+                        "content: BENCHMARKS.md, eighteenth session)")
     p.add_argument("--warmup-frac", type=float, default=TrainConfig.warmup_frac,
                    help="share of the steps over which the learning rate rises linearly to --lr "
                         f"(default {TrainConfig.warmup_frac:g})")
@@ -132,7 +136,8 @@ def run(args: argparse.Namespace) -> int:
         args.timelines, args.out, epsilon=None if args.no_dp else args.epsilon, delta=args.delta,
         dp=not args.no_dp, epochs=args.epochs, device=args.device, seed=args.seed, batch_size=args.batch_size,
         max_physical_batch=args.max_physical_batch, max_grad_norm=args.max_grad_norm, lr=args.lr,
-        warmup_frac=args.warmup_frac, reproducible_noise=args.reproducible_noise, work_dir=args.work_dir,
+        entry_weight=args.entry_weight, warmup_frac=args.warmup_frac,
+        reproducible_noise=args.reproducible_noise, work_dir=args.work_dir,
         vocab_epsilon_fraction=args.vocab_epsilon_fraction,
         measure_epsilon_fraction=args.measure_epsilon_fraction,
         # with --init the network sizes are the prior's: only the architecture is passed on

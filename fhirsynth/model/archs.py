@@ -56,8 +56,10 @@ def build_network(mc: ModelConfig) -> nn.Module:
     return Transformer(mc)
 
 
-def build_arch(mc: ModelConfig, vocab: Vocab, timelines: list[Timeline], stats: Counter) -> Arch:
-    """The dataset, collate function and network of mc.arch (fills mc's data-independent sizes)."""
+def build_arch(mc: ModelConfig, vocab: Vocab, timelines: list[Timeline], stats: Counter, *,
+               entry_weight: float = 1.0) -> Arch:
+    """The dataset, collate function and network of mc.arch (fills mc's data-independent sizes); entry_weight:
+    the visit model's repeat and lead terms in the training loss (TrainConfig.entry_weight)."""
     tokenizer = Tokenizer(vocab)
     mc.vocab_size = vocab.size
     if mc.arch == "visit":
@@ -69,7 +71,7 @@ def build_arch(mc: ModelConfig, vocab: Vocab, timelines: list[Timeline], stats: 
         allowed = torch.as_tensor(layout.allowed)
 
         def loss(model: nn.Module, batch: dict) -> tuple[torch.Tensor, int]:
-            per = model(**batch, allowed=allowed.to(batch["feats"].device))
+            per = model(**batch, allowed=allowed.to(batch["feats"].device), entry_weight=entry_weight)
             return per, int((batch["eg_tgt"] >= 0).sum())
 
         def to_device(batch, dev):

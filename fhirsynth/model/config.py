@@ -116,6 +116,10 @@ class TrainConfig:
     batch_size: int = 64
     max_physical_batch: int = 32
     max_grad_norm: float = 1.0
+    # the visit model's per-entry repeat and lead terms in the loss (1 = as they are). Under DP they share each
+    # patient's clipped gradient with the visit content; at the starting weights of the es-ips split they take
+    # 30% of it, at the end of ε = 8 training 21% (benchmarks/dp_gradient_share.py, BENCHMARKS.md eighteenth session)
+    entry_weight: float = 1.0
     lr: float = DEFAULT_LR  # train_model's default with DP is DEFAULT_LR_DP
     # linear learning-rate warmup over this share of the steps, then constant (a public schedule)
     warmup_frac: float = 0.1

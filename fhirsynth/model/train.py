@@ -147,6 +147,8 @@ def _validate(tc: TrainConfig) -> None:
         problems.append(f"--max-physical-batch must be >= 1 (got {tc.max_physical_batch})")
     if not tc.lr > 0:
         problems.append(f"learning rate must be > 0 (got {tc.lr})")
+    if not 0 <= tc.entry_weight <= 1:
+        problems.append(f"entry weight must be in [0, 1] (got {tc.entry_weight})")
     if not 0 <= tc.warmup_frac < 1:
         problems.append(f"warmup fraction must be in [0, 1) (got {tc.warmup_frac})")
     if problems:
@@ -220,6 +222,7 @@ def train_model(
     max_physical_batch: int = 32,
     max_grad_norm: float = 1.0,
     lr: float | None = None,
+    entry_weight: float = TrainConfig.entry_weight,
     warmup_frac: float = TrainConfig.warmup_frac,
     reproducible_noise: bool = False,
     work_dir: str | os.PathLike | None = None,
@@ -246,7 +249,7 @@ def train_model(
         lr = default_lr(model_config.arch if model_config else ModelConfig.arch, dp)
     tc = TrainConfig(epsilon=epsilon if dp else None, delta=delta, dp=dp, epochs=epochs, batch_size=batch_size,
                      max_physical_batch=max_physical_batch, max_grad_norm=max_grad_norm, lr=lr, seed=seed,
-                     warmup_frac=warmup_frac,
+                     warmup_frac=warmup_frac, entry_weight=entry_weight,
                      reproducible_noise=reproducible_noise, vocab_epsilon_fraction=vocab_epsilon_fraction,
                      measure_epsilon_fraction=measure_epsilon_fraction,
                      measure_delta_fraction=TrainConfig.measure_delta_fraction if measure_epsilon_fraction > 0
@@ -375,7 +378,7 @@ def _train(tc, tdir, out, work, dev, tk, mc, delta, dp, seed, on_step, dctx, mai
 
     stats: Counter = Counter()
     torch.manual_seed(seed)
-    arch = build_arch(mc, vocab, timelines, stats)
+    arch = build_arch(mc, vocab, timelines, stats, entry_weight=tc.entry_weight)
     del timelines
     for k, v in sorted(stats.items()):
         log.debug("encoder: %s = %d", k, v)  # exact counts: the operator's console only, at debug level

@@ -39,6 +39,9 @@ from fhirsynth.model.config import ModelConfig
 from fhirsynth.model.transformer import Block, KVCache
 
 
+ENTRY_TERMS = ("repeat", "lead")  # per-entry terms beside the value: how often and how long before the visit
+
+
 @dataclass(frozen=True)
 class VisitSizes:
     """The index spaces the model needs (from visits.VisitLayout), stored in config.json."""
@@ -154,11 +157,14 @@ class VisitModel(nn.Module):
     # ---- training ----------------------------------------------------------------------------------------
 
     def forward(self, feats, gap_in, age_in, early_in, static, eg_tgt, gq, aq, eq, x_tgt, enc_tgt, type_tgt,
-                edur_tgt, vi_pos, vi_item, vi_val, vi_prev, vi_rep, vi_lead, allowed) -> torch.Tensor:
-        """The summed NLL of each patient [B] (the batch tensors of visits.VisitCollate; allowed [NC, n_values])."""
+                edur_tgt, vi_pos, vi_item, vi_val, vi_prev, vi_rep, vi_lead, allowed,
+                entry_weight: float = 1.0) -> torch.Tensor:
+        """The summed NLL of each patient [B] (the batch tensors of visits.VisitCollate; allowed [NC, n_values]),
+        the repeat and lead terms times entry_weight (training's TrainConfig.entry_weight; 1 = the likelihood)."""
         terms = self.loss_terms(feats, gap_in, age_in, early_in, static, eg_tgt, gq, aq, eq, x_tgt, enc_tgt,
                                 type_tgt, edur_tgt, vi_pos, vi_item, vi_val, vi_prev, vi_rep, vi_lead, allowed)
-        return sum(terms.values()) / float(self.cfg.max_visits)
+        nll = sum(t * (entry_weight if k in ENTRY_TERMS else 1.0) for k, t in terms.items())
+        return nll / float(self.cfg.max_visits)
 
     def loss_terms(self, feats, gap_in, age_in, early_in, static, eg_tgt, gq, aq, eq, x_tgt, enc_tgt, type_tgt,
                    edur_tgt, vi_pos, vi_item, vi_val, vi_prev, vi_rep, vi_lead, allowed) -> dict[str, torch.Tensor]:
