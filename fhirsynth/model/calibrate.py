@@ -50,9 +50,10 @@ TAU = 1e-3  # entropy weight
 CAP_PENALTY = 10.0
 CUMULATIVE_FAMILIES = ("visits", "events")
 # relative family weights (default 1): the record-length histograms are two families against eight about codes,
-# and repair restores code shares after the draw but not lengths. 5 measured on the US split without DP (one
-# model, pools of 2,000): events / visits per patient KS 0.26 / 0.15 -> 0.15 / 0.06, weight 1: 0.19 / 0.06
-FAMILY_WEIGHTS = {"visits": 5.0, "events": 5.0}
+# and repair restores code shares after the draw but not lengths. Measured on the US split (BENCHMARKS.md,
+# eighteenth session): without DP 3 and 5 alike (events / visits per patient KS 0.26 / 0.15 -> 0.12 / 0.06); at
+# epsilon 8 a larger weight buys shorter KS with patient co-occurrence, 5 lost 0.1-0.2 more of it than 3
+FAMILY_WEIGHTS = {"visits": 3.0, "events": 3.0}
 DEFAULT_POOL_FACTOR = 5
 # requested patients calibrated together: the pool of one chunk (x pool factor) is held in memory, so a large n
 # streams chunk by chunk like plain generation
