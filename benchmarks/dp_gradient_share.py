@@ -112,7 +112,7 @@ def main() -> int:
     if args.steps:
         train_steps(model, items, collate, allowed, weights, args.steps, args.lr)
     res = shares(model, items, collate, allowed, weights)
-    print(f"| term | median per-patient gradient norm | mean share of the patient's gradient |")
+    print("| term | median per-patient gradient norm | mean share of the patient's gradient |")
     print("|---|---|---|")
     for name, r in res.items():
         print(f"| {name} | {r['median_norm']:.3g} | {r['mean_share']:.3f} |")
