@@ -32,8 +32,8 @@ from fhirsynth.timeline.io import read_timelines  # noqa: E402
 log = logging.getLogger("dp_gradient_share")
 
 
-def build(train: Path, model_dir: Path | None, n: int):
-    """(network, dataset items, collate, allowed) for the first n patients of train."""
+def build(train: Path, model_dir: Path | None, n: int, entry_weight: float):
+    """(archs.Arch with training's loss at entry_weight, dataset items, allowed) for the first n patients of train."""
     from fhirsynth.model.archs import build_arch
     from fhirsynth.model.config import ModelConfig, TokenizerConfig
     from fhirsynth.model.dpnoise import NoiseSource
@@ -51,11 +51,11 @@ def build(train: Path, model_dir: Path | None, n: int):
                                noise=NoiseSource.reproducible(1))
         mc = ModelConfig(arch="visit")
     torch.manual_seed(1)
-    arch = build_arch(mc, vocab, timelines, Counter())
+    arch = build_arch(mc, vocab, timelines, Counter(), entry_weight=entry_weight)
     if model_dir is not None:
         arch.model.load_state_dict(loaded.model.state_dict())
     items = [arch.dataset[i] for i in range(min(n, len(arch.dataset)))]
-    return arch.model, items, arch.collate, torch.as_tensor(VisitLayout(vocab).allowed)
+    return arch, items, torch.as_tensor(VisitLayout(vocab).allowed)
 
 
 def shares(model, items, collate, allowed, weights: dict[str, float]) -> dict[str, dict[str, float]]:
@@ -82,13 +82,13 @@ def shares(model, items, collate, allowed, weights: dict[str, float]) -> dict[st
     return out
 
 
-def train_steps(model, items, collate, allowed, weights, steps: int, lr: float) -> None:
-    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+def train_steps(arch, items, steps: int, lr: float) -> None:
+    """Plain Adam steps on batches of 16 of the items, with training's own loss (arch.loss)."""
+    opt = torch.optim.AdamW(arch.model.parameters(), lr=lr)
     rng = np.random.default_rng(1)
     for _ in range(steps):
         idx = rng.choice(len(items), size=min(16, len(items)), replace=False)
-        terms = model.loss_terms(**collate([items[i] for i in idx]), allowed=allowed)
-        loss = sum(t.mean() * weights.get(k, 1.0) for k, t in terms.items()) / float(model.cfg.max_visits)
+        loss = arch.loss(arch.model, arch.collate([items[i] for i in idx]))[0].mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -108,10 +108,10 @@ def main() -> int:
     from fhirsynth.model.visitmodel import ENTRY_TERMS
 
     weights = {k: args.entry_weight for k in ENTRY_TERMS}
-    model, items, collate, allowed = build(args.train, args.model, args.patients)
+    arch, items, allowed = build(args.train, args.model, args.patients, args.entry_weight)
     if args.steps:
-        train_steps(model, items, collate, allowed, weights, args.steps, args.lr)
-    res = shares(model, items, collate, allowed, weights)
+        train_steps(arch, items, args.steps, args.lr)
+    res = shares(arch.model, items, arch.collate, allowed, weights)
     print("| term | median per-patient gradient norm | mean share of the patient's gradient |")
     print("|---|---|---|")
     for name, r in res.items():

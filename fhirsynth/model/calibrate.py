@@ -81,10 +81,10 @@ def targets(doc: dict[str, Any], floor: float = FLOOR) -> Targets:
     offsets, t, s, fo, at = {}, [], [], [], 0
     cumulative = tuple(f for f in CUMULATIVE_FAMILIES if f in names)
     for k, f in enumerate(names):
-        c = np.asarray(fams[f]["counts"], dtype=float)
-        sigma = np.full(len(c), float(fams[f]["sigma"]))
+        c, sd = np.asarray(fams[f]["counts"], dtype=float), float(fams[f]["sigma"])
+        sigma = np.full(len(c), sd)
         if f in cumulative:
-            c, sigma = tail_counts(c, float(fams[f]["sigma"]), n_hat, n_hat_var)
+            c, sigma = tail_counts(c, sd, n_hat, n_hat_var)
         offsets[f] = (at, at + len(c))
         at += len(c)
         t.append(np.clip(c / n_hat, 0.0, 1.0))
@@ -99,12 +99,12 @@ def tail_counts(c: np.ndarray, sigma: float, n_hat: float, n_hat_var: float) -> 
     the noise of each: the inverse-variance mean of the sum of the buckets from j up and of n_hat minus the sum
     below j (n_hat: the noisy patient count with variance n_hat_var; the two estimates' noises are independent)."""
     k = len(c)
-    j = np.arange(1, k)
     up = np.cumsum(c[::-1])[::-1][1:]
-    below = n_hat - np.cumsum(c)[:-1]
-    v_up, v_below = sigma ** 2 * (k - j), sigma ** 2 * j + n_hat_var
     if sigma == 0.0:  # exact counts: both estimates agree up to the patient count's definition; take the sum up
         return up, np.zeros(k - 1)
+    j = np.arange(1, k)
+    below = n_hat - np.cumsum(c)[:-1]
+    v_up, v_below = sigma ** 2 * (k - j), sigma ** 2 * j + n_hat_var
     return (up * v_below + below * v_up) / (v_up + v_below), np.sqrt(v_up * v_below / (v_up + v_below))
 
 
