@@ -9,7 +9,7 @@ shared US 800/200 split; --cohort es-ips: the shared Spanish IPS cohort's NDJSON
 train one model per run ARCH:EPSILON:SEED (inf = --no-dp; optional :batch=B, :epochs=E, :lr=L override train's
 defaults for that run, :width=D and :layers=L the network's d_model (feed-forward 4D) and depth: a DP-regime sweep
 in one run, e.g. visit:8:1:batch=800:epochs=40; :init=MODEL_DIR starts
-from a public prior, `train --init`), sample n synthetic patients, and compare each with
+from a public prior, `train --init`; :entry=W train's --entry-weight, whose default is 0.2 with DP), sample n synthetic patients, and compare each with
 the holdout using records_metrics.compare. Columns printed beside them:
   * real vs real: the training patients against the holdout (the ceiling of any generator on this split);
   * encode/decode: the holdout through the visit representation and back (what the representation keeps);
@@ -95,7 +95,7 @@ def main() -> int:
                         model_config=run_model_config(arch, settings),
                         batch_size=int(settings.get("batch", 64)),
                         lr=float(settings["lr"]) if "lr" in settings else None, init=settings.get("init"),
-                        entry_weight=float(settings.get("entry", 1.0)))
+                        entry_weight=float(settings["entry"]) if "entry" in settings else None)
             log.info("%s trained in %.0f s", model.name, time.perf_counter() - t)
         privacy = json.loads((model / "privacy.json").read_text())
         log.info("%s: %s", model.name, {k: privacy.get(k) for k in ("epsilon_total", "noise_multiplier", "steps")})
@@ -108,8 +108,10 @@ def main() -> int:
         col["sampling patients/s (1 process)"] = rate
         name = f"{arch} ε={eps_s} s{seed}{tag}" + (f"-epochs{settings['epochs']}" if "epochs" in settings else "")
         columns[name] = col
+        trained = json.loads((model / "config.json").read_text())["training"]
+        # the epochs and entry weight trained (train's defaults resolved when the run does not set them)
         runs.append({"column": name, "arch": arch, "epsilon": eps_s, "seed": seed, "dp": math.isfinite(eps),
-                     **settings, "epochs": privacy.get("epochs")})  # the epochs trained (train's default: resolved)
+                     **settings, "epochs": privacy.get("epochs"), "entry_weight": trained.get("entry_weight")})
         log.info("%s:\n%s", model.name, markdown({"real vs real": columns["real vs real"], model.name: col}))
         if args.record_start and arch == "visit":
             synth = list(sample_timelines(model, args.n_synthetic, seed=seed, device="cpu", record_start=True))

@@ -12,6 +12,7 @@ from test_model_helpers import write_dir
 
 from fhirsynth.errors import InputError, PrivacyBudgetError, UsageError
 from fhirsynth.model.config import (
+    DEFAULT_ENTRY_WEIGHT_DP,
     DEFAULT_LR,
     DEFAULT_LR_DP,
     DEFAULT_LR_VISIT,
@@ -110,6 +111,8 @@ def test_train_writes_model_dir_and_report(tl_dir, tmp_path):
     assert all(isinstance(v, torch.Tensor) for v in sd.values())
     cfg = json.loads((tmp_path / "m" / "config.json").read_text())
     assert cfg["training"]["lr"] == DEFAULT_LR_DP and cfg["training"]["warmup_frac"] == 0.5
+    # under DP the per-entry terms weigh less by default (measured: config.py), and the model says what it used
+    assert cfg["training"]["entry_weight"] == DEFAULT_ENTRY_WEIGHT_DP < 1
 
 
 def test_no_dp_reports_infinite_epsilon(tl_dir, tmp_path):
@@ -120,6 +123,7 @@ def test_no_dp_reports_infinite_epsilon(tl_dir, tmp_path):
     assert curve[0]["loss"] > curve[-1]["loss"]
     cfg = json.loads((tmp_path / "m" / "config.json").read_text())
     assert cfg["training"]["lr"] == default_lr(cfg["model"]["arch"], dp=False) == DEFAULT_LR_VISIT
+    assert cfg["training"]["entry_weight"] == 1.0  # without DP the likelihood itself
     assert default_lr("token", dp=False) == DEFAULT_LR != DEFAULT_LR_DP
 
 

@@ -9,7 +9,15 @@ import sys
 from pathlib import Path
 
 # dataclasses only: cheap at CLI start
-from fhirsynth.model.config import ARCHS, DEFAULT_LR, DEFAULT_LR_DP, DEFAULT_LR_VISIT, ModelConfig, TrainConfig
+from fhirsynth.model.config import (
+    ARCHS,
+    DEFAULT_ENTRY_WEIGHT_DP,
+    DEFAULT_LR,
+    DEFAULT_LR_DP,
+    DEFAULT_LR_VISIT,
+    ModelConfig,
+    TrainConfig,
+)
 
 
 def _delta(text: str) -> float | None:
@@ -42,10 +50,10 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=None,
                    help=f"learning rate (default {DEFAULT_LR_DP:g} with DP; with --no-dp {DEFAULT_LR_VISIT:g} for the visit "
                         f"model, {DEFAULT_LR:g} for the token model)")
-    p.add_argument("--entry-weight", type=float, default=TrainConfig.entry_weight,
+    p.add_argument("--entry-weight", type=float, default=None,
                    help="visit model: weight of each entry's repeat and lead terms in the training loss, 0-1 (default "
-                        "1; under DP a smaller weight leaves more of each patient's clipped gradient to the visit "
-                        "content: BENCHMARKS.md, eighteenth session)")
+                        f"{DEFAULT_ENTRY_WEIGHT_DP:g} with DP, where it leaves more of each patient's clipped gradient "
+                        "to the visit content; 1 with --no-dp: BENCHMARKS.md, eighteenth session)")
     p.add_argument("--warmup-frac", type=float, default=TrainConfig.warmup_frac,
                    help="share of the steps over which the learning rate rises linearly to --lr "
                         f"(default {TrainConfig.warmup_frac:g})")

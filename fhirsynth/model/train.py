@@ -51,6 +51,7 @@ from fhirsynth.model import checkpoint as ck
 from fhirsynth.model.config import (
     DEFAULT_EPOCHS,
     MIN_DP_STEPS,
+    default_entry_weight,
     default_lr,
     ModelConfig,
     TokenizerConfig,
@@ -222,7 +223,7 @@ def train_model(
     max_physical_batch: int = 32,
     max_grad_norm: float = 1.0,
     lr: float | None = None,
-    entry_weight: float = TrainConfig.entry_weight,
+    entry_weight: float | None = None,
     warmup_frac: float = TrainConfig.warmup_frac,
     reproducible_noise: bool = False,
     work_dir: str | os.PathLike | None = None,
@@ -240,6 +241,7 @@ def train_model(
     Rerunning with the same arguments after an interruption resumes from the work directory (default: a hidden
     sibling of MODEL_DIR, see default_work_dir). reproducible_noise: research / tests only (no guarantee).
     on_step(step) is called after every optimizer step (tests use it to simulate a kill).
+    entry_weight: None = default_entry_weight (0.2 under DP, 1 without).
     epochs: None = default_epochs (10, or more under DP for a cohort too small to make MIN_DP_STEPS steps in 10).
     distributed: one process of a torchrun job (None = when env WORLD_SIZE > 1); see model/distributed.py.
     init: a public prior model dir (prior.py): its vocabulary joins this one's, its weights initialise the
@@ -247,6 +249,8 @@ def train_model(
     """
     if lr is None:
         lr = default_lr(model_config.arch if model_config else ModelConfig.arch, dp)
+    if entry_weight is None:
+        entry_weight = default_entry_weight(dp)
     tc = TrainConfig(epsilon=epsilon if dp else None, delta=delta, dp=dp, epochs=epochs, batch_size=batch_size,
                      max_physical_batch=max_physical_batch, max_grad_norm=max_grad_norm, lr=lr, seed=seed,
                      warmup_frac=warmup_frac, entry_weight=entry_weight,
