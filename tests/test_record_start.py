@@ -165,13 +165,15 @@ def test_records_do_not_end_before_the_drawn_start(untrained, tmp_path):
     assert share(with_prior) > share(without) + 0.2
 
 
-def test_records_end_once_they_pass_the_lower_edge(untrained, tmp_path):
-    """Bucket [30, 45): at most one visit (the one whose gap crossed the edge) lies before age 30."""
+def test_records_never_begin_before_the_lower_edge(untrained, tmp_path):
+    """Bucket [30, 45): no visit lies before age 30 (a gap that would cross the edge is not drawn; its mass goes
+    to END), and records do begin inside the bucket."""
     model = _with_first_age(untrained, tmp_path / "m30", ms.FIRST_AGE_EDGES.index(30))
     rows = _first_ages(list(sample_timelines(model, 150, seed=4, batch_size=150, device="cpu", record_start=True)))
     constrained = [ages for _, _, ages in rows if ages[-1] >= 30]  # younger ones: no bucket fits, no constraint
     assert len(constrained) >= 20
-    assert all(sum(age < 30 for age in ages) <= 1 for ages in constrained)
+    assert all(ages[0] >= 30 - 1e-6 for ages in constrained)
+    assert sum(ages[0] < 45 for ages in constrained) >= len(constrained) // 2
     # and the constraint bit: without it the same model draws several visits before 30 in some records
     free = _first_ages(list(sample_timelines(untrained, 150, seed=4, batch_size=150, device="cpu")))
     assert any(sum(age < 30 for age in ages) > 1 for _, _, ages in free if ages[-1] >= 30)
@@ -216,3 +218,15 @@ def test_the_sampler_draws_from_the_cell_measurements_counted_the_patient_in():
                 cell = ms.cell_of(Timeline(PatientInfo("p", sex=sex, birth_date=birth, death_date=death), []))
                 expected = edges[cell % bands + 1] if sex == held else float("inf")
                 assert h == expected, (held, sex, d)
+
+
+def test_end_takes_the_mass_of_the_gaps_that_no_longer_fit():
+    """Where END may be drawn, a gap that no longer fits gives its probability to END, not to the short gaps that
+    still fit (which piled visits up at a record's start); where it may not, the fitting gaps share everything."""
+    from fhirsynth.model.visitsampler import _end_takes_lost_gaps
+
+    logits = torch.log(torch.tensor([[0.1, 0.2, 0.3, 0.4], [0.1, 0.2, 0.3, 0.4]]))
+    mask = torch.tensor([[True, True, False, False], [False, True, True, False]])
+    p = _end_takes_lost_gaps(logits, mask, temperature=1.0)
+    assert p[0].tolist() == pytest.approx([0.1 + 0.3 + 0.4, 0.2, 0.0, 0.0])
+    assert p[1].tolist() == pytest.approx([0.0, 0.2, 0.3, 0.0])  # _draw renormalises: 0.4 / 0.6

@@ -338,11 +338,13 @@ class Grammar:
         hi = torch.maximum(torch.minimum(self.age_hi[ai], lived), lo)
         return lo + u * (hi - lo)
 
-    def visit_before(self, cur: torch.Tensor, gi: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-        """Days from birth to the visit gap bucket gi before the time cur, never before birth."""
+    def visit_before(self, cur: torch.Tensor, gi: torch.Tensor, u: torch.Tensor,
+                     floor: torch.Tensor | float = 0.0) -> torch.Tensor:
+        """Days from birth to the visit gap bucket gi before the time cur, never before floor (birth, or where
+        the record must begin)."""
         lo = self.gap_lo[gi]
-        hi = torch.maximum(torch.minimum(self.gap_hi[gi], cur), lo)
-        return torch.clamp(cur - (lo + u * (hi - lo)), min=0.0)
+        hi = torch.maximum(torch.minimum(self.gap_hi[gi], cur - floor), lo)
+        return torch.maximum(cur - (lo + u * (hi - lo)), torch.as_tensor(floor, dtype=cur.dtype, device=cur.device))
 
     def end_after(self, start: torch.Tensor, di: torch.Tensor, record_end: torch.Tensor,
                   u: torch.Tensor) -> torch.Tensor:
