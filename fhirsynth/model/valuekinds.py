@@ -10,7 +10,8 @@ is allowed when its noisy count reaches KIND_MIN_SHARE of the code's noisy total
 with no kind above the floor (at epsilon 8 the floor is about 160 patients on 800, and above every count on a
 cohort of 120) gets, in this order: the kinds a public prior model holds for it (prior.py; public, no budget); a
 quantity when the code has value bins (public reference ranges, or DP bins, which are only released for codes
-the data records with numbers); else none or coded, whichever has the larger noisy count (falling back to
+the data records with numbers); a quantity too (so the code is never sampled) when the quantity count leads
+none and coded by QUANTITY_LEAD_SD noise SDs; else none or coded, whichever has the larger noisy count (falling back to
 "none or coded" once let the model write 17,108 observations of 18 codes with a kind the data never has; the
 noisy argmax alone, with a prior on the 120-patient es-ips cohort, allowed 90-101 of 226 observed codes a kind
 the data never records, BENCHMARKS.md). A code whose
@@ -30,7 +31,10 @@ from fhirsynth.model.dpnoise import NoiseSource, gaussian_sigma
 from fhirsynth.timeline.types import Timeline
 
 KINDS = ("none", "quantity", "coded")
-NONE, CODED = KINDS.index("none"), KINDS.index("coded")
+NONE, QUANTITY, CODED = KINDS.index("none"), KINDS.index("quantity"), KINDS.index("coded")
+# under the floor and without bins, a code whose quantity count leads the others by this many noise SDs is a
+# numeric code: it gets "quantity" (and is then never sampled, having no bins) rather than a kind it never has
+QUANTITY_LEAD_SD = 1.0
 KIND_MIN_SHARE = 0.05
 # the share of the items' (epsilon, delta) that the value kinds take (build_vocab)
 KIND_EPSILON_FRACTION = 0.2  # items 0.56, value kinds 0.14 of the preprocessing epsilon
@@ -76,12 +80,12 @@ def release_value_kinds(timelines: list[Timeline], vocab, *, k: int, dp: bool, e
         assert epsilon is not None and delta is not None
         sigma = gaussian_sigma(epsilon, delta, math.sqrt(k))
         noisy = noise.gaussian(counts, sigma).astype(np.float64)
-        floor = 3.0 * sigma  # an empty cell passes with probability 0.13%
+        floor, sd = 3.0 * sigma, sigma  # an empty cell passes the floor with probability 0.13%
         report: dict[str, Any] = {"mechanism": "discrete Gaussian histogram of distinct patients per (observation "
                                                "item, value kind), at most k pairs per patient",
                                   "max_pairs_per_patient": k, "sigma": sigma, "epsilon": epsilon, "delta": delta}
     else:
-        noisy, floor = counts.astype(np.float64), 1.0
+        noisy, floor, sd = counts.astype(np.float64), 1.0, 0.0
         report = {"mechanism": "exact counts (no DP)", "epsilon": None, "delta": None}
     allowed: dict[int, list[str]] = {}
     undecided: Counter = Counter()
@@ -95,6 +99,10 @@ def release_value_kinds(timelines: list[Timeline], vocab, *, k: int, dp: bool, e
                 ok, why = list(from_prior), "prior"
             elif bins[i] is not None:
                 ok, why = ["quantity"], "bins"
+            elif c[QUANTITY] - max(c[NONE], c[CODED]) > max(QUANTITY_LEAD_SD * sd, 0.0) and c[QUANTITY] > 0:
+                # recorded with numbers, but no bins to draw one from: blocked (visits.VisitLayout.blocked), not
+                # written without its value (US, epsilon 8: five specific-IgE codes were, 524 observations)
+                ok, why = ["quantity"], "quantity without bins"
             elif max(c[NONE], c[CODED]) > 0:  # no bins, so no quantity to draw: the larger of none and coded
                 ok, why = ["none" if c[NONE] >= c[CODED] else "coded"], "largest count"
             else:  # no count at all (a public code the data lacks)
