@@ -8,7 +8,7 @@ Calibration reweights a pool of the model's samples toward the noisy measurement
 share the rest of the way to its measured target (calibrate.py, repair.py). However good the model, the calibrated
 prevalence is then at best the measured targets themselves. For each configuration this script repeats what
 `train` releases before training (the sex marginal, the DP vocabulary, the measurements, at train's own budget
-split: train._budget_split) on the training patients of the benchmark split, --draws times with fresh noise, and
+split: train.release_vocabulary, then measurements.measure) on the training patients of the benchmark split, --draws times with fresh noise, and
 compares with the holdout using records_metrics' definitions:
   prevalence_r2       repair's per-code targets (repair.code_targets: prevalence and top_prevalence combined)
                       against the holdout's prevalence, codes held by >= 1% of the holdout (a code outside the
@@ -51,8 +51,7 @@ from fhirsynth.model import measurements as ms  # noqa: E402
 from fhirsynth.model.config import TokenizerConfig, TrainConfig  # noqa: E402
 from fhirsynth.model.dpnoise import NoiseSource  # noqa: E402
 from fhirsynth.model.repair import code_targets  # noqa: E402
-from fhirsynth.model.train import _budget_split, default_delta  # noqa: E402
-from fhirsynth.model.vocab import build_vocab, release_sex_shares, sex_epsilon  # noqa: E402
+from fhirsynth.model.train import release_vocabulary  # noqa: E402
 from fhirsynth.records_metrics import (  # noqa: E402
     COOC_BAND,
     MIN_PREVALENCE,
@@ -90,14 +89,7 @@ def release(train: list, cfg: dict, epsilon: float | None, seed: int | None) -> 
                      vocab_epsilon_fraction=cfg.get("vocab", TrainConfig.vocab_epsilon_fraction),
                      measure_epsilon_fraction=cfg.get("meas", TrainConfig.measure_epsilon_fraction))
     noise = NoiseSource.reproducible(seed if seed is not None else 0)
-    sex = release_sex_shares(train, dp=dp, epsilon=sex_epsilon(epsilon * tc.vocab_epsilon_fraction) if dp else None,
-                             noise=noise)
-    eps_vocab = eps_meas = None
-    if dp:
-        tc.delta = default_delta(sex[1]["n_estimate"])
-        eps_vocab, eps_meas = _budget_split(tc)
-    vocab, _ = build_vocab(train, TokenizerConfig(), dp=dp, epsilon=eps_vocab,
-                           delta=tc.delta * tc.vocab_delta_fraction if dp else None, noise=noise, sex_release=sex)
+    vocab, _, eps_meas = release_vocabulary(tc, train, TokenizerConfig(), noise, None)
     doc, _ = ms.measure(train, vocab, dp=dp, epsilon=eps_meas,
                         delta=tc.delta * tc.measure_delta_fraction if dp else None, noise=noise,
                         max_codes=int(cfg.get("max_codes", ms.DEFAULT_MAX_CODES)),
@@ -110,8 +102,8 @@ def repair_targets(doc: dict) -> dict[str, float]:
     return {token(t.code): t.target for t in code_targets(doc, tolerance_sd=0.0, floor=1e-12)}
 
 
-def implied(doc: dict, held: Records) -> dict[str, float]:
-    """The measured targets against the holdout (module docstring)."""
+def implied(doc: dict, held: Records) -> tuple[dict[str, float], dict[str, float]]:
+    """(the measured targets against the holdout (module docstring), the targets)."""
     targets = repair_targets(doc)
     prev = held.prevalence()
     codes = prev.index[prev >= MIN_PREVALENCE]
@@ -138,7 +130,7 @@ def implied(doc: dict, held: Records) -> dict[str, float]:
     every = pd.concat([kind_prevalence(held, k) for k in ms.PREVALENCE_KINDS])
     every = every[every >= MIN_PREVALENCE]
     out["all_kinds_prevalence_r2"] = r2_identity(every.to_numpy(), np.array([targets.get(c, 0.0) for c in every.index]))
-    return out
+    return out, targets
 
 
 def main() -> int:
@@ -171,13 +163,12 @@ def main() -> int:
     train_prev = Records(train).prevalence()
     for text in args.configs.split(","):
         cfg = parse_config(text)
-        exact = implied(release(train, cfg, None, None), held)
+        exact, _ = implied(release(train, cfg, None, None), held)
         results[f"{text} exact"] = exact
         rows = []
         for d in range(args.draws):
             doc = release(train, cfg, args.epsilon, d + 1)
-            row = implied(doc, held)
-            targets = repair_targets(doc)
+            row, targets = implied(doc, held)
             codes = train_prev.index[train_prev >= MIN_PREVALENCE]
             row["prevalence_r2_train"] = r2_identity(train_prev.loc[codes].to_numpy(),
                                                      np.array([targets.get(c, 0.0) for c in codes]))

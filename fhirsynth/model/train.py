@@ -322,7 +322,6 @@ def _train(tc, tdir, out, work, dev, tk, mc, delta, dp, seed, on_step, dctx, mai
     if dp and tc.reproducible_noise and main:
         log.warning("--reproducible-noise: the DP noise is replayable from seed %d, so this model has NO privacy "
                     "guarantee (tests and research only; privacy.json says so)", seed)
-    eps_vocab = eps_meas = None
     meas_doc: dict[str, Any] | None = None
     meas_report: dict[str, Any] | None = None
 
@@ -350,14 +349,7 @@ def _train(tc, tdir, out, work, dev, tk, mc, delta, dp, seed, on_step, dctx, mai
         # The sex marginal comes first: its noisy total is the DP patient count that delta derives from.
         owner[0] = True
         if main:
-            eps_sex = sex_epsilon(tc.epsilon * tc.vocab_epsilon_fraction) if dp else None
-            sex_release = release_sex_shares(timelines, dp=dp, epsilon=eps_sex, noise=noise)
-            tc.delta = delta if delta is not None else default_delta(sex_release[1]["n_estimate"])
-            d_vocab = tc.delta * tc.vocab_delta_fraction if dp else None
-            if dp:
-                eps_vocab, eps_meas = _budget_split(tc)
-            vocab, vocab_report = build_vocab(timelines, tk, dp=dp, epsilon=eps_vocab, delta=d_vocab, noise=noise,
-                                              sex_release=sex_release, prior=prior)
+            vocab, vocab_report, eps_meas = release_vocabulary(tc, timelines, tk, noise, delta, prior)
             work.mkdir(parents=True, exist_ok=True)
             ck.atomic_write_json(work / ck.VOCAB, vocab.to_json())
             meas_doc, meas_report = _measure(tc, timelines, vocab, noise, eps_meas)
@@ -657,6 +649,24 @@ def make_private(engine, model, opt, ds, *, q: float, n_estimate: int, sigma: fl
         if dctx is None:
             securerng.install_sampling(loader)
     return model, opt, loader
+
+
+def release_vocabulary(tc: TrainConfig, timelines: list, tk: TokenizerConfig, noise: NoiseSource,
+                       delta: float | None, prior=None) -> tuple[Vocab, dict[str, Any], float | None]:
+    """The DP releases before the measurements, in train's order: the sex marginal (whose noisy total sets
+    tc.delta when delta is None), then the vocabulary at its share of the budget. Returns (vocab, its report, the
+    measurements' epsilon: _budget_split, None without DP). benchmarks/bench_measure.py repeats them."""
+    dp = tc.dp
+    eps_sex = sex_epsilon(tc.epsilon * tc.vocab_epsilon_fraction) if dp else None
+    sex_release = release_sex_shares(timelines, dp=dp, epsilon=eps_sex, noise=noise)
+    tc.delta = delta if delta is not None else default_delta(sex_release[1]["n_estimate"])
+    eps_vocab = eps_meas = None
+    if dp:
+        eps_vocab, eps_meas = _budget_split(tc)
+    vocab, vocab_report = build_vocab(timelines, tk, dp=dp, epsilon=eps_vocab,
+                                      delta=tc.delta * tc.vocab_delta_fraction if dp else None, noise=noise,
+                                      sex_release=sex_release, prior=prior)
+    return vocab, vocab_report, eps_meas
 
 
 def _budget_split(tc: TrainConfig) -> tuple[float, float | None]:

@@ -99,7 +99,7 @@ def release_value_kinds(timelines: list[Timeline], vocab, *, k: int, dp: bool, e
                 ok, why = list(from_prior), "prior"
             elif bins[i] is not None:
                 ok, why = ["quantity"], "bins"
-            elif c[QUANTITY] - max(c[NONE], c[CODED]) > max(QUANTITY_LEAD_SD * sd, 0.0) and c[QUANTITY] > 0:
+            elif c[QUANTITY] - max(c[NONE], c[CODED]) > QUANTITY_LEAD_SD * sd:  # (counts are clipped at 0)
                 # recorded with numbers, but no bins to draw one from: blocked (visits.VisitLayout.blocked), not
                 # written without its value (US, epsilon 8: five specific-IgE codes were, 524 observations)
                 ok, why = ["quantity"], "quantity without bins"

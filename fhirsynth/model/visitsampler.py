@@ -216,10 +216,8 @@ class VisitSampler:
             eg_mask = torch.ones((n, 1 + L.n_gap), dtype=torch.bool, device=dev)
             eg_mask[:, 1:] = g.gap_lo[None] <= (cur[alive] - floor[alive])[:, None]
             if self.first_age is not None:  # where the record begins (see the module docstring)
-                c = cur[alive]
-                early = (c < start_lo[alive]) & (pos > 0)  # already before the bucket: end here
-                eg_mask[:, 1:] &= ~early[:, None]
-                eg_mask[:, 0] = (c < start_hi[alive]) | early | ~eg_mask[:, 1:].any(dim=1)
+                # (no visit falls below the bucket's lower edge: the floor bounds the gaps and visit_before)
+                eg_mask[:, 0] = (cur[alive] < start_hi[alive]) | ~eg_mask[:, 1:].any(dim=1)
                 eg = _draw(_end_takes_lost_gaps(m.eg_head(h), eg_mask, temperature), gen)
             else:
                 eg = _masked_draw(m.eg_head(h), eg_mask, gen, temperature)
