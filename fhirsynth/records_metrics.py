@@ -24,6 +24,8 @@ R² = fhirsynth.evaluate.fidelity.r2_identity (other as a predictor of real, y =
   value_kind_mismatch    other's observation events whose value kind (quantity with its unit, coded, none) never
                          occurs in real for that code (codes real has as observations), value_kind_codes the codes
                          with any; novel_obs_code_events counts other's observation events of codes real lacks;
+  value_withheld         other's observation events written with dataAbsentReason "masked" (a value the DP
+                         release withheld) of codes real records with numbers: not mismatches, counted apart;
   deceased_share_*, n_*.
 """
 
@@ -39,7 +41,7 @@ import scipy.sparse as sp
 from scipy import stats
 
 from fhirsynth.evaluate.fidelity import r2_identity
-from fhirsynth.timeline.types import Timeline
+from fhirsynth.timeline.types import DATA_ABSENT_SYSTEM, VALUE_WITHHELD, Timeline
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +74,8 @@ class Records:
             "value": np.array([math.nan if e.value is None else e.value for e in evs], float),
             "unit": [e.unit for e in evs],
             "value_code": [e.value_code for e in evs],
+            # dataAbsentReason of an observation without a value (the generator's "masked": a withheld value)
+            "absent": [e.value_code if e.value_system == DATA_ABSENT_SYSTEM else None for e in evs],
             "enc": [e.encounter_id for e in evs],
         })
         ev["day"] = np.floor(ev["ts"].to_numpy() / _DAY_S).astype(np.int64)
@@ -196,9 +200,13 @@ def _label(token: str, tokens: list[str]) -> str:
 
 
 def _value_kinds(rec: Records) -> pd.DataFrame:
+    """Value kind per observation event: q:<unit>, coded, none, or withheld (dataAbsentReason VALUE_WITHHELD)."""
     obs = rec.coded[rec.coded["kind"] == "observation"]
-    has_value, has_code = obs["value"].notna().to_numpy(), obs["value_code"].notna().to_numpy()
-    vk = np.where(has_value, "q:" + obs["unit"].fillna("").astype(str), np.where(has_code, "coded", "none"))
+    absent = obs["absent"].to_numpy(object)
+    has_value = obs["value"].notna().to_numpy()
+    has_code = obs["value_code"].notna().to_numpy() & pd.isna(absent)
+    vk = np.where(has_value, "q:" + obs["unit"].fillna("").astype(str),
+                  np.where(has_code, "coded", np.where(absent == VALUE_WITHHELD, "withheld", "none")))
     return pd.DataFrame({"token": obs["token"].to_numpy(), "vk": vk})
 
 
@@ -264,6 +272,12 @@ def compare(real: Records, other: Records) -> dict[str, float]:
     known = vk_o["token"].isin(set(vk_r["token"]))
     seen = pd.MultiIndex.from_frame(vk_r.drop_duplicates())
     bad = known.to_numpy() & ~pd.MultiIndex.from_frame(vk_o).isin(seen)
+    # a withheld value is the generator saying "a number, not released": a mismatch only for a code real never
+    # records with a number
+    numeric = set(vk_r.loc[vk_r["vk"].str.startswith("q:"), "token"])
+    withheld = (vk_o["vk"] == "withheld").to_numpy() & vk_o["token"].isin(numeric).to_numpy()
+    bad &= ~withheld
+    out["value_withheld"] = float(withheld.sum())
     out["value_kind_mismatch"] = float(bad.sum())
     out["value_kind_codes"] = float(vk_o.loc[bad, "token"].nunique())
     out["novel_obs_code_events"] = float((~known).sum())

@@ -156,3 +156,47 @@ def test_each_patient_counts_once_toward_the_unit_and_the_grid_cell():
     assert release([_one_value("a", 40.0), _one_value("b", 40.1, "L/L")]) == {}
     both = release([_one_value("a", 40.0), _one_value("b", 40.1)])  # the same cell twice, one unit: released
     assert list(both) == [(LOINC, HCT[0])] and both[(LOINC, HCT[0])].unit == "%"
+
+
+def test_a_numeric_code_without_released_bins_is_written_with_its_value_withheld(tmp_path):
+    """A code recorded with numbers whose bins the DP release did not give (value kinds say quantity only): the
+    decoder writes it with dataAbsentReason "masked", never with a value of another kind; the Observation is valid,
+    ingest reads the reason back, and the evaluator counts it as withheld, not as a value-kind mismatch."""
+    from fhirsynth.export.writer import write_export
+    from fhirsynth.fhir.validate import validate_resource
+    from fhirsynth.records_metrics import Records, compare
+    from fhirsynth.timeline import adapter
+    from fhirsynth.timeline.assembler import GeneratorInfo, assemble_patient
+    from fhirsynth.timeline.io import read_timelines
+    from fhirsynth.timeline.types import DATA_ABSENT_SYSTEM, VALUE_WITHHELD
+
+    tls = _with_private_codes(80, seed=5)
+    cfg = TokenizerConfig(max_len=512, reference_date="2026-01-01")
+    vocab, _ = build_vocab(tls, cfg, dp=False, epsilon=None, delta=None, noise=NoiseSource.reproducible(0))
+    hct = next(i for i, it in enumerate(vocab.items) if it.kind == "observation" and it.code == HCT[0])
+    assert not vocab.value_withheld(hct)  # bins released: values drawn from them
+    vocab.private_value_bins.pop((LOINC, HCT[0]))
+    vocab.value_kinds = {**(vocab.value_kinds or {}), hct: ["quantity"]}
+    assert vocab.value_withheld(hct)
+    tok = Tokenizer(vocab)
+    g = Grammar(vocab, None, cfg.max_len, torch.device("cpu"))
+    seqs = [tok.encode(t) for t in tls]
+    draws = replay(g, pad_collate([torch.tensor(s) for s in seqs]), torch.Generator().manual_seed(0))
+    synth = [tok.decode(s, draws[i].tolist(), f"s{i}") for i, s in enumerate(seqs)]
+    ours = [e for tl in synth for e in tl.events if e.code == HCT[0]]
+    assert ours and all(e.value is None and (e.value_system, e.value_code) == (DATA_ABSENT_SYSTEM, VALUE_WITHHELD)
+                        for e in ours)
+    others = [e for tl in synth for e in tl.events if e.kind == "observation" and e.code != HCT[0]]
+    assert not any(e.value_system == DATA_ABSENT_SYSTEM for e in others)
+    gen = GeneratorInfo(model_hash="ab" * 32, epsilon=8.0, delta=1e-5, recorded="2026-01-02T03:04:05+00:00")
+    res = [r for r in assemble_patient(next(t for t in synth if any(e.code == HCT[0] for e in t.events)),
+                                       profile="us-core", seed=3, index=0, generator=gen)
+           if r["resourceType"] == "Observation" and r["code"]["coding"][0]["code"] == HCT[0]]
+    assert res and all(validate_resource(r) == [] for r in res)
+    assert all("valueQuantity" not in r and r["dataAbsentReason"]["coding"][0]["code"] == "masked" for r in res)
+    write_export(iter(synth), tmp_path / "export", fmt="ndjson", profile="us-core", seed=3, generator=gen)
+    adapter.ingest([tmp_path / "export"], tmp_path / "t", mapping="us-core")
+    back = [e for tl in read_timelines(tmp_path / "t") for e in tl.events if e.code == HCT[0]]
+    assert len(back) == len(ours) and all(e.value_code == VALUE_WITHHELD for e in back)
+    m = compare(Records(tls), Records(synth))
+    assert m["value_withheld"] == len(ours) and m["value_kind_mismatch"] == 0

@@ -195,11 +195,13 @@ def test_value_kinds_are_released_per_code(dp):
     assert not layout.allowed[j["59576-9"], 1:].any() and layout.allowed[j["59576-9"], 0]
     assert not layout.allowed[j["8867-4"], 0]
     assert kinds["1988-5"] == ["quantity"]
-    assert layout.blocked[j["1988-5"]] == ((LOINC, "1988-5") not in vocab.private_value_bins)
-    # without value bins for it (none released), a numeric code is never sampled rather than sampled bare
+    assert layout.withheld[j["1988-5"]] == ((LOINC, "1988-5") not in vocab.private_value_bins)
+    # without value bins for it (none released), a numeric code is sampled with its value withheld, never with a
+    # value of another kind
     vocab.private_value_bins.pop((LOINC, "1988-5"), None)
     bare = VisitLayout(vocab)
-    assert bare.blocked[j["1988-5"]] and not bare.blocked[j["8867-4"]]
+    assert bare.withheld[j["1988-5"]] and not bare.withheld[j["8867-4"]]
+    assert bare.allowed[j["1988-5"]].tolist() == [True] + [False] * (bare.n_values - 1)
     if dp:  # a real release: secret noise by default, the mechanism in the report
         _, rep = release_value_kinds(tls, vocab, k=8, dp=True, epsilon=1.0, delta=1e-6,
                                      noise=NoiseSource.reproducible(2))
@@ -223,26 +225,27 @@ def test_codes_under_the_kinds_floor_take_public_knowledge_before_noise():
     heart = next(i for i in obs if vocab.items[i].code == "8867-4" and vocab.items[i].panel_code is None)
     assert smoking not in with_bins and heart in with_bins
     prior = {vocab.items[smoking].key: ["coded"], vocab.items[heart].key: ["quantity", "none"]}
-    bad_bins = bad_prior = checks = blocked = 0
+    bad_bins = bad_prior = checks = withheld = 0
     for draw in range(10):  # sigma about 30, the floor about 90: far above 12 patients, every count is noise
         kinds, rep = release_value_kinds(tls, vocab, k=8, dp=True, epsilon=0.5, delta=1e-6,
                                          noise=NoiseSource.reproducible(draw))
         bad_bins += sum(kinds[i] != ["quantity"] for i in with_bins)
         checks += len(with_bins)
         assert kinds[smoking] in (["none"], ["coded"], ["none", "coded"], ["quantity"])
-        blocked += kinds[smoking] == ["quantity"]
+        withheld += kinds[smoking] == ["quantity"]
         with_prior, rep_p = release_value_kinds(tls, vocab, k=8, dp=True, epsilon=0.5, delta=1e-6,
                                                 noise=NoiseSource.reproducible(draw), prior_kinds=prior)
         bad_prior += (with_prior[smoking] != ["coded"]) + (with_prior[heart] != ["quantity", "none"])
         assert rep_p["codes_under_the_floor"].get("prior", 0) >= 1
-    assert bad_bins <= 0.02 * checks and bad_prior <= 1 and blocked <= 3, (bad_bins, checks, bad_prior, blocked)
+    assert bad_bins <= 0.02 * checks and bad_prior <= 1 and withheld <= 3, (bad_bins, checks, bad_prior, withheld)
 
 
-def test_a_numeric_code_under_the_floor_without_bins_is_blocked_not_written_without_its_value():
+def test_a_numeric_code_under_the_floor_without_bins_is_withheld_not_written_as_none():
     """70 patients with a private lab recorded with numbers (C reactive protein), its bins not released, and a
     noise SD of about 30 (the floor about 90): when the quantity count leads none and coded by a noise SD, the
-    code gets "quantity" and the layout blocks it, where the larger of none and coded would have written a numeric
-    lab without its value (US at epsilon 8: five specific-IgE codes, 524 observations)."""
+    code gets "quantity" (its value then withheld, test_withheld_values.py), where the larger of none and coded
+    would have written a numeric lab as one recorded without a value (US at epsilon 8: five specific-IgE codes,
+    524 observations)."""
     from fhirsynth.model import valuekinds as vk
 
     tls = _kinds_cohort(70)
@@ -258,7 +261,6 @@ def test_a_numeric_code_under_the_floor_without_bins_is_blocked_not_written_with
         got.append(kinds[crp])
     assert sum(k == ["quantity"] for k in got) >= 14, got
     assert all(k == ["quantity"] or "quantity" not in k for k in got)
-    # (that the layout never samples a quantity-only code without bins: test_value_kinds_are_released_per_code)
 
 
 def test_an_empty_first_poisson_batch_is_a_noise_only_step():

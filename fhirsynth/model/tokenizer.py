@@ -68,7 +68,7 @@ from datetime import date, datetime, timedelta, timezone
 
 from fhirsynth.model.bins import DAYS_PER_YEAR, DUR_EDGES, GAP_EDGES, bucket_of
 from fhirsynth.model.vocab import ETHNICITIES, RACES, REASON_KINDS, SEXES, ItemMatcher, Vocab, sex_index
-from fhirsynth.timeline.types import Event, PatientInfo, Timeline
+from fhirsynth.timeline.types import DATA_ABSENT_SYSTEM, VALUE_WITHHELD, Event, PatientInfo, Timeline
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 # Entry order inside a visit; the compression rules below name kinds 0 (encounter), 1 and 2; the kinds of issue
@@ -420,6 +420,8 @@ class Tokenizer:
                     ev.encounter_id, ev.status = enc_id, "finished"
                 else:
                     ev.encounter_id, ev.status = enc_id, _STATUS.get(it.kind, "final")
+                if it.kind == "observation" and v.value_withheld(tok - v.start("item")):
+                    ev.value_system, ev.value_code, ev.value_display = DATA_ABSENT_SYSTEM, VALUE_WITHHELD, "Masked"
                 if it.kind in REASON_KINDS:  # the item's panel fields hold the reason (vocab.REASON_KINDS)
                     ev.value_system, ev.value_code, ev.value_display = it.panel_system, it.panel_code, it.panel_display
                     ev.panel_system = ev.panel_code = ev.panel_display = None
@@ -437,6 +439,8 @@ class Tokenizer:
                 if last is None:
                     raise ValueError("value bin without an observation")
                 vb = v.item_bins(last_item)
+                if last.value_system == DATA_ABSENT_SYSTEM:  # a value after all: no absent reason
+                    last.value_system = last.value_code = last.value_display = None
                 last.value = float(draw)
                 last.unit = vb.unit if vb else None
         return Timeline(patient=info, events=events).sorted()

@@ -115,7 +115,6 @@ class VisitSampler:
         self.content_tokens = ct
         # sex-specific codes: [n_sex + 1, NC]; age limits on content items
         self.forbid = grammar.forbid[:, ct] if len(layout.content_tokens) else grammar.forbid[:, :0]
-        self.forbid = self.forbid | torch.as_tensor(layout.blocked, device=dev)[None]  # visits.VisitLayout.blocked
         self.lim_j = torch.as_tensor([layout.content_index[int(c)] for c in grammar.lim_cols.tolist()
                                       if int(c) in layout.content_index], dtype=torch.long, device=dev)
         keep = [i for i, c in enumerate(grammar.lim_cols.tolist()) if int(c) in layout.content_index]

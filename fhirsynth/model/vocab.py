@@ -332,6 +332,14 @@ class Vocab:
             return self.value_bins.get((item.system, item.code))
         return self.private_value_bins.get((item.system or "", item.code or ""))
 
+    def value_withheld(self, i: int) -> bool:
+        """Item i is an observation code whose only released value kind is a quantity, without value bins to draw
+        one from (dpbins.py released none for it): it is written with dataAbsentReason VALUE_WITHHELD."""
+        it = self.items[i]
+        kinds = (self.value_kinds or {}).get(i)
+        return (it.kind == "observation" and kinds is not None and set(kinds) <= {"quantity"}
+                and self.item_bins(it) is None)
+
     def band_of_year(self, year: int) -> int:
         b = (year - self.cfg.birth_year_start) // self.cfg.birth_year_width
         return min(max(b, 0), self.n_bands - 1)

@@ -23,7 +23,7 @@ from typing import Any
 from fhirsynth import __version__
 from fhirsynth.timeline.fakes import IDENTIFIER_SYSTEM, locale_for, make_identity
 from fhirsynth.timeline.profiles import Profile, load_profile
-from fhirsynth.timeline.types import CRITICALITY_SYSTEM, Event, Timeline
+from fhirsynth.timeline.types import CRITICALITY_SYSTEM, DATA_ABSENT_SYSTEM, Event, Timeline
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ CONDITION_VER = "http://terminology.hl7.org/CodeSystem/condition-ver-status"
 CONDITION_CATEGORY = "http://terminology.hl7.org/CodeSystem/condition-category"
 USCORE_CONDITION_CATEGORY = "http://hl7.org/fhir/us/core/CodeSystem/condition-category"
 OBS_CATEGORY = "http://terminology.hl7.org/CodeSystem/observation-category"
-DATA_ABSENT = "http://terminology.hl7.org/CodeSystem/data-absent-reason"
+DATA_ABSENT = DATA_ABSENT_SYSTEM
 DATA_ABSENT_EXT = "http://hl7.org/fhir/StructureDefinition/data-absent-reason"
 OMB = "urn:oid:2.16.840.1.113883.6.238"
 RACE_EXT = "http://hl7.org/fhir/us/core/StructureDefinition/us-core-race"
@@ -177,6 +177,11 @@ def _absent(code: str = "unknown") -> dict[str, Any]:
     return {"coding": [{"system": DATA_ABSENT, "code": code}]}
 
 
+def _absent_reason(ev: Event) -> dict[str, Any]:
+    """The event's own dataAbsentReason (e.g. "masked": a value the DP release withheld), else "unknown"."""
+    return _absent(ev.value_code if ev.value_system == DATA_ABSENT and ev.value_code else "unknown")
+
+
 def _quantity(value: float, unit: str | None) -> dict[str, Any]:
     q: dict[str, Any] = {"value": value}
     if unit:
@@ -194,6 +199,8 @@ def _set_value(target: dict[str, Any], ev: Event) -> bool:
     if v is not None and math.isfinite(v):
         target["valueQuantity"] = _quantity(v, ev.unit)
         return True
+    if ev.value_system == DATA_ABSENT:  # no value, and why: the caller writes dataAbsentReason
+        return False
     if ev.value_code:
         target["valueCodeableConcept"] = _concept(ev.value_system, ev.value_code, ev.value_display)
         return True
@@ -492,7 +499,7 @@ def _obs_base(a: _Assembly, ev: Event, system: str | None, code: str | None, dis
 def _observation(a: _Assembly, ev: Event) -> dict[str, Any]:
     res = _obs_base(a, ev, ev.system, ev.code, ev.display)
     if not _set_value(res, ev):
-        res["dataAbsentReason"] = _absent()  # US Core: a value or a reason it is missing
+        res["dataAbsentReason"] = _absent_reason(ev)  # US Core: a value or a reason it is missing
     return res
 
 
@@ -505,7 +512,7 @@ def _panel(a: _Assembly, ev: Event) -> dict[str, Any]:
 def _component(ev: Event) -> dict[str, Any]:
     comp: dict[str, Any] = {"code": _concept(ev.system, ev.code, ev.display)}
     if not _set_value(comp, ev):
-        comp["dataAbsentReason"] = _absent()
+        comp["dataAbsentReason"] = _absent_reason(ev)
     return comp
 
 

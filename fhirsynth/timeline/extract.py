@@ -14,6 +14,7 @@ from fhirsynth.fhir.refs import ref_id, ref_key
 from fhirsynth.mapping.model import ElementPath, PatientMapping, ResourceMapping
 from fhirsynth.timeline.fhirtime import _us_cache as _US_CACHE
 from fhirsynth.timeline.fhirtime import parse_fhir_date, parse_fhir_time, parse_fhir_time_us
+from fhirsynth.timeline.types import DATA_ABSENT_SYSTEM
 
 # Leading columns of a spilled event row; the adapter appends provenance columns (adapter.TAIL_FIELDS).
 HEAD_FIELDS: tuple[str, ...] = (
@@ -219,6 +220,11 @@ class EventExtractor:
             vb = obj.get("valueBoolean")
             if type(vb) is bool:
                 return None, None, None, None, "true" if vb else "false"
+            # no value: why, when the resource says more than "unknown" (what an absent value means anyway, and what
+            # the assembler writes when it knows no reason), e.g. "masked", a value fhirsynth withheld
+            c = pick_coding(_codings(obj.get("dataAbsentReason")), None)
+            if c is not None and c.get("system") == DATA_ABSENT_SYSTEM and c["code"] != "unknown":
+                return None, None, DATA_ABSENT_SYSTEM, c["code"], c.get("display")
         return _NO_VALUE
 
     def _category(self, res: dict) -> str | None:

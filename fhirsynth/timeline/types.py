@@ -16,6 +16,11 @@ EVENT_KINDS: tuple[str, ...] = ("condition", "observation", "encounter", "medica
 CLINICAL_KINDS: tuple[str, ...] = tuple(k for k in EVENT_KINDS if k != "encounter")
 # The code system of AllergyIntolerance.criticality, kept in value_system/value_code of an allergy event.
 CRITICALITY_SYSTEM = "http://hl7.org/fhir/allergy-intolerance-criticality"
+# An observation event whose value_system is DATA_ABSENT_SYSTEM has no value: value_code is its
+# Observation.dataAbsentReason. VALUE_WITHHELD ("masked") is the reason the generator gives where the data records the
+# code with numbers but the DP release has no bins to draw one from (model/vocab.Vocab.value_withheld).
+DATA_ABSENT_SYSTEM = "http://terminology.hl7.org/CodeSystem/data-absent-reason"
+VALUE_WITHHELD = "masked"
 
 
 @dataclass(slots=True)
@@ -26,7 +31,8 @@ class Event:
                  category = Condition.category code (problem-list-item, encounter-diagnosis, ...).
     observation: system/code = Observation.code (or the component's code for panel members, with the
                  panel's code in panel_*); value+unit = valueQuantity (UCUM code); value_* = valueCodeableConcept;
-                 category = observation-category code (vital-signs, laboratory, ...); status = Observation.status.
+                 category = observation-category code (vital-signs, laboratory, ...); status = Observation.status;
+                 no value: value_system = DATA_ABSENT_SYSTEM and value_code = dataAbsentReason, where one is given.
     encounter:   system/code = Encounter.class; value_* = first Encounter.type coding; time/end_time = period;
                  encounter_id = the encounter's own id; status = Encounter.status.
     medication:  system/code = the medication code (MedicationRequest/MedicationStatement medicationCodeableConcept,
