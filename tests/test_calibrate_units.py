@@ -107,10 +107,12 @@ def test_tail_counts_combine_the_sum_above_and_the_count_minus_the_sum_below():
 
 def test_the_measured_cohort_meets_every_exact_target_and_lengths_are_cumulative():
     """Exact measurements of a cohort, read back on the same cohort: every query's share is its target; the
-    events and visits queries are "at least bucket j" (a patient counts toward every edge up to its bucket)."""
+    events and visits queries are "at least bucket j" (a patient counts toward every edge up to its bucket), and
+    so are the top_held ones ("holds at least j of the pair codes")."""
     tls = cohort(40, 0.3, 2)
-    tg = cb.targets(exact_doc(tls, pair_codes=2))
-    assert set(tg.cumulative) == {"visits", "events"}
+    doc = exact_doc(tls, pair_codes=2)
+    tg = cb.targets(doc)
+    assert set(tg.cumulative) == {"visits", "events", "top_held"}
     Q = cb.query_matrix(tls, tg)
     assert np.allclose(Q.T @ np.full(len(tls), 1 / len(tls)), tg.target)
     lo, hi = tg.offsets["events"]
@@ -118,6 +120,12 @@ def test_the_measured_cohort_meets_every_exact_target_and_lengths_are_cumulative
     for i, n in enumerate(n_events):
         row = Q[i, lo:hi].toarray().ravel()
         assert row.tolist() == [1.0 if n >= ms.BUCKET_EDGES[j] else 0.0 for j in range(1, hi - lo + 1)]
+    lo, hi = tg.offsets["top_held"]
+    pair = set(tg.spec.pair_codes)
+    assert hi - lo == len(pair) == 2
+    for i, tl in enumerate(tls):
+        k = len({(e.kind, e.system, e.code) for e in tl.events} & pair)
+        assert Q[i, lo:hi].toarray().ravel().tolist() == [1.0 if k >= j else 0.0 for j in range(1, 3)]
 
 
 # ---------------------------------------------------------------- fit_weights

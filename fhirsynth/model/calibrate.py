@@ -16,9 +16,13 @@ of families) except for the record-length families (FAMILY_WEIGHTS). The last te
 (n = the requested count): the output takes a pooled patient at most once, so a weight above that could not be
 honoured by the draw.
 
-The histograms of visits and events per patient (CUMULATIVE_FAMILIES) enter as cumulative shares, "patients with
-at least bucket j" for every bucket edge, computed from the released histogram (post-processing): what a KS
-distance measures, where per-bucket queries, each inside its dead zone, let every bucket drift the same way.
+The per-patient histograms (CUMULATIVE_FAMILIES: visits and events per patient, and how many of the pair codes a
+patient holds) enter as cumulative shares, "patients with at least bucket j" for every bucket edge, computed from
+the released histogram (post-processing): what a KS distance measures, where per-bucket queries, each inside its
+dead zone, let every bucket drift the same way. For top_held that drift was the loss of the records' shape: the
+US records are bimodal (no patient holds 10-29 of the top 40 codes), per-bucket queries left 18% of the output in
+that gap, and the pairs' joint shares with them (patient co-occurrence R2 at epsilon 8, three seeds, two draws:
+0.46 -> 0.54; BENCHMARKS.md, twentieth session).
 Everything here is a function of the DP release and of samples of the DP model: post-processing, no privacy cost.
 
 The output: inclusion probabilities pi_i = min(1, n w_i) (mass above 1 redistributed), then systematic sampling
@@ -48,12 +52,13 @@ DEADZONE = 0.5  # in noise standard deviations
 HUBER = 5.0  # noise standard deviations (past the dead zone) beyond which a query's pull stops growing
 TAU = 1e-3  # entropy weight
 CAP_PENALTY = 10.0
-CUMULATIVE_FAMILIES = ("visits", "events")
+CUMULATIVE_FAMILIES = ("visits", "events", "top_held")
 # relative family weights (default 1): the record-length histograms are two families against eight about codes,
 # and repair restores code shares after the draw but not lengths. Measured on the US split (BENCHMARKS.md,
 # eighteenth session): without DP 3 and 5 alike (events / visits per patient KS 0.26 / 0.15 -> 0.12 / 0.06); at
-# epsilon 8 a larger weight buys shorter KS with patient co-occurrence, 5 lost 0.1-0.2 more of it than 3
-FAMILY_WEIGHTS = {"visits": 3.0, "events": 3.0}
+# epsilon 8 a larger weight buys shorter KS with patient co-occurrence, 5 lost 0.1-0.2 more of it than 3. top_held,
+# the third per-patient histogram, takes the same weight (twentieth session: 1 gained half of what 3 did)
+FAMILY_WEIGHTS = {"visits": 3.0, "events": 3.0, "top_held": 3.0}
 DEFAULT_POOL_FACTOR = 5
 # requested patients calibrated together: the pool of one chunk (x pool factor) is held in memory, so a large n
 # streams chunk by chunk like plain generation
