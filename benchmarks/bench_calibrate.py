@@ -55,7 +55,8 @@ from fhirsynth.timeline.types import Timeline  # noqa: E402
 
 log = logging.getLogger("bench_calibrate")
 KEYS = ("prevalence_r2", "patient_cooc_r2", "within_visit_cooc_r2", "transition_r2", "events_ks",
-        "events_median_other", "visits_ks", "visits_median_other", "days_ks", "deceased_share_other", "value_kind_mismatch", "value_withheld", "effective_pool")
+        "events_median_other", "visits_ks", "visits_median_other", "days_ks", "deceased_share_other",
+        "value_kind_mismatch", "value_withheld", "effective_pool")
 BASELINE_MAX_CODES = 256  # >= the most codes any US training patient holds (222): no truncation there
 # MST's time grows about with the square of its columns (every pair is scored): one fit on the US split took 47 s
 # with 30 codes and 221 s with 60 (one niced core, shared machine), so 120 would take ~15 min a fit.

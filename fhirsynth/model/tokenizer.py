@@ -130,6 +130,9 @@ class Tokenizer:
         }
         self.race_index = {code: i for i, (code, _) in enumerate(RACES)}
         self.eth_index = {code: i for i, (code, _) in enumerate(ETHNICITIES)}
+        # item tokens written with a withheld value (Vocab.value_withheld), once: decode meets them per event
+        base = vocab.start("item")
+        self.withheld = frozenset(base + i for i in range(len(vocab.items)) if vocab.value_withheld(i))
 
     # ---- encode -------------------------------------------------------------------------------------------
 
@@ -420,7 +423,7 @@ class Tokenizer:
                     ev.encounter_id, ev.status = enc_id, "finished"
                 else:
                     ev.encounter_id, ev.status = enc_id, _STATUS.get(it.kind, "final")
-                if it.kind == "observation" and v.value_withheld(tok - v.start("item")):
+                if tok in self.withheld:
                     ev.value_system, ev.value_code, ev.value_display = DATA_ABSENT_SYSTEM, VALUE_WITHHELD, "Masked"
                 if it.kind in REASON_KINDS:  # the item's panel fields hold the reason (vocab.REASON_KINDS)
                     ev.value_system, ev.value_code, ev.value_display = it.panel_system, it.panel_code, it.panel_display
