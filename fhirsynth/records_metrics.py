@@ -23,7 +23,8 @@ R² = fhirsynth.evaluate.fidelity.r2_identity (other as a predictor of real, y =
                          bands (age at the event) with >= 20 real values (bands other lacks: traj_band_missing);
   value_kind_mismatch    other's observation events whose value kind (quantity with its unit, coded, none) never
                          occurs in real for that code (codes real has as observations), value_kind_codes the codes
-                         with any; novel_obs_code_events counts other's observation events of codes real lacks;
+                         with any (value_kind_mismatch_share: as a share of other's observation events);
+                         novel_obs_code_events counts other's observation events of codes real lacks;
   value_withheld         other's observation events written with dataAbsentReason "masked" (a value the DP
                          release withheld) of codes real records with numbers: not mismatches, counted apart;
   deceased_share_*, n_*.
@@ -279,6 +280,7 @@ def compare(real: Records, other: Records) -> dict[str, float]:
     bad &= ~withheld
     out["value_withheld"] = float(withheld.sum())
     out["value_kind_mismatch"] = float(bad.sum())
+    out["value_kind_mismatch_share"] = float(bad.mean()) if len(bad) else 0.0
     out["value_kind_codes"] = float(vk_o.loc[bad, "token"].nunique())
     out["novel_obs_code_events"] = float((~known).sum())
 

@@ -157,9 +157,11 @@ def test_without_holdout_the_report_says_so_once(unheld):
     assert html.count("No holdout was given") == 1
     callout = html[html.index("No holdout was given"):html.index("<h2>Summary")]
     assert "MIA record-distance AUC" in callout and "DCR share closer to training" in callout
+    from fhirsynth.evaluate.records import RECORD_ROWS
     from fhirsynth.evaluate.summary import HEADLINE_FIDELITY
 
-    assert f"fidelity: all {len(HEADLINE_FIDELITY)} rows" in callout  # every fidelity row takes its reference there
+    # every fidelity row takes its reference there (the records table's: the training patients against it)
+    assert f"fidelity: all {len(HEADLINE_FIDELITY) + len(RECORD_ROWS)} rows" in callout
     assert "Near-copy rate" in callout and "Exact trajectory copies" in callout
     table = html[html.index("<h2>Summary"):html.index("<h2>Fidelity")]
     assert "needs --holdout" not in table
@@ -288,3 +290,25 @@ def test_plots_switch_to_log_axes_when_values_span_decades():
     pairs[0] = [0.3, 0.0]  # a code the other cohort lacks still gets drawn
     assert "(log axes)" in plots.scatter({"synthetic": pairs.tolist()}, "Prevalence", "real", "synthetic")
     assert "(log axes)" not in plots.scatter({"synthetic": rng.uniform(0.2, 0.8, (50, 2)).tolist()}, "P", "r", "s")
+
+
+def test_the_records_table_is_the_benchmarks_metric_code(held):
+    """`evaluate` reports records_metrics.compare (the issues' definitions: encounters as visits, patient-level
+    co-occurrence, record shape, value kinds) against the holdout, the training patients against it as the
+    reference: the same numbers the benchmarks print for the same cohorts, and summary rows that carry them."""
+    from fhirsynth.evaluate.records import RECORD_ROWS
+    from fhirsynth.records_metrics import Records, compare
+    from fhirsynth.timeline.io import read_timelines
+
+    report, root = held["report"], held["root"]
+    rec = report["records"]
+    assert rec["reference"] == "holdout"
+    hold = Records(list(read_timelines(root / "holdout")))
+    expected = compare(hold, Records(list(read_timelines(root / "real"))))
+    for key in ("prevalence_r2", "patient_cooc_r2", "events_ks", "value_kind_mismatch_share"):
+        assert rec["ceiling"][key] == pytest.approx(expected[key], nan_ok=True), key
+    assert rec["synthetic"]["n_real"] == hold.n and rec["synthetic"]["n_other"] == 100
+    rows = {r["metric"]: r for r in report["summary"]}
+    for label, key, _, _ in RECORD_ROWS:
+        assert rows[label]["synthetic"] == pytest.approx(rec["synthetic"][key], nan_ok=True)
+        assert rows[label]["reference"] == pytest.approx(rec["ceiling"][key], nan_ok=True)

@@ -73,6 +73,23 @@ def _fidelity_rows(fid: dict) -> list[dict]:
     return rows
 
 
+def _records_rows(rec: dict | None) -> list[dict]:
+    """records.py's table: the synthetic value, the training patients against the holdout as the reference."""
+    from fhirsynth.evaluate.records import RECORD_ROWS
+
+    if not rec:
+        return []
+    rows = []
+    for label, key, ideal, kind in RECORD_ROWS:
+        ceiling = get(rec, "ceiling", key)
+        rows.append({"group": "fidelity", "metric": label, "kind": kind, "synthetic": get(rec, "synthetic", key),
+                     "interval": None, "reference": ceiling, "ideal": ideal, "extras": {},
+                     "fallback": None, "holdout_use": "reference",
+                     "note": "against the holdout; reference: the training patients against it"
+                     if ceiling is not None else "against the training patients (no holdout)"})
+    return rows
+
+
 def _utility_rows(util: dict) -> list[dict]:
     us = util.get("summary") or {}
     rows = [{"group": "utility", "metric": "Mean TSTR/TRTR AUROC ratio (tasks beyond age)", "kind": "auroc",
@@ -172,7 +189,8 @@ def claimed_epsilon(formal: dict) -> float | None:
 
 def summary_rows(report: dict) -> list[dict]:
     """The headline rows of a report (fidelity, utility, privacy, plausibility, validity), each with a verdict."""
-    rows = (_fidelity_rows(report.get("fidelity", {})) + _utility_rows(report.get("utility", {}))
+    rows = (_fidelity_rows(report.get("fidelity", {})) + _records_rows(report.get("records"))
+            + _utility_rows(report.get("utility", {}))
             + _privacy_rows(report.get("privacy", {})) + _plausibility_rows(report.get("plausibility", {})))
     add_verdicts(rows)
     return rows
