@@ -26,7 +26,7 @@ from fhirsynth.model.vocab import Item, Vocab, build_vocab
 from fhirsynth.timeline.types import Event, PatientInfo, Timeline
 
 HCT = ("20570-8", "Hematocrit [Volume Fraction] of Blood")  # not in mappings/reference-ranges.toml
-PAIN = ("38208-5", "Pain severity - Reported")  # likewise
+PAIN = ("59460-6", "Fall risk total [Morse Fall Scale]")
 
 
 def _with_private_codes(n: int, seed: int):
