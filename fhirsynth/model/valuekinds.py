@@ -41,6 +41,7 @@ KIND_MIN_SHARE = 0.05
 # the share of the items' (epsilon, delta) that the value kinds take (build_vocab)
 KIND_EPSILON_FRACTION = 0.2  # items 0.56, value kinds 0.14 of the preprocessing epsilon
 KIND_DELTA_FRACTION = 0.1
+KIND_FLOOR_SD = 3.0  # noise SDs a kind's count must reach to be allowed
 
 
 def _kind(ev) -> str:
@@ -83,7 +84,7 @@ def release_value_kinds(timelines: list[Timeline], vocab, *, k: int, dp: bool, e
         assert epsilon is not None and delta is not None
         sigma = gaussian_sigma(epsilon, delta, math.sqrt(k))
         noisy = noise.gaussian(counts, sigma).astype(np.float64)
-        floor, sd = 3.0 * sigma, sigma  # an empty cell passes the floor with probability 0.13%
+        floor, sd = KIND_FLOOR_SD * sigma, sigma
         report: dict[str, Any] = {"mechanism": "discrete Gaussian histogram of distinct patients per (observation "
                                                "item, value kind), at most k pairs per patient",
                                   "max_pairs_per_patient": k, "sigma": sigma, "epsilon": epsilon, "delta": delta}
