@@ -195,12 +195,13 @@ def test_value_kinds_are_released_per_code(dp):
     assert not layout.allowed[j["59576-9"], 1:].any() and layout.allowed[j["59576-9"], 0]
     assert not layout.allowed[j["8867-4"], 0]
     assert kinds["1988-5"] == ["quantity"]
-    assert layout.withheld[j["1988-5"]] == ((LOINC, "1988-5") not in vocab.private_value_bins)
+    item = {it.code: i for i, it in enumerate(vocab.items) if it.kind == "observation"}
+    assert vocab.value_withheld(item["1988-5"]) == ((LOINC, "1988-5") not in vocab.private_value_bins)
     # without value bins for it (none released), a numeric code is sampled with its value withheld, never with a
     # value of another kind
     vocab.private_value_bins.pop((LOINC, "1988-5"), None)
     bare = VisitLayout(vocab)
-    assert bare.withheld[j["1988-5"]] and not bare.withheld[j["8867-4"]]
+    assert vocab.value_withheld(item["1988-5"]) and not vocab.value_withheld(item["8867-4"])
     assert bare.allowed[j["1988-5"]].tolist() == [True] + [False] * (bare.n_values - 1)
     if dp:  # a real release: secret noise by default, the mechanism in the report
         _, rep = release_value_kinds(tls, vocab, k=8, dp=True, epsilon=1.0, delta=1e-6,
@@ -243,7 +244,7 @@ def test_codes_under_the_kinds_floor_take_public_knowledge_before_noise():
 def test_a_numeric_code_under_the_floor_without_bins_is_withheld_not_written_as_none():
     """70 patients with a private lab recorded with numbers (C reactive protein), its bins not released, and a
     noise SD of about 30 (the floor about 90): when the quantity count leads none and coded by a noise SD, the
-    code gets "quantity" (its value then withheld, test_withheld_values.py), where the larger of none and coded
+    code gets "quantity" (its value then withheld, test_dpbins.py), where the larger of none and coded
     would have written a numeric lab as one recorded without a value (US at epsilon 8: five specific-IgE codes,
     524 observations)."""
     from fhirsynth.model import valuekinds as vk

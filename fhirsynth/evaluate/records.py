@@ -11,13 +11,11 @@ one, the training patients are the reference and there is no ceiling.
 
 from __future__ import annotations
 
-import logging
+from functools import cached_property
 from pathlib import Path
 
 from fhirsynth.records_metrics import Records, compare
 from fhirsynth.timeline.io import read_timelines
-
-log = logging.getLogger(__name__)
 
 # (label, key, ideal, summary kind); value-kind mismatches enter as a share of the synthetic observations
 RECORD_ROWS = [
@@ -34,13 +32,27 @@ RECORD_ROWS = [
 ]
 
 
-def records_table(real_dir: Path, synthetic_dir: Path, holdout_dir: Path | None) -> dict:
-    """{"reference", "synthetic": compare(reference, synthetic), "ceiling": compare(holdout, real) or None}."""
-    ref_dir = holdout_dir if holdout_dir is not None else real_dir
-    ref = Records(list(read_timelines(ref_dir)))
-    out = {"reference": "holdout" if holdout_dir is not None else "real (no holdout)",
-           "visit_definition": "an encounter (events without one: their calendar day)",
-           "synthetic": compare(ref, Records(list(read_timelines(synthetic_dir)))), "ceiling": None}
-    if holdout_dir is not None:
-        out["ceiling"] = compare(ref, Records(list(read_timelines(real_dir))))
-    return out
+class RecordsReference:
+    """The reference cohort flattened, and the ceiling compared, once per report: every synthetic cohort (the main
+    one and each --compare peer) is measured against the same ones."""
+
+    def __init__(self, real_dir: Path, holdout_dir: Path | None) -> None:
+        self.real_dir, self.holdout_dir = real_dir, holdout_dir
+
+    @cached_property
+    def cohort(self) -> Records:
+        return Records(list(read_timelines(self.holdout_dir if self.holdout_dir is not None else self.real_dir)))
+
+    @cached_property
+    def ceiling(self) -> dict | None:
+        """compare(holdout, real), or None without a holdout."""
+        if self.holdout_dir is None:
+            return None
+        return compare(self.cohort, Records(list(read_timelines(self.real_dir))))
+
+    def table(self, synthetic_dir: Path) -> dict:
+        """{"reference", "synthetic": compare(reference, synthetic), "ceiling"}."""
+        return {"reference": "holdout" if self.holdout_dir is not None else "real (no holdout)",
+                "visit_definition": "an encounter (events without one: their calendar day)",
+                "synthetic": compare(self.cohort, Records(list(read_timelines(synthetic_dir)))),
+                "ceiling": self.ceiling}

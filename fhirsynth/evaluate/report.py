@@ -22,7 +22,7 @@ from fhirsynth.evaluate.cohort import Cohort, load_cohort
 from fhirsynth.evaluate.fidelity import fidelity_report
 from fhirsynth.evaluate.plausibility import plausibility_report
 from fhirsynth.evaluate.privacy import formal_guarantee, privacy_report
-from fhirsynth.evaluate.records import records_table
+from fhirsynth.evaluate.records import RecordsReference
 from fhirsynth.evaluate.summary import claimed_epsilon, summary_rows  # noqa: F401 - re-exported
 from fhirsynth.evaluate.tables import feature_spec, flatten
 from fhirsynth.evaluate.utility import utility_report
@@ -179,12 +179,13 @@ def _evaluate(real_dir: str | Path, synthetic: str | Path, *, holdout: str | Pat
         real = load_cohort(real_path, "real")
         synth = load_cohort(synth_path, "synthetic")
         hold = load_cohort(holdout_path, "holdout") if holdout_path else None
+        records_ref = RecordsReference(real_path, holdout_path)  # the records table's reference, read once
         timings["load"] = time.perf_counter() - t
         if real.n == 0 or synth.n == 0:
             raise UsageError(f"nothing to compare: real has {real.n} patients, synthetic has {synth.n}")
         report = _run_all(real, synth, hold, real_path=real_path, holdout_path=holdout_path, model_path=model_path,
-                          export_dir=export_dir, synth_input=synth_in, synth_timelines=synth_path, seed=seed,
-                          timings=timings,
+                          export_dir=export_dir, synth_input=synth_in, synth_timelines=synth_path,
+                          records_ref=records_ref, seed=seed, timings=timings,
                           validity_sample=validity_sample)
         if audit_canaries:
             from fhirsynth.evaluate.audit import run_canary_audit
@@ -208,7 +209,7 @@ def _evaluate(real_dir: str | Path, synthetic: str | Path, *, holdout: str | Pat
                 raise UsageError("--compare has no patients", where=str(peer_in))
             peer_report = _run_all(real, peer, hold, real_path=real_path, holdout_path=holdout_path,
                                    model_path=None, export_dir=peer_export, synth_input=peer_in,
-                                   synth_timelines=peer_path, seed=seed,
+                                   synth_timelines=peer_path, records_ref=records_ref, seed=seed,
                                    timings={}, validity_sample=validity_sample,
                                    holdout_fidelity=(report["fidelity"]["holdout"], report["plots"]["holdout"])
                                    if hold is not None else None)
@@ -252,8 +253,9 @@ def _epsilon(formal: dict, export_dir: Path | None) -> float | str | None:
 
 
 def _run_all(real: Cohort, synth: Cohort, hold: Cohort | None, *, real_path: Path, holdout_path: Path | None,
-             model_path: Path | None, export_dir: Path | None, synth_input: Path, synth_timelines: Path, seed: int,
-             timings: dict, validity_sample: int = 200, holdout_fidelity: tuple[dict, dict] | None = None) -> dict:
+             model_path: Path | None, export_dir: Path | None, synth_input: Path, synth_timelines: Path,
+             records_ref: RecordsReference, seed: int, timings: dict, validity_sample: int = 200,
+             holdout_fidelity: tuple[dict, dict] | None = None) -> dict:
     meta = {"generated": datetime.now(timezone.utc).isoformat(timespec="seconds"), "fhirsynth_version": __version__,
             "real": {"path": str(real_path), "patients": real.n, "events": len(real.events)},
             "synthetic": {"path": str(synth_input), "export": export_dir is not None, "patients": synth.n,
@@ -291,7 +293,7 @@ def _run_all(real: Cohort, synth: Cohort, hold: Cohort | None, *, real_path: Pat
                                 validity_sample=validity_sample, seed=seed)
     timings["plausibility"] = time.perf_counter() - t
     t = time.perf_counter()
-    records = records_table(real_path, synth_timelines, holdout_path)
+    records = records_ref.table(synth_timelines)
     timings["records"] = time.perf_counter() - t
     meta["feature_columns"] = list(tables["real"].columns)
     return {"meta": meta, "fidelity": fidelity, "utility": utility, "privacy": privacy, "plausibility": plaus,

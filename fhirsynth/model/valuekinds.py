@@ -10,7 +10,7 @@ is allowed when its noisy count reaches KIND_MIN_SHARE of the code's noisy total
 with no kind above the floor (at epsilon 8 the floor is about 160 patients on 800, and above every count on a
 cohort of 120) gets, in this order: the kinds a public prior model holds for it (prior.py; public, no budget); a
 quantity when the code has value bins (public reference ranges, or DP bins, which are only released for codes
-the data records with numbers); a quantity too (so the code is never sampled) when the quantity count leads
+the data records with numbers); a quantity too (its value then withheld, below) when the quantity count leads
 none and coded by QUANTITY_LEAD_SD noise SDs; else none or coded, whichever has the larger noisy count (falling back to
 "none or coded" once let the model write 17,108 observations of 18 codes with a kind the data never has; the
 noisy argmax alone, with a prior on the 120-patient es-ips cohort, allowed 90-101 of 226 observed codes a kind
@@ -29,8 +29,7 @@ from typing import Any
 import numpy as np
 
 from fhirsynth.model.dpnoise import NoiseSource, gaussian_sigma
-from fhirsynth.timeline.types import DATA_ABSENT_SYSTEM
-from fhirsynth.timeline.types import Timeline
+from fhirsynth.timeline.types import DATA_ABSENT_SYSTEM, Timeline
 
 KINDS = ("none", "quantity", "coded")
 NONE, QUANTITY, CODED = KINDS.index("none"), KINDS.index("quantity"), KINDS.index("coded")

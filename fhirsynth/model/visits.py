@@ -79,7 +79,6 @@ class VisitLayout:
         self.n_values = 1 + self.n_val + self.NA + self.n_dur
         # per content item: bins (numeric), condition, or coded observation
         self.n_bins = np.zeros(self.NC, dtype=np.int64)
-        self.withheld = np.zeros(self.NC, dtype=bool)  # numeric codes without bins: written without their value
         self.is_condition = np.zeros(self.NC, dtype=bool)
         allowed = np.zeros((self.NC, self.n_values), dtype=bool)
         # criticality answers: the only coded values an allergy may take
@@ -111,7 +110,6 @@ class VisitLayout:
                     allowed[j, [self.answer_value(a) for a in crit]] = False  # an allergy's criticality only
                 if not allowed[j].any():  # only quantities, and no bins to draw one from
                     allowed[j, NONE] = True  # no value: decoding writes it withheld (Vocab.value_withheld)
-                self.withheld[j] = v.value_withheld(tok - base)
         self.allowed = allowed
         # encounter types that may be drawn (index 0 = none): never an allergy's criticality
         self.type_ok = np.ones(self.NT + 1, dtype=bool)
