@@ -2,13 +2,14 @@
 
     python benchmarks/bench_calibrate.py --work DIR --train TL_DIR --holdout TL_DIR \
         --models inf=/tmp/bf/model-visit-epsinf-ep10-s1,8:1=/tmp/bf/model-visit-eps8-ep10-s1,... \
-        [--n 400] [--pool-factor 5] [--meas-fraction 0.2] [--attach] [--record-start]
+        [--n 400] [--pool-factor 5] [--meas-fraction 0.2] [--attach] [--no-record-start]
 
 Each model is LABEL=MODEL_DIR, LABEL = EPS[:SEED] (EPS "inf" = a --no-dp model). For every model: one pool of
 n x pool-factor patients (seed 1, cached in --work), the uncalibrated output (the pool's first n) and the calibrated
 one (measurements -> calibrate.calibrate: "reweighted" without the repair step, "calibrated" with it, the default
-of generate). --record-start: every visit model is sampled a second time as `generate --record-start` samples it
-(each record goes back to a first-visit age drawn from the model's measurements), columns "LABEL record-start ...".
+of generate). Pools are sampled as `generate` samples them (each record goes back to a first-visit age drawn from
+the model's measurements); --no-record-start: every visit model is sampled a second time as `generate
+--no-record-start` samples it, columns "LABEL no-record-start ...".
 Measurements:
   * a model dir holding measurements.json (trained with them): those are used, the epsilon is the model's;
   * --attach: measured here on --train with the model's vocabulary, at meas-fraction x EPS (exact for inf), noise
@@ -56,7 +57,7 @@ from fhirsynth.timeline.types import Timeline  # noqa: E402
 log = logging.getLogger("bench_calibrate")
 KEYS = ("prevalence_r2", "patient_cooc_r2", "within_visit_cooc_r2", "transition_r2", "events_ks",
         "events_median_other", "visits_ks", "visits_median_other", "days_ks", "deceased_share_other",
-        "value_kind_mismatch", "value_withheld", "effective_pool")
+        "value_kind_mismatch", "value_withheld", "first_visit_age_ks", "birth_week_visits_other", "effective_pool")
 BASELINE_MAX_CODES = 256  # >= the most codes any US training patient holds (222): no truncation there
 # MST's time grows about with the square of its columns (every pair is scored): one fit on the US split took 47 s
 # with 30 codes and 221 s with 60 (one niced core, shared machine), so 120 would take ~15 min a fit.
@@ -132,7 +133,7 @@ def main() -> int:
     ap.add_argument("--pool-factor", type=int, default=5)
     ap.add_argument("--meas-fraction", type=float, default=0.2)
     ap.add_argument("--attach", action="store_true")
-    ap.add_argument("--record-start", action="store_true", help="also sample every model with record_start")
+    ap.add_argument("--no-record-start", action="store_true", help="also sample every model without a record start")
     ap.add_argument("--baseline-seeds", default="1,2,3")
     ap.add_argument("--baseline", default="none", help="comma list of smartnoise-synth methods (mst, aim) or none")
     ap.add_argument("--baseline-python", default=os.environ.get("FHIRSYNTH_BASELINE_PYTHON", ""),
@@ -176,8 +177,8 @@ def main() -> int:
     for item in args.models.split(","):
         label, _, path = item.partition("=")
         doc = measurements_for(label, Path(path), train, args.meas_fraction, args.attach)
-        for record_start in (False, True) if args.record_start else (False,):
-            name = f"{label} record-start" if record_start else label
+        for record_start in (True, False) if args.no_record_start else (True,):
+            name = label if record_start else f"{label} no-record-start"
             pool = pool_for(label, Path(path), args.n * args.pool_factor, args.work, record_start)
             cols[f"{name} uncalibrated"] = compare(held, Records(pool[: args.n]))
             out, _ = calibrate(pool, doc, args.n, seed=1, repair=False)

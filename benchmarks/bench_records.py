@@ -2,7 +2,7 @@
 
     python benchmarks/bench_records.py --work DIR [--cohort us|es-ips] [--data DIR] [--holdout N]
         [--runs visit:inf:1,visit:8:1,visit:8:2,token:inf:1,visit:8:1:batch=256:epochs=30] [--epochs E]
-        [--n-synthetic 400] [--record-start]
+        [--n-synthetic 400] [--no-record-start]
 
 Steps (each cached in --work): ingest the cohort and split it by patient (bench_fidelity.split, seed 7: the
 shared US 800/200 split; --cohort es-ips: the shared Spanish IPS cohort's NDJSON with the "ips" mapping, 120/30),
@@ -61,8 +61,8 @@ def main() -> int:
     ap.add_argument("--epochs", type=int, default=None, help="default: train's (10, more under DP for a small cohort)")
     ap.add_argument("--n-synthetic", type=int, default=400)
     ap.add_argument("--no-ceiling", action="store_true", help="skip the encode/decode column")
-    ap.add_argument("--record-start", action="store_true",
-                    help="also sample each visit model as `generate --record-start` does (a column beside it)")
+    ap.add_argument("--no-record-start", action="store_true",
+                    help="also sample each visit model as `generate --no-record-start` does (a column beside it)")
     ap.add_argument("--json", type=Path, default=RESULTS_FILE, help="where to write the columns as JSON")
     args = ap.parse_args()
     default_data, mapping, default_holdout = COHORTS[args.cohort]
@@ -113,9 +113,9 @@ def main() -> int:
         runs.append({"column": name, "arch": arch, "epsilon": eps_s, "seed": seed, "dp": math.isfinite(eps),
                      **settings, "epochs": privacy.get("epochs"), "entry_weight": trained.get("entry_weight")})
         log.info("%s:\n%s", model.name, markdown({"real vs real": columns["real vs real"], model.name: col}))
-        if args.record_start and arch == "visit":
-            synth = list(sample_timelines(model, args.n_synthetic, seed=seed, device="cpu", record_start=True))
-            columns[f"{name} --record-start"] = compare(held, Records(synth))
+        if args.no_record_start and arch == "visit":
+            synth = list(sample_timelines(model, args.n_synthetic, seed=seed, device="cpu", record_start=False))
+            columns[f"{name} --no-record-start"] = compare(held, Records(synth))
     for eps_s in sorted({r["epsilon"] for r in runs if r["dp"]}, key=float):
         columns[f"independent codes ε={eps_s}"] = independent_column(train, held, float(eps_s), args.n_synthetic)
     if first_visit_model is not None and not args.no_ceiling:

@@ -2,7 +2,7 @@
 
     python benchmarks/bench_rest.py --work DIR [--data ../shared/data/us-full/ndjson] [--holdout 100]
         [--epochs 10] [--n-synthetic 200] [--epsilon inf] [--seed 1] [--pool-factor 5] [--draws 2]
-        [--batch-size N] [--record-start]
+        [--batch-size N] [--no-record-start]
 
 Steps (each cached in --work): ingest the cohort (us-core mapping) and split it by patient (demo.split, seed 7:
 the shared us-full cohort gives 400 / 100), train one visit model (--epsilon inf = no DP), sample
@@ -16,7 +16,8 @@ whole-record metrics of records_metrics.compare go beside them:
   vaccine_age_band_max_diff_points  largest |share difference| of immunizations over the age bands, in
                                   percentage points (goal <= 5).
 Beside it the ceiling: the training patients against the holdout (real vs real). Prints a markdown table and
-writes the columns as JSON to WORK/bench-rest-<the model dir's settings>[-record-start].json.
+writes the columns as JSON to WORK/bench-rest-<the model dir's settings>[-record-start].json (the pool sampled as
+`generate` samples it, with a record start; --no-record-start: without, and no suffix).
 """
 
 from __future__ import annotations
@@ -69,7 +70,8 @@ def main() -> int:
     ap.add_argument("--pool-factor", type=int, default=5, help="as generate's --pool-factor")
     ap.add_argument("--draws", type=int, default=2, help="calibrated draws from the one pool (seeds --seed, ...)")
     ap.add_argument("--batch-size", type=int, default=None, help="train's --batch-size (default: train's own)")
-    ap.add_argument("--record-start", action="store_true", help="sample the pool as `generate --record-start` does")
+    ap.add_argument("--no-record-start", action="store_true",
+                    help="sample the pool as `generate --no-record-start` does")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     work = Path(args.work)
@@ -98,18 +100,19 @@ def main() -> int:
                     epochs=args.epochs, seed=args.seed, model_config=ModelConfig(arch="visit"),
                     **({"batch_size": args.batch_size} if args.batch_size else {}))
         log.info("%s trained in %.0f s", model.name, time.perf_counter() - t)
-    tag = "-record-start" if args.record_start else ""
+    record_start = not args.no_record_start
+    tag = "-record-start" if record_start else ""
     pool_path = model / f"pool-{args.n_synthetic * args.pool_factor}-s{args.seed}{tag}.pkl"
     if pool_path.is_file():
         pool = pickle.loads(pool_path.read_bytes())
     else:
         t = time.perf_counter()
         pool = list(sample_timelines(model, args.n_synthetic * args.pool_factor, seed=args.seed, device="cpu",
-                                     record_start=args.record_start))
+                                     record_start=record_start))
         log.info("sampled a pool of %d patients in %.0f s", len(pool), time.perf_counter() - t)
         pool_path.write_bytes(pickle.dumps(pool))
     name = (f"visit ε={args.epsilon} {args.epochs} epochs" + (f" batch {args.batch_size}" if args.batch_size else "")
-            + (", --record-start" if args.record_start else ""))
+            + ("" if record_start else ", --no-record-start"))
     columns[f"{name}, as sampled"] = both(Records(pool[: args.n_synthetic]))
     measured = load_measurements(model)
     if measured is None:

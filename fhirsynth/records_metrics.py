@@ -27,6 +27,10 @@ R² = fhirsynth.evaluate.fidelity.r2_identity (other as a predictor of real, y =
                          novel_obs_code_events counts other's observation events of codes real lacks;
   value_withheld         other's observation events written with dataAbsentReason "masked" (a value the DP
                          release withheld) of codes real records with numbers: not mismatches, counted apart;
+  first_visit_age_ks     age at the first visit (days from the birth date to the visit's start: its encounter's
+                         start, else its earliest event), patients with a birth date and an event;
+  birth_week_visits_*    share of patients with a visit starting in the first 7 days of life (real or other): the
+                         newest-first sampler, out of time before birth, once piled visits there;
   deceased_share_*, n_*.
 """
 
@@ -284,11 +288,37 @@ def compare(real: Records, other: Records) -> dict[str, float]:
     out["value_kind_codes"] = float(vk_o.loc[bad, "token"].nunique())
     out["novel_obs_code_events"] = float((~known).sum())
 
-    # 10. deaths
+    # 10. where records begin
+    f_r, f_o = _first_visit_days(real), _first_visit_days(other)
+    out["first_visit_age_ks"] = _ks(f_r.dropna().to_numpy(), f_o.dropna().to_numpy())
+    out["birth_week_visits_real"] = _birth_week_share(real)
+    out["birth_week_visits_other"] = _birth_week_share(other)
+
+    # 11. deaths
     out["deceased_share_real"] = float(real.patients["deceased"].mean()) if real.n else math.nan
     out["deceased_share_other"] = float(other.patients["deceased"].mean()) if other.n else math.nan
     out.update(per_code)
     return out
+
+
+def _visit_starts(rec: Records) -> pd.DataFrame:
+    """pidx, start (days since the birth date) of every visit: its encounter's start, else its earliest event."""
+    ev = rec.events
+    enc = ev[ev["kind"] == "encounter"].groupby("visit")["ts"].min()
+    first = ev.groupby("visit").agg(pidx=("pidx", "first"), ts=("ts", "min"))
+    ts = enc.reindex(first.index).fillna(first["ts"])
+    birth = rec.patients["birth_ts"].reindex(first["pidx"]).to_numpy()
+    return pd.DataFrame({"pidx": first["pidx"].to_numpy(), "days": (ts.to_numpy() - birth) / _DAY_S})
+
+
+def _first_visit_days(rec: Records) -> pd.Series:
+    return _visit_starts(rec).groupby("pidx")["days"].min()
+
+
+def _birth_week_share(rec: Records) -> float:
+    v = _visit_starts(rec)
+    with_birth = rec.patients["birth_ts"].notna().sum()
+    return float(v.loc[v["days"] < 7, "pidx"].nunique() / with_birth) if with_birth else math.nan
 
 
 def records_table(real: list[Timeline], other: list[Timeline]) -> dict[str, float]:

@@ -250,14 +250,17 @@ def test_calibration_accepts_a_negative_seed():
     assert len(out) == 20 and out == again  # the same draw and the same repair
 
 
-def test_constrained_generate_does_not_read_the_measurements(tiny, tmp_path):
-    """--sex / --age / --condition never calibrate, so a broken measurements.json must not stop them (as the API's
-    $synthesize, which reads the file only without constraints)."""
+def test_constrained_generate_reads_the_measurements_only_for_the_record_start(tiny, tmp_path, capsys):
+    """--sex / --age / --condition never calibrate (the measurements describe the whole cohort), but the record
+    start draws from the per-cell first-visit histogram: a broken measurements.json is then a clear error naming
+    the file, and with --no-record-start the file is not read at all."""
     bad = tmp_path / "bad"
     shutil.copytree(tiny, bad)
     (bad / "measurements.json").write_text('{"format": 0}')
-    rc = main(["generate", str(bad), "-n", "2", "--out", str(tmp_path / "o"), "--device", "cpu", "--sex", "female"])
-    assert rc == 0
+    args = ["generate", str(bad), "-n", "2", "--device", "cpu", "--sex", "female"]
+    assert main([*args, "--out", str(tmp_path / "o")]) == 2
+    assert "measurements.json: measurements format 0" in capsys.readouterr().err
+    assert main([*args, "--out", str(tmp_path / "o2"), "--no-record-start"]) == 0
 
 
 @pytest.mark.parametrize("breakage", ["no_sigma", "text_count"])

@@ -152,8 +152,11 @@ def test_records_do_not_end_before_the_drawn_start(untrained, tmp_path):
     cap = load_model(model, "cpu").model_config.max_visits
     with_prior = _first_ages(list(sample_timelines(model, 150, seed=3, batch_size=150, device="cpu",
                                                    record_start=True)))
-    # off by default: the same model dir samples as it did without the histogram
-    plain = _first_ages(list(sample_timelines(model, 150, seed=3, batch_size=150, device="cpu")))
+    # on by default; turned off, the same model dir samples as it does without the histogram
+    default = _first_ages(list(sample_timelines(model, 150, seed=3, batch_size=150, device="cpu")))
+    assert default == with_prior
+    plain = _first_ages(list(sample_timelines(model, 150, seed=3, batch_size=150, device="cpu",
+                                              record_start=False)))
     without = _first_ages(list(sample_timelines(untrained, 150, seed=3, batch_size=150, device="cpu")))
     assert plain == without
     # records near the visit cap may have been cut by it (visits without an event or sharing an encounter count
@@ -184,7 +187,7 @@ def test_generate_record_start_flag_reaches_the_sampler(untrained, tmp_path):
 
     model = _with_first_age(untrained, tmp_path / "m", 0)
     outs = {}
-    for name, extra in (("plain", []), ("start", ["--record-start"])):
+    for name, extra in (("plain", ["--no-record-start"]), ("start", ["--record-start"]), ("default", [])):
         rc = main(["-q", "generate", str(model), "-n", "40", "--seed", "2", "--no-calibrate", "--out",
                    str(tmp_path / name), *extra])
         assert rc == 0
@@ -192,6 +195,7 @@ def test_generate_record_start_flag_reaches_the_sampler(untrained, tmp_path):
         assert outs[name]
     read = lambda files: b"".join(f.read_bytes() for f in files)  # noqa: E731
     assert read(outs["plain"]) != read(outs["start"])
+    assert read(outs["default"]) == read(outs["start"])  # on by default
 
 
 def test_the_sampler_draws_from_the_cell_measurements_counted_the_patient_in():
@@ -230,3 +234,34 @@ def test_end_takes_the_mass_of_the_gaps_that_no_longer_fit():
     p = _end_takes_lost_gaps(logits, mask, temperature=1.0)
     assert p[0].tolist() == pytest.approx([0.1 + 0.3 + 0.4, 0.2, 0.0, 0.0])
     assert p[1].tolist() == pytest.approx([0.0, 0.2, 0.3, 0.0])  # _draw renormalises: 0.4 / 0.6
+
+
+def _visits_in_first_week(tls: list[Timeline]) -> list[int]:
+    return [sum(age < 7 / 365.25 for age in ages) for _, _, ages in _first_ages(tls)]
+
+
+def test_without_a_start_histogram_records_do_not_pile_visits_onto_birth(untrained):
+    """Newest first, a record that reaches its first days has room only for short gaps; renormalised over them, a
+    model that wanted a longer one kept drawing visits there (half of a DP model's US pool had visits in the first
+    week of life, up to 42; real records 0.6%). The mass of the gaps that no longer fit goes to END."""
+    week = _visits_in_first_week(list(sample_timelines(untrained, 150, seed=5, batch_size=150, device="cpu",
+                                                       record_start=False)))
+    assert np.mean([w >= 2 for w in week]) < 0.05
+    assert max(week) <= 3
+
+
+def test_an_observation_is_never_moved_onto_the_birth_day_by_its_lead(untrained):
+    """A lead (time before the visit) longer than the time since birth: a condition's onset is then at birth, an
+    observation is taken at its visit. Clamped to birth, adult vitals were dated on the day of birth (2.9 to 50
+    observations per patient at the birth instant; real records none)."""
+    tls = list(sample_timelines(untrained, 150, seed=6, batch_size=150, device="cpu"))
+    at_birth = conditions_at_birth = 0
+    for tl in tls:
+        birth = datetime.combine(tl.patient.birth_date, datetime.min.time(), tzinfo=timezone.utc)
+        starts = {e.encounter_id: e.time for e in tl.events if e.kind == "encounter"}
+        for e in tl.events:
+            if e.time == birth and starts.get(e.encounter_id, birth) > birth:
+                at_birth += e.kind == "observation"
+                conditions_at_birth += e.kind == "condition"
+    assert at_birth == 0
+    assert conditions_at_birth > 0  # the untrained model's random leads do reach back to birth

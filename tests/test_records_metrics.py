@@ -101,3 +101,24 @@ def test_value_kind_mismatch_is_counted_per_code_and_unit() -> None:
     assert out["value_kind_codes"] == 3
     assert out["novel_obs_code_events"] == 1
     assert math.isnan(out["traj_corr_maxdiff"])  # one value per patient and code: no consecutive pairs
+
+
+def test_a_record_starts_at_its_first_encounter_and_birth_week_visits_are_counted() -> None:
+    """Real records begin at an encounter 28 days after birth whose condition dates from birth (the onset does not
+    start the record); the other cohort's begin 2 days after birth: first-visit age KS 1, and every other patient
+    has a visit in the first week of life."""
+    def record(i: int, start_day: int) -> Timeline:
+        birth = date(2000, 1, 1) + timedelta(days=i)
+        t = datetime(birth.year, birth.month, birth.day, 10, tzinfo=timezone.utc)
+        evs = [Event(time=t + timedelta(days=start_day), kind="encounter", system="ActCode", code="AMB",
+                     encounter_id=f"e{i}"),
+               Event(time=t, kind="condition", system=SNOMED, code="314529007", encounter_id=f"e{i}"),
+               Event(time=t + timedelta(days=400), kind="observation", system=LOINC, code="x", value=1.0)]
+        return Timeline(PatientInfo(f"p{i}", sex="female", birth_date=birth), evs)
+
+    real = [record(i, 28) for i in range(20)]
+    out = rm.records_table(real, [record(i, 2) for i in range(20)])
+    assert out["first_visit_age_ks"] == pytest.approx(1.0)
+    assert out["birth_week_visits_real"] == 0.0 and out["birth_week_visits_other"] == 1.0
+    same = rm.records_table(real, real)
+    assert same["first_visit_age_ks"] == 0.0 and same["birth_week_visits_other"] == 0.0

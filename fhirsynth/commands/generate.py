@@ -38,10 +38,10 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="CPU sampling processes; the output is identical for any value (default 1)")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (default 1.0)")
-    p.add_argument("--record-start", action="store_true",
+    p.add_argument("--record-start", action=argparse.BooleanOptionalAction, default=True,
                    help="visit models trained with measurements: keep each record going back to a start age drawn "
-                        "from the DP first-event-age histogram (records of the real length; costs visit content, "
-                        "see BENCHMARKS.md)")
+                        "from the DP first-visit-age histogram (default on; --no-record-start lets the model alone "
+                        "decide where each record begins, see BENCHMARKS.md)")
     p.add_argument("--no-calibrate", action="store_true",
                    help="skip calibration: output the model's samples as drawn, even when the model holds DP "
                         "measurements (measurements.json)")

@@ -176,7 +176,10 @@ def marginal_divergence(real: Cohort, other: Cohort, kind: str, alpha: float = 0
 def per_patient_quantities(cohort: Cohort) -> dict[str, np.ndarray]:
     ev = cohort.events
     idx = cohort.patients.index
-    age_first = ((cohort.first_day - cohort.patients["birth_day"]) / DAYS_PER_YEAR).to_numpy()
+    # whole days: a birthDate is a date, so the time of day of the first event says nothing about age (every
+    # Synthea record begins on its birth day, at the birth's hour; the hour alone gave KS 0.9 against a cohort
+    # whose first events are at midnight)
+    age_first = ((np.floor(cohort.first_day) - cohort.patients["birth_day"]) / DAYS_PER_YEAR).to_numpy()
     vis = cohort.visits
     days = vis["iday"].to_numpy()
     pid = vis["pidx"].to_numpy()

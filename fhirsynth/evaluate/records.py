@@ -29,6 +29,7 @@ RECORD_ROWS = [
     ("Max gap of lag-1 value correlation, top 10 numeric codes (records)", "traj_corr_maxdiff", 0.0, "distance"),
     ("Max relative gap of age-band value means (records)", "traj_band_mean_max_rel_diff", 0.0, "distance"),
     ("Observations with a value kind real never has (share, records)", "value_kind_mismatch_share", None, "rate"),
+    ("Age at the first encounter KS (records)", "first_visit_age_ks", 0.0, "distance"),
 ]
 
 
