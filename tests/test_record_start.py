@@ -92,18 +92,45 @@ def test_a_document_measured_before_the_family_still_loads(tmp_path):
         ms.load(tmp_path / "m")
 
 
+def _first_age_doc(counts: np.ndarray, sigma: float = 7.0) -> dict:
+    return {"families": {"first_age": {"counts": counts.ravel().tolist(), "sigma": sigma}}}
+
+
 def test_first_age_prior_drops_counts_under_the_noise_floor_and_normalises():
+    """Inside the cohort's support a cell keeps its counts above 2 noise SDs; a cell left with none takes the
+    cohort's histogram over the support."""
     nb = len(ms.FIRST_AGE_EDGES)
     counts = np.zeros((ms.N_CELLS, nb))
-    counts[0, 0], counts[0, 3], counts[0, 5] = 90, 10, 30  # 10 < 2 sigma: noise, dropped
-    counts[1, 2] = -4  # a cell left with no mass: no constraint
-    counts[2, 1], counts[2, 8] = 40, 40
-    doc = {"families": {"first_age": {"counts": counts.ravel().tolist(), "sigma": 7.0}}}
-    prior = ms.first_age_prior(doc)
+    counts[0, 1], counts[0, 2], counts[0, 3] = 90, 10, 30  # 10 < 2 sigma: noise, dropped
+    counts[1, 2] = -4  # a cell left with no mass: the cohort's histogram
+    counts[2, 1], counts[2, 3] = 40, 40
+    prior = ms.first_age_prior(_first_age_doc(counts))
     assert prior.shape == (ms.N_CELLS, nb)
-    assert prior[0, 0] == pytest.approx(0.75) and prior[0, 5] == pytest.approx(0.25) and prior[0, 3] == 0
-    assert np.isnan(prior[1]).all() and prior[2, 1] == prior[2, 8] == 0.5
+    assert prior[0, 1] == pytest.approx(0.75) and prior[0, 3] == pytest.approx(0.25) and prior[0, 2] == 0
+    assert prior[2, 1] == prior[2, 3] == 0.5
+    cohort = np.clip(counts.sum(axis=0), 0, None)[1:4]
+    assert prior[1, 1:4] == pytest.approx(cohort / cohort.sum()) and prior[1].sum() == pytest.approx(1.0)
     assert ms.first_age_prior({"families": {}}) is None and ms.first_age_prior(None) is None
+    # no bucket window passes over the cohort: no constraint
+    assert np.isnan(ms.first_age_prior(_first_age_doc(np.where(counts > 0, 20.0, 0.0)))).all()
+
+
+def test_a_cells_count_outside_the_cohorts_support_is_read_as_noise():
+    """A small cohort (es-ips: 120 patients in 8 cells): every record begins in the first two months, a handful
+    per cell and bucket, none above a cell's floor; one cell's noise passes it at 2-3 years. The cohort's summed
+    buckets show where records begin, and the noise there is dropped: no patient is drawn to begin at 2-3 years."""
+    nb = len(ms.FIRST_AGE_EDGES)
+    rng = np.random.default_rng(0)
+    counts = rng.normal(0.0, 7.0, (ms.N_CELLS, nb))
+    counts[:, 1:4] += 6.0  # ~18 records a cell in the first two months, spread over three buckets
+    late = ms.FIRST_AGE_EDGES.index(3) - 6
+    counts[5, late] = 16.0  # > 2 sigma: passed the old per-cell floor
+    prior = ms.first_age_prior(_first_age_doc(counts))
+    assert np.isfinite(prior).all()
+    # all mass where records begin, or beside it (a window that passes keeps its buckets with a positive total)
+    assert prior[:, :5].sum(axis=1) == pytest.approx(np.ones(ms.N_CELLS))
+    assert prior[:, 1:4].sum(axis=1).min() > 0.9
+    assert (prior[:, late] == 0).all()
 
 
 def _with_first_age(model: Path, out: Path, bucket: int) -> Path:

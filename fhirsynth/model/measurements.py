@@ -75,6 +75,10 @@ PAIR_BAND = (0.05, 0.95)
 # the first month per us-full record against 0.6, fourteenth session); then years
 FIRST_AGE_EDGES = tuple(e / DAYS_PER_YEAR for e in EARLY_AGE_EDGES) + (5, 10, 18, 30, 45, 65)
 FIRST_AGE_FLOOR = 2.0  # noise SDs under which a first-age count is read as 0 (first_age_prior)
+# noise SDs a window of FIRST_AGE_WINDOW neighbouring buckets of the cells' summed counts must pass to be support
+# (first_age_prior): one window in ~700 passes on noise alone, and the histogram has 46 buckets
+FIRST_AGE_SUPPORT_SDS = 3.0
+FIRST_AGE_WINDOW = 3
 # rho shares of the families (public); the prevalence and the pairs are the many-query families
 # measured on the US split: at these noise scales the pair counts carried no usable signal (BENCHMARKS.md,
 # eleventh session), and the top codes' shares, which decide the pairs' joint shares, did: most of the pairs'
@@ -337,17 +341,39 @@ def load(model_dir) -> dict[str, Any] | None:
     return doc
 
 
+def first_age_support(counts: np.ndarray, sigma: float) -> np.ndarray:
+    """Buckets where the cohort's records begin, from the released [N_CELLS, buckets] counts: every bucket of a
+    window of FIRST_AGE_WINDOW neighbours whose summed count over all cells passes FIRST_AGE_SUPPORT_SDS noise SDs.
+    One cell's bucket passing its own floor is often noise: in a small cohort (es-ips, 120 patients in 8 cells)
+    the true buckets hold 4-10 patients a cell, and of 368 counts at sigma 7 the few that pass 2 SDs by chance lay
+    at 1-5 years where every real record began in its first two months."""
+    total = counts.sum(axis=0)
+    nb, w = len(total), FIRST_AGE_WINDOW
+    sd = float(sigma) * math.sqrt(counts.shape[0] * w)
+    support = np.zeros(nb, dtype=bool)
+    for lo in range(0, max(nb - w, 0) + 1):
+        if total[lo: lo + w].sum() >= FIRST_AGE_SUPPORT_SDS * sd:
+            support[lo: lo + w] |= total[lo: lo + w] > 0
+    return support
+
+
 def first_age_prior(doc: dict[str, Any] | None) -> np.ndarray | None:
-    """P(first-event age bucket | cell) from the released counts, as [N_CELLS, len(FIRST_AGE_EDGES)]; counts
-    under FIRST_AGE_FLOOR noise SDs are taken as 0 (most buckets are empty: a simulator's records all start at
-    birth, and clipped noise alone would put a third of a small cell's mass in empty buckets); a cell with no mass
-    left gets no constraint (a row of NaN). None when the document lacks the family. Post-processing."""
+    """P(first-visit age bucket | cell) from the released counts, as [N_CELLS, len(FIRST_AGE_EDGES)]: inside the
+    cohort's support (first_age_support), a cell's counts under FIRST_AGE_FLOOR noise SDs are taken as 0 (most
+    buckets are empty: a simulator's records all start at birth, and clipped noise alone would put a third of a
+    small cell's mass in empty buckets); a cell with no mass left takes the cohort's histogram over the support; no
+    support at all: no constraint (rows of NaN). None when the document lacks the family. Post-processing."""
     if doc is None or "first_age" not in doc["families"]:
         return None
     fam = doc["families"]["first_age"]
-    c = np.asarray(fam["counts"], dtype=float)
-    c = np.where(c >= max(FIRST_AGE_FLOOR * float(fam["sigma"]), 1.0), c, 0.0)
-    c = c.reshape(N_CELLS, len(FIRST_AGE_EDGES))
+    sigma = float(fam["sigma"])
+    counts = np.asarray(fam["counts"], dtype=float).reshape(N_CELLS, len(FIRST_AGE_EDGES))
+    support = first_age_support(counts, sigma)
+    if not support.any():
+        return np.full(counts.shape, np.nan)
+    c = np.where((counts >= max(FIRST_AGE_FLOOR * sigma, 1.0)) & support, counts, 0.0)
+    cohort = np.where(support, np.clip(counts.sum(axis=0), 0.0, None), 0.0)
+    cohort = cohort / cohort.sum()
     tot = c.sum(axis=1, keepdims=True)
     with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(tot > 0, c / tot, np.nan)
+        return np.where(tot > 0, c / tot, cohort[None, :])
