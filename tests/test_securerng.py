@@ -15,14 +15,20 @@ from fhirsynth.model.securerng import (
 )
 
 
+def _passes_ks(draw, dist: str) -> bool:
+    """KS test at p > 1e-4 on a fresh draw, retried once: the draws are the OS's and cannot be replayed, so a
+    correct generator fails one test in 10,000 by chance (CI saw p = 7e-6 once); a biased one fails both."""
+    return any(stats.kstest(draw(), dist).pvalue > 1e-4 for _ in range(2))
+
+
 def test_uniform_and_normal_distributions():
     u = secure_uniform(200_000)
     assert u.min() >= 0.0 and u.max() < 1.0
-    assert stats.kstest(u, "uniform").pvalue > 1e-4
+    assert _passes_ks(lambda: secure_uniform(200_000), "uniform")
     assert not np.array_equal(secure_uniform(16), secure_uniform(16))
     z = secure_normal(200_001)
     assert z.shape == (200_001,) and np.isfinite(z).all()
-    assert stats.kstest(z, "norm").pvalue > 1e-4
+    assert _passes_ks(lambda: secure_normal(200_001), "norm")
 
 
 def test_gaussian_noise_has_the_requested_std_shape_and_dtype():
@@ -30,7 +36,7 @@ def test_gaussian_noise_has_the_requested_std_shape_and_dtype():
     noise = secure_gaussian_noise(2.5, like)
     assert noise.shape == like.shape and noise.dtype == torch.float32
     assert abs(float(noise.std()) - 2.5) < 0.03 and abs(float(noise.mean())) < 0.03
-    assert stats.kstest(noise.flatten().double().numpy() / 2.5, "norm").pvalue > 1e-4
+    assert _passes_ks(lambda: secure_gaussian_noise(2.5, like).flatten().double().numpy() / 2.5, "norm")
     assert torch.count_nonzero(secure_gaussian_noise(0.0, like)) == 0
 
 
