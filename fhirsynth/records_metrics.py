@@ -39,6 +39,7 @@ from __future__ import annotations
 import logging
 import math
 from datetime import datetime, timezone
+from functools import cached_property
 
 import numpy as np
 import pandas as pd
@@ -101,6 +102,17 @@ class Records:
 
     def prevalence(self) -> pd.Series:
         return self.coded.drop_duplicates(["pidx", "token"])["token"].value_counts() / max(self.n, 1)
+
+    @cached_property
+    def visit_starts(self) -> pd.DataFrame:
+        """Every visit: pidx, days (its start in days since the birth date: its encounter's start, else its earliest
+        event). Cached: compare reads it twice, and benchmarks compare one real cohort with many."""
+        ev = self.events
+        enc = ev[ev["kind"] == "encounter"].groupby("visit")["ts"].min()
+        first = ev.groupby("visit").agg(pidx=("pidx", "first"), ts=("ts", "min"))
+        ts = enc.reindex(first.index).fillna(first["ts"])
+        birth = self.patients["birth_ts"].reindex(first["pidx"]).to_numpy()
+        return pd.DataFrame({"pidx": first["pidx"].to_numpy(), "days": (ts.to_numpy() - birth) / _DAY_S})
 
     def visit_table(self) -> pd.DataFrame:
         """Visits with at least one condition / observation event, in (patient, time) order: visit, pidx, ts."""
@@ -301,22 +313,12 @@ def compare(real: Records, other: Records) -> dict[str, float]:
     return out
 
 
-def _visit_starts(rec: Records) -> pd.DataFrame:
-    """pidx, start (days since the birth date) of every visit: its encounter's start, else its earliest event."""
-    ev = rec.events
-    enc = ev[ev["kind"] == "encounter"].groupby("visit")["ts"].min()
-    first = ev.groupby("visit").agg(pidx=("pidx", "first"), ts=("ts", "min"))
-    ts = enc.reindex(first.index).fillna(first["ts"])
-    birth = rec.patients["birth_ts"].reindex(first["pidx"]).to_numpy()
-    return pd.DataFrame({"pidx": first["pidx"].to_numpy(), "days": (ts.to_numpy() - birth) / _DAY_S})
-
-
 def _first_visit_days(rec: Records) -> pd.Series:
-    return _visit_starts(rec).groupby("pidx")["days"].min()
+    return rec.visit_starts.groupby("pidx")["days"].min()
 
 
 def _birth_week_share(rec: Records) -> float:
-    v = _visit_starts(rec)
+    v = rec.visit_starts
     with_birth = rec.patients["birth_ts"].notna().sum()
     return float(v.loc[v["days"] < 7, "pidx"].nunique() / with_birth) if with_birth else math.nan
 
